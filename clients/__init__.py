@@ -1,0 +1,1 @@
+"""The edge: one handler per algorithm; Flower messages in, replies out."""

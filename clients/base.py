@@ -1,0 +1,189 @@
+"""What every edge handler shares: the device it runs on, replies, errors, timing.
+
+A handler receives everything from the ClientApp (``experiments/client_app.py``): the
+device's data, budget and model factory arrive in a :class:`Device`; the handler never
+reads the fleet table or the run config, so the same handler runs on a simulated or a
+real device.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from torch import nn
+
+from models.clock import compute_time_s
+from models.training import TrainSettings, accuracy
+
+#: Error code of a reply from a device that does not take part (unavailable, over budget).
+DEVICE_DECLINED = 100
+#: Error code of a reply to a message the device cannot read.
+MALFORMED_MESSAGE = 101
+
+
+@dataclass(frozen=True)
+class DeviceTensors:
+    """A device's local data for one time slot, ready for the model."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Device:
+    """Everything an edge handler may use about the device it runs on.
+
+    Parameters
+    ----------
+    partition_id : int
+        The device's index in the fleet (its data partition).
+    seed : int
+        The run's seed; handlers derive their own seeds from it.
+    budget : Mapping[str, float | str]
+        The device's resource budget as it reports it to the cloud (ECLM's local
+        profiler): at least ``flops_per_s``, ``memory_bytes``, ``uplink_bps``,
+        ``downlink_bps``.
+    data : Callable[[int], DeviceTensors]
+        Local data for a time slot.
+    build_model : Callable[[], nn.Module]
+        A fresh instance of the run's network.
+    train : TrainSettings
+        Local training settings.
+    flops_per_sample : float
+        Training FLOPs per sample of the run's network (measured by torch).
+    load_factor : Callable[[int], float]
+        Slow-down from co-running apps in a round (>= 1).
+    is_available : Callable[[int], bool]
+        Whether the device answers in a round.
+    slot_of_round : Callable[[int], int]
+        The data time slot a round falls in.
+    """
+
+    partition_id: int
+    seed: int
+    budget: Mapping[str, float | str]
+    data: Callable[[int], DeviceTensors]
+    build_model: Callable[[], nn.Module]
+    train: TrainSettings
+    flops_per_sample: float
+    load_factor: Callable[[int], float]
+    is_available: Callable[[int], bool]
+    slot_of_round: Callable[[int], int]
+
+
+class MalformedMessage(ValueError):
+    """A message whose content the handler cannot use."""
+
+
+def derive_seed(*parts: int) -> int:
+    """A 31-bit seed from integer parts (stable across processes and platforms)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0] >> 1)
+
+
+def round_of(msg: Message) -> int:
+    """The server round a message belongs to (its ``config`` record's ``round``)."""
+    config = msg.content.config_records.get("config")
+    if config is None or "round" not in config:
+        raise MalformedMessage("message has no config record with a 'round' entry")
+    value = config["round"]
+    if not isinstance(value, int) or value < 0:
+        raise MalformedMessage(f"config 'round' must be a non-negative int, got {value!r}")
+    return value
+
+
+def model_from(msg: Message, device: Device, key: str = "arrays") -> nn.Module:
+    """The network of ``device`` loaded with the message's arrays under ``key``."""
+    arrays = msg.content.array_records.get(key)
+    if arrays is None:
+        raise MalformedMessage(f"message has no array record {key!r}")
+    model = device.build_model()
+    try:
+        model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+    except (RuntimeError, KeyError, ValueError) as exc:
+        raise MalformedMessage(f"arrays do not fit the device's model: {exc}") from exc
+    return model
+
+
+def error_reply(msg: Message, code: int, reason: str) -> Message:
+    """A reply that carries an error instead of content (counted as a failure by the cloud)."""
+    return Message(Error(code=code, reason=reason), reply_to=msg)
+
+
+def content_reply(
+    msg: Message,
+    metrics: Mapping[str, float | int],
+    arrays: ArrayRecord | None = None,
+    configs: Mapping[str, ConfigRecord] | None = None,
+) -> Message:
+    """A reply with a ``metrics`` record, optional ``arrays`` and extra config records."""
+    content = RecordDict({"metrics": MetricRecord(dict(metrics))})
+    if arrays is not None:
+        content["arrays"] = arrays
+    for name, record in (configs or {}).items():
+        content[name] = record
+    return Message(content=content, reply_to=msg)
+
+
+class ClientHandler:
+    """Base edge handler: budget query and evaluation; subclasses add ``train``.
+
+    Parameters
+    ----------
+    device : Device
+        The device this handler runs on.
+    """
+
+    def __init__(self, device: Device) -> None:
+        self.device = device
+
+    # ---------------------------------------------------------------- entry points
+    def query(self, msg: Message, context: Context) -> Message:
+        """Report who the device is and its budget (one-time discovery, ECLM's profiler)."""
+        data = self.device.data(0)
+        metrics = {"partition_id": self.device.partition_id, "num_examples": len(data.train_y)}
+        budget = ConfigRecord(dict(self.device.budget))
+        return content_reply(msg, metrics, configs={"budget": budget})
+
+    def train(self, msg: Message, context: Context) -> Message:
+        """Train on local data; algorithms override this."""
+        raise MalformedMessage(f"{type(self).__name__} does not train")
+
+    def evaluate(self, msg: Message, context: Context) -> Message:
+        """Accuracy of the received model on the device's held-out local test data."""
+        server_round = round_of(msg)
+        model = model_from(msg, self.device)
+        data = self.device.data(self.device.slot_of_round(server_round))
+        metrics = {
+            "num_examples": len(data.test_y),
+            "accuracy": accuracy(model, data.test_x, data.test_y),
+            "partition_id": self.device.partition_id,
+        }
+        return content_reply(msg, metrics)
+
+    # ---------------------------------------------------------------- helpers
+    def compute_time_s(self, samples_trained: int, server_round: int) -> float:
+        """Virtual compute time: FLOPs of the samples trained / device speed x load."""
+        flops = self.device.flops_per_sample * samples_trained
+        return compute_time_s(flops, float(self.device.budget["flops_per_s"]), self.device.load_factor(server_round))
+
+    def handle(self, action: str, msg: Message, context: Context) -> Message:
+        """Dispatch ``action`` with availability check and error replies; never raises."""
+        try:
+            if action != "query":
+                server_round = round_of(msg)
+                if not self.device.is_available(server_round):
+                    return error_reply(msg, DEVICE_DECLINED, "unavailable this round")
+            started = time.perf_counter()
+            reply = getattr(self, action)(msg, context)
+            if reply.has_content():
+                reply.content["metrics"]["wall_time_s"] = time.perf_counter() - started
+            return reply
+        except MalformedMessage as exc:
+            return error_reply(msg, MALFORMED_MESSAGE, f"malformed message: {exc}")

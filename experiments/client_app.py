@@ -1,0 +1,119 @@
+"""The Flower ClientApp (the edge door): config + node_config -> device -> handler.
+
+In simulation the device's data and budget come from its partition id (the fleet is
+sampled lazily, one device at a time); on a real device under ``flower-supernode`` the
+same app runs with the partition given by ``--node-config``. Heavy work (data source,
+FLOP counting) is cached per process, so an actor pays for it once, not per message.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+
+import torch
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from clients.base import Device, DeviceTensors
+from experiments import fleet
+from experiments.algorithms import ALGORITHMS
+from experiments.config import RunConfig, from_flat
+from experiments.data import build_federated_data, to_tensor
+from models import build_model
+from models.costs import train_flops_per_sample
+from models.training import TrainSettings
+
+#: node_config keys Flower sets in simulation and that a real device passes with --node-config.
+PARTITION_KEY = "partition-id"
+
+
+def slot_of_round(cfg: RunConfig, server_round: int) -> int:
+    """Time slot of a round: slot 0 for rounds 1..slot_rounds, then one more per slot_rounds."""
+    return max(server_round - 1, 0) // cfg.scenario.slot_rounds
+
+
+@functools.lru_cache(maxsize=4)
+def _flops_per_sample(model_name: str, width: int, num_classes: int, shape: tuple[int, ...]) -> float:
+    model = build_model(model_name, num_classes=num_classes, width=width, in_channels=shape[0])
+    return train_flops_per_sample(model, shape)
+
+
+def _device_tensors(cfg: RunConfig, partition_id: int, slot: int) -> DeviceTensors:
+    data = build_federated_data(cfg.dataset, cfg.scenario, cfg.fleet.devices, cfg.seed).device(partition_id, slot)
+    return DeviceTensors(
+        train_x=to_tensor(data.train_x),
+        train_y=torch.as_tensor(data.train_y, dtype=torch.long),
+        test_x=to_tensor(data.test_x),
+        test_y=torch.as_tensor(data.test_y, dtype=torch.long),
+    )
+
+
+def partition_of(node_config: Mapping[str, object], cfg: RunConfig) -> int:
+    """The device's partition id from its node config, checked against the fleet size."""
+    if PARTITION_KEY not in node_config:
+        raise ValueError(f"node config has no {PARTITION_KEY!r}; start the SuperNode with --node-config 'partition-id=K'")
+    pid = int(node_config[PARTITION_KEY])
+    if not 0 <= pid < cfg.fleet.devices:
+        raise ValueError(f"partition-id {pid} is outside the fleet of {cfg.fleet.devices} devices (fleet.devices)")
+    return pid
+
+
+def make_device(cfg: RunConfig, partition_id: int) -> Device:
+    """Everything a handler may use about device ``partition_id`` in run ``cfg``."""
+    federated = build_federated_data(cfg.dataset, cfg.scenario, cfg.fleet.devices, cfg.seed)
+    budget = fleet.sample_budget(cfg.fleet, cfg.seed, partition_id)
+    model, algo = cfg.model, cfg.algorithm
+    return Device(
+        partition_id=partition_id,
+        seed=cfg.seed,
+        budget=budget.to_record(),
+        data=functools.partial(_device_tensors, cfg, partition_id),
+        build_model=functools.partial(
+            build_model, model.name, num_classes=federated.num_classes, width=model.width,
+            in_channels=federated.image_shape[0],
+        ),
+        train=TrainSettings(algo.local_epochs, algo.lr, algo.batch_size, algo.optimizer, algo.momentum),
+        flops_per_sample=_flops_per_sample(model.name, model.width, federated.num_classes, federated.image_shape),
+        load_factor=functools.partial(fleet.load_factor, cfg.fleet, cfg.seed, partition_id),
+        is_available=functools.partial(fleet.is_available, budget, cfg.seed, partition_id),
+        slot_of_round=functools.partial(slot_of_round, cfg),
+    )
+
+
+def build_client_app(cfg: RunConfig | None = None) -> ClientApp:
+    """The ClientApp; with ``cfg`` None it reads the run config Flower passes (``flwr run``)."""
+    app = ClientApp()
+
+    def handle(action: str, msg: Message, context: Context) -> Message:
+        run_cfg = cfg if cfg is not None else _config_from_context(context)
+        torch.set_num_threads(run_cfg.engine.torch_threads)
+        device = make_device(run_cfg, partition_of(context.node_config, run_cfg))
+        handler = ALGORITHMS[run_cfg.algorithm.name].client(device)
+        return handler.handle(action, msg, context)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return handle("train", msg, context)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return handle("evaluate", msg, context)
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        return handle("query", msg, context)
+
+    return app
+
+
+@functools.lru_cache(maxsize=4)
+def _config_from_items(items: tuple) -> RunConfig:
+    return from_flat(dict(items))
+
+
+def _config_from_context(context: Context) -> RunConfig:
+    return _config_from_items(tuple(sorted(context.run_config.items())))
+
+
+app = build_client_app()

@@ -1,0 +1,86 @@
+"""``python -m experiments.run [overrides]``: one simulation (or a Hydra multirun sweep).
+
+Hydra composes ``conf/``; the config is validated into a :class:`RunConfig` before Ray
+starts; the simulation writes ``results.json`` and plots into Hydra's run directory.
+A job that fails leaves an error record in its folder; in a multirun sweep the next
+job starts anyway, and the process exits non-zero at the end if any job failed.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import sys
+import traceback
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+import experiments  # noqa: F401  (offline switches first)
+from experiments.config import ConfigError, from_hydra
+
+logger = logging.getLogger(__name__)
+_FAILED_JOBS: list[str] = []
+#: Exit code of a run whose configuration is invalid (like argparse's usage errors).
+CONFIG_ERROR_EXIT = 2
+#: Exit code of a run (or sweep) in which a simulation failed.
+RUN_FAILED_EXIT = 1
+
+
+def write_error_record(run_dir: Path, error: BaseException) -> Path:
+    """``error.json`` beside the results: what failed and the traceback."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "error.json"
+    record = {
+        "error": f"{type(error).__name__}: {error}",
+        "traceback": "".join(traceback.format_exception(error)),
+    }
+    path.write_text(json.dumps(record, indent=2))
+    return path
+
+
+def _exit_if_sweep_failed() -> None:
+    if _FAILED_JOBS:
+        print(f"{len(_FAILED_JOBS)} job(s) failed: " + ", ".join(_FAILED_JOBS), file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        import os
+
+        os._exit(RUN_FAILED_EXIT)
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(hydra_cfg: DictConfig) -> None:
+    """Validate the composed config, run the simulation, keep going on failure in sweeps."""
+    hydra_runtime = HydraConfig.get()
+    multirun = hydra_runtime.mode == RunMode.MULTIRUN
+    run_dir = Path(hydra_runtime.runtime.output_dir)
+    try:
+        cfg = from_hydra(hydra_cfg)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        if not multirun:
+            sys.exit(CONFIG_ERROR_EXIT)
+        write_error_record(run_dir, exc)
+        _FAILED_JOBS.append(str(run_dir))
+        return
+    from experiments.engine import simulate
+
+    try:
+        simulate(cfg, run_dir)
+        print(f"results: {run_dir / 'results.json'}")
+    except Exception as exc:  # a failed job must never stop the sweep or lose its record
+        path = write_error_record(run_dir, exc)
+        print(f"run failed ({type(exc).__name__}: {exc}); details in {path}", file=sys.stderr)
+        if not multirun:
+            sys.exit(RUN_FAILED_EXIT)
+        _FAILED_JOBS.append(str(run_dir))
+
+
+if __name__ == "__main__":
+    atexit.register(_exit_if_sweep_failed)
+    main()

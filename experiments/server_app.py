@@ -1,0 +1,88 @@
+"""The Flower ServerApp (the cloud door): config -> strategy + cloud data + output folder.
+
+The cloud pre-trains (or loads from cache) its model on the proxy part, builds the
+configured strategy with a global-test evaluation and a results sink, and runs it.
+Whatever happens, ``results.json`` keeps every finished round and ends with a status.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from experiments.algorithms import ALGORITHMS
+from experiments.config import RunConfig, from_flat, to_dict
+from experiments.data import build_federated_data, to_tensor
+from experiments.pretrain import pretrained_model
+from experiments.results import ProgressLine, ResultsWriter
+from models import build_model
+from models.training import accuracy
+
+logger = logging.getLogger(__name__)
+
+
+def default_run_dir() -> Path:
+    """``outputs/<date>/<time>`` under the working directory (Hydra's layout)."""
+    return Path("outputs") / time.strftime("%Y-%m-%d") / time.strftime("%H-%M-%S")
+
+
+def run_cloud(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict:
+    """Pre-train, run ``cfg.rounds`` rounds of the configured strategy, write results."""
+    writer = ResultsWriter(run_dir, to_dict(cfg))
+    try:
+        data = build_federated_data(cfg.dataset, cfg.scenario, cfg.fleet.devices, cfg.seed)
+        model = build_model(
+            cfg.model.name, num_classes=data.num_classes, width=cfg.model.width, in_channels=data.image_shape[0]
+        )
+        proxy_x, proxy_y = data.proxy()
+        model = pretrained_model(cfg, model, to_tensor(proxy_x), torch.as_tensor(proxy_y, dtype=torch.long))
+        test_x, test_y = data.global_test()
+        test_x, test_y = to_tensor(test_x), torch.as_tensor(test_y, dtype=torch.long)
+
+        def evaluate_global(server_round: int, arrays: ArrayRecord) -> dict[str, float]:
+            model.load_state_dict(arrays.to_torch_state_dict())
+            return {"accuracy": accuracy(model, test_x, test_y)}
+
+        pretrained_accuracy = accuracy(model, test_x, test_y)
+        progress = ProgressLine(cfg.rounds)
+
+        def on_round(record: dict) -> None:
+            writer.add_round(record)
+            progress.update(record)
+
+        strategy = ALGORITHMS[cfg.algorithm.name].strategy(
+            per_round=cfg.fleet.per_round,
+            seed=cfg.seed,
+            expected_devices=cfg.fleet.devices,
+            round_timeout_s=cfg.engine.round_timeout_s,
+            deadline_s=cfg.fleet.deadline_s,
+            evaluate_fn=evaluate_global,
+            on_round=on_round,
+        )
+        strategy.start(grid, ArrayRecord(model.state_dict()), cfg.rounds)
+    except BaseException as exc:
+        writer.finish("failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    extra = {"pretrained_global_accuracy": pretrained_accuracy, "devices_discovered": len(strategy.devices)}
+    return writer.finish("completed", extra_summary=extra)
+
+
+def build_server_app(cfg: RunConfig | None = None, run_dir: Path | None = None) -> ServerApp:
+    """The ServerApp; with ``cfg`` None it reads Flower's ``run_config`` (``flwr run``)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_cfg = cfg if cfg is not None else from_flat(context.run_config)
+        out = run_dir or (Path(run_cfg.output_dir) if run_cfg.output_dir else default_run_dir())
+        run_cloud(grid, run_cfg, out)
+
+    return app
+
+
+app = build_server_app()

@@ -1,0 +1,53 @@
+"""A registry of networks: ``@register_model("name")`` and ``build_model(name, ...)`` (timm style)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+ModelFactory = Callable[..., nn.Module]
+_REGISTRY: dict[str, ModelFactory] = {}
+
+
+def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
+    """Register a factory ``f(num_classes, width, in_channels) -> nn.Module`` under ``name``."""
+
+    def decorator(factory: ModelFactory) -> ModelFactory:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is registered twice")
+        _REGISTRY[name] = factory
+        return factory
+
+    return decorator
+
+
+def model_names() -> tuple[str, ...]:
+    """Names of every registered network, sorted."""
+    _import_builtin_models()
+    return tuple(sorted(_REGISTRY))
+
+
+def build_model(name: str, *, num_classes: int, width: int, in_channels: int = 3) -> nn.Module:
+    """Build the registered network ``name``.
+
+    Parameters
+    ----------
+    name : str
+        A registered model name (see :func:`model_names`).
+    num_classes : int
+        Size of the classifier output.
+    width : int
+        The family's width knob (channels of the first stage, or hidden units).
+    in_channels : int
+        Channels of the input images.
+    """
+    _import_builtin_models()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(_REGISTRY)}")
+    return _REGISTRY[name](num_classes=num_classes, width=width, in_channels=in_channels)
+
+
+def _import_builtin_models() -> None:
+    """Import the modules whose decorators fill the registry."""
+    from models import backbones  # noqa: F401  (registration side effect)

@@ -1,0 +1,1 @@
+"""The cloud: Flower strategies on the Message API, one algorithm a file."""
