@@ -93,7 +93,7 @@ class ModelConfig:
     """The network the cloud pre-trains and devices adapt."""
 
     name: str = "cnn"  # registered in models/ (cnn | mlp)
-    width: int = 32  # channels of the first conv stage / hidden units
+    width: int = 16  # channels of the first conv stage / hidden units (cnn: ~24k parameters)
 
 
 @dataclass(frozen=True)
@@ -205,8 +205,8 @@ def to_flat(cfg: RunConfig) -> dict[str, Any]:
                 walk(f"{prefix}.{key}" if prefix else key, sub)
         elif isinstance(value, list):
             flat[prefix] = ",".join(str(v) for v in value)
-        elif value is not None:
-            flat[prefix] = value
+        else:
+            flat[prefix] = "" if value is None else value  # TOML has no null
 
     walk("", to_dict(cfg))
     return flat
@@ -247,7 +247,7 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, path)
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
+        if (value is None or value == "") and type(None) in args:  # "" is null in flat configs
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(inner[0], value, path)

@@ -1,0 +1,26 @@
+"""The data room: offline datasets, their split, partitions and per-device streams.
+
+Public API
+----------
+``build_federated_data(dataset, scenario, num_devices, seed) -> FederatedData``
+    Cached per process; lazy (nothing rendered until asked).
+``FederatedData.proxy()``, ``.global_test(slot=None)``, ``.device(partition_id, slot=0)``,
+``.sizes()``, ``.num_classes``, ``.image_shape``
+``DeviceData``
+    train_x, train_y, test_x, test_y (uint8 NHWC / int64) and the slot's domain.
+``to_tensor(x)``
+    uint8 NHWC -> float32 NCHW in [-1, 1].
+"""
+
+from experiments.data.arrays import CLEAN, DeviceData, to_tensor
+from experiments.data.federated import FederatedData, build_federated_data
+from experiments.data.rendering import slot_domain
+
+__all__ = [
+    "CLEAN",
+    "DeviceData",
+    "FederatedData",
+    "build_federated_data",
+    "slot_domain",
+    "to_tensor",
+]

@@ -6,29 +6,46 @@ Corruptions and Perturbations", ICLR 2019 (section 3, figure 1); recipe and cons
 This is an independent numpy/scipy/Pillow implementation (no scikit-image, OpenCV or
 ImageMagick); every random draw comes from the caller's ``np.random.Generator``.
 
-Severity constants used (index = severity - 1), all copied from ``make_cifar_c.py``::
+Severity constants used, all copied from ``make_cifar_c.py`` (values for severities 1 | 2 | 3 | 4 | 5)::
 
-    corruption         constant(s)                        s1            s2            s3            s4            s5
-    gaussian_noise     noise std (image in [0, 1])        0.04          0.06          0.08          0.09          0.10
-    shot_noise         photons per unit intensity         500           250           100           75            50
-    impulse_noise      salt-and-pepper fraction           0.01          0.02          0.03          0.05          0.07
-    defocus_blur       (disk radius, alias sigma)         (0.3, 0.4)    (0.4, 0.5)    (0.5, 0.6)    (1, 0.2)      (1.5, 0.1)
-    glass_blur         (sigma, max_delta, iterations)     (.05, 1, 1)   (.25, 1, 1)   (.4, 1, 1)    (.25, 1, 2)   (.4, 1, 2)
-    motion_blur        (radius, sigma), angle U(-45,45)   (6, 1)        (6, 1.5)      (6, 2)        (8, 2)        (9, 2.5)
-    zoom_blur          zooms np.arange(1, stop, 0.01)     stop 1.06     1.11          1.16          1.21          1.26
-    snow               (loc, scale, zoom, threshold,      (.1,.2,1,.6,  (.1,.2,1,.5,  (.15,.3,1.75, (.25,.3,2.25, (.3,.3,1.25,
-                        blur radius, blur sigma, blend)    8,3,.95)      10,4,.9)      .55,10,4,.9)  .6,12,6,.85)  .65,14,12,.8)
-    frost              (image weight, frost weight)       (1, 0.2)      (1, 0.3)      (0.9, 0.4)    (0.85, 0.4)   (0.75, 0.45)
-    fog                (thickness, wibble decay)          (.2, 3)       (.5, 3)       (.75, 2.5)    (1, 2)        (1.5, 1.75)
-    brightness         HSV value shift                    0.05          0.1           0.15          0.2           0.3
-    contrast           factor about the channel mean      0.75          0.5           0.4           0.3           0.15
-    elastic_transform  (alpha, sigma, affine) x side 32   (0, 0, .08)   (.05, .2, .07)(.08, .06, .06)(.1, .04, .05) (.1, .03, .03)
-    pixelate           downscale factor (PIL box)         0.95          0.9           0.85          0.75          0.65
-    jpeg_compression   JPEG quality (Pillow)              80            65            58            50            40
+    gaussian_noise     std of additive noise, image in [0, 1]
+                       0.04 | 0.06 | 0.08 | 0.09 | 0.10
+    shot_noise         photons per unit intensity (Poisson)
+                       500 | 250 | 100 | 75 | 50
+    impulse_noise      salt-and-pepper fraction of channel values
+                       0.01 | 0.02 | 0.03 | 0.05 | 0.07
+    defocus_blur       (disk radius px, anti-alias sigma)
+                       (0.3, 0.4) | (0.4, 0.5) | (0.5, 0.6) | (1, 0.2) | (1.5, 0.1)
+    glass_blur         (sigma, max_delta, iterations)
+                       (0.05, 1, 1) | (0.25, 1, 1) | (0.4, 1, 1) | (0.25, 1, 2) | (0.4, 1, 2)
+    motion_blur        (radius, sigma); angle ~ U(-45, 45) degrees
+                       (6, 1) | (6, 1.5) | (6, 2) | (8, 2) | (9, 2.5)
+    zoom_blur          zoom factors np.arange(1, stop, 0.01), stop =
+                       1.06 | 1.11 | 1.16 | 1.21 | 1.26
+    snow               (loc, scale, zoom, threshold, streak radius, streak sigma, blend);
+                       streak angle ~ U(-135, -45) degrees
+                       (0.1, 0.2, 1, 0.6, 8, 3, 0.95) | (0.1, 0.2, 1, 0.5, 10, 4, 0.9) |
+                       (0.15, 0.3, 1.75, 0.55, 10, 4, 0.9) | (0.25, 0.3, 2.25, 0.6, 12, 6, 0.85) |
+                       (0.3, 0.3, 1.25, 0.65, 14, 12, 0.8)
+    frost              (image weight, frost weight)
+                       (1, 0.2) | (1, 0.3) | (0.9, 0.4) | (0.85, 0.4) | (0.75, 0.45)
+    fog                (thickness, plasma wibble decay)
+                       (0.2, 3) | (0.5, 3) | (0.75, 2.5) | (1, 2) | (1.5, 1.75)
+    brightness         shift of the HSV value
+                       0.05 | 0.1 | 0.15 | 0.2 | 0.3
+    contrast           factor about each channel's mean
+                       0.75 | 0.5 | 0.4 | 0.3 | 0.15
+    elastic_transform  (alpha, sigma, affine jitter) as fractions of the side (IMSIZE = 32)
+                       (0, 0, 0.08) | (0.05, 0.2, 0.07) | (0.08, 0.06, 0.06) | (0.1, 0.04, 0.05) |
+                       (0.1, 0.03, 0.03)
+    pixelate           box-downscale factor (Pillow)
+                       0.95 | 0.9 | 0.85 | 0.75 | 0.65
+    jpeg_compression   JPEG quality (Pillow)
+                       80 | 65 | 58 | 50 | 40
 
 Where this implementation departs from the reference (each also said at the function):
 
-* ``frost``: the reference blends in crops of six frost photographs; here a procedural texture
+* ``frost``: the reference blends in crops of frost photographs; here a procedural texture
   (seeded smooth haze plus blurred, branching ice needles, tinted blue-white) stands in for them.
 * ``motion_blur`` and the streaks of ``snow``: the reference calls ImageMagick's
   ``MotionBlurImage`` through wand; here its kernel (a one-sided Gaussian trail of
@@ -37,6 +54,10 @@ Where this implementation departs from the reference (each also said at the func
   equivalent to (see :func:`_local_pixel_shuffle`), which is vectorised.
 * Intermediate 8-bit round trips of the reference (glass blur, the snow layer's PNG) are kept in
   float, and the final conversion rounds to the nearest grey level where the reference truncates.
+
+A property of the reference kept here: ``elastic_transform`` at severity 1 is a pure random
+affine warp whose jitter (0.08 x 32 px) exceeds severity 5's (0.03 x 32 px, plus a fine
+displacement field), so severity 1 moves pixels more than severity 5 does.
 
 The constants are CIFAR's, tuned for 32x32 images; other sizes of at least ``MIN_SIDE`` pixels
 are accepted and use the same pixel constants (elastic: the same fractions of the image side).
@@ -108,7 +129,7 @@ ELASTIC_FIELD_TRUNCATE = 3.0  # reference: gaussian(..., mode="reflect", truncat
 FROST_TINT = np.array([0.80, 0.90, 1.00])  # blue-white cast of the reference's frost photos
 FROST_HAZE_SIGMAS_PX = (4.0, 1.0)  # cloudy ice and fine grain, at 32x32
 FROST_HAZE_WEIGHTS = (0.7, 0.3)
-FROST_HAZE_MEAN = 0.45  # texture mean ~0.5 with needles: a light, washed-out overlay
+FROST_HAZE_MEAN = 0.45  # with the needles: texture mean ~0.46, a light, washed-out overlay
 FROST_HAZE_STD = 0.12
 FROST_NEEDLES_PER_KILOPIXEL = 8  # needles per 1024 pixels (8 on a 32x32 image)
 FROST_NEEDLE_LENGTH_PX = (4.0, 14.0)
@@ -116,6 +137,7 @@ FROST_NEEDLE_BRIGHTNESS = (0.5, 1.0)
 FROST_BRANCHES_PER_NEEDLE = 2
 FROST_BRANCH_ANGLE_RAD = np.pi / 3  # hexagonal ice grows side branches at 60 degrees
 FROST_BRANCH_LENGTH_RATIO = (0.3, 0.6)
+FROST_BRANCH_POSITION = (0.2, 0.8)  # where along its needle a branch starts (fraction)
 FROST_RASTER_STEP_PX = 0.5
 FROST_GLOW_SIGMA_PX = 0.5
 FROST_GLOW_GAIN = 1.5
@@ -400,7 +422,7 @@ def _frost(x: np.ndarray, level: int, rng: np.random.Generator) -> np.ndarray:
 def _frost_texture(shape: tuple[int, int, int], rng: np.random.Generator) -> np.ndarray:
     """Procedural frost: smooth haze plus glowing, branching ice needles, tinted blue-white.
 
-    Returns an ``(N, H, W, 3)`` texture in [0, 1] with mean about 0.5.
+    Returns an ``(N, H, W, 3)`` texture in [0, 1]: mean about 0.46, std about 0.17 (measured).
     """
     haze = np.zeros(shape)
     for sigma, weight in zip(FROST_HAZE_SIGMAS_PX, FROST_HAZE_WEIGHTS):
@@ -424,7 +446,7 @@ def _ice_needles(shape: tuple[int, int, int], rng: np.random.Generator) -> np.nd
     lengths = rng.uniform(*FROST_NEEDLE_LENGTH_PX, size=(n, count))
     brightness = rng.uniform(*FROST_NEEDLE_BRIGHTNESS, size=(n, count))
     branch_shape = (n, count, FROST_BRANCHES_PER_NEEDLE)
-    along = rng.uniform(0.2, 0.8, size=branch_shape) * lengths[..., None]
+    along = rng.uniform(*FROST_BRANCH_POSITION, size=branch_shape) * lengths[..., None]
     side = rng.choice((-1.0, 1.0), size=branch_shape)
     branch_angles = angles[..., None] + side * FROST_BRANCH_ANGLE_RAD
     branch_starts = starts[..., None, :] + along[..., None] * _unit(angles)[..., None, :]
@@ -443,7 +465,10 @@ def _unit(angles: np.ndarray) -> np.ndarray:
     return np.stack([np.sin(angles), np.cos(angles)], axis=-1)
 
 
-def _rasterise_segments(shape, starts, angles, lengths, brightness) -> np.ndarray:
+def _rasterise_segments(
+    shape: tuple[int, int, int], starts: np.ndarray, angles: np.ndarray,
+    lengths: np.ndarray, brightness: np.ndarray,
+) -> np.ndarray:
     """Draw ``(N, M)`` segments into an ``(N, H, W)`` canvas, keeping the brightest per pixel."""
     n, h, w = shape
     steps = int(np.ceil(FROST_NEEDLE_LENGTH_PX[1] / FROST_RASTER_STEP_PX)) + 1

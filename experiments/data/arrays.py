@@ -1,0 +1,63 @@
+"""What the data room hands out: a device's arrays, and their conversion for a model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+CLEAN = "clean"  # domain name of uncorrupted data
+PIXEL_MEAN = 0.5  # to_tensor maps [0, 255] to [-1, 1]: (x / 255 - 0.5) / 0.5
+PIXEL_STD = 0.5
+
+
+@dataclass(frozen=True)
+class DeviceData:
+    """One device's data at one time slot.
+
+    Attributes
+    ----------
+    train_x : np.ndarray
+        uint8 images, (n_k, 32, 32, 3) NHWC.
+    train_y : np.ndarray
+        int64 labels, (n_k,).
+    test_x : np.ndarray
+        uint8 local held-out images, (test_size, 32, 32, 3), rendered from TEST originals
+        with the label mix of ``train_y``, in the slot's domain.
+    test_y : np.ndarray
+        int64 labels, (test_size,).
+    domain : str
+        The slot's domain: ``"clean"`` or a corruption name. Training samples keep the
+        domain of the slot in which they were drawn, so older samples may differ.
+    """
+
+    train_x: np.ndarray
+    train_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+    domain: str
+
+
+def to_tensor(x: np.ndarray):
+    """Convert uint8 NHWC images to a float32 NCHW tensor in [-1, 1].
+
+    Parameters
+    ----------
+    x : np.ndarray
+        uint8 images, shape (N, H, W, C).
+
+    Returns
+    -------
+    torch.Tensor
+        ``(x / 255 - 0.5) / 0.5``, float32, shape (N, C, H, W), contiguous.
+    """
+    import torch
+
+    x = np.asarray(x)
+    if x.dtype != np.uint8 or x.ndim != 4:
+        raise ValueError(
+            f"to_tensor needs uint8 images of shape (N, H, W, C), got {x.dtype} {x.shape}; "
+            "pass DeviceData.train_x / test_x or FederatedData.proxy()[0]"
+        )
+    scaled = (x.astype(np.float32) / 255.0 - PIXEL_MEAN) / PIXEL_STD
+    return torch.from_numpy(np.ascontiguousarray(scaled.transpose(0, 3, 1, 2)))

@@ -1,0 +1,219 @@
+"""The federated data of one run: cloud proxy set, global test set, every device's stream.
+
+Built once per process per (dataset, scenario, devices, seed) and lazy: originals are split
+and the edge pool laid out at build time (indices only); partitions are computed on first
+use; pixels are rendered only for what is asked, with an LRU of recent devices.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import OrderedDict
+
+import numpy as np
+
+from experiments.config import ConfigError, DatasetConfig, ScenarioConfig
+from experiments.data import partition as part
+from experiments.data import stream
+from experiments.data.arrays import CLEAN, DeviceData
+from experiments.data.checks import check_classes, check_config, check_device, check_slot
+from experiments.data.rendering import load_source, render_in_domains, seed_rows, slot_domain
+
+DEVICE_CACHE_SIZE = 16  # devices kept rendered; a cohort of 10 (fleet.per_round) fits
+BUILD_CACHE_SIZE = 4  # FederatedData objects kept per process
+IMAGE_SHAPE = (3, 32, 32)  # CHW as the models see it (digits canvas and CIFAR: 32x32 RGB)
+_TAG_PROXY, _TAG_GLOBAL_TEST, _TAG_DEVICE, _TAG_DEVICE_TEST = 31, 32, 33, 34  # seed tags
+
+
+class FederatedData:
+    """Proxy, global test and per-device data of one run.
+
+    Parameters
+    ----------
+    dataset : DatasetConfig
+    scenario : ScenarioConfig
+    num_devices : int
+    seed : int
+
+    Attributes
+    ----------
+    num_classes : int
+    image_shape : tuple of int
+        (3, 32, 32): CHW, as ``to_tensor`` delivers it.
+    split : partition.OriginalSplit
+        Originals of the test, proxy and edge parts (disjoint).
+    pool_originals, pool_labels : np.ndarray
+        Edge original, and its label, behind every pool row.
+    """
+
+    image_shape = IMAGE_SHAPE
+
+    def __init__(
+        self, dataset: DatasetConfig, scenario: ScenarioConfig, num_devices: int, seed: int
+    ):
+        check_config(dataset, scenario, num_devices, seed)
+        self.dataset, self.scenario = dataset, scenario
+        self.num_devices, self.seed = num_devices, seed
+        self.source = load_source(dataset)
+        self.num_classes = self.source.num_classes
+        check_classes(dataset, self.num_classes)
+        labels = self.source.labels
+        self.split = part.split_originals(
+            labels, dataset.test_fraction, dataset.proxy_fraction, seed, self.source.fixed_test
+        )
+        self.pool_originals = part.build_pool(
+            self.split.edge, num_devices, dataset.partition.size_max, seed
+        )
+        self.pool_labels = labels[self.pool_originals]
+        self._test_by_label = stream.rows_by_label(self.split.test, labels)
+        self._check_test_covers_edge()
+        self._devices: OrderedDict[tuple[int, int], DeviceData] = OrderedDict()
+        self._parts: dict[tuple[int, str], tuple[np.ndarray, np.ndarray]] = {}
+
+    def _check_test_covers_edge(self) -> None:
+        """Every class a device can hold needs test originals for its local test set."""
+        missing = sorted(set(np.unique(self.pool_labels).tolist()) - set(self._test_by_label))
+        if missing:
+            raise ConfigError(
+                f"classes {missing} of {self.dataset.name} have edge originals but no test "
+                "original; raise dataset.test_fraction or use a larger dataset"
+            )
+
+    @functools.cached_property
+    def partitions(self) -> list[np.ndarray]:
+        """Pool rows of every device (flwr-datasets partitioner), computed once."""
+        return part.partition_pool(
+            self.pool_labels, self.dataset.partition, self.num_devices, self.seed
+        )
+
+    def proxy(self) -> tuple[np.ndarray, np.ndarray]:
+        """Cloud proxy set, clean: ``proxy_samples`` renders of proxy originals (digits) or
+        every proxy original as it is (CIFAR). Returns (uint8 NHWC images, int64 labels)."""
+        count = self.dataset.proxy_samples
+        return self._render_part(self.split.proxy, count, _TAG_PROXY, CLEAN)
+
+    def global_test(self, slot: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Cloud test set: ``global_test_samples`` renders of test originals (digits) or the
+        official test set (CIFAR); clean, or in ``slot``'s domain when a slot is given."""
+        domain = CLEAN if slot is None else slot_domain(self.scenario, check_slot(slot))
+        count = self.dataset.global_test_samples
+        return self._render_part(self.split.test, count, _TAG_GLOBAL_TEST, domain)
+
+    def _render_part(self, originals: np.ndarray, count: int, tag: int, domain: str):
+        """Render once (then cache) ``count`` samples cycling over a seeded permutation of
+        ``originals``; a source that does not expand gives every original once. Returns
+        copies, so callers may modify them."""
+        if (tag, domain) not in self._parts:
+            if self.source.expands:
+                perm = np.random.default_rng([self.seed, tag]).permutation(len(originals))
+                originals = originals[perm[np.arange(count) % len(originals)]]
+            seeds = seed_rows(self.seed, tag, np.arange(len(originals)))
+            x = self._render(originals, seeds, [domain] * len(originals))
+            self._parts[tag, domain] = (x, self.source.labels[originals])
+        x, y = self._parts[tag, domain]
+        return x.copy(), y.copy()
+
+    def _render(self, originals: np.ndarray, seeds: np.ndarray, domains: list[str]):
+        """Render with this run's augmentation and severity."""
+        return render_in_domains(
+            self.source, originals, seeds, self.dataset.augment, domains, self.scenario.severity
+        )
+
+    def device_plan(self, partition_id: int, slot: int = 0) -> tuple[stream.DevicePlan, np.ndarray]:
+        """A device's bookkeeping at ``slot``: its training plan (pool rows, draw counters,
+        draw slots) and its local test originals. Indices only, no pixels."""
+        k, t = check_device(partition_id, slot, self.num_devices)
+        config = self.dataset.partition
+        groups = stream.rows_by_label(self.partitions[k], self.pool_labels)
+        size = stream.device_size(self.seed, k, config.size_min, config.size_max)
+        fraction = self.scenario.replace_fraction
+        plan = stream.plan_at(groups, self.pool_labels, size, fraction, self.seed, k, t)
+        train_labels = self.pool_labels[plan.rows]
+        tests = stream.pick_test_originals(
+            train_labels, self._test_by_label, config.test_size, self.seed, k
+        )
+        return plan, tests
+
+    def device(self, partition_id: int, slot: int = 0) -> DeviceData:
+        """Device ``partition_id``'s data at time ``slot``: a pure function of (config,
+        seed, device, slot). Recent devices are kept in an LRU; callers get copies."""
+        key = check_device(partition_id, slot, self.num_devices)
+        if key in self._devices:
+            self._devices.move_to_end(key)
+        else:
+            self._devices[key] = self._render_device(*key)
+            if len(self._devices) > DEVICE_CACHE_SIZE:
+                self._devices.popitem(last=False)
+        data = self._devices[key]
+        arrays = (data.train_x, data.train_y, data.test_x, data.test_y)
+        return DeviceData(*(a.copy() for a in arrays), domain=data.domain)
+
+    def _render_device(self, k: int, t: int) -> DeviceData:
+        """Render a device's plan: each training sample in the domain of the slot it was
+        drawn in, the local test set in slot ``t``'s domain."""
+        plan, tests = self.device_plan(k, t)
+        originals = self.pool_originals[plan.rows]
+        train_seeds = seed_rows(self.seed, _TAG_DEVICE, k, plan.draws)
+        train_x = self._render(
+            originals, train_seeds, [slot_domain(self.scenario, int(s)) for s in plan.slots]
+        )
+        domain = slot_domain(self.scenario, t)
+        test_seeds = seed_rows(self.seed, _TAG_DEVICE_TEST, k, np.arange(len(tests)))
+        test_x = self._render(tests, test_seeds, [domain] * len(tests))
+        labels = self.source.labels
+        return DeviceData(train_x, labels[originals], test_x, labels[tests], domain)
+
+    def sizes(self) -> dict:
+        """A summary for the README: originals per part, pool and partition sizes."""
+        rows = [len(p) for p in self.partitions]
+        config, expands = self.dataset, self.source.expands
+        return {
+            "dataset": config.name,
+            "num_classes": self.num_classes,
+            "originals": {
+                "total": len(self.source.labels),
+                "test": len(self.split.test),
+                "proxy": len(self.split.proxy),
+                "edge": len(self.split.edge),
+            },
+            "pool_rows": len(self.pool_originals),
+            "devices": self.num_devices,
+            "partition": config.partition.kind,
+            "partition_rows": {"min": min(rows), "max": max(rows)},
+            "device_size": [config.partition.size_min, config.partition.size_max],
+            "device_test_size": config.partition.test_size,
+            "proxy_samples": config.proxy_samples if expands else len(self.split.proxy),
+            "global_test_samples": (
+                config.global_test_samples if expands else len(self.split.test)
+            ),
+            "replace_fraction": self.scenario.replace_fraction,
+            "domains": list(self.scenario.corruptions) or [CLEAN],
+        }
+
+
+@functools.lru_cache(maxsize=BUILD_CACHE_SIZE)
+def build_federated_data(
+    dataset: DatasetConfig, scenario: ScenarioConfig, num_devices: int, seed: int
+) -> FederatedData:
+    """Build (once per process per arguments) the federated data of a run.
+
+    Parameters
+    ----------
+    dataset : DatasetConfig
+    scenario : ScenarioConfig
+    num_devices : int
+        Number of partitions (fleet.devices).
+    seed : int
+        Run seed; every split, partition, draw and render derives from it.
+
+    Returns
+    -------
+    FederatedData
+        Lazy: nothing is rendered until asked.
+
+    Raises
+    ------
+    ValueError
+        A ``ConfigError`` naming the bad key and its fix.
+    """
+    return FederatedData(dataset, scenario, num_devices, seed)

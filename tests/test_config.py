@@ -1,0 +1,78 @@
+"""One schema, two doors: Hydra config and Flower run_config give the same RunConfig."""
+
+import os
+import tomllib
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from experiments.config import ConfigError, RunConfig, config_hash, from_dict, from_flat, from_hydra, to_flat
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _hydra(*overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=["output_dir=null", *overrides])
+
+
+def test_hydra_defaults_build_a_valid_config():
+    cfg = from_hydra(_hydra())
+    assert cfg.algorithm.name == "fedavg"
+    assert cfg.fleet.devices == 100 and cfg.fleet.per_round == 10
+    assert cfg.dataset.partition.size_min == 50 and cfg.dataset.partition.size_max == 150
+
+
+def test_dataclass_defaults_equal_the_hydra_tree():
+    assert from_hydra(_hydra()) == RunConfig()
+
+
+def test_pyproject_flower_config_is_the_flat_hydra_default():
+    table = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert table == to_flat(from_hydra(_hydra()))
+
+
+def test_flat_and_nested_doors_agree():
+    cfg = from_hydra(_hydra("fleet.devices=20", "fleet.per_round=4", "scenario=shifting"))
+    assert from_flat(to_flat(cfg)) == cfg
+    assert cfg.scenario.corruptions[0] == "gaussian_noise"
+
+
+def test_flat_lists_and_nulls():
+    cfg = from_flat({"scenario.corruptions": "fog, snow", "fleet.deadline_s": "", "engine.ray_address": "auto"})
+    assert cfg.scenario.corruptions == ("fog", "snow")
+    assert cfg.fleet.deadline_s is None and cfg.engine.ray_address == "auto"
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"fleet": {"devices": 5, "per_round": 6}}, "fleet.per_round=6 exceeds fleet.devices=5"),
+        ({"flet": {"devices": 5}}, "unknown config key 'flet'"),
+        ({"fleet": {"devcies": 5}}, "unknown config key 'fleet.devcies'"),
+        ({"algorithm": {"name": "fedsgd"}}, "unknown algorithm.name 'fedsgd'"),
+        ({"algorithm": {"lr": -0.1}}, "algorithm.lr must be > 0"),
+        ({"algorithm": {"lr": "fast"}}, "algorithm.lr must be a number"),
+        ({"rounds": 2.5}, "rounds must be an integer"),
+        ({"fleet": {"load_prob": 1.5}}, "fleet.load_prob must be in"),
+        ({"dataset": {"partition": {"size_min": 200}}}, "size_min <= size_max"),
+        ({"dataset": {"partition": {"kind": "pathological"}}}, "dataset.partition.kind"),
+        ({"scenario": {"corruptions": ["rain"]}}, "unknown corruption 'rain'"),
+        ({"scenario": {"severity": 6}}, "scenario.severity must be in 1..5"),
+        ({"model": {"name": "resnet1000"}}, "unknown model.name"),
+        ({"engine": {"num_cpus": 0}}, "engine.num_cpus must be > 0"),
+    ],
+)
+def test_bad_values_fail_with_one_clear_message(raw, message):
+    with pytest.raises(ConfigError) as info:
+        from_dict(raw)
+    assert message in str(info.value)
+
+
+def test_config_hash_is_stable_and_sensitive():
+    a, b = RunConfig(), RunConfig(seed=1)
+    assert config_hash(a) == config_hash(RunConfig())
+    assert config_hash(a) != config_hash(b)
+    assert len(config_hash(a.dataset)) == 16

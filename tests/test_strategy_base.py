@@ -1,0 +1,102 @@
+"""Strategy foundations: bytes on real messages, FedAvg arithmetic, seeded cohorts."""
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from strategies.aggregate import has_non_finite, same_layout, weighted_average, weighted_metric
+from strategies.base import DeviceInfo, EdgeCloudStrategy
+from strategies.payload import payload_bytes
+
+
+def test_payload_bytes_of_a_hand_built_message():
+    arrays = ArrayRecord({"w": Array(np.zeros((2, 3), dtype=np.float32))})
+    array_bytes = len(arrays["w"].data)  # numpy buffer + Flower's .npy header
+    assert array_bytes >= 24
+    content = RecordDict(
+        {
+            "arrays": arrays,
+            "config": ConfigRecord({"round": 3, "mode": "abc", "flag": True}),
+            "metrics": MetricRecord({"acc": 0.5}),
+        }
+    )
+    expected = (
+        len("arrays") + len("w") + array_bytes
+        + len("config") + (len("round") + 8) + (len("mode") + 3) + (len("flag") + 1)
+        + len("metrics") + (len("acc") + 8)
+    )
+    assert payload_bytes(content) == expected
+
+
+def test_payload_bytes_grows_with_array_size():
+    small = RecordDict({"a": ArrayRecord({"w": Array(np.zeros(10, dtype=np.float32))})})
+    large = RecordDict({"a": ArrayRecord({"w": Array(np.zeros(1010, dtype=np.float32))})})
+    assert payload_bytes(large) - payload_bytes(small) == 1000 * 4
+
+
+def _record(**arrays):
+    return ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()})
+
+
+def test_weighted_average_against_hand_computed_numbers():
+    a = _record(w=np.array([1.0, 2.0], dtype=np.float32), n=np.array(10, dtype=np.int64))
+    b = _record(w=np.array([4.0, 8.0], dtype=np.float32), n=np.array(20, dtype=np.int64))
+    out = weighted_average([a, b], [1.0, 2.0])
+    # w: 1/3*[1,2] + 2/3*[4,8] = [3, 6]; n: 1/3*10 + 2/3*20 = 16.67 -> 17 (integers round)
+    np.testing.assert_allclose(out["w"].numpy(), [3.0, 6.0])
+    assert out["w"].numpy().dtype == np.float32
+    assert out["n"].numpy() == 17 and out["n"].numpy().dtype == np.int64
+
+
+def test_weighted_average_rejects_bad_weights():
+    a = _record(w=np.ones(2))
+    with pytest.raises(ValueError, match="positive"):
+        weighted_average([a], [0.0])
+    with pytest.raises(ValueError, match="as many weights"):
+        weighted_average([a], [1.0, 2.0])
+
+
+def test_weighted_metric_skips_non_finite():
+    assert weighted_metric([0.5, float("nan"), 1.0], [1, 5, 3]) == pytest.approx((0.5 + 3.0) / 4)
+    assert weighted_metric([float("nan")], [1]) is None
+
+
+def test_layout_and_finiteness_checks():
+    good = _record(w=np.ones((2, 2), dtype=np.float32))
+    assert same_layout(good, {"w": (2, 2)}) is None
+    assert "shape" in same_layout(good, {"w": (2, 3)})
+    assert "keys" in same_layout(good, {"v": (2, 2)})
+    assert has_non_finite(good) is None
+    assert has_non_finite(_record(w=np.array([1.0, np.nan], dtype=np.float32))) == "w"
+
+
+class _Plain(EdgeCloudStrategy):
+    def configure_train(self, server_round, arrays, config, grid):
+        return []
+
+    def aggregate_train(self, server_round, replies):
+        return None, None
+
+
+def _strategy(seed, n=50, per_round=5):
+    strategy = _Plain(per_round=per_round, seed=seed, expected_devices=n)
+    strategy.devices = {pid: DeviceInfo(pid, 1000 + pid, 100, {}) for pid in range(n)}
+    return strategy
+
+
+def test_cohorts_are_seeded_by_partition_id_and_round():
+    first, again, other = _strategy(0), _strategy(0), _strategy(1)
+    cohorts = [first.cohort(r) for r in range(1, 6)]
+    assert cohorts == [again.cohort(r) for r in range(1, 6)]
+    assert cohorts != [other.cohort(r) for r in range(1, 6)]
+    assert all(len(c) == 5 and len(set(c)) == 5 for c in cohorts)
+    assert len({tuple(c) for c in cohorts}) > 1  # rounds differ
+
+
+def test_cohort_never_exceeds_the_fleet():
+    assert sorted(_strategy(0, n=3, per_round=5).cohort(1)) == [0, 1, 2]
+
+
+def test_per_round_must_be_positive():
+    with pytest.raises(ValueError, match="per_round"):
+        _Plain(per_round=0, seed=0, expected_devices=1)
