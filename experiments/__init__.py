@@ -14,5 +14,7 @@ OFFLINE_SWITCHES = {
     "HF_HUB_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",
 }
-for _key, _value in OFFLINE_SWITCHES.items():
+#: Quiet, behaviour-neutral settings: Ray's notice about accelerator variables.
+QUIET_SWITCHES = {"RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
+for _key, _value in {**OFFLINE_SWITCHES, **QUIET_SWITCHES}.items():
     os.environ.setdefault(_key, _value)

@@ -38,7 +38,11 @@ def pretrained_model(cfg: RunConfig, model: nn.Module, proxy_x: torch.Tensor, pr
         logger.info("pre-trained cloud model loaded from %s", path)
         return model
     settings = TrainSettings(
-        epochs=cfg.pretrain.epochs, lr=cfg.pretrain.lr, batch_size=cfg.pretrain.batch_size, optimizer="adam"
+        epochs=cfg.pretrain.epochs,
+        lr=cfg.pretrain.lr,
+        batch_size=cfg.pretrain.batch_size,
+        optimizer="adam",
+        schedule=cfg.pretrain.schedule,
     )
     train_epochs(model, proxy_x, proxy_y, settings, seed=cfg.seed)
     logger.info("pre-trained on %d proxy samples: proxy accuracy %.3f", len(proxy_y), accuracy(model, proxy_x, proxy_y))

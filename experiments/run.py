@@ -24,6 +24,8 @@ import experiments  # noqa: F401  (offline switches first)
 from experiments.config import ConfigError, from_hydra
 
 logger = logging.getLogger(__name__)
+#: Libraries that log set-up chatter at INFO through Hydra's root handler.
+NOISY_LOGGERS = ("alembic", "filelock", "urllib3", "datasets")
 _FAILED_JOBS: list[str] = []
 #: Exit code of a run whose configuration is invalid (like argparse's usage errors).
 CONFIG_ERROR_EXIT = 2
@@ -43,6 +45,13 @@ def write_error_record(run_dir: Path, error: BaseException) -> Path:
     return path
 
 
+def preflight(cfg) -> None:
+    """Load the data source and split the fleet now, so bad data settings fail before Ray."""
+    from experiments.data import build_federated_data
+
+    build_federated_data(cfg.dataset, cfg.scenario, cfg.fleet.devices, cfg.seed).device(0)
+
+
 def _exit_if_sweep_failed() -> None:
     if _FAILED_JOBS:
         print(f"{len(_FAILED_JOBS)} job(s) failed: " + ", ".join(_FAILED_JOBS), file=sys.stderr)
@@ -56,11 +65,14 @@ def _exit_if_sweep_failed() -> None:
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(hydra_cfg: DictConfig) -> None:
     """Validate the composed config, run the simulation, keep going on failure in sweeps."""
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
     hydra_runtime = HydraConfig.get()
     multirun = hydra_runtime.mode == RunMode.MULTIRUN
     run_dir = Path(hydra_runtime.runtime.output_dir)
     try:
         cfg = from_hydra(hydra_cfg)
+        preflight(cfg)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         if not multirun:

@@ -17,6 +17,7 @@ class TrainSettings:
     batch_size: int
     optimizer: str = "adam"  # adam | sgd
     momentum: float = 0.9
+    schedule: str = "constant"  # constant | onecycle (Smith & Topor 2019: lr warms up, then anneals)
 
 
 def make_optimizer(params, settings: TrainSettings) -> torch.optim.Optimizer:
@@ -26,6 +27,15 @@ def make_optimizer(params, settings: TrainSettings) -> torch.optim.Optimizer:
     if settings.optimizer == "sgd":
         return torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum)
     raise ValueError(f"unknown optimizer {settings.optimizer!r}; choose 'adam' or 'sgd'")
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, settings: TrainSettings, steps: int):
+    """The learning-rate schedule named in ``settings`` (None for a constant rate)."""
+    if settings.schedule == "constant":
+        return None
+    if settings.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=settings.lr, total_steps=max(steps, 1))
+    raise ValueError(f"unknown schedule {settings.schedule!r}; choose 'constant' or 'onecycle'")
 
 
 def train_epochs(
@@ -45,6 +55,7 @@ def train_epochs(
         return float("nan")
     generator = torch.Generator().manual_seed(int(seed))
     optimizer = make_optimizer(model.parameters(), settings)
+    scheduler = make_scheduler(optimizer, settings, settings.epochs * -(-len(x) // settings.batch_size))
     loss_fn = nn.CrossEntropyLoss()
     model.train()
     last = float("nan")
@@ -59,6 +70,8 @@ def train_epochs(
             loss = loss_fn(model(x[idx]), y[idx])
             loss.backward()
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             total += float(loss.detach()) * len(idx)
             count += len(idx)
         last = total / max(count, 1)

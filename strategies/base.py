@@ -211,9 +211,9 @@ class EdgeCloudStrategy(Strategy):
             ledger.device_time_s[pid] = ledger.device_time_s.get(pid, 0.0) + spent
             ledger.completed.add(pid)
             kept.append(reply)
-        for pid in down.keys() - answered:
+        for pid in sorted(down.keys() - answered):
             ledger.fail(pid, phase, f"no reply within {self.round_timeout_s} s")
-        return kept
+        return sorted(kept, key=self.partition_of)  # arrival order must not change the sums
 
     def partition_of(self, reply: Message) -> int:
         """Partition id of the device that sent ``reply``."""
@@ -269,7 +269,7 @@ class EdgeCloudStrategy(Strategy):
         }
         for name, value in (train_metrics or {}).items():
             if name != "accuracy":
-                record[f"train_{name}"] = value
+                record[name if name.startswith("train_") else f"train_{name}"] = value
         return record
 
     # ------------------------------------------------------------------ metric helpers

@@ -1,0 +1,130 @@
+"""End to end through the real Ray engine and the Hydra door (slow: ~1-2 min in all).
+
+A handful of devices, two rounds: the run writes a valid results.json, the same seed
+gives the same cohorts and numbers (once on a local Ray, once attached to a Ray head the
+test starts and stops), and a sweep survives a job whose simulation crashes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SMALL = [
+    "fleet.devices=6",
+    "fleet.per_round=3",
+    "rounds=2",
+    "dataset.proxy_samples=300",
+    "dataset.global_test_samples=200",
+    "dataset.partition.size_min=20",
+    "dataset.partition.size_max=40",
+    "dataset.partition.test_size=10",
+    "pretrain.epochs=2",
+    "model.width=8",
+]
+REQUIRED_ROUND_KEYS = {
+    "round", "accuracy", "global_accuracy", "uplink_bytes", "downlink_bytes",
+    "sim_time_s", "wall_time_s", "clients", "failures",
+}
+REQUIRED_SUMMARY_KEYS = {
+    "final_accuracy", "best_accuracy", "total_uplink_bytes", "total_downlink_bytes", "sim_time_s", "wall_time_s",
+}
+#: Per-round fields that measure the host, not the simulation: they may differ run to run.
+HOST_TIMES = {"wall_time_s", "train_wall_time_s"}
+
+
+def _run(args: list[str], tmp_path: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    flags = [a for a in args if a.startswith("-")]  # Hydra wants its flags before overrides
+    overrides = [a for a in args if not a.startswith("-")]
+    cmd = [sys.executable, "-m", "experiments.run", *flags, *SMALL, f"pretrain.cache_dir={tmp_path / 'cache'}", *overrides]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+
+
+def _results(run_dir: Path) -> dict:
+    return json.loads((run_dir / "results.json").read_text())
+
+
+def _comparable(rounds: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in HOST_TIMES} for r in rounds]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head():
+    """A single-node Ray head on a free port, stopped afterwards."""
+    port = _free_port()
+    start = [str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+             "--disable-usage-stats"]
+    subprocess.run(start, check=True, capture_output=True, timeout=120)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, timeout=120)
+
+
+def test_fedavg_end_to_end_is_valid_and_deterministic_locally_and_on_an_attached_ray(tmp_path, ray_head):
+    local = _run([f"hydra.run.dir={tmp_path / 'a'}"], tmp_path)
+    assert local.returncode == 0, local.stderr[-3000:]
+    attached = _run([f"hydra.run.dir={tmp_path / 'b'}", f"engine.ray_address={ray_head}"], tmp_path)
+    assert attached.returncode == 0, attached.stderr[-3000:]
+
+    a, b = _results(tmp_path / "a"), _results(tmp_path / "b")
+    assert a["status"] == "completed"
+    assert a["config"]["algorithm"]["name"] == "fedavg" and a["config"]["fleet"]["devices"] == 6
+    assert len(a["rounds"]) == 2
+    for record in a["rounds"]:
+        assert REQUIRED_ROUND_KEYS <= set(record)
+        assert 0.0 <= record["accuracy"] <= 1.0 and 0.0 <= record["global_accuracy"] <= 1.0
+        assert record["uplink_bytes"] > 0 and record["downlink_bytes"] > record["uplink_bytes"]
+        assert record["sim_time_s"] > 0
+    assert REQUIRED_SUMMARY_KEYS <= set(a["summary"])
+    assert (tmp_path / "a" / "accuracy_per_round.png").exists()
+    assert _comparable(a["rounds"]) == _comparable(b["rounds"])  # same seed, same numbers
+    assert "round 2/2" in local.stdout  # progress line per round
+
+
+def test_sweep_over_baselines_survives_a_crashed_job(tmp_path):
+    # The third job's devices cannot answer within 10 ms: its simulation crashes at discovery.
+    sweep = _run(
+        ["-m", "algorithm=local,none", "engine.round_timeout_s=300,0.01", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+        tmp_path,
+        timeout=600,
+    )
+    assert sweep.returncode == 1, sweep.stderr[-3000:]  # a job failed, the sweep finished
+    jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir() and p.name.isdigit())
+    assert len(jobs) == 4
+    statuses = {}
+    for job in jobs:
+        results = _results(job)
+        statuses[(results["config"]["algorithm"]["name"], results["config"]["engine"]["round_timeout_s"])] = results
+    assert statuses[("local", 300.0)]["status"] == "completed"
+    assert statuses[("none", 300.0)]["status"] == "completed"
+    assert len(statuses[("none", 300.0)]["rounds"]) == 2
+    for name in ("local", "none"):
+        failed = statuses[(name, 0.01)]
+        assert failed["status"] == "failed" and "no device answered" in failed["error"]
+    crashed_dirs = [job for job in jobs if (job / "error.json").exists()]
+    assert len(crashed_dirs) == 2
+    # LA sends nothing up but metrics; NA trains nothing
+    local_rounds = statuses[("local", 300.0)]["rounds"]
+    assert all(r["uplink_bytes"] < 2000 for r in local_rounds)
+
+
+def test_bad_override_fails_fast_with_a_readable_message(tmp_path):
+    result = _run([f"hydra.run.dir={tmp_path / 'bad'}", "fleet.per_round=60"], tmp_path, timeout=120)
+    assert result.returncode == 2
+    assert "fleet.per_round=60 exceeds fleet.devices=6" in result.stderr
+    assert not (tmp_path / "bad" / "results.json").exists()  # failed before Ray
