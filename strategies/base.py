@@ -57,7 +57,7 @@ class RoundLedger:
     def fail(self, partition_id: int | None, phase: str, reason: str) -> None:
         """Record a device that did not contribute, with the reason."""
         self.failures.append({"partition_id": partition_id, "phase": phase, "reason": reason})
-        log(WARNING, "device %s failed in %s: %s", partition_id, phase, reason)
+        log(INFO, "device %s failed in %s: %s", partition_id, phase, reason)
 
 
 class EdgeCloudStrategy(Strategy):
