@@ -52,6 +52,8 @@ class Device:
         ``downlink_bps``.
     data : Callable[[int], DeviceTensors]
         Local data for a time slot.
+    num_examples : Callable[[int], int]
+        Training-set size in a time slot, without rendering the data.
     build_model : Callable[[], nn.Module]
         A fresh instance of the run's network.
     train : TrainSettings
@@ -70,6 +72,7 @@ class Device:
     seed: int
     budget: Mapping[str, float | str]
     data: Callable[[int], DeviceTensors]
+    num_examples: Callable[[int], int]
     build_model: Callable[[], nn.Module]
     train: TrainSettings
     flops_per_sample: float
@@ -146,8 +149,7 @@ class ClientHandler:
     # ---------------------------------------------------------------- entry points
     def query(self, msg: Message, context: Context) -> Message:
         """Report who the device is and its budget (one-time discovery, ECLM's profiler)."""
-        data = self.device.data(0)
-        metrics = {"partition_id": self.device.partition_id, "num_examples": len(data.train_y)}
+        metrics = {"partition_id": self.device.partition_id, "num_examples": self.device.num_examples(0)}
         budget = ConfigRecord(dict(self.device.budget))
         return content_reply(msg, metrics, configs={"budget": budget})
 

@@ -49,6 +49,12 @@ def _device_tensors(cfg: RunConfig, partition_id: int, slot: int) -> DeviceTenso
     )
 
 
+def _num_examples(cfg: RunConfig, partition_id: int, slot: int) -> int:
+    data = build_federated_data(cfg.dataset, cfg.scenario, cfg.fleet.devices, cfg.seed)
+    plan, _ = data.device_plan(partition_id, slot)
+    return len(plan.rows)
+
+
 def partition_of(node_config: Mapping[str, object], cfg: RunConfig) -> int:
     """The device's partition id from its node config, checked against the fleet size."""
     if PARTITION_KEY not in node_config:
@@ -69,6 +75,7 @@ def make_device(cfg: RunConfig, partition_id: int) -> Device:
         seed=cfg.seed,
         budget=budget.to_record(),
         data=functools.partial(_device_tensors, cfg, partition_id),
+        num_examples=functools.partial(_num_examples, cfg, partition_id),
         build_model=functools.partial(
             build_model, model.name, num_classes=federated.num_classes, width=model.width,
             in_channels=federated.image_shape[0],

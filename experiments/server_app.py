@@ -64,11 +64,19 @@ def run_cloud(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict:
             evaluate_fn=evaluate_global,
             on_round=on_round,
         )
+        started = time.perf_counter()
+        strategy.discover(grid)
+        discovery_s = time.perf_counter() - started
+        logger.info("%d devices reported their budgets in %.1f s", len(strategy.devices), discovery_s)
         strategy.start(grid, ArrayRecord(model.state_dict()), cfg.rounds)
     except BaseException as exc:
         writer.finish("failed", error=f"{type(exc).__name__}: {exc}")
         raise
-    extra = {"pretrained_global_accuracy": pretrained_accuracy, "devices_discovered": len(strategy.devices)}
+    extra = {
+        "pretrained_global_accuracy": pretrained_accuracy,
+        "devices_discovered": len(strategy.devices),
+        "discovery_s": discovery_s,
+    }
     return writer.finish("completed", extra_summary=extra)
 
 

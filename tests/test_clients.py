@@ -28,6 +28,7 @@ def _device(available=True, load=2.0):
         seed=0,
         budget=BUDGET,
         data=_data,
+        num_examples=lambda slot: 20,
         build_model=lambda: build_model("cnn", num_classes=10, width=4),
         train=TrainSettings(epochs=2, lr=1e-3, batch_size=8),
         flops_per_sample=1e6,
