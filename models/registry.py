@@ -49,5 +49,11 @@ def build_model(name: str, *, num_classes: int, width: int, in_channels: int = 3
 
 
 def _import_builtin_models() -> None:
-    """Import the modules whose decorators fill the registry."""
-    from models import backbones  # noqa: F401  (registration side effect)
+    """Import every module of the ``models`` package once: their decorators fill the registry."""
+    import importlib
+    import pkgutil
+
+    import models
+
+    for info in pkgutil.iter_modules(models.__path__):
+        importlib.import_module(f"models.{info.name}")

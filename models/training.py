@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -44,12 +45,14 @@ def train_epochs(
     y: torch.Tensor,
     settings: TrainSettings,
     seed: int,
+    extra_loss: Callable[[nn.Module], torch.Tensor] | None = None,
 ) -> float:
     """Train ``model`` in place with cross-entropy for ``settings.epochs`` epochs.
 
     Batches are drawn from a ``torch.Generator`` seeded with ``seed``, so the same call
-    gives the same weights. Returns the mean training loss of the last epoch (NaN when
-    there is no data).
+    gives the same weights. ``extra_loss(model)``, read after each forward pass, is added
+    to the loss (e.g. ECLM's load-balancing term). Returns the mean training loss of the
+    last epoch (NaN when there is no data).
     """
     if len(x) == 0 or settings.epochs <= 0:
         return float("nan")
@@ -68,6 +71,8 @@ def train_epochs(
                 continue
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model(x[idx]), y[idx])
+            if extra_loss is not None:
+                loss = loss + extra_loss(model)
             loss.backward()
             optimizer.step()
             if scheduler is not None:

@@ -9,7 +9,7 @@ import pytest
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 
-from experiments.data import corruptions
+from experiments.data.corruptions import blur
 from experiments.data.corruptions import CORRUPTIONS, SEVERITIES, corrupt
 
 STOCHASTIC = ("gaussian_noise", "shot_noise", "impulse_noise", "glass_blur", "motion_blur",
@@ -227,7 +227,7 @@ def test_glass_pixel_shuffle_equals_the_reference_swap_loop():
 
     dx, dy = rng(9).integers(-1, 1, size=(2, 1, 30, 30))[:, 0]
     expected = reference_loop(image, dx, dy)
-    np.testing.assert_array_equal(corruptions._local_pixel_shuffle(image[None], rng(9))[0], expected)
+    np.testing.assert_array_equal(blur._local_pixel_shuffle(image[None], rng(9))[0], expected)
 
 
 # ----------------------------------------------------------------- bad inputs

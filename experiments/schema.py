@@ -1,0 +1,130 @@
+"""The typed schema of a run: frozen dataclasses, one per config group.
+
+Every default carries its source in the comment beside it; ``conf/`` repeats them so
+that ``--cfg job`` shows a complete run, and ``tests/test_config.py`` keeps the two equal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Label-preserving augmentation used to expand the embedded digits."""
+
+    rotate_deg: float = 10.0  # small affine jitter (issue #2); +-10 deg keeps 6/9 apart
+    scale: float = 0.1  # relative zoom jitter, +-10 %
+    translate_px: float = 2.0  # shift at 32x32, +-2 px
+    stroke_px: int = 1  # stroke width change: dilation/erosion radius up to this
+
+
+@dataclass(frozen=True)
+class PartitionConfig:
+    """How the edge part is split over devices (ECLM section 7.1)."""
+
+    kind: str = "label_skew"  # label_skew | dirichlet | iid
+    classes_per_device: int = 2  # ECLM 7.1: each device holds m of n classes (m=2 on CIFAR-10)
+    alpha: float = 0.5  # Dirichlet concentration (common non-IID default, Hsu et al. 2019)
+    size_min: int = 50  # ECLM 7.1: 50-150 samples per device
+    size_max: int = 150
+    test_size: int = 30  # local held-out test samples per device, same label mix as its data
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """Dataset and its split into cloud proxy, edge and held-out test parts."""
+
+    name: str = "digits"  # digits | cifar10 | cifar100
+    root: str | None = None  # folder holding CIFAR files (digits needs none)
+    download: bool = False  # let torchvision fetch CIFAR into root (never in tests/CI)
+    test_fraction: float = 0.2  # originals kept for testing only
+    proxy_fraction: float = 0.3  # ECLM 7.2: 30 % of training data is the cloud proxy set
+    proxy_samples: int = 3000  # augmented proxy samples the cloud pre-trains on
+    global_test_samples: int = 1000  # augmented renders of the test originals (cloud test set)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+
+
+@dataclass(frozen=True)
+class ScenarioConfig:
+    """Dynamics of the edge environment over time slots (ECLM 2.1, 7.3)."""
+
+    name: str = "one_step"
+    replace_fraction: float = 0.0  # ECLM 2.1: 0.2 per slot; 7.3: 0.5 per slot
+    slot_rounds: int = 1  # rounds per time slot
+    corruptions: tuple[str, ...] = ()  # domain of each slot's new data, cycled; () = clean
+    severity: int = 3  # corruption severity 1-5 (CIFAR-10-C recipe)
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    """Size of the simulated fleet and how device budgets are drawn."""
+
+    devices: int = 100  # ARCHITECTURE.md: default run simulates 100 devices
+    per_round: int = 10  # cohort size per round
+    mix: Mapping[str, float] = field(default_factory=dict)  # device class -> weight; {} = uniform
+    load_max: float = 5.0  # ECLM Fig. 1b: co-running apps slow training up to ~5x
+    load_prob: float = 0.3  # chance that a device has co-running apps in a round
+    availability_min: float = 0.9  # per-device probability of answering a round
+    availability_max: float = 1.0
+    deadline_s: float | None = None  # drop stragglers slower than this (virtual seconds)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The network the cloud pre-trains and devices adapt."""
+
+    name: str = "cnn"  # registered in models/ (cnn | mlp)
+    width: int = 16  # channels of the first conv stage / hidden units (cnn: ~24k parameters)
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig:
+    """The adaptation algorithm and its local-training settings."""
+
+    name: str = "fedavg"  # registered in experiments/algorithms.py
+    local_epochs: int = 3  # ECLM 7.1: 3 local epochs per round
+    lr: float = 1e-3  # ECLM 7.1
+    batch_size: int = 16  # ECLM 7.1
+    optimizer: str = "adam"  # sgd | adam; ECLM does not name it, Adam suits lr 1e-3
+    momentum: float = 0.9  # for sgd
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Cloud pre-training on the proxy part, cached on disk by config hash."""
+
+    epochs: int = 10  # converges the default CNN on the digits proxy part (test acc ~0.97)
+    lr: float = 3e-3  # peak rate of the one-cycle schedule
+    batch_size: int = 64
+    schedule: str = "onecycle"  # constant | onecycle
+    cache_dir: str = "~/.cache/edgecloud"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Flower simulation engine: Ray resources and guards against hangs."""
+
+    ray_address: str | None = None  # None: start a local Ray; "auto": attach to `ray start --head`
+    num_cpus: float = 1.0  # per ClientApp; on 2 cores two actors are fastest
+    num_gpus: float = 0.0  # per ClientApp; CPU is the default
+    torch_threads: int = 1  # torch threads inside each ClientApp
+    round_timeout_s: float = 300.0  # a reply later than this counts as a failure
+    verbose: bool = False  # Flower's own INFO logs
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one run needs; frozen, hashable into a cache key."""
+
+    seed: int = 0
+    rounds: int = 10
+    output_dir: str | None = None  # where results go; Hydra sets its run dir, None: outputs/<time>
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
+    scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)

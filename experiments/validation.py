@@ -1,0 +1,113 @@
+"""Semantic checks of a :class:`RunConfig`: impossible values fail with one message naming the key and the fix."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from experiments.schema import EngineConfig, RunConfig
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot run; the message names the key and the fix."""
+
+
+def validate(cfg: RunConfig) -> None:
+    """Reject impossible values with one message naming the key and the fix."""
+    _check(cfg.seed >= 0, "seed", "must be >= 0", cfg.seed)
+    _check(cfg.rounds >= 1, "rounds", "must be >= 1", cfg.rounds)
+    fleet = cfg.fleet
+    _check(fleet.devices >= 1, "fleet.devices", "must be >= 1", fleet.devices)
+    _check(fleet.per_round >= 1, "fleet.per_round", "must be >= 1", fleet.per_round)
+    if fleet.per_round > fleet.devices:
+        raise ConfigError(
+            f"fleet.per_round={fleet.per_round} exceeds fleet.devices={fleet.devices}; "
+            "lower fleet.per_round or raise fleet.devices"
+        )
+    _check(fleet.load_max >= 1.0, "fleet.load_max", "must be >= 1 (a slow-down factor)", fleet.load_max)
+    _check(0.0 <= fleet.load_prob <= 1.0, "fleet.load_prob", "must be in [0, 1]", fleet.load_prob)
+    _check(
+        0.0 < fleet.availability_min <= fleet.availability_max <= 1.0,
+        "fleet.availability_min/max",
+        "must satisfy 0 < min <= max <= 1",
+        (fleet.availability_min, fleet.availability_max),
+    )
+    if fleet.deadline_s is not None:
+        _check(fleet.deadline_s > 0, "fleet.deadline_s", "must be > 0 or null", fleet.deadline_s)
+    for name, weight in fleet.mix.items():
+        _check(weight >= 0, f"fleet.mix.{name}", "must be >= 0", weight)
+    _validate_training(cfg)
+    _validate_data(cfg)
+    _validate_engine(cfg.engine)
+    _validate_names(cfg)
+
+
+def _validate_training(cfg: RunConfig) -> None:
+    algo = cfg.algorithm
+    _check(algo.local_epochs >= 0, "algorithm.local_epochs", "must be >= 0", algo.local_epochs)
+    _check(algo.lr > 0, "algorithm.lr", "must be > 0", algo.lr)
+    _check(algo.batch_size >= 1, "algorithm.batch_size", "must be >= 1", algo.batch_size)
+    _check(algo.optimizer in ("adam", "sgd"), "algorithm.optimizer", "must be 'adam' or 'sgd'", algo.optimizer)
+    _check(0.0 <= algo.momentum < 1.0, "algorithm.momentum", "must be in [0, 1)", algo.momentum)
+    pre = cfg.pretrain
+    _check(pre.epochs >= 0, "pretrain.epochs", "must be >= 0", pre.epochs)
+    _check(pre.lr > 0, "pretrain.lr", "must be > 0", pre.lr)
+    _check(pre.batch_size >= 1, "pretrain.batch_size", "must be >= 1", pre.batch_size)
+    schedules = ("constant", "onecycle")
+    _check(pre.schedule in schedules, "pretrain.schedule", f"must be one of {schedules}", pre.schedule)
+    _check(cfg.model.width >= 1, "model.width", "must be >= 1", cfg.model.width)
+
+
+def _validate_data(cfg: RunConfig) -> None:
+    data, part, scen = cfg.dataset, cfg.dataset.partition, cfg.scenario
+    _check(0.0 < data.test_fraction < 1.0, "dataset.test_fraction", "must be in (0, 1)", data.test_fraction)
+    _check(0.0 < data.proxy_fraction < 1.0, "dataset.proxy_fraction", "must be in (0, 1)", data.proxy_fraction)
+    _check(data.proxy_samples >= 1, "dataset.proxy_samples", "must be >= 1", data.proxy_samples)
+    _check(data.global_test_samples >= 1, "dataset.global_test_samples", "must be >= 1", data.global_test_samples)
+    kinds = ("label_skew", "dirichlet", "iid")
+    _check(part.kind in kinds, "dataset.partition.kind", f"must be one of {kinds}", part.kind)
+    _check(part.classes_per_device >= 1, "dataset.partition.classes_per_device", "must be >= 1", part.classes_per_device)
+    _check(part.alpha > 0, "dataset.partition.alpha", "must be > 0", part.alpha)
+    _check(
+        1 <= part.size_min <= part.size_max,
+        "dataset.partition.size_min/size_max",
+        "must satisfy 1 <= size_min <= size_max",
+        (part.size_min, part.size_max),
+    )
+    _check(part.test_size >= 1, "dataset.partition.test_size", "must be >= 1", part.test_size)
+    aug = data.augment
+    for key in ("rotate_deg", "scale", "translate_px", "stroke_px"):
+        _check(getattr(aug, key) >= 0, f"dataset.augment.{key}", "must be >= 0", getattr(aug, key))
+    _check(0.0 <= scen.replace_fraction <= 1.0, "scenario.replace_fraction", "must be in [0, 1]", scen.replace_fraction)
+    _check(scen.slot_rounds >= 1, "scenario.slot_rounds", "must be >= 1", scen.slot_rounds)
+    _check(1 <= scen.severity <= 5, "scenario.severity", "must be in 1..5", scen.severity)
+
+
+def _validate_engine(engine: EngineConfig) -> None:
+    _check(engine.num_cpus > 0, "engine.num_cpus", "must be > 0", engine.num_cpus)
+    _check(engine.num_gpus >= 0, "engine.num_gpus", "must be >= 0", engine.num_gpus)
+    _check(engine.torch_threads >= 1, "engine.torch_threads", "must be >= 1", engine.torch_threads)
+    _check(engine.round_timeout_s > 0, "engine.round_timeout_s", "must be > 0", engine.round_timeout_s)
+
+
+def _validate_names(cfg: RunConfig) -> None:
+    """Names that must exist in a registry (imported lazily: they pull in torch)."""
+    from experiments.algorithms import ALGORITHMS
+    from models import model_names
+
+    if cfg.algorithm.name not in ALGORITHMS:
+        raise ConfigError(f"unknown algorithm.name {cfg.algorithm.name!r}; choose one of {sorted(ALGORITHMS)}")
+    if cfg.model.name not in model_names():
+        raise ConfigError(f"unknown model.name {cfg.model.name!r}; choose one of {list(model_names())}")
+    datasets = ("digits", "cifar10", "cifar100")
+    _check(cfg.dataset.name in datasets, "dataset.name", f"must be one of {datasets}", cfg.dataset.name)
+    if cfg.scenario.corruptions:
+        from experiments.data.corruptions import CORRUPTIONS
+
+        for name in cfg.scenario.corruptions:
+            if name not in CORRUPTIONS:
+                raise ConfigError(f"unknown corruption {name!r} in scenario.corruptions; choose from {list(CORRUPTIONS)}")
+
+
+def _check(ok: bool, key: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key} {rule}, got {value!r}")

@@ -1,0 +1,357 @@
+"""Width-scaled sub-models (HeteroFL, Diao et al. 2021; FedRolex, Alam et al. 2022).
+
+A sub-model at rate ``r`` keeps ``ceil(r * C)`` channels of every hidden conv/linear
+layer: the PREFIX (HeteroFL, sec. 3.1) or a window that rolls by one channel per round
+(FedRolex, sec. 3). The stem keeps every input channel, the classifier every class.
+
+How the channels of each tensor are identified (from the state dict alone, so the cloud,
+which holds only arrays, and the device, which holds the network, derive the same plan):
+
+* tensors are read in state-dict order, which for the supported families (``cnn``,
+  ``resnet18``, ``mlp``) is the order of the layers: every BatchNorm follows its conv;
+* a tensor with >= 2 dimensions is a conv ``[out, in, k, k]`` or linear ``[out, in]``
+  weight: axis 0 (out) scales unless it is the LAST such tensor (the classifier), axis 1
+  (in) scales unless it is the FIRST (the stem, which sees the image);
+* a 1-D tensor ``[C]`` (BatchNorm weight/bias/running stats, a conv or linear bias)
+  belongs to the matrix before it and scales iff that matrix's out axis does (it must then
+  have that matrix's out size, else :func:`channel_axes` refuses the network);
+* 0-D tensors (``num_batches_tracked``) never scale.
+
+:func:`scaled_model` checks the plan against the network's own layers (Conv2d, Linear,
+BatchNorm only; anything else with parameters is refused), so a sub-model built by
+surgery always has exactly the shapes :func:`extract` cuts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.costs import parameter_bytes, train_flops_per_sample, training_memory_bytes
+
+#: HeteroFL's computation-complexity levels a..e (Diao et al. 2021, sec. 4: r = 0.5, shrinkage 1..1/16).
+WIDTH_RATES = (1.0, 0.5, 0.25, 0.125, 0.0625)
+#: Digits kept when ``rate * channels`` is rounded before ``ceil`` (0.1 * 30 must give 3, not 4).
+_ROUNDING_DIGITS = 9
+
+ModelFactory = Callable[[], nn.Module]
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+# --------------------------------------------------------------------------- channels
+def check_rate(rate: float) -> float:
+    """``rate`` as a float in (0, 1], or ValueError."""
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < float(rate) <= 1:
+        raise ValueError(f"width rate must be a number in (0, 1], got {rate!r}; use one of {WIDTH_RATES}")
+    return float(rate)
+
+
+def kept_channels(size: int, rate: float) -> int:
+    """Channels a sub-model keeps of ``size``: ``ceil(rate * size)`` (HeteroFL's ``np.ceil``), >= 1."""
+    return max(1, math.ceil(round(check_rate(rate) * size, _ROUNDING_DIGITS)))
+
+
+def channel_window(size: int, rate: float, offset: int = 0) -> np.ndarray:
+    """Indices of the kept channels: ``(offset + arange(kept)) mod size``.
+
+    ``offset`` 0 is HeteroFL's prefix; FedRolex rolls the window start by one per round
+    (``offset = round``), wrapping around the channel count.
+    """
+    if size < 1:
+        raise ValueError(f"a channel axis needs size >= 1, got {size}")
+    return (int(offset) + np.arange(kept_channels(size, rate))) % size
+
+
+def channel_axes(shapes: Mapping[str, Sequence[int]]) -> dict[str, tuple[int, ...]]:
+    """Which axes of each tensor are channel axes that shrink with the rate (module docstring)."""
+    keys = list(shapes)
+    matrices = [k for k in keys if len(shapes[k]) >= 2]
+    if not matrices:
+        raise ValueError("the state dict has no conv or linear weight; width scaling needs one")
+    first, last = matrices[0], matrices[-1]
+    axes: dict[str, tuple[int, ...]] = {}
+    out_size: int | None = None  # out channels of the last scaled matrix, None if unscaled
+    for key in keys:
+        shape = tuple(shapes[key])
+        if len(shape) >= 2:
+            out_size = shape[0] if key != last else None
+            axes[key] = tuple(a for a, scaled in ((0, key != last), (1, key != first)) if scaled)
+        elif len(shape) == 1 and out_size is not None:
+            if shape[0] != out_size:
+                raise ValueError(
+                    f"cannot tell the channels of {key} {shape}: the layer before it has {out_size} outputs; "
+                    "width scaling needs every BatchNorm/bias right after its conv or linear in the state dict"
+                )
+            axes[key] = (0,)
+        else:
+            axes[key] = ()
+    return axes
+
+
+def sub_shapes(shapes: Mapping[str, Sequence[int]], rate: float) -> dict[str, tuple[int, ...]]:
+    """Shape of every tensor of the sub-model at ``rate``."""
+    axes = channel_axes(shapes)
+    return {
+        key: tuple(kept_channels(n, rate) if a in axes[key] else n for a, n in enumerate(shape))
+        for key, shape in shapes.items()
+    }
+
+
+def _index(shape: Sequence[int], axes: Iterable[int], rate: float, offset: int) -> tuple:
+    scaled = set(axes)
+    ranges = [channel_window(n, rate, offset) if a in scaled else np.arange(n) for a, n in enumerate(shape)]
+    return np.ix_(*ranges)
+
+
+# --------------------------------------------------------------------------- extract & merge
+def extract(state: Mapping[str, np.ndarray], rate: float, offset: int = 0) -> dict[str, np.ndarray]:
+    """The sub-model's arrays: each tensor cut to the kept channels (copies, same dtypes)."""
+    axes = channel_axes({k: np.shape(v) for k, v in state.items()})
+    out = {}
+    for key, value in state.items():
+        value = np.asarray(value)
+        out[key] = np.array(value[_index(value.shape, axes[key], rate, offset)], dtype=value.dtype)
+    return out
+
+
+@dataclass(frozen=True)
+class SubModelUpdate:
+    """One device's trained sub-model and where it sits in the full model.
+
+    Attributes
+    ----------
+    arrays : Mapping[str, np.ndarray]
+        The sub-model's state (the full model's keys, cut shapes).
+    rate : float
+        Its width rate.
+    offset : int
+        Its window offset (0 for HeteroFL's prefix).
+    weight : float
+        Its weight in the covering average (1 in HeteroFL's reference code).
+    """
+
+    arrays: Mapping[str, np.ndarray]
+    rate: float
+    offset: int = 0
+    weight: float = 1.0
+
+
+def covering_average(state: Mapping[str, np.ndarray], updates: Sequence[SubModelUpdate]) -> dict[str, np.ndarray]:
+    """Per-element weighted mean over the sub-models that cover each element.
+
+    ``w[i] = sum_k a_k * w_k[i] / sum_k a_k`` over the updates k whose window holds element
+    i (HeteroFL ``fed.py`` ``combine``: ``a_k = 1``, a count); elements no update covers keep
+    their value in ``state``. Integer tensors are rounded; every dtype is kept.
+    """
+    axes = channel_axes({k: np.shape(v) for k, v in state.items()})
+    for u in updates:
+        if not u.weight > 0:
+            raise ValueError(f"covering_average weights must be > 0, got {u.weight}")
+    out = {}
+    for key, value in state.items():
+        value = np.asarray(value)
+        total, count = np.zeros(value.shape), np.zeros(value.shape)
+        for u in updates:
+            index = _index(value.shape, axes[key], u.rate, u.offset)
+            part = np.asarray(u.arrays[key], dtype=np.float64)
+            if part.shape != total[index].shape:
+                raise ValueError(
+                    f"{key}: update at rate {u.rate} has shape {part.shape}, expected {total[index].shape}"
+                )
+            total[index] += u.weight * part
+            count[index] += u.weight
+        merged = np.where(count > 0, total / np.where(count > 0, count, 1.0), value)
+        if np.issubdtype(value.dtype, np.integer):
+            merged = np.rint(merged)
+        out[key] = merged.astype(value.dtype)
+    return out
+
+
+# --------------------------------------------------------------------------- sub-model networks
+class ScaledConv2d(nn.Conv2d):
+    """A Conv2d followed by HeteroFL's Scaler: output / rate in training, unchanged in eval.
+
+    HeteroFL (sec. 3.2, "Scaler"; ``modules.Scaler`` after every conv) rescales a
+    sub-model's representations so they match the full model's magnitude during local
+    training. The scaler lives inside the conv so the state-dict keys stay the full model's.
+    """
+
+    def __init__(self, *args, rate: float, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.rate = check_rate(rate)
+
+    def forward(self, x):  # noqa: D102
+        out = super().forward(x)
+        return out / self.rate if self.training else out
+
+
+class ScaledLinear(nn.Linear):
+    """A hidden Linear followed by HeteroFL's Scaler (see :class:`ScaledConv2d`)."""
+
+    def __init__(self, *args, rate: float, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.rate = check_rate(rate)
+
+    def forward(self, x):  # noqa: D102
+        out = super().forward(x)
+        return out / self.rate if self.training else out
+
+
+def _replacement(module: nn.Module, name: str, shapes: Mapping[str, tuple], axes: Mapping[str, tuple], rate: float):
+    """The sub-model's version of one leaf layer (None for layers without tensors)."""
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1:
+            raise ValueError(f"{name}: grouped convs (groups={module.groups}) cannot be width-scaled")
+        out_c, in_c = shapes[f"{name}.weight"][:2]
+        return ScaledConv2d(
+            in_c, out_c, module.kernel_size, stride=module.stride, padding=module.padding,
+            dilation=module.dilation, bias=module.bias is not None, padding_mode=module.padding_mode, rate=rate,
+        )
+    if isinstance(module, nn.Linear):
+        out_f, in_f = shapes[f"{name}.weight"]
+        if 0 not in axes[f"{name}.weight"]:  # the classifier: all classes, no scaler (HeteroFL conv.py)
+            return nn.Linear(in_f, out_f, bias=module.bias is not None)
+        return ScaledLinear(in_f, out_f, bias=module.bias is not None, rate=rate)
+    if isinstance(module, _BATCH_NORMS):
+        key = f"{name}.weight" if module.affine else f"{name}.running_mean"
+        # momentum None: the cumulative average that static BN needs (HeteroFL conv.py)
+        return type(module)(shapes[key][0], eps=module.eps, momentum=None, affine=module.affine)
+    if any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False)):
+        raise ValueError(f"{name}: {type(module).__name__} cannot be width-scaled (only Conv2d, Linear, BatchNorm)")
+    return None
+
+
+def scaled_model(full_model_factory: ModelFactory, rate: float) -> nn.Module:
+    """The sub-model skeleton at ``rate``: the full network with every layer cut by :func:`channel_axes`.
+
+    Layers are rebuilt at the cut sizes (hidden convs/linears with HeteroFL's Scaler);
+    BatchNorms use batch statistics in training (HeteroFL's ``track_running_stats=False``)
+    but keep their running-stat buffers, so the state-dict keys are the full model's and
+    :func:`static_batch_norm` can fill them before evaluation.
+    """
+    rate = check_rate(rate)
+    model = full_model_factory()
+    full = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    shapes, axes = sub_shapes(full, rate), channel_axes(full)
+    for name, module in list(model.named_modules()):
+        if not name:
+            continue
+        new = _replacement(module, name, shapes, axes, rate)
+        if new is not None:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, new)
+    use_batch_statistics(model)
+    return model
+
+
+# --------------------------------------------------------------------------- static BN
+def _batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def use_batch_statistics(model: nn.Module) -> nn.Module:
+    """Training regime of HeteroFL's BN: batch statistics only, running buffers untouched."""
+    for bn in _batch_norms(model):
+        bn.track_running_stats = False
+    return model
+
+
+@torch.no_grad()
+def static_batch_norm(model: nn.Module, x: torch.Tensor, batch_size: int) -> nn.Module:
+    """HeteroFL's static BN (sec. 3.2): recompute every BN's running statistics on ``x``.
+
+    Statistics are reset, then accumulated as the cumulative average (``momentum=None``)
+    of per-batch statistics over ``ceil(len(x) / batch_size)`` nearly equal batches, with
+    only the BNs in training mode (scalers and everything else in eval, as at inference).
+    Leaves the model in eval mode using these statistics; call
+    :func:`use_batch_statistics` before training it again.
+    """
+    if len(x) == 0:
+        raise ValueError("static_batch_norm needs at least one sample; the device has no training data")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    model.eval()
+    norms = _batch_norms(model)
+    for bn in norms:
+        bn.reset_running_stats()
+        bn.momentum, bn.track_running_stats = None, True
+        bn.train()
+    for batch in torch.tensor_split(x, -(-len(x) // batch_size)):
+        model(batch)
+    model.eval()
+    return model
+
+
+# --------------------------------------------------------------------------- costs per rate
+@dataclass(frozen=True)
+class RateCost:
+    """What training the sub-model at one rate costs a device.
+
+    Attributes
+    ----------
+    memory_bytes : float
+        Training memory at the run's batch size (:func:`models.costs.training_memory_bytes`).
+    flops_per_sample : float
+        Training FLOPs per sample (:func:`models.costs.train_flops_per_sample`).
+    model_bytes : float
+        Bytes of the sub-model's state (one way over the link).
+    """
+
+    memory_bytes: float
+    flops_per_sample: float
+    model_bytes: float
+
+
+#: Prefix of the cost entries a device adds to its reported budget.
+COST_PREFIX = "width_cost"
+#: Budget entry: training samples per round (local samples x epochs).
+SAMPLES_KEY = f"{COST_PREFIX}/samples_per_round"
+_COST_FIELDS = ("memory_bytes", "flops_per_sample", "model_bytes")
+
+
+def rate_costs(
+    full_model_factory: ModelFactory,
+    input_shape: tuple[int, ...],
+    batch_size: int,
+    rates: Sequence[float] = WIDTH_RATES,
+) -> dict[float, RateCost]:
+    """Measured costs of the sub-model at each rate (torch's FLOP counter, hooks for memory)."""
+    costs = {}
+    for rate in rates:
+        model = scaled_model(full_model_factory, rate)
+        costs[float(rate)] = RateCost(
+            memory_bytes=float(training_memory_bytes(model, input_shape, batch_size)),
+            flops_per_sample=float(train_flops_per_sample(model, input_shape)),
+            model_bytes=float(parameter_bytes(model)),
+        )
+    return costs
+
+
+def cost_key(rate: float, field: str) -> str:
+    """Budget entry holding ``field`` of the sub-model at ``rate``."""
+    return f"{COST_PREFIX}/{float(rate):g}/{field}"
+
+
+def costs_to_record(costs: Mapping[float, RateCost], samples_per_round: int) -> dict[str, float]:
+    """Flat budget entries for ``costs`` (what a device reports at discovery)."""
+    record = {SAMPLES_KEY: float(samples_per_round)}
+    for rate, cost in costs.items():
+        for field in _COST_FIELDS:
+            record[cost_key(rate, field)] = float(getattr(cost, field))
+    return record
+
+
+def costs_from_record(record: Mapping[str, object], rates: Sequence[float]) -> tuple[dict[float, RateCost], float]:
+    """Per-rate costs and samples per round read back from a reported budget, or ValueError."""
+    missing = [k for k in [SAMPLES_KEY] + [cost_key(r, f) for r in rates for f in _COST_FIELDS] if k not in record]
+    if missing:
+        raise ValueError(
+            f"budget has no {missing[0]!r}; the device must run a width-scaling client (HeteroFLClient)"
+        )
+    costs = {float(r): RateCost(*(float(record[cost_key(r, f)]) for f in _COST_FIELDS)) for r in rates}
+    return costs, float(record[SAMPLES_KEY])
