@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -66,6 +67,8 @@ class Device:
         Whether the device answers in a round.
     slot_of_round : Callable[[int], int]
         The data time slot a round falls in.
+    options : Mapping[str, Any]
+        The algorithm's own settings (e.g. ECLM's load-balancing weight).
     """
 
     partition_id: int
@@ -79,6 +82,7 @@ class Device:
     load_factor: Callable[[int], float]
     is_available: Callable[[int], bool]
     slot_of_round: Callable[[int], int]
+    options: Mapping[str, Any] = field(default_factory=dict)
 
 
 class MalformedMessage(ValueError):

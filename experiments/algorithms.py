@@ -1,29 +1,72 @@
 """Algorithms registered by name: which strategy (cloud) pairs with which handler (edge).
 
 The pairing lives here, in ``experiments/``, because strategies and clients never import
-each other; they meet only in Flower messages.
+each other; they meet only in Flower messages. An algorithm may also bring its own cloud
+training on the proxy part, extra strategy arguments and device options.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
+from torch import nn
+
+from clients.an import AdaptiveNetClient
 from clients.base import ClientHandler
+from clients.eclm import ECLMClient
 from clients.local import LocalOnlyClient, LocalTrainingClient
+from experiments import an_setup, eclm_setup
+from strategies.an import AdaptiveNet
 from strategies.base import EdgeCloudStrategy
+from strategies.eclm import ECLM
 from strategies.fedavg import FedAvg
 from strategies.local import LocalAdaptation
 from strategies.none import NoAdaptation
 
 
+def _no_args(*_args) -> dict[str, Any]:
+    return {}
+
+
+def _any_model(_model: nn.Module) -> None:
+    return None
+
+
 @dataclass(frozen=True)
 class Algorithm:
-    """A named algorithm: its cloud strategy, its edge handler and a one-line description."""
+    """A named algorithm and what the apps must hand it.
+
+    Attributes
+    ----------
+    name, description : str
+    strategy : type[EdgeCloudStrategy]
+        The cloud side.
+    client : type[ClientHandler]
+        The edge side.
+    cloud_training : callable or None
+        ``(cfg, model, proxy_x, proxy_y, data) -> None``: the cloud's own training on the
+        proxy part; None means plain supervised pre-training.
+    training_key : callable
+        ``cfg -> dict``: the options that shape ``cloud_training`` (pre-training cache key).
+    strategy_args : callable
+        ``(cfg, model, data) -> dict``: strategy arguments beyond the base ones.
+    client_options : callable
+        ``cfg -> dict``: what devices read from ``Device.options``.
+    check_model : callable
+        ``model -> None``; raises ConfigError if the algorithm cannot use the network.
+    """
 
     name: str
     strategy: type[EdgeCloudStrategy]
     client: type[ClientHandler]
     description: str
+    cloud_training: Callable[..., None] | None = None
+    training_key: Callable[..., dict] = _no_args
+    strategy_args: Callable[..., dict] = _no_args
+    client_options: Callable[..., dict] = _no_args
+    check_model: Callable[[nn.Module], None] = _any_model
 
 
 ALGORITHMS: dict[str, Algorithm] = {
@@ -32,5 +75,25 @@ ALGORITHMS: dict[str, Algorithm] = {
         Algorithm("fedavg", FedAvg, LocalTrainingClient, "FedAvg (McMahan et al. 2017)"),
         Algorithm("local", LocalAdaptation, LocalOnlyClient, "LA: local fine-tuning only (ECLM 7.1)"),
         Algorithm("none", NoAdaptation, ClientHandler, "NA: the pre-trained cloud model (ECLM 7.1)"),
+        Algorithm(
+            "an",
+            AdaptiveNet,
+            AdaptiveNetClient,
+            "AN: AdaptiveNet-style supernet, on-device branch choice, no aggregation (ECLM 7.1)",
+            cloud_training=an_setup.cloud_training,
+            strategy_args=an_setup.strategy_args,
+            check_model=an_setup.check_model,
+        ),
+        Algorithm(
+            "eclm",
+            ECLM,
+            ECLMClient,
+            "ECLM: modular cloud model, personalized sub-models, module-wise aggregation",
+            cloud_training=eclm_setup.cloud_training,
+            training_key=eclm_setup.training_key,
+            strategy_args=eclm_setup.strategy_args,
+            client_options=eclm_setup.client_options,
+            check_model=eclm_setup.check_model,
+        ),
     )
 }

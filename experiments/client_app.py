@@ -18,9 +18,9 @@ from flwr.clientapp import ClientApp
 from clients.base import Device, DeviceTensors
 from experiments import fleet
 from experiments.algorithms import ALGORITHMS
-from experiments.config import RunConfig, from_flat
+from experiments.config import ModelConfig, RunConfig, from_flat
 from experiments.data import build_federated_data, to_tensor
-from models import build_model
+from experiments.networks import build_run_model
 from models.costs import train_flops_per_sample
 from models.training import TrainSettings
 
@@ -34,9 +34,8 @@ def slot_of_round(cfg: RunConfig, server_round: int) -> int:
 
 
 @functools.lru_cache(maxsize=4)
-def _flops_per_sample(model_name: str, width: int, num_classes: int, shape: tuple[int, ...]) -> float:
-    model = build_model(model_name, num_classes=num_classes, width=width, in_channels=shape[0])
-    return train_flops_per_sample(model, shape)
+def _flops_per_sample(model: ModelConfig, num_classes: int, shape: tuple[int, ...]) -> float:
+    return train_flops_per_sample(build_run_model(model, num_classes, shape[0]), shape)
 
 
 def _device_tensors(cfg: RunConfig, partition_id: int, slot: int) -> DeviceTensors:
@@ -76,15 +75,13 @@ def make_device(cfg: RunConfig, partition_id: int) -> Device:
         budget=budget.to_record(),
         data=functools.partial(_device_tensors, cfg, partition_id),
         num_examples=functools.partial(_num_examples, cfg, partition_id),
-        build_model=functools.partial(
-            build_model, model.name, num_classes=federated.num_classes, width=model.width,
-            in_channels=federated.image_shape[0],
-        ),
+        build_model=functools.partial(build_run_model, model, federated.num_classes, federated.image_shape[0]),
         train=TrainSettings(algo.local_epochs, algo.lr, algo.batch_size, algo.optimizer, algo.momentum),
-        flops_per_sample=_flops_per_sample(model.name, model.width, federated.num_classes, federated.image_shape),
+        flops_per_sample=_flops_per_sample(model, federated.num_classes, federated.image_shape),
         load_factor=functools.partial(fleet.load_factor, cfg.fleet, cfg.seed, partition_id),
         is_available=functools.partial(fleet.is_available, budget, cfg.seed, partition_id),
         slot_of_round=functools.partial(slot_of_round, cfg),
+        options=ALGORITHMS[algo.name].client_options(cfg),
     )
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from experiments.algorithms import ALGORITHMS
 from experiments.config import RunConfig, config_hash
 from models.training import TrainSettings, accuracy, train_epochs
 
@@ -23,19 +24,36 @@ logger = logging.getLogger(__name__)
 
 
 def pretrain_cache_path(cfg: RunConfig) -> Path:
-    """Where the pre-trained weights for ``cfg`` live."""
+    """Where the pre-trained weights for ``cfg`` live.
+
+    The key covers the dataset (not its partition), the model, the pre-training settings,
+    the seed and, for an algorithm with its own cloud training, its name and the options
+    that shape that training.
+    """
+    algorithm = ALGORITHMS[cfg.algorithm.name]
     dataset = dataclasses.replace(cfg.dataset, partition=None)  # partitions do not touch the proxy
     pretrain = dataclasses.replace(cfg.pretrain, cache_dir="")
-    key = config_hash(dataset, cfg.model, pretrain, {"seed": cfg.seed})
+    training = {"cloud_training": algorithm.name, **algorithm.training_key(cfg)} if algorithm.cloud_training else {}
+    key = config_hash(dataset, cfg.model, pretrain, {"seed": cfg.seed}, training)
     return Path(cfg.pretrain.cache_dir).expanduser() / f"pretrain-{cfg.dataset.name}-{cfg.model.name}-{key}.pt"
 
 
-def pretrained_model(cfg: RunConfig, model: nn.Module, proxy_x: torch.Tensor, proxy_y: torch.Tensor) -> nn.Module:
-    """Load ``model``'s pre-trained weights from the cache, training and caching them if absent."""
+def pretrained_model(cfg: RunConfig, model: nn.Module, proxy_x: torch.Tensor, proxy_y: torch.Tensor, data) -> nn.Module:
+    """Load ``model``'s pre-trained weights from the cache, training and caching them if absent.
+
+    The algorithm's own cloud training runs if it has one (e.g. ECLM 4.3), else plain
+    supervised training on the proxy part.
+    """
     path = pretrain_cache_path(cfg)
     if path.exists():
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         logger.info("pre-trained cloud model loaded from %s", path)
+        return model
+    algorithm = ALGORITHMS[cfg.algorithm.name]
+    if algorithm.cloud_training is not None:
+        algorithm.cloud_training(cfg, model, proxy_x, proxy_y, data)
+        logger.info("%s cloud training: proxy accuracy %.3f", algorithm.name, accuracy(model, proxy_x, proxy_y))
+        _atomic_save(model.state_dict(), path)
         return model
     settings = TrainSettings(
         epochs=cfg.pretrain.epochs,

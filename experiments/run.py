@@ -46,10 +46,18 @@ def write_error_record(run_dir: Path, error: BaseException) -> Path:
 
 
 def preflight(cfg) -> None:
-    """Load the data source and split the fleet now, so bad data settings fail before Ray."""
+    """Load the data, split the fleet and build the network now: bad settings fail before Ray."""
+    from experiments.algorithms import ALGORITHMS
     from experiments.data import build_federated_data
+    from experiments.networks import build_run_model
 
-    build_federated_data(cfg.dataset, cfg.scenario, cfg.fleet.devices, cfg.seed).device(0)
+    data = build_federated_data(cfg.dataset, cfg.scenario, cfg.fleet.devices, cfg.seed)
+    data.device(0)
+    try:
+        model = build_run_model(cfg.model, data.num_classes, data.image_shape[0])
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    ALGORITHMS[cfg.algorithm.name].check_model(model)
 
 
 def _exit_if_sweep_failed() -> None:

@@ -75,8 +75,28 @@ class FleetConfig:
 class ModelConfig:
     """The network the cloud pre-trains and devices adapt."""
 
-    name: str = "cnn"  # registered in models/ (cnn | mlp)
+    name: str = "cnn"  # registered in models/ (cnn | mlp | resnet18 | modular_* | multibranch_*)
     width: int = 16  # channels of the first conv stage / hidden units (cnn: ~24k parameters)
+    # Modular families only (ECLM 4.1-4.2); None keeps the family's default (models/modular_families.py).
+    top_k: int | None = None  # modules active per sample and layer
+    modules_per_layer: int | None = None  # N (paper: 16, or 32 for VGG16/ResNet34)
+    shrink: float | None = None  # inner width of a shrunk module relative to the block
+
+
+@dataclass(frozen=True)
+class EclmOptions:
+    """ECLM's own settings (seed 001 sections 4.3, 5.1, 7.5; ALGORITHMS.md)."""
+
+    load_balance_weight: float = 1e-2  # w of the load-balancing loss (Shazeer et al. 2017; ALGORITHMS.md)
+    ability_epochs: int = 3  # module ability-enhancing fine-tuning epochs (assumption: paper gives none)
+    subtasks: str = "cooccurrence"  # cooccurrence (classes sharing devices, 4.3 step 1) | fixed
+    subtask_size: int = 2  # classes per sub-task (label skew m of Table 1)
+    kappa1: float | None = None  # module load cap; None = ceil(T * kappa2 / N), balanced (models/ability.py)
+    kappa2: int = 2  # modules per sub-task (assumption: equals top-k)
+    kl_weight: float = 1.0  # lambda of CE + lambda * KL(g, g_label) (assumption)
+    size_cap: float = 0.25  # largest sub-model / cloud model bytes (ECLM 7.5: 20 % sub-models lose little)
+    round_budget_s: float = 60.0  # time a round may take on a device, compute and communication
+    local_adjust: bool = True  # devices drop modules under co-running load (ECLM 3, 5.1)
 
 
 @dataclass(frozen=True)
@@ -89,6 +109,7 @@ class AlgorithmConfig:
     batch_size: int = 16  # ECLM 7.1
     optimizer: str = "adam"  # sgd | adam; ECLM does not name it, Adam suits lr 1e-3
     momentum: float = 0.9  # for sgd
+    eclm: EclmOptions = field(default_factory=EclmOptions)
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,9 @@ from flwr.serverapp import Grid, ServerApp
 from experiments.algorithms import ALGORITHMS
 from experiments.config import RunConfig, from_flat, to_dict
 from experiments.data import build_federated_data, to_tensor
+from experiments.networks import build_run_model
 from experiments.pretrain import pretrained_model
 from experiments.results import ProgressLine, ResultsWriter
-from models import build_model
 from models.training import accuracy
 
 logger = logging.getLogger(__name__)
@@ -36,11 +36,11 @@ def run_cloud(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict:
     writer = ResultsWriter(run_dir, to_dict(cfg))
     try:
         data = build_federated_data(cfg.dataset, cfg.scenario, cfg.fleet.devices, cfg.seed)
-        model = build_model(
-            cfg.model.name, num_classes=data.num_classes, width=cfg.model.width, in_channels=data.image_shape[0]
-        )
+        algorithm = ALGORITHMS[cfg.algorithm.name]
+        model = build_run_model(cfg.model, data.num_classes, data.image_shape[0])
+        algorithm.check_model(model)
         proxy_x, proxy_y = data.proxy()
-        model = pretrained_model(cfg, model, to_tensor(proxy_x), torch.as_tensor(proxy_y, dtype=torch.long))
+        model = pretrained_model(cfg, model, to_tensor(proxy_x), torch.as_tensor(proxy_y, dtype=torch.long), data)
         test_x, test_y = data.global_test()
         test_x, test_y = to_tensor(test_x), torch.as_tensor(test_y, dtype=torch.long)
 
@@ -55,7 +55,8 @@ def run_cloud(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict:
             writer.add_round(record)
             progress.update(record)
 
-        strategy = ALGORITHMS[cfg.algorithm.name].strategy(
+        strategy = algorithm.strategy(
+            **algorithm.strategy_args(cfg, model, data),
             per_round=cfg.fleet.per_round,
             seed=cfg.seed,
             expected_devices=cfg.fleet.devices,

@@ -48,13 +48,32 @@ def _validate_training(cfg: RunConfig) -> None:
     _check(algo.batch_size >= 1, "algorithm.batch_size", "must be >= 1", algo.batch_size)
     _check(algo.optimizer in ("adam", "sgd"), "algorithm.optimizer", "must be 'adam' or 'sgd'", algo.optimizer)
     _check(0.0 <= algo.momentum < 1.0, "algorithm.momentum", "must be in [0, 1)", algo.momentum)
+    eclm = algo.eclm
+    _check(eclm.load_balance_weight >= 0, "algorithm.eclm.load_balance_weight", "must be >= 0", eclm.load_balance_weight)
+    _check(eclm.ability_epochs >= 0, "algorithm.eclm.ability_epochs", "must be >= 0", eclm.ability_epochs)
+    subtask_rules = ("cooccurrence", "fixed")
+    _check(eclm.subtasks in subtask_rules, "algorithm.eclm.subtasks", f"must be one of {subtask_rules}", eclm.subtasks)
+    _check(eclm.subtask_size >= 1, "algorithm.eclm.subtask_size", "must be >= 1", eclm.subtask_size)
+    if eclm.kappa1 is not None:
+        _check(eclm.kappa1 > 0, "algorithm.eclm.kappa1", "must be > 0 or null", eclm.kappa1)
+    _check(eclm.kappa2 >= 1, "algorithm.eclm.kappa2", "must be >= 1", eclm.kappa2)
+    _check(eclm.kl_weight >= 0, "algorithm.eclm.kl_weight", "must be >= 0", eclm.kl_weight)
+    _check(0 < eclm.size_cap <= 1, "algorithm.eclm.size_cap", "must be in (0, 1]", eclm.size_cap)
+    _check(eclm.round_budget_s > 0, "algorithm.eclm.round_budget_s", "must be > 0", eclm.round_budget_s)
     pre = cfg.pretrain
     _check(pre.epochs >= 0, "pretrain.epochs", "must be >= 0", pre.epochs)
     _check(pre.lr > 0, "pretrain.lr", "must be > 0", pre.lr)
     _check(pre.batch_size >= 1, "pretrain.batch_size", "must be >= 1", pre.batch_size)
     schedules = ("constant", "onecycle")
     _check(pre.schedule in schedules, "pretrain.schedule", f"must be one of {schedules}", pre.schedule)
-    _check(cfg.model.width >= 1, "model.width", "must be >= 1", cfg.model.width)
+    model = cfg.model
+    _check(model.width >= 1, "model.width", "must be >= 1", model.width)
+    for key in ("top_k", "modules_per_layer"):
+        value = getattr(model, key)
+        if value is not None:
+            _check(value >= 1, f"model.{key}", "must be >= 1 or null", value)
+    if model.shrink is not None:
+        _check(0 < model.shrink <= 1, "model.shrink", "must be in (0, 1] or null", model.shrink)
 
 
 def _validate_data(cfg: RunConfig) -> None:

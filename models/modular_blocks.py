@@ -66,9 +66,7 @@ def vgg_block(c_in: int, c_out: int) -> nn.Sequential:
 
 def mlp_module(in_features: int, hidden: int, out_features: int) -> nn.Sequential:
     """Shrunk two-layer MLP block: Linear to ``hidden`` neurons, ReLU, Linear to ``out_features``, ReLU."""
-    return nn.Sequential(
-        nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, out_features), nn.ReLU()
-    )
+    return nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, out_features), nn.ReLU())
 
 
 class ResidualBypass(nn.Module):

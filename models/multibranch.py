@@ -56,7 +56,8 @@ SUPERNET_STREAM = 0x5B
 #: Batch size of BatchNorm recalibration passes (inference only, no gradients kept).
 RECALIBRATION_BATCH = 64
 
-Path = tuple[int, ...]
+#: A path through the supernet: one branch index per stage.
+BranchPath = tuple[int, ...]
 
 
 # --------------------------------------------------------------------------- specs
@@ -102,7 +103,9 @@ class SupernetSpec:
         channels = self.stem_channels
         for i, stage in enumerate(self.stages):
             if stage.in_channels != channels:
-                raise ValueError(f"stage {i} takes {stage.in_channels} channels but receives {channels}; chain the stages")
+                raise ValueError(
+                    f"stage {i} takes {stage.in_channels} channels but receives {channels}; chain the stages"
+                )
             if stage.stride not in (1, 2):
                 raise ValueError(f"stage {i} stride={stage.stride} must be 1 or 2")
             channels = stage.out_channels
@@ -210,7 +213,8 @@ class MultiBranchNet(nn.Module):
         self.spec = spec
         self.stem = nn.Sequential(conv_bn(spec.in_channels, spec.stem_channels, 3), nn.ReLU(inplace=True))
         self.stages = nn.ModuleList(
-            nn.ModuleList(build_branch(stage, r) for r in branch_ratios(stage, spec.width_ratios)) for stage in spec.stages
+            nn.ModuleList(build_branch(stage, r) for r in branch_ratios(stage, spec.width_ratios))
+            for stage in spec.stages
         )
         self.head = nn.Sequential(
             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(spec.stages[-1].out_channels, spec.num_classes)
@@ -227,15 +231,15 @@ class MultiBranchNet(nn.Module):
         """Shape of one input image ``(channels, side, side)``."""
         return (self.spec.in_channels, self.spec.image_size, self.spec.image_size)
 
-    def largest_path(self) -> Path:
+    def largest_path(self) -> BranchPath:
         """The widest branch everywhere (the full network)."""
         return tuple(0 for _ in self.stages)
 
-    def smallest_path(self) -> Path:
+    def smallest_path(self) -> BranchPath:
         """The cheapest branch everywhere (skip where allowed, else the narrowest)."""
         return tuple(n - 1 for n in self.num_branches)
 
-    def all_paths(self) -> list[Path]:
+    def all_paths(self) -> list[BranchPath]:
         """Every path, in lexicographic order."""
         return list(itertools.product(*(range(n) for n in self.num_branches)))
 
@@ -244,7 +248,7 @@ class MultiBranchNet(nn.Module):
         ratio = branch_ratios(self.spec.stages[stage], self.spec.width_ratios)[branch]
         return "skip" if ratio is None else f"x{ratio:g}"
 
-    def check_path(self, path) -> Path:
+    def check_path(self, path) -> BranchPath:
         """``path`` as a tuple of ints; ValueError if its length or an index is out of range."""
         path = tuple(int(b) for b in path)
         if len(path) != len(self.stages):
@@ -291,7 +295,7 @@ class MultiBranchNet(nn.Module):
 
     def paths_within(
         self, batch_size: int, max_train_memory_bytes: float, max_flops_per_sample: float = math.inf
-    ) -> list[Path]:
+    ) -> list[BranchPath]:
         """Paths whose training memory and training FLOPs per sample fit the limits."""
         return [
             path for path in self.all_paths()
@@ -299,7 +303,7 @@ class MultiBranchNet(nn.Module):
             and cost.flops_per_sample <= max_flops_per_sample
         ]
 
-    def _parts(self, path: Path, batch_size: int) -> list[_ComponentCost]:
+    def _parts(self, path: BranchPath, batch_size: int) -> list[_ComponentCost]:
         stem, stages, head = _component_costs(self.spec, int(batch_size))
         return [stem, *(stages[s][b] for s, b in enumerate(path)), head]
 
@@ -352,7 +356,7 @@ def _forward_flops_per_sample(module: nn.Module, input_shape: tuple[int, ...]) -
 # --------------------------------------------------------------------------- training
 def sandwich_paths(
     model: MultiBranchNet, rng: np.random.Generator, random_paths: int = SANDWICH_RANDOM_PATHS, sandwich: bool = True
-) -> list[Path]:
+) -> list[BranchPath]:
     """Paths of one training step: largest and smallest (if ``sandwich``), then random ones."""
     if random_paths < 0 or (random_paths == 0 and not sandwich):
         raise ValueError(f"random_paths={random_paths} with sandwich={sandwich} trains no path; use random_paths >= 1")
@@ -386,7 +390,9 @@ def train_supernet(
         without data or epochs.
     """
     if not isinstance(model, MultiBranchNet):
-        raise ValueError(f"train_supernet needs a MultiBranchNet, got {type(model).__name__}; use model.name=multibranch_*")
+        raise ValueError(
+            f"train_supernet needs a MultiBranchNet, got {type(model).__name__}; use model.name=multibranch_*"
+        )
     if len(x) != len(y):
         raise ValueError(f"x has {len(x)} samples but y has {len(y)}; pass matching tensors")
     if len(x) == 0 or settings.epochs <= 0:

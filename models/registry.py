@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 from torch import nn
@@ -28,7 +29,7 @@ def model_names() -> tuple[str, ...]:
     return tuple(sorted(_REGISTRY))
 
 
-def build_model(name: str, *, num_classes: int, width: int, in_channels: int = 3) -> nn.Module:
+def build_model(name: str, *, num_classes: int, width: int, in_channels: int = 3, **options) -> nn.Module:
     """Build the registered network ``name``.
 
     Parameters
@@ -41,11 +42,21 @@ def build_model(name: str, *, num_classes: int, width: int, in_channels: int = 3
         The family's width knob (channels of the first stage, or hidden units).
     in_channels : int
         Channels of the input images.
+    **options
+        Family-specific knobs (e.g. a modular family's ``k``); a family that does not take
+        one raises ValueError naming it.
     """
     _import_builtin_models()
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(_REGISTRY)}")
-    return _REGISTRY[name](num_classes=num_classes, width=width, in_channels=in_channels)
+    factory = _REGISTRY[name]
+    if options:
+        accepted = inspect.signature(factory).parameters
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+        unknown = sorted(k for k in options if k not in accepted and not takes_any)
+        if unknown:
+            raise ValueError(f"model {name!r} does not take the option(s) {unknown}; unset them for this model")
+    return factory(num_classes=num_classes, width=width, in_channels=in_channels, **options)
 
 
 def _import_builtin_models() -> None:

@@ -24,6 +24,7 @@ surgery always has exactly the shapes :func:`extract` cuts.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -133,12 +134,33 @@ class SubModelUpdate:
         Its window offset (0 for HeteroFL's prefix).
     weight : float
         Its weight in the covering average (1 in HeteroFL's reference code).
+    num_examples : float
+        Samples its BN statistics were measured on (their weight in :func:`pooled_bn_statistics`).
     """
 
     arrays: Mapping[str, np.ndarray]
     rate: float
     offset: int = 0
     weight: float = 1.0
+    num_examples: float = 1.0
+
+
+def _covered_mean(
+    value: np.ndarray, axes: Sequence[int], key: str, parts: Sequence[tuple[np.ndarray, float, int, float]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted mean over the ``(array, rate, offset, weight)`` parts covering each element, and the covered mask."""
+    total, count = np.zeros(value.shape), np.zeros(value.shape)
+    for part, rate, offset, weight in parts:
+        if not weight > 0:
+            raise ValueError(f"{key}: covering weights must be > 0, got {weight}")
+        index = _index(value.shape, axes, rate, offset)
+        part = np.asarray(part, dtype=np.float64)
+        if part.shape != total[index].shape:
+            raise ValueError(f"{key}: update at rate {rate} has shape {part.shape}, expected {total[index].shape}")
+        total[index] += weight * part
+        count[index] += weight
+    covered = count > 0
+    return np.where(covered, total / np.where(covered, count, 1.0), 0.0), covered
 
 
 def covering_average(state: Mapping[str, np.ndarray], updates: Sequence[SubModelUpdate]) -> dict[str, np.ndarray]:
@@ -149,26 +171,50 @@ def covering_average(state: Mapping[str, np.ndarray], updates: Sequence[SubModel
     their value in ``state``. Integer tensors are rounded; every dtype is kept.
     """
     axes = channel_axes({k: np.shape(v) for k, v in state.items()})
-    for u in updates:
-        if not u.weight > 0:
-            raise ValueError(f"covering_average weights must be > 0, got {u.weight}")
     out = {}
     for key, value in state.items():
         value = np.asarray(value)
-        total, count = np.zeros(value.shape), np.zeros(value.shape)
-        for u in updates:
-            index = _index(value.shape, axes[key], u.rate, u.offset)
-            part = np.asarray(u.arrays[key], dtype=np.float64)
-            if part.shape != total[index].shape:
-                raise ValueError(
-                    f"{key}: update at rate {u.rate} has shape {part.shape}, expected {total[index].shape}"
-                )
-            total[index] += u.weight * part
-            count[index] += u.weight
-        merged = np.where(count > 0, total / np.where(count > 0, count, 1.0), value)
+        parts = [(u.arrays[key], u.rate, u.offset, u.weight) for u in updates]
+        mean, covered = _covered_mean(value, axes[key], key, parts)
+        merged = np.where(covered, mean, value)
         if np.issubdtype(value.dtype, np.integer):
             merged = np.rint(merged)
-        out[key] = merged.astype(value.dtype)
+        out[key] = np.asarray(merged, dtype=value.dtype)
+    return out
+
+
+#: Buffer names of torch BatchNorm's running statistics (``torch.nn.modules.batchnorm._NormBase``).
+RUNNING_MEAN, RUNNING_VAR = "running_mean", "running_var"
+
+
+def pooled_bn_statistics(state: Mapping[str, np.ndarray], updates: Sequence[SubModelUpdate]) -> dict[str, np.ndarray]:
+    """BN running statistics of the pooled data of the updates that cover each channel.
+
+    With ``n_k`` samples, means ``mu_k`` and variances ``var_k`` (each device's static BN):
+    ``mu = sum n_k mu_k / N`` and ``var = sum n_k (var_k + mu_k^2) / N - mu^2`` (law of total
+    variance): the statistics static BN would measure on the union of the devices' data
+    for that layer's inputs (HeteroFL sec. 3.2 accumulates them over clients). Averaging
+    variances alone would miss the spread between devices' means. Channels nobody covered
+    keep ``state``'s statistics. Returns only the ``running_mean``/``running_var`` keys.
+    """
+    axes = channel_axes({k: np.shape(v) for k, v in state.items()})
+    out = {}
+    for key in state:
+        prefix = key[: -len(RUNNING_MEAN)]
+        var_key = prefix + RUNNING_VAR
+        if not key.endswith("." + RUNNING_MEAN) or var_key not in state:
+            continue
+        old_mean, old_var = np.asarray(state[key]), np.asarray(state[var_key])
+        means = [(u.arrays[key], u.rate, u.offset, u.num_examples) for u in updates]
+        moments = [
+            (np.asarray(u.arrays[var_key], np.float64) + np.square(np.asarray(u.arrays[key], np.float64)), r, o, n)
+            for u, (_, r, o, n) in zip(updates, means)
+        ]
+        mean, covered = _covered_mean(old_mean, axes[key], key, means)
+        second, _ = _covered_mean(old_var, axes[var_key], var_key, moments)
+        var = np.maximum(second - np.square(mean), 0.0)
+        out[key] = np.where(covered, mean, old_mean).astype(old_mean.dtype)
+        out[var_key] = np.where(covered, var, old_var).astype(old_var.dtype)
     return out
 
 
@@ -247,6 +293,15 @@ def scaled_model(full_model_factory: ModelFactory, rate: float) -> nn.Module:
             setattr(model.get_submodule(parent) if parent else model, child, new)
     use_batch_statistics(model)
     return model
+
+
+def check_width_scalable(model: nn.Module, rate: float = WIDTH_RATES[-1]) -> None:
+    """Raise ValueError (naming the layer) if ``model`` cannot be cut to width ``rate``.
+
+    Works on a deep copy (the model is left untouched): derives the channel plan and
+    rebuilds every layer, as a device would.
+    """
+    scaled_model(lambda: copy.deepcopy(model), rate)
 
 
 # --------------------------------------------------------------------------- static BN

@@ -31,7 +31,7 @@ def test_dataclass_defaults_equal_the_hydra_tree():
 
 def test_pyproject_flower_config_is_the_flat_hydra_default():
     table = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    assert table == to_flat(from_hydra(_hydra()))
+    assert table == to_flat(from_hydra(_hydra())), "run: python -m experiments.flwr_toml"
 
 
 def test_flat_and_nested_doors_agree():

@@ -1,0 +1,186 @@
+"""ECLM's edge (seed 001 sections 3, 5.1): profile module importance, train the sub-model.
+
+Two messages a round: a profiling query carrying the unified module selector, answered
+with each module's importance on local data (mean gate, ECLM 5.1); then a train message
+carrying exactly this device's sub-model. Before training, a device whose co-running apps
+slow it down drops its least important modules until the sub-model fits its current
+compute budget (ECLM 3/5.1: devices adjust their module set locally).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord
+
+from clients.base import ClientHandler, MalformedMessage, content_reply, derive_seed, round_of
+from models.knapsack import InfeasibleBudget, Selection, fit_to_load
+from models.modular import ModularNet, parse_module_id
+from models.training import accuracy, train_epochs
+
+#: Samples per forward pass while profiling importance (memory bound, not a tuning knob).
+PROFILE_BATCH = 256
+
+
+_CATALOGS: dict[tuple[str, int], tuple[dict, tuple, dict]] = {}
+
+
+def catalog_of(model: ModularNet, batch_size: int) -> tuple[dict, tuple, dict]:
+    """(costs by module id, shared cost, layer by module id) of ``model``'s architecture.
+
+    Measured once per process and architecture (ECLM 5.1: costs are known in advance).
+    """
+    key = (repr(sorted(model.config.items())), batch_size)
+    if key not in _CATALOGS:
+        costs = {mid: c.as_tuple() for mid, c in model.module_costs(batch_size).items()}
+        layer_of = {mid: parse_module_id(mid)[0] for mid in costs}
+        _CATALOGS[key] = (costs, model.shared_cost(batch_size).as_tuple(), layer_of)
+    return _CATALOGS[key]
+
+
+class ECLMClient(ClientHandler):
+    """ECLM's device: importance profiling, local module adjustment, sub-model training.
+
+    Reads from ``device.options``: ``load_balance_weight`` (the load-balancing term of
+    local training), ``round_budget_s`` (time a round may take), ``local_adjust`` (drop
+    modules under load).
+    """
+
+    # ------------------------------------------------------------------ profiling
+    def query(self, msg: Message, context: Context) -> Message:
+        """Discovery (no selector) or ECLM profiling (selector present)."""
+        selector = msg.content.array_records.get("selector")
+        if selector is None:
+            return super().query(msg, context)
+        server_round = round_of(msg)
+        model = self._full_model()
+        state = {k.removeprefix("selector."): v for k, v in selector.to_torch_state_dict().items()}
+        try:
+            model.selector.load_state_dict(state, strict=True)
+        except (RuntimeError, KeyError) as exc:
+            raise MalformedMessage(f"selector does not fit the device's model: {exc}") from exc
+        data = self.device.data(self.device.slot_of_round(server_round))
+        importance = self.importance(model, data.train_x)
+        metrics = {"num_examples": len(data.train_y), "partition_id": self.device.partition_id}
+        reply = content_reply(msg, metrics)
+        reply.content["importance"] = MetricRecord(importance)
+        return reply
+
+    @staticmethod
+    @torch.no_grad()
+    def importance(model: ModularNet, x: torch.Tensor) -> dict[str, float]:
+        """ECLM 5.1: ``Importance(i | D_k) = mean_j g(x_j)_i`` over the device's samples."""
+        model.eval()
+        sums = [torch.zeros(n) for n in model.layer_sizes()]
+        for start in range(0, len(x), PROFILE_BATCH):
+            for layer, probs in enumerate(model.gate_probs(x[start : start + PROFILE_BATCH])):
+                sums[layer] += probs.sum(dim=0)
+        count = max(len(x), 1)
+        return {f"l{l}.m{i}": float(s[i]) / count for l, s in enumerate(sums) for i in range(len(s))}
+
+    # ------------------------------------------------------------------ training
+    def train(self, msg: Message, context: Context) -> Message:
+        """Rebuild the sub-model, adjust it to the current load, train, reply its arrays."""
+        server_round = round_of(msg)
+        device, options = self.device, self.device.options
+        ids = self._module_ids(msg)
+        model = self._full_model().extract(ids)
+        arrays = msg.content.array_records.get("arrays")
+        if arrays is None:
+            raise MalformedMessage("message has no array record 'arrays'")
+        try:
+            model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+        except (RuntimeError, KeyError) as exc:
+            raise MalformedMessage(f"arrays do not fit the sub-model {','.join(ids)}: {exc}") from exc
+        data = device.data(device.slot_of_round(server_round))
+        kept = self._adjust(model, ids, len(data.train_y), server_round) if options.get("local_adjust", True) else ids
+        if kept != ids:
+            model = model.extract(kept)
+        model.reseed_noise(derive_seed(device.seed, device.partition_id, server_round))
+        weight = float(options.get("load_balance_weight", 0.0))
+        loss = train_epochs(
+            model, data.train_x, data.train_y, device.train,
+            seed=derive_seed(device.seed, device.partition_id, server_round),
+            extra_loss=(lambda m: m.last_routing.load_balance_loss) if weight > 0 else None,
+        )
+        samples = len(data.train_y) * device.train.epochs
+        flops = self._flops_per_sample(model)
+        metrics = {
+            "num_examples": len(data.train_y),
+            "accuracy": accuracy(model, data.test_x, data.test_y),
+            "train_loss": loss,
+            "modules": len(kept),
+            "modules_dropped": len(ids) - len(kept),
+            "submodel_bytes": sum(t.numel() * t.element_size() for t in model.state_dict().values()),
+            "train_memory_bytes": self._memory(kept),
+            "compute_time_s": self.compute_time_s(samples, server_round) * flops / device.flops_per_sample,
+            "load_factor": device.load_factor(server_round),
+            "partition_id": device.partition_id,
+        }
+        state = {k: v for k, v in model.state_dict().items() if not k.endswith(".active")}
+        return content_reply(msg, metrics, arrays=ArrayRecord(state))
+
+    # ------------------------------------------------------------------ helpers
+    def _full_model(self) -> ModularNet:
+        model = self.device.build_model()
+        if not isinstance(model, ModularNet):
+            raise MalformedMessage("ECLM needs a modular network (model.name=modular_*)")
+        model.balance_weight = float(self.device.options.get("load_balance_weight", model.balance_weight))
+        return model
+
+    def _module_ids(self, msg: Message) -> tuple[str, ...]:
+        config = msg.content.config_records.get("config")
+        raw = "" if config is None else config.get("modules", "")
+        if not isinstance(raw, str) or not raw:
+            raise MalformedMessage("config 'modules' must list the sub-model's module ids")
+        return tuple(raw.split(","))
+
+    def _costs(self) -> tuple[dict, tuple, dict]:
+        return catalog_of(self._full_model(), self.device.train.batch_size)
+
+    def _flops_per_sample(self, model: ModularNet) -> float:
+        """Training FLOPs per sample of a sub-model: shared parts + k active modules per layer
+        (each at the mean cost of the layer's held modules; top-k routing runs only k)."""
+        costs, shared, _ = self._costs()
+        total = shared[1]
+        for layer_index, layer in enumerate(model.layers):
+            held = [costs[f"l{layer_index}.m{i}"][1] for i in layer.held()]
+            if held:
+                total += min(layer.k, len(held)) * sum(held) / len(held)
+        return total
+
+    def _memory(self, ids) -> float:
+        costs, shared, _ = self._costs()
+        return shared[2] + sum(costs[mid][2] for mid in ids)
+
+    def _adjust(self, model: ModularNet, ids: tuple[str, ...], samples: int, server_round: int) -> tuple[str, ...]:
+        """Drop the least important modules until the sub-model's compute fits this round's load."""
+        costs, shared, layer_of = self._costs()
+        load = self.device.load_factor(server_round)
+        epochs = max(self.device.train.epochs, 1)
+        seconds = float(self.device.options.get("round_budget_s", float("inf")))
+        comp = seconds * float(self.device.budget["flops_per_s"]) / load / max(samples * epochs, 1)
+        budget = (float("inf"), comp, float(self.device.budget["memory_bytes"]))
+        importance = self._local_importance(model, ids, samples, server_round)
+        chosen = {mid: costs[mid] for mid in ids}
+        selection = Selection(ids=tuple(ids), forced=self._forced(importance, layer_of), importance=0.0, cost=None)
+        try:
+            fitted = fit_to_load(selection, importance, layer_of, chosen, shared, budget)
+        except InfeasibleBudget:
+            return ids  # even the forced set is over: train what the cloud chose (counted as slow)
+        return tuple(fitted.ids)
+
+    def _local_importance(self, model, ids, samples, server_round) -> Mapping[str, float]:
+        data = self.device.data(self.device.slot_of_round(server_round))
+        scores = self.importance(model, data.train_x)
+        return {mid: scores[mid] for mid in ids}
+
+    @staticmethod
+    def _forced(importance: Mapping[str, float], layer_of: Mapping[str, int]) -> tuple[str, ...]:
+        best: dict[int, str] = {}
+        for mid, value in sorted(importance.items()):
+            layer = layer_of[mid]
+            if layer not in best or value > importance[best[layer]]:
+                best[layer] = mid
+        return tuple(sorted(best.values()))

@@ -1,0 +1,137 @@
+"""Edge handler of HeteroFL (Diao et al. 2021) and FedRolex (Alam et al. 2022).
+
+The device rebuilds the sub-model skeleton at the rate the cloud chose, loads the cut
+arrays, trains with batch-statistics BN and HeteroFL's scaler, recomputes static BN on
+its training data (sBN, HeteroFL sec. 3.2), evaluates on its local test data and sends
+the trained sub-model (parameters and sBN statistics) back. At discovery it also reports
+what each width rate would cost it, so the cloud can pick the widest rate that fits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from flwr.app import ArrayRecord, Context, Message
+from torch import nn
+
+from clients.base import ClientHandler, DeviceTensors, MalformedMessage, content_reply, derive_seed, round_of
+from models.clock import compute_time_s
+from models.training import accuracy, train_epochs
+from models.width import WIDTH_RATES, RateCost, check_rate, costs_to_record, rate_costs, scaled_model, static_batch_norm
+
+#: Costs already measured in this process, keyed by (network signature, input shape, batch size, rate):
+#: an actor serving many devices of the same run measures each rate once.
+_COST_CACHE: dict[tuple, RateCost] = {}
+
+
+def width_config(msg: Message) -> tuple[float, int]:
+    """The ``rate`` (required) and ``offset`` (default 0) of a message's config record."""
+    config = msg.content.config_records.get("config")
+    if config is None or "rate" not in config:
+        raise MalformedMessage("config has no 'rate'; HeteroFL messages carry the sub-model's width rate")
+    try:
+        rate = check_rate(config["rate"])
+    except ValueError as exc:
+        raise MalformedMessage(str(exc)) from exc
+    offset = config.get("offset", 0)
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise MalformedMessage(f"config 'offset' must be a non-negative int, got {offset!r}")
+    return rate, offset
+
+
+class HeteroFLClient(ClientHandler):
+    """Train the width-scaled sub-model the cloud sent (HeteroFL; FedRolex sends a rolled window).
+
+    The reply's ``accuracy`` is the trained sub-model's, with static BN recomputed on the
+    device's training data, on its held-out local test data.
+    """
+
+    # ---------------------------------------------------------------- entry points
+    def query(self, msg: Message, context: Context) -> Message:
+        """The base report plus, in the budget, each rate's training memory, FLOPs and bytes."""
+        reply = super().query(msg, context)
+        device = self.device
+        data = device.data(0)
+        costs = self.costs(WIDTH_RATES, input_shape_of(data))
+        samples = device.num_examples(0) * device.train.epochs
+        reply.content["budget"].update(costs_to_record(costs, samples))
+        return reply
+
+    def train(self, msg: Message, context: Context) -> Message:
+        """Train the sub-model, recompute static BN, evaluate; reply with its arrays and metrics."""
+        server_round = round_of(msg)
+        rate, offset = width_config(msg)
+        device = self.device
+        model = self.sub_model(msg, rate)
+        data = device.data(device.slot_of_round(server_round))
+        loss = train_epochs(
+            model, data.train_x, data.train_y, device.train,
+            seed=derive_seed(device.seed, device.partition_id, server_round),
+        )
+        self.prepare_for_evaluation(model, data.train_x)
+        samples = len(data.train_y) * device.train.epochs
+        flops = self.costs((rate,), input_shape_of(data))[rate].flops_per_sample * samples
+        metrics = {
+            "num_examples": len(data.train_y),
+            "num_test_examples": len(data.test_y),
+            "accuracy": accuracy(model, data.test_x, data.test_y),
+            "train_loss": loss,
+            "samples_trained": samples,
+            "compute_time_s": compute_time_s(flops, float(device.budget["flops_per_s"]), device.load_factor(server_round)),
+            "load_factor": device.load_factor(server_round),
+            "rate": rate,
+            "offset": offset,
+            "partition_id": device.partition_id,
+        }
+        return content_reply(msg, metrics, arrays=ArrayRecord(model.state_dict()))
+
+    def evaluate(self, msg: Message, context: Context) -> Message:
+        """Accuracy of the received sub-model (sBN on local training data) on local test data."""
+        server_round = round_of(msg)
+        rate, _ = width_config(msg)
+        model = self.sub_model(msg, rate)
+        data = self.device.data(self.device.slot_of_round(server_round))
+        self.prepare_for_evaluation(model, data.train_x)
+        metrics = {
+            "num_examples": len(data.test_y),
+            "accuracy": accuracy(model, data.test_x, data.test_y),
+            "rate": rate,
+            "partition_id": self.device.partition_id,
+        }
+        return content_reply(msg, metrics)
+
+    # ---------------------------------------------------------------- helpers
+    def sub_model(self, msg: Message, rate: float) -> nn.Module:
+        """The sub-model skeleton at ``rate`` loaded with the message's ``arrays``."""
+        arrays = msg.content.array_records.get("arrays")
+        if arrays is None:
+            raise MalformedMessage("message has no array record 'arrays'")
+        model = scaled_model(self.device.build_model, rate)
+        try:
+            model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise MalformedMessage(f"arrays do not fit the sub-model at rate {rate}: {exc}") from exc
+        return model
+
+    def prepare_for_evaluation(self, model: nn.Module, train_x) -> None:
+        """Static BN on the training data; without data the received statistics stay."""
+        if len(train_x) > 0:
+            static_batch_norm(model, train_x, self.device.train.batch_size)
+        model.eval()
+
+    def costs(self, rates: Sequence[float], input_shape: tuple[int, ...]) -> dict[float, RateCost]:
+        """Training memory, FLOPs per sample and bytes of the sub-model at each rate (cached)."""
+        batch_size = self.device.train.batch_size
+        full = self.device.build_model()
+        base = (tuple((k, tuple(v.shape)) for k, v in full.state_dict().items()), input_shape, batch_size)
+        missing = [float(r) for r in rates if (*base, float(r)) not in _COST_CACHE]
+        if missing:
+            for rate, cost in rate_costs(self.device.build_model, input_shape, batch_size, missing).items():
+                _COST_CACHE[(*base, rate)] = cost
+        return {float(r): _COST_CACHE[(*base, float(r))] for r in rates}
+
+
+def input_shape_of(data: DeviceTensors) -> tuple[int, ...]:
+    """Shape of one input sample of the device's data (training set, else test set)."""
+    x = data.train_x if len(data.train_x) else data.test_x
+    return tuple(int(n) for n in x.shape[1:])

@@ -1,0 +1,101 @@
+"""ECLM's cloud training (seed 001 section 4.3): end-to-end, then module ability-enhancing.
+
+1. End-to-end: ``CE + lambda * LoadBalance`` with noisy top-k routing.
+2. Ability-enhancing (Fig. 5): sub-tasks (classes that co-occur on devices); per module
+   layer the load matrix ``H`` (sub-task x module routing mass of the clean gates), the LP
+   mask ``M`` (load cap kappa1, modules per sub-task kappa2), targets ``P = H * M`` row-
+   normalised; then fine-tuning with ``CE + lambda * KL(g, g_label)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from models.ability import ability_loss, load_matrix, solve_mask, subtask_of_class, target_gates
+from models.modular import ModularNet
+from models.training import TrainSettings, make_optimizer, make_scheduler, train_epochs
+
+#: Samples per forward pass when measuring routing mass (memory bound only).
+ROUTING_BATCH = 512
+
+
+@dataclass(frozen=True)
+class AbilitySettings:
+    """Module ability-enhancing settings (ECLM 4.3; defaults in the run config)."""
+
+    epochs: int
+    kappa1: float | None
+    kappa2: int
+    kl_weight: float
+
+
+def train_end_to_end(model: ModularNet, x: torch.Tensor, y: torch.Tensor, settings: TrainSettings, seed: int) -> float:
+    """ECLM 4.3 vanilla end-to-end training: CE + the model's load-balancing term."""
+    model.reseed_noise(seed)
+    return train_epochs(model, x, y, settings, seed, extra_loss=lambda m: m.last_routing.load_balance_loss)
+
+
+@torch.no_grad()
+def routing_targets(
+    model: ModularNet, x: torch.Tensor, subtask: np.ndarray, num_subtasks: int, ability: AbilitySettings
+) -> list[torch.Tensor]:
+    """Per layer, each sub-task's target gate row ``g_label`` (T, N_l) from H and the LP mask."""
+    model.eval()
+    per_layer: list[list[torch.Tensor]] = [[] for _ in model.layers]
+    for start in range(0, len(x), ROUTING_BATCH):
+        for layer, probs in enumerate(model.gate_probs(x[start : start + ROUTING_BATCH])):
+            per_layer[layer].append(probs)
+    targets = []
+    for chunks in per_layer:
+        H = load_matrix(torch.cat(chunks).numpy(), subtask, num_subtasks)
+        M = solve_mask(H, kappa1=ability.kappa1, kappa2=ability.kappa2)
+        targets.append(torch.as_tensor(target_gates(H, M, kappa2=ability.kappa2), dtype=torch.float32))
+    return targets
+
+
+def train_ability(
+    model: ModularNet,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    subtasks: Sequence[Sequence[int]],
+    num_classes: int,
+    settings: TrainSettings,
+    ability: AbilitySettings,
+    seed: int,
+) -> float:
+    """ECLM 4.3 module ability-enhancing fine-tuning; returns the last epoch's mean loss."""
+    subtask_of = subtask_of_class(subtasks, num_classes)
+    sample_subtask = subtask_of[y.numpy()]
+    targets = routing_targets(model, x, sample_subtask, len(subtasks), ability)
+    sample_subtask = torch.as_tensor(sample_subtask)
+    generator = torch.Generator().manual_seed(int(seed))
+    optimizer = make_optimizer(model.parameters(), settings)
+    steps = ability.epochs * -(-len(x) // settings.batch_size)
+    scheduler = make_scheduler(optimizer, settings, steps)
+    model.train()
+    model.reseed_noise(seed)
+    last = float("nan")
+    for _ in range(ability.epochs):
+        order = torch.randperm(len(x), generator=generator)
+        total = 0.0
+        for start in range(0, len(x), settings.batch_size):
+            idx = order[start : start + settings.batch_size]
+            if len(idx) < 2:
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            logits = model(x[idx])
+            probs = model.gate_probs(x[idx])
+            wanted = [t[sample_subtask[idx]] for t in targets]
+            loss = ability_loss(logits, y[idx], probs, wanted, ability.kl_weight)
+            loss = loss + model.last_routing.load_balance_loss
+            loss.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            total += float(loss.detach()) * len(idx)
+        last = total / max(len(x), 1)
+    return last

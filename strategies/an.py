@@ -1,0 +1,78 @@
+"""AN, AdaptiveNet (Wen et al., MobiCom 2023) as an ECLM 7.1 baseline: the cloud only ships the supernet.
+
+The cloud pre-trains a multi-branch supernet (``models.multibranch.train_supernet``) and
+sends it, unchanged, to every cohort device; each device picks and fine-tunes its own path
+(``clients/an.py``). Nothing is aggregated, like LA (``strategies/local.py``).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from flwr.app import MessageType, RecordDict
+
+from strategies.base import EdgeCloudStrategy, EvaluateFn, RoundSink
+
+#: Config key of the per-round compute allowance the devices read (``clients/an.py``).
+COMPUTE_BUDGET_KEY = "compute_budget_s"
+
+
+class AdaptiveNet(EdgeCloudStrategy):
+    """Every cohort device gets the pre-trained supernet; the round reports mean metrics and chosen paths.
+
+    Parameters
+    ----------
+    per_round, seed, expected_devices, round_timeout_s, deadline_s, evaluate_fn, on_round
+        As in :class:`strategies.base.EdgeCloudStrategy`.
+    compute_budget_s : float or None
+        Seconds of on-device compute a device may spend per round, sent in every train
+        message. ``None`` (default) sends the run's ``deadline_s`` instead, so devices pick
+        paths that finish before the cloud drops them; with no deadline either, nothing is
+        sent and the devices' own default applies.
+    """
+
+    def __init__(
+        self,
+        *,
+        per_round: int,
+        seed: int,
+        expected_devices: int,
+        round_timeout_s: float = 300.0,
+        deadline_s: float | None = None,
+        evaluate_fn: EvaluateFn | None = None,
+        on_round: RoundSink | None = None,
+        compute_budget_s: float | None = None,
+    ) -> None:
+        super().__init__(
+            per_round=per_round,
+            seed=seed,
+            expected_devices=expected_devices,
+            round_timeout_s=round_timeout_s,
+            deadline_s=deadline_s,
+            evaluate_fn=evaluate_fn,
+            on_round=on_round,
+        )
+        if compute_budget_s is not None and not compute_budget_s >= 0:
+            raise ValueError(f"compute_budget_s={compute_budget_s} must be >= 0, or None to use deadline_s")
+        self.compute_budget_s = compute_budget_s
+
+    def allowance_s(self) -> float | None:
+        """The compute allowance sent to devices: ``compute_budget_s``, else ``deadline_s``."""
+        return self.compute_budget_s if self.compute_budget_s is not None else self.deadline_s
+
+    def configure_train(self, server_round, arrays, config, grid):
+        """Every cohort device gets the (unchanged) supernet and the compute allowance."""
+        allowance = self.allowance_s()
+        extra = {} if allowance is None else {COMPUTE_BUDGET_KEY: float(allowance)}
+        content = RecordDict({"arrays": arrays, "config": self.round_config(server_round, **extra)})
+        return self.messages_for(server_round, MessageType.TRAIN, lambda pid: content)
+
+    def aggregate_train(self, server_round, replies):
+        """No aggregation: keep the supernet; average the metrics and count the chosen paths."""
+        replies = list(replies)
+        metrics = self.mean_metrics(replies)
+        if not metrics:
+            return None, None
+        labels = [r.content["path"]["label"] for r in replies if "path" in r.content.config_records]
+        metrics["paths"] = dict(sorted(Counter(labels).items()))
+        return None, metrics

@@ -1,0 +1,250 @@
+"""HeteroFL (Diao et al., ICLR 2021) and FedRolex (Alam et al., NeurIPS 2022) on the edge-cloud base.
+
+Each cohort device gets the width-scaled sub-model of the cloud model at the widest rate
+of ``rates`` its reported budget can train in a round (:func:`select_rate`); the cloud
+averages every element over the devices whose sub-model covered it
+(:func:`models.width.covering_average`); elements nobody covered keep their value.
+HeteroFL keeps the channel prefix (sec. 3.1); FedRolex rolls the window by one channel
+per round (sec. 3, "rolling sub-model extraction").
+
+What the round's numbers mean
+-----------------------------
+* ``accuracy``: example-weighted mean over the devices of their trained sub-model's
+  accuracy on local test data, with static BN recomputed on local training data (sBN,
+  HeteroFL sec. 3.2). There is no separate evaluation phase.
+* ``global_accuracy`` (the server's ``evaluate_fn``): the full model (rate 1) on the global
+  test set, in eval mode with the BN running statistics held in the cloud arrays. The
+  cloud has no training data, so it cannot recompute sBN itself (HeteroFL's reference code
+  does that on the server's copy of the training set; the paper's protocol queries the
+  clients). Here the devices' sBN statistics travel in the training replies and are
+  averaged per element like the weights; statistics of channels nobody covered stay those
+  of the previous round (at first, of the cloud's pre-training). For channels covered only
+  by narrower sub-models these statistics were measured in the narrower network, an
+  approximation of the full model's: treat ``global_accuracy`` as indicative, and
+  ``accuracy`` as HeteroFL's per-device result.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, MessageType, RecordDict
+
+from models.clock import comm_time_s, compute_time_s
+from models.width import (
+    WIDTH_RATES,
+    RateCost,
+    SubModelUpdate,
+    costs_from_record,
+    covering_average,
+    extract,
+    pooled_bn_statistics,
+    sub_shapes,
+)
+from strategies.aggregate import has_non_finite, same_layout
+from strategies.base import EdgeCloudStrategy
+
+#: Default round budget when neither ``round_budget_s`` nor ``deadline_s`` is given: the time
+#: this quantile of the fleet needs to train the full model, so about the faster half trains it
+#: and slower devices get narrower ones. ASSUMPTION: HeteroFL assigns levels by a preset mix of
+#: client capabilities (sec. 4, e.g. "a1-b1-c1-d1-e1": 20 % each), not by measured budgets.
+DEFAULT_BUDGET_QUANTILE = 0.5
+
+
+def rate_time_s(cost: RateCost, samples_per_round: float, budget: Mapping[str, float | str]) -> tuple[float, float]:
+    """(compute, communication) seconds of one round at a rate, at the device's nominal speed.
+
+    compute = FLOPs/sample x samples x epochs / flops_per_s; communication = sub-model bytes
+    down / downlink_bps + up / uplink_bps (the platform's virtual clock, ``models/clock.py``).
+    """
+    compute = compute_time_s(cost.flops_per_sample * samples_per_round, float(budget["flops_per_s"]))
+    comm = comm_time_s(cost.model_bytes, cost.model_bytes, float(budget["uplink_bps"]), float(budget["downlink_bps"]))
+    return compute, comm
+
+
+def select_rate(
+    budget: Mapping[str, float | str],
+    costs: Mapping[float, RateCost],
+    samples_per_round: float,
+    round_budget_s: float,
+    rates: Sequence[float] = WIDTH_RATES,
+) -> tuple[float | None, str]:
+    """The largest rate whose sub-model fits the device's budget, or (None, why not).
+
+    A rate fits when its training memory at the run's batch size is within
+    ``memory_bytes``, its compute time is within ``round_budget_s`` and its communication
+    time is within ``round_budget_s`` (each checked on its own, as ECLM's knapsack budget
+    in ``strategies/eclm.py`` does).
+    """
+    reason = "no rate given"
+    for rate in sorted(rates, reverse=True):
+        cost = costs[float(rate)]
+        compute, comm = rate_time_s(cost, samples_per_round, budget)
+        if cost.memory_bytes > float(budget["memory_bytes"]):
+            reason = f"rate {rate:g} needs {cost.memory_bytes:.3g} B of memory > {float(budget['memory_bytes']):.3g} B"
+        elif compute > round_budget_s:
+            reason = f"rate {rate:g} needs {compute:.3g} s of compute > round budget {round_budget_s:.3g} s"
+        elif comm > round_budget_s:
+            reason = f"rate {rate:g} needs {comm:.3g} s of transfer > round budget {round_budget_s:.3g} s"
+        else:
+            return float(rate), ""
+    return None, f"no width rate fits: {reason}"
+
+
+class HeteroFL(EdgeCloudStrategy):
+    """HeteroFL's cloud: per-device width rate, prefix sub-models, per-element covering average.
+
+    Parameters
+    ----------
+    rates : sequence of float
+        Width rates a device may get, a subset of :data:`models.width.WIDTH_RATES`
+        (HeteroFL's levels 1, 1/2, 1/4, 1/8, 1/16).
+    round_budget_s : float, optional
+        Seconds a device may spend on a round's compute, and on its transfers. None: the
+        ``deadline_s`` if set, else the :data:`DEFAULT_BUDGET_QUANTILE` of the fleet's
+        full-model round times (fixed at the first round).
+    budget_quantile : float
+        The quantile used when ``round_budget_s`` and ``deadline_s`` are both None.
+    weight_by_examples : bool
+        Weight the covering average by ``num_examples``. False (default): plain count, as
+        HeteroFL's and FedRolex's reference code (``fed.py`` ``combine``) do.
+    **base
+        :class:`EdgeCloudStrategy` arguments (per_round, seed, expected_devices,
+        round_timeout_s, deadline_s, evaluate_fn, on_round).
+    """
+
+    #: Whether the channel window rolls with the round (FedRolex) or stays the prefix.
+    rolling = False
+
+    def __init__(
+        self,
+        *,
+        rates: Sequence[float] = WIDTH_RATES,
+        round_budget_s: float | None = None,
+        budget_quantile: float = DEFAULT_BUDGET_QUANTILE,
+        weight_by_examples: bool = False,
+        **base,
+    ) -> None:
+        super().__init__(**base)
+        unknown = [r for r in rates if float(r) not in WIDTH_RATES]
+        if not rates or unknown:
+            raise ValueError(f"rates must be a non-empty subset of {WIDTH_RATES}, got {tuple(rates)}")
+        if round_budget_s is not None and not (math.isfinite(round_budget_s) and round_budget_s > 0):
+            raise ValueError(f"round_budget_s must be a finite number > 0 or None, got {round_budget_s}")
+        if not 0 < budget_quantile <= 1:
+            raise ValueError(f"budget_quantile must be in (0, 1], got {budget_quantile}")
+        self.rates = tuple(sorted({float(r) for r in rates}, reverse=True))
+        self.round_budget_s = round_budget_s
+        self.budget_quantile = budget_quantile
+        self.weight_by_examples = weight_by_examples
+        self.assigned: dict[int, float] = {}
+
+    # ------------------------------------------------------------------ rates
+    def window_offset(self, server_round: int) -> int:
+        """Start of the kept channel window in a round: 0 (HeteroFL's prefix)."""
+        return 0
+
+    def budget_s(self) -> float:
+        """The round budget in seconds (see ``round_budget_s``), fixed once computed."""
+        if self.round_budget_s is None:
+            self.round_budget_s = self.deadline_s if self.deadline_s is not None else self._fleet_quantile()
+        return self.round_budget_s
+
+    def _fleet_quantile(self) -> float:
+        widest = self.rates[0]
+        times = []
+        for info in self.devices.values():
+            try:
+                costs, samples = costs_from_record(info.budget, (widest,))
+            except ValueError:
+                continue
+            times.append(max(rate_time_s(costs[widest], samples, info.budget)))
+        return float(np.quantile(times, self.budget_quantile)) if times else math.inf
+
+    def rate_for(self, partition_id: int) -> tuple[float | None, str]:
+        """The device's rate for this round, or (None, why it is skipped)."""
+        info = self.devices[partition_id]
+        try:
+            costs, samples = costs_from_record(info.budget, self.rates)
+        except ValueError as exc:
+            return None, str(exc)
+        return select_rate(info.budget, costs, samples, self.budget_s(), self.rates)
+
+    # ------------------------------------------------------------------ Flower contract
+    def configure_train(self, server_round, arrays, config, grid):
+        """One message per fitting device: its sub-model's arrays and config (round, rate[, offset])."""
+        self._state = {key: arr.numpy() for key, arr in arrays.items()}
+        self._offset = self.window_offset(server_round)
+        self.assigned = {}
+        for pid in self.cohort(server_round):
+            rate, reason = self.rate_for(pid)
+            if rate is None:
+                self.ledger.fail(pid, "train", f"skipped: {reason}")
+            else:
+                self.assigned[pid] = rate
+        shapes = {key: value.shape for key, value in self._state.items()}
+        self._layouts = {rate: sub_shapes(shapes, rate) for rate in set(self.assigned.values())}
+        records = {
+            rate: ArrayRecord({k: Array(v) for k, v in extract(self._state, rate, self._offset).items()})
+            for rate in self._layouts
+        }
+        extra = {"offset": self._offset} if self.rolling else {}
+
+        def content(pid: int) -> RecordDict:
+            rate = self.assigned[pid]
+            return RecordDict({"arrays": records[rate], "config": self.round_config(server_round, rate=rate, **extra)})
+
+        return self.messages_for(server_round, MessageType.TRAIN, content, partition_ids=sorted(self.assigned))
+
+    def aggregate_train(self, server_round, replies):
+        """Per-element covering average of the valid sub-models; metrics of the devices kept."""
+        updates = []
+        for reply in replies:
+            pid = self.partition_of(reply)
+            arrays = reply.content.array_records.get("arrays")
+            problem = self._problem(pid, arrays, reply.content["metrics"])
+            if problem is not None:
+                self.ledger.fail(pid, "train", f"rejected reply: {problem}")
+                self.ledger.completed.discard(pid)
+                continue
+            examples = float(reply.content["metrics"]["num_examples"])
+            weight = examples if self.weight_by_examples else 1.0
+            state = {key: arr.numpy() for key, arr in arrays.items()}
+            updates.append(SubModelUpdate(state, self.assigned[pid], self._offset, weight, max(examples, 1.0)))
+        metrics = self.mean_metrics([r for r in replies if self.partition_of(r) in self.ledger.completed])
+        if not updates:
+            return None, metrics or None
+        merged = covering_average(self._state, updates)
+        merged.update(pooled_bn_statistics(self._state, updates))
+        return ArrayRecord({key: Array(value) for key, value in merged.items()}), metrics
+
+    def _problem(self, pid: int, arrays: ArrayRecord | None, metrics) -> str | None:
+        if pid not in self.assigned:
+            return "no sub-model was sent to this device"
+        if arrays is None:
+            return "no arrays"
+        problem = same_layout(arrays, self._layouts[self.assigned[pid]])
+        if problem is None and (bad := has_non_finite(arrays)) is not None:
+            problem = f"non-finite values in {bad}"
+        if problem is None and self.weight_by_examples and not float(metrics.get("num_examples", 0)) > 0:
+            problem = "no training examples to weight by"
+        return problem
+
+
+class FedRolex(HeteroFL):
+    """FedRolex: HeteroFL whose kept channel window rolls by one index per round.
+
+    The window of a tensor axis with ``C`` channels starts at ``(round - 1) mod C``: round
+    1 trains the prefix, as FedRolex's server (``resnet_server.py``: ``roll = rounds %
+    output_size``, rounds counted from 0), and every channel is trained in turn. The
+    reference rolls ``arange`` forward, so its window starts at ``-rounds mod C``; the
+    direction does not matter, only that the window walks over every channel.
+    """
+
+    rolling = True
+
+    def window_offset(self, server_round: int) -> int:
+        """``server_round - 1``: the window start before reduction modulo each axis's size."""
+        return max(server_round - 1, 0)

@@ -1,0 +1,295 @@
+"""HeteroFL / FedRolex: rate selection, sub-model messages, covering aggregation, the edge handler."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+
+from clients.base import MALFORMED_MESSAGE, Device, DeviceTensors
+from clients.heterofl import HeteroFLClient
+from models import build_model
+from models.training import TrainSettings
+from models.width import WIDTH_RATES, RateCost, cost_key, costs_to_record, extract, rate_costs, sub_shapes
+from strategies.base import DeviceInfo
+from strategies.heterofl import FedRolex, HeteroFL, select_rate
+
+torch.set_num_threads(1)
+
+# Hand-made costs: (memory bytes, FLOPs per sample, model bytes) per rate.
+COSTS = {
+    1.0: RateCost(100.0, 10.0, 1000.0),
+    0.5: RateCost(50.0, 4.0, 250.0),
+    0.25: RateCost(20.0, 1.0, 60.0),
+    0.125: RateCost(10.0, 0.5, 20.0),
+    0.0625: RateCost(5.0, 0.25, 10.0),
+}
+SAMPLES = 5  # per round (samples x epochs)
+
+
+def _budget(memory=1e9, flops=10.0, up=1e6, down=1e6):
+    return {"memory_bytes": memory, "flops_per_s": flops, "uplink_bps": up, "downlink_bps": down, "device_class": "x"}
+
+
+# --------------------------------------------------------------------------- rate selection
+def test_select_rate_picks_the_widest_rate_that_fits():
+    # rate 1 needs 100 B > 60 B; rate 0.5: 50 B, 4 x 5 / 10 = 2 s compute, 250/100 + 250/100 = 5 s transfer
+    assert select_rate(_budget(memory=60, up=100, down=100), COSTS, SAMPLES, 10.0) == (0.5, "")
+    # slow link: rate 0.5 transfers 250/20 + 250/20 = 25 s > 10 s; rate 0.25: 6 s
+    assert select_rate(_budget(up=20, down=20), COSTS, SAMPLES, 10.0) == (0.25, "")
+    # slow chip: rate 1 computes 10 x 5 / 1 = 50 s, rate 0.5 20 s, rate 0.25 5 s
+    assert select_rate(_budget(flops=1.0), COSTS, SAMPLES, 10.0) == (0.25, "")
+    assert select_rate(_budget(), COSTS, SAMPLES, 10.0) == (1.0, "")
+
+
+def test_select_rate_says_why_nothing_fits():
+    rate, reason = select_rate(_budget(memory=4), COSTS, SAMPLES, 10.0)
+    assert rate is None and "memory" in reason and "0.0625" in reason
+    rate, reason = select_rate(_budget(), COSTS, SAMPLES, 10.0, rates=(1.0,))
+    assert rate == 1.0 and reason == ""
+
+
+def test_strategy_rejects_bad_settings():
+    base = dict(per_round=2, seed=0, expected_devices=2)
+    with pytest.raises(ValueError, match="subset of"):
+        HeteroFL(rates=(0.3,), **base)
+    with pytest.raises(ValueError, match="round_budget_s"):
+        HeteroFL(round_budget_s=0.0, **base)
+    with pytest.raises(ValueError, match="budget_quantile"):
+        HeteroFL(budget_quantile=1.5, **base)
+
+
+# --------------------------------------------------------------------------- cloud, hand-built
+def _toy_state():
+    return {
+        "stem.weight": np.arange(8, dtype=np.float32).reshape(4, 2),
+        "bn.weight": np.array([10, 20, 30, 40], np.float32),
+        "head.weight": np.ones((3, 4), np.float32),
+        "head.bias": np.array([1, 2, 3], np.float32),
+    }
+
+
+def _strategy(cls=HeteroFL, budgets=None, **kwargs):
+    budgets = budgets or {0: _budget(), 1: _budget(memory=60), 2: _budget(memory=1)}
+    strategy = cls(per_round=len(budgets), seed=0, expected_devices=len(budgets), round_budget_s=10.0, **kwargs)
+    for pid, budget in budgets.items():
+        reported = {**budget, **costs_to_record(COSTS, SAMPLES)}
+        strategy.devices[pid] = DeviceInfo(pid, 1000 + pid, 20 * (pid + 1), reported)
+        strategy._by_node[1000 + pid] = pid
+    return strategy
+
+
+def _arrays(state):
+    return ArrayRecord({k: Array(v) for k, v in state.items()})
+
+
+def _messages(strategy, server_round=1):
+    return strategy.configure_train(server_round, _arrays(_toy_state()), ConfigRecord(), None)
+
+
+def test_configure_train_sends_each_device_its_prefix_submodel_and_skips_the_unfit():
+    strategy = _strategy()
+    messages = {strategy._by_node[m.metadata.dst_node_id]: m for m in _messages(strategy)}
+    assert sorted(messages) == [0, 1] and strategy.assigned == {0: 1.0, 1: 0.5}
+    half = messages[1].content["arrays"]
+    np.testing.assert_array_equal(half["stem.weight"].numpy(), [[0, 1], [2, 3]])  # prefix rows, all inputs
+    np.testing.assert_array_equal(half["head.weight"].numpy(), np.ones((3, 2)))  # all classes
+    assert dict(messages[1].content["config"]) == {"round": 1, "rate": 0.5}
+    assert messages[0].content["arrays"]["bn.weight"].numpy().tolist() == [10, 20, 30, 40]
+    [failure] = strategy.ledger.failures
+    assert failure["partition_id"] == 2 and "no width rate fits" in failure["reason"]
+
+
+def test_a_device_without_reported_costs_is_skipped_with_the_reason():
+    strategy = _strategy()
+    strategy.devices[1].budget = _budget()
+    _messages(strategy)
+    assert 1 not in strategy.assigned
+    assert any("HeteroFLClient" in f["reason"] for f in strategy.ledger.failures if f["partition_id"] == 1)
+
+
+def _reply(message, state, num_examples=10):
+    content = RecordDict({"arrays": _arrays(state), "metrics": MetricRecord({"num_examples": num_examples, "accuracy": 0.5})})
+    return Message(content, reply_to=message)
+
+
+def _round(strategy, bn_by_pid, server_round=1, num_examples=None):
+    """configure, reply with sub-models whose bn.weight is given, aggregate; returns the new state."""
+    replies = []
+    for msg in _messages(strategy, server_round):
+        pid = strategy._by_node[msg.metadata.dst_node_id]
+        state = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+        state["bn.weight"] = np.array(bn_by_pid[pid], np.float32)
+        replies.append(_reply(msg, state, (num_examples or {}).get(pid, 10)))
+        strategy.ledger.completed.add(pid)  # what exchange() does for a kept reply
+    arrays, metrics = strategy.aggregate_train(server_round, replies)
+    return {k: v.numpy() for k, v in arrays.items()}, metrics
+
+
+def test_aggregate_train_is_the_plain_covering_average():
+    state, metrics = _round(_strategy(), {0: [1, 2, 3, 4], 1: [5, 6]})
+    np.testing.assert_allclose(state["bn.weight"], [3, 4, 3, 4])  # channels 0-1 by both, 2-3 by the full one
+    np.testing.assert_array_equal(state["stem.weight"], _toy_state()["stem.weight"])  # unchanged values stay
+    assert metrics["devices"] == 2 and metrics["accuracy"] == 0.5
+
+
+def test_aggregate_train_can_weight_by_examples():
+    state, _ = _round(_strategy(weight_by_examples=True), {0: [1, 2, 3, 4], 1: [5, 6]}, num_examples={0: 10, 1: 30})
+    np.testing.assert_allclose(state["bn.weight"], [(10 + 150) / 40, (20 + 180) / 40, 3, 4])
+
+
+def test_aggregate_train_rejects_a_reply_of_the_wrong_shape():
+    strategy = _strategy()
+    [full_msg, half_msg] = _messages(strategy)
+    wrong = _reply(half_msg, {k: v.numpy() for k, v in full_msg.content["arrays"].items()})
+    strategy.ledger.completed.update({0, 1})
+    arrays, _ = strategy.aggregate_train(1, [_reply(full_msg, _toy_state()), wrong])
+    assert 1 not in strategy.ledger.completed
+    assert any("rejected reply: stem.weight has shape (4, 2)" in f["reason"] for f in strategy.ledger.failures)
+    assert arrays is not None
+
+
+def test_fedrolex_window_rolls_one_channel_per_round_and_wraps():
+    budgets = {0: _budget(memory=60)}  # rate 0.5: 2 of 4 channels
+    strategy = _strategy(FedRolex, budgets)
+    for server_round, kept in [(1, [0, 1]), (2, [1, 2]), (4, [3, 0]), (5, [0, 1])]:
+        [msg] = _messages(strategy, server_round)
+        assert msg.content["config"]["offset"] == server_round - 1
+        assert msg.content["arrays"]["bn.weight"].numpy().tolist() == [10 * (c + 1) for c in kept]
+    state, _ = _round(_strategy(FedRolex, budgets), {0: [7, 8]}, server_round=4)
+    np.testing.assert_allclose(state["bn.weight"], [8, 20, 30, 7])  # window [3, 0] written back in place
+
+
+def test_default_round_budget_is_the_fleets_median_full_model_time():
+    # full model: compute 10 x 5 / flops s; transfer 1000 / 1e6 x 2 (negligible)
+    budgets = {0: _budget(flops=50.0), 1: _budget(flops=10.0), 2: _budget(flops=2.0)}  # 1 s, 5 s, 25 s
+    strategy = _strategy(budgets=budgets)
+    strategy.round_budget_s = None
+    _messages(strategy)
+    assert strategy.budget_s() == pytest.approx(5.0)  # max(compute 5 s, transfer 0.002 s) of the median device
+    assert strategy.assigned == {0: 1.0, 1: 1.0, 2: 0.25}  # rate 0.5 takes 4 x 5 / 2 = 10 s > 5 s
+    deadline = _strategy(budgets=budgets)
+    deadline.round_budget_s, deadline.deadline_s = None, 30.0
+    assert deadline.budget_s() == 30.0
+
+
+# --------------------------------------------------------------------------- the edge handler
+BUDGET = {"flops_per_s": 1e9, "memory_bytes": 1e9, "uplink_bps": 1e6, "downlink_bps": 1e7, "device_class": "x"}
+WIDTH = 4
+
+
+def _net():
+    return build_model("cnn", num_classes=10, width=WIDTH)
+
+
+def _data(slot):
+    g = torch.Generator().manual_seed(slot)
+    return DeviceTensors(
+        train_x=torch.randn(12, 3, 16, 16, generator=g), train_y=torch.randint(0, 10, (12,), generator=g),
+        test_x=torch.randn(6, 3, 16, 16, generator=g), test_y=torch.randint(0, 10, (6,), generator=g),
+    )
+
+
+def _device(pid=7, budget=BUDGET):
+    return Device(
+        partition_id=pid, seed=0, budget=budget, data=_data, num_examples=lambda slot: 12, build_model=_net,
+        train=TrainSettings(epochs=2, lr=1e-3, batch_size=4), flops_per_sample=1e6,
+        load_factor=lambda r: 2.0, is_available=lambda r: True, slot_of_round=lambda r: 0,
+    )
+
+
+def _train_message(rate, arrays_rate=None, kind=MessageType.TRAIN):
+    torch.manual_seed(0)
+    state = {k: v.numpy() for k, v in _net().state_dict().items()}
+    cut = extract(state, rate if arrays_rate is None else arrays_rate)
+    content = RecordDict({"arrays": _arrays(cut), "config": ConfigRecord({"round": 3, "rate": rate})})
+    return Message(content, dst_node_id=1, message_type=kind)
+
+
+def test_client_trains_the_submodel_and_replies_with_its_shapes():
+    reply = HeteroFLClient(_device()).handle("train", _train_message(0.5), context=None)
+    assert reply.has_content()
+    full_shapes = {k: tuple(v.shape) for k, v in _net().state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in reply.content["arrays"].items()}
+    assert got == sub_shapes(full_shapes, 0.5)
+    metrics = reply.content["metrics"]
+    assert metrics["rate"] == 0.5 and metrics["num_examples"] == 12 and metrics["samples_trained"] == 24
+    flops = rate_costs(_net, (3, 16, 16), 4, rates=(0.5,))[0.5].flops_per_sample
+    assert metrics["compute_time_s"] == pytest.approx(flops * 24 / 1e9 * 2.0)  # sub-model FLOPs x load 2
+    assert metrics["accuracy"] * 6 == round(metrics["accuracy"] * 6)
+    # static BN: running stats were recomputed on the local data (the message carried zeros / ones)
+    assert not np.allclose(reply.content["arrays"]["features.0.1.running_mean"].numpy(), 0.0)
+
+
+def test_client_training_is_deterministic():
+    a = HeteroFLClient(_device()).handle("train", _train_message(0.25), None).content["arrays"]
+    b = HeteroFLClient(_device()).handle("train", _train_message(0.25), None).content["arrays"]
+    assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+
+
+def test_client_rejects_messages_without_rate_or_with_mismatched_arrays():
+    no_rate = _train_message(0.5)
+    no_rate.content["config"] = ConfigRecord({"round": 3})
+    reply = HeteroFLClient(_device()).handle("train", no_rate, None)
+    assert reply.has_error() and reply.error.code == MALFORMED_MESSAGE and "rate" in reply.error.reason
+    mismatch = HeteroFLClient(_device()).handle("train", _train_message(0.5, arrays_rate=0.25), None)
+    assert mismatch.has_error() and "do not fit the sub-model at rate 0.5" in mismatch.error.reason
+    bad_rate = HeteroFLClient(_device()).handle("train", _train_message(1.0), None)
+    assert bad_rate.has_content()
+    bad_rate_msg = _train_message(1.0)
+    bad_rate_msg.content["config"] = ConfigRecord({"round": 3, "rate": 2.0})
+    assert "width rate" in HeteroFLClient(_device()).handle("train", bad_rate_msg, None).error.reason
+
+
+def test_client_query_reports_every_rates_costs():
+    msg = Message(RecordDict({"config": ConfigRecord({"round": 0})}), dst_node_id=1, message_type=MessageType.QUERY)
+    budget = dict(HeteroFLClient(_device()).handle("query", msg, None).content["budget"])
+    assert budget["flops_per_s"] == 1e9 and budget["width_cost/samples_per_round"] == 24.0
+    memory = [budget[cost_key(r, "memory_bytes")] for r in WIDTH_RATES]
+    assert memory == sorted(memory, reverse=True) and len(set(memory)) == len(memory)
+
+
+def test_client_evaluates_a_submodel_with_static_bn():
+    reply = HeteroFLClient(_device()).handle("evaluate", _train_message(0.25, kind=MessageType.EVALUATE), None)
+    metrics = reply.content["metrics"]
+    assert metrics["rate"] == 0.25 and metrics["num_examples"] == 6
+
+
+# --------------------------------------------------------------------------- a whole round, in process
+class InProcessGrid:
+    """Delivers each message to the handler of its node and returns the replies (no Ray)."""
+
+    def __init__(self, handlers):
+        self.handlers = handlers
+
+    def get_node_ids(self):
+        return sorted(self.handlers)
+
+    def send_and_receive(self, messages, timeout=None):
+        return [self.handlers[m.metadata.dst_node_id].handle(m.metadata.message_type, m, None) for m in messages]
+
+
+def test_a_full_round_discovers_assigns_trains_and_merges():
+    slow = {**BUDGET, "flops_per_s": 1e5}  # 0.1 MFLOP/s: 24 samples x 333k FLOPs at rate 1 take 80 s > 60 s
+    tiny = {**BUDGET, "memory_bytes": 1.0}  # fits nothing
+    handlers = {1000 + pid: HeteroFLClient(_device(pid, b)) for pid, b in enumerate([BUDGET, slow, tiny])}
+    seen = []
+    strategy = HeteroFL(
+        per_round=3, seed=0, expected_devices=3, round_timeout_s=5.0, round_budget_s=60.0,
+        evaluate_fn=lambda r, arrays: seen.append({k: tuple(v.shape) for k, v in arrays.items()}) or {"accuracy": 0.1},
+        on_round=seen.append,
+    )
+    grid = InProcessGrid(handlers)
+    strategy.discover(grid)
+    torch.manual_seed(0)
+    start = ArrayRecord(_net().state_dict())
+    out = strategy.run_round(grid, 1, start)
+    assert strategy.assigned == {0: 1.0, 1: 0.5}  # rate 0.5: 24 x 111k FLOPs = 27 s
+    shapes, record = seen
+    assert shapes == {k: tuple(v.shape) for k, v in start.items()}  # the cloud evaluates the full model
+    assert record["clients"] == [0, 1] and record["global_accuracy"] == 0.1
+    assert [f["partition_id"] for f in record["failures"]] == [2]
+    assert record["downlink_bytes"] > 0 and record["uplink_bytes"] > 0 and math.isfinite(record["accuracy"])
+    changed = [k for k in start.keys() if not np.array_equal(start[k].numpy(), out[k].numpy())]
+    assert "classifier.weight" in changed

@@ -1,0 +1,288 @@
+"""Width-scaled sub-models: channel plans, extraction, covering average, surgery, static BN, costs."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from models import build_model
+from models.width import (
+    SAMPLES_KEY,
+    WIDTH_RATES,
+    RateCost,
+    ScaledConv2d,
+    SubModelUpdate,
+    channel_axes,
+    channel_window,
+    check_rate,
+    check_width_scalable,
+    cost_key,
+    costs_from_record,
+    costs_to_record,
+    covering_average,
+    extract,
+    kept_channels,
+    rate_costs,
+    scaled_model,
+    static_batch_norm,
+    sub_shapes,
+)
+
+torch.set_num_threads(1)
+
+
+def _factory(name, width=16):
+    return lambda: build_model(name, num_classes=10, width=width)
+
+
+def _state(model):
+    return {k: v.numpy() for k, v in model.state_dict().items()}
+
+
+# --------------------------------------------------------------------------- channels
+def test_kept_channels_is_heterofl_ceil_and_never_zero():
+    assert kept_channels(16, 0.25) == 4
+    assert kept_channels(3, 0.5) == 2  # ceil(1.5)
+    assert kept_channels(30, 0.1) == 3  # 0.1 * 30 = 3.0000000000000004 must not become 4
+    assert kept_channels(4, 1 / 16) == 1
+
+
+@pytest.mark.parametrize("bad", [0, -0.5, 1.5, True, "half", float("nan")])
+def test_check_rate_rejects_bad_rates(bad):
+    with pytest.raises(ValueError, match="width rate"):
+        check_rate(bad)
+
+
+def test_channel_window_is_prefix_then_rolls_and_wraps():
+    assert channel_window(8, 0.5).tolist() == [0, 1, 2, 3]
+    assert channel_window(4, 0.5, offset=1).tolist() == [1, 2]
+    assert channel_window(4, 0.5, offset=3).tolist() == [3, 0]  # wraps around
+    assert channel_window(16, 0.25, offset=14).tolist() == [14, 15, 0, 1]
+    assert channel_window(4, 0.5, offset=5).tolist() == channel_window(4, 0.5, offset=1).tolist()  # offset mod size
+
+
+def test_channel_axes_of_a_hand_built_state_dict():
+    shapes = {
+        "stem.weight": (4, 2, 3, 3), "bn.weight": (4,), "bn.num_batches_tracked": (),
+        "mid.weight": (6, 4), "mid.bias": (6,), "head.weight": (3, 6), "head.bias": (3,),
+    }
+    assert channel_axes(shapes) == {
+        "stem.weight": (0,), "bn.weight": (0,), "bn.num_batches_tracked": (),
+        "mid.weight": (0, 1), "mid.bias": (0,), "head.weight": (1,), "head.bias": (),
+    }
+    assert sub_shapes(shapes, 0.5)["mid.weight"] == (3, 2)
+    assert sub_shapes(shapes, 0.5)["head.weight"] == (3, 3)  # all classes kept
+
+
+def test_channel_axes_refuses_a_vector_that_is_not_its_layers():
+    with pytest.raises(ValueError, match="cannot tell the channels of bn.weight"):
+        channel_axes({"a.weight": (4, 2), "bn.weight": (5,), "head.weight": (3, 4)})
+    with pytest.raises(ValueError, match="no conv or linear"):
+        channel_axes({"bn.weight": (4,)})
+
+
+# --------------------------------------------------------------------------- extraction
+CNN_SHAPES_AT_QUARTER = {  # width 16: stages 16, 32, 64 -> 4, 8, 16; classifier keeps 10 classes
+    "features.0.0.weight": (4, 3, 3, 3),
+    "features.0.1.running_mean": (4,),
+    "features.2.0.weight": (8, 4, 3, 3),
+    "features.4.0.weight": (16, 8, 3, 3),
+    "classifier.weight": (10, 16),
+    "classifier.bias": (10,),
+}
+RESNET_SHAPES_AT_HALF = {  # width 16: stages 16, 32, 64, 128 -> 8, 16, 32, 64
+    "conv1.weight": (8, 3, 3, 3),
+    "bn1.weight": (8,),
+    "layer1.0.conv2.weight": (8, 8, 3, 3),
+    "layer2.0.conv1.weight": (16, 8, 3, 3),
+    "layer2.0.shortcut.0.weight": (16, 8, 1, 1),
+    "layer2.0.shortcut.1.running_var": (16,),
+    "layer4.1.bn2.bias": (64,),
+    "classifier.weight": (10, 64),
+    "classifier.bias": (10,),
+}
+
+
+@pytest.mark.parametrize("name, rate, expected", [("cnn", 0.25, CNN_SHAPES_AT_QUARTER), ("resnet18", 0.5, RESNET_SHAPES_AT_HALF)])
+def test_extraction_shapes_against_hand_counts(name, rate, expected):
+    cut = extract(_state(_factory(name)()), rate)
+    for key, shape in expected.items():
+        assert cut[key].shape == shape, key
+    assert cut["conv1.weight" if name == "resnet18" else "features.0.0.weight"].shape[1] == 3  # stem keeps RGB
+
+
+@pytest.mark.parametrize("name", ["cnn", "resnet18"])
+@pytest.mark.parametrize("rate", WIDTH_RATES)
+def test_extract_fits_the_scaled_network_at_every_rate(name, rate):
+    torch.manual_seed(0)
+    full = _factory(name)()
+    cut = extract(_state(full), rate)
+    sub = scaled_model(_factory(name), rate)
+    assert {k: tuple(v.shape) for k, v in sub.state_dict().items()} == {k: v.shape for k, v in cut.items()}
+    sub.load_state_dict({k: torch.as_tensor(v) for k, v in cut.items()}, strict=True)
+    assert sub(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    first = cut["conv1.weight" if name == "resnet18" else "features.0.0.weight"]
+    assert first.shape[0] == kept_channels(16, rate)
+
+
+def test_extract_takes_the_prefix_values_and_rolled_windows():
+    w = np.arange(16, dtype=np.float32).reshape(4, 4)
+    state = {"a.weight": np.ones((4, 2), np.float32), "b.weight": w, "head.weight": np.ones((3, 4), np.float32)}
+    np.testing.assert_array_equal(extract(state, 0.5)["b.weight"], w[:2, :2])
+    rolled = extract(state, 0.5, offset=3)["b.weight"]  # channels [3, 0] on both axes
+    np.testing.assert_array_equal(rolled, [[15, 12], [3, 0]])
+    assert extract(state, 0.5)["b.weight"].dtype == np.float32
+
+
+# --------------------------------------------------------------------------- covering average
+def _toy_state():
+    return {
+        "stem.weight": np.zeros((4, 2), np.float32),
+        "bn.weight": np.array([10, 20, 30, 40], np.float32),
+        "bn.num_batches_tracked": np.array(7, np.int64),
+        "head.weight": np.zeros((3, 4), np.float32),
+        "head.bias": np.array([1, 2, 3], np.float32),
+    }
+
+
+def _update(rate, bn, offset=0, weight=1.0, batches=7):
+    state = extract(_toy_state(), rate, offset)
+    state["bn.weight"] = np.array(bn, np.float32)
+    state["bn.num_batches_tracked"] = np.array(batches, np.int64)
+    return SubModelUpdate(state, rate, offset, weight)
+
+
+def test_covering_average_against_hand_computed_numbers():
+    full, half = _update(1.0, [1, 2, 3, 4], batches=2), _update(0.5, [5, 6], batches=5)
+    out = covering_average(_toy_state(), [full, half])
+    # channels 0,1 covered by both: (1+5)/2, (2+6)/2; channels 2,3 only by the full model
+    np.testing.assert_allclose(out["bn.weight"], [3, 4, 3, 4])
+    assert out["bn.weight"].dtype == np.float32
+    count = out["bn.num_batches_tracked"]
+    assert isinstance(count, np.ndarray) and count.shape == () and count.dtype == np.int64
+    assert count == 4  # rint(3.5), ties to even
+    weighted = covering_average(_toy_state(), [full, _update(0.5, [5, 6], weight=3.0)])
+    np.testing.assert_allclose(weighted["bn.weight"], [(1 + 15) / 4, (2 + 18) / 4, 3, 4])
+
+
+def test_elements_nobody_covered_keep_their_value():
+    out = covering_average(_toy_state(), [_update(0.5, [5, 6])])
+    np.testing.assert_allclose(out["bn.weight"], [5, 6, 30, 40])
+    np.testing.assert_allclose(out["head.bias"], [1, 2, 3])  # every update sent the unchanged bias
+    assert covering_average(_toy_state(), [])["bn.weight"].tolist() == [10, 20, 30, 40]
+
+
+def test_covering_average_places_a_wrapped_window():
+    out = covering_average(_toy_state(), [_update(0.5, [5, 6], offset=3)])  # channels [3, 0]
+    np.testing.assert_allclose(out["bn.weight"], [6, 20, 30, 5])
+
+
+def test_covering_average_rejects_wrong_shapes_and_weights():
+    bad = _update(0.5, [5, 6])
+    with pytest.raises(ValueError, match=r"stem.weight: update at rate 0.25 has shape \(2, 2\), expected \(1, 2\)"):
+        covering_average(_toy_state(), [SubModelUpdate(bad.arrays, 0.25)])
+    with pytest.raises(ValueError, match="weights must be > 0"):
+        covering_average(_toy_state(), [_update(0.5, [5, 6], weight=0.0)])
+
+
+# --------------------------------------------------------------------------- surgery
+def test_scaled_model_uses_batch_statistics_and_heterofl_scaler():
+    sub = scaled_model(_factory("cnn", width=4), 0.5)
+    norms = [m for m in sub.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms and all(not bn.track_running_stats and bn.momentum is None for bn in norms)
+    conv = sub.features[0][0]
+    assert isinstance(conv, ScaledConv2d) and conv.rate == 0.5
+    x = torch.randn(2, 3, 8, 8)
+    conv.train()
+    trained = conv(x)
+    conv.eval()
+    torch.testing.assert_close(trained, 2 * conv(x))  # divides by 0.5 in training only
+    assert type(sub.classifier) is nn.Linear  # the classifier has no scaler
+
+
+def test_training_a_scaled_model_leaves_running_stats_alone():
+    sub = scaled_model(_factory("cnn", width=4), 0.5)
+    before = sub.features[0][1].running_mean.clone()
+    sub.train()
+    sub(torch.randn(4, 3, 16, 16) + 5)
+    torch.testing.assert_close(sub.features[0][1].running_mean, before)
+
+
+def test_scaled_model_refuses_layers_it_cannot_cut():
+    grouped = lambda: nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.Linear(4, 2))  # noqa: E731
+    with pytest.raises(ValueError, match="grouped convs"):
+        scaled_model(grouped, 0.5)
+    group_norm = lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.Flatten(), nn.Linear(4, 2))  # noqa: E731
+    with pytest.raises(ValueError, match="GroupNorm cannot be width-scaled"):
+        scaled_model(group_norm, 0.5)
+
+
+def test_check_width_scalable_leaves_the_model_untouched():
+    model = build_model("resnet18", num_classes=10, width=4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    check_width_scalable(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert type(model.conv1) is nn.Conv2d
+    with pytest.raises(ValueError, match="GroupNorm"):
+        check_width_scalable(nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.Flatten(), nn.Linear(4, 2)))
+
+
+# --------------------------------------------------------------------------- static BN
+def _two_channel_input():
+    x = torch.zeros(4, 2, 2, 2)
+    x[:, 0] = 3.0  # channel 0: constant 3 -> mean 3, variance 0
+    x[:, 1] = torch.arange(4.0).view(4, 1, 1)  # channel 1: 0,1,2,3 (4 pixels each)
+    return x
+
+
+def test_static_bn_sets_running_stats_to_the_datas_statistics():
+    model = nn.Sequential(nn.BatchNorm2d(2, track_running_stats=True))
+    model[0].track_running_stats = False
+    static_batch_norm(model, _two_channel_input(), batch_size=16)
+    bn = model[0]
+    # channel 1 holds 0,1,2,3 x 4 pixels: mean 1.5, unbiased variance 20 / 15
+    torch.testing.assert_close(bn.running_mean, torch.tensor([3.0, 1.5]))
+    torch.testing.assert_close(bn.running_var, torch.tensor([0.0, 20 / 15]))
+    assert not model.training and bn.track_running_stats
+
+
+def test_static_bn_averages_equal_batches_cumulatively():
+    model = nn.Sequential(nn.BatchNorm2d(2))
+    model[0].running_mean.fill_(99.0)
+    static_batch_norm(model, _two_channel_input(), batch_size=2)  # batches {0,1} and {2,3}
+    torch.testing.assert_close(model[0].running_mean, torch.tensor([3.0, 1.5]))  # (0.5 + 2.5) / 2
+    assert int(model[0].num_batches_tracked) == 2
+
+
+def test_static_bn_on_a_scaled_cnn_matches_its_first_conv_output():
+    torch.manual_seed(0)
+    sub = scaled_model(_factory("cnn", width=4), 0.5)
+    x = torch.randn(6, 3, 8, 8) + 2.0
+    static_batch_norm(sub, x, batch_size=6)  # one batch: exact statistics
+    conv, bn = sub.features[0][0], sub.features[0][1]
+    with torch.no_grad():
+        expected = conv.eval()(x).mean(dim=(0, 2, 3))  # measured without the training-time scaler
+    torch.testing.assert_close(bn.running_mean, expected)
+
+
+def test_static_bn_needs_data():
+    with pytest.raises(ValueError, match="at least one sample"):
+        static_batch_norm(nn.Sequential(nn.BatchNorm2d(2)), torch.zeros(0, 2, 2, 2), 4)
+
+
+# --------------------------------------------------------------------------- costs
+def test_rate_costs_shrink_with_the_rate_and_survive_the_budget_record():
+    costs = rate_costs(_factory("cnn", width=8), (3, 32, 32), batch_size=4, rates=(1.0, 0.5))
+    assert costs[0.5].memory_bytes < costs[1.0].memory_bytes
+    assert costs[0.5].flops_per_sample < costs[1.0].flops_per_sample
+    assert costs[0.5].model_bytes < costs[1.0].model_bytes
+    record = costs_to_record(costs, samples_per_round=60)
+    assert record[SAMPLES_KEY] == 60.0 and cost_key(0.5, "model_bytes") == "width_cost/0.5/model_bytes"
+    again, samples = costs_from_record(record, (1.0, 0.5))
+    assert again == costs and samples == 60.0
+
+
+def test_costs_from_record_names_the_missing_entry():
+    record = costs_to_record({1.0: RateCost(1.0, 2.0, 3.0)}, 10)
+    with pytest.raises(ValueError, match="width_cost/0.5/memory_bytes"):
+        costs_from_record(record, (1.0, 0.5))
