@@ -17,8 +17,20 @@ from torch import nn
 from clients.base import ClientHandler, DeviceTensors, MalformedMessage, content_reply, derive_seed, round_of
 from models.clock import compute_time_s
 from models.training import accuracy, train_epochs
-from models.width import WIDTH_RATES, RateCost, check_rate, costs_to_record, rate_costs, scaled_model, static_batch_norm
+from models.width import (
+    RUNNING_MEAN,
+    RUNNING_VAR,
+    WIDTH_RATES,
+    RateCost,
+    check_rate,
+    costs_to_record,
+    rate_costs,
+    scaled_model,
+    static_batch_norm,
+)
 
+#: Suffixes of the BN running statistics sent back by an sBN query (torch BatchNorm buffer names).
+BN_STATISTICS = (f".{RUNNING_MEAN}", f".{RUNNING_VAR}")
 #: Costs already measured in this process, keyed by (network signature, input shape, batch size, rate):
 #: an actor serving many devices of the same run measures each rate once.
 _COST_CACHE: dict[tuple, RateCost] = {}
@@ -86,7 +98,11 @@ class HeteroFLClient(ClientHandler):
         return content_reply(msg, metrics, arrays=ArrayRecord(model.state_dict()))
 
     def evaluate(self, msg: Message, context: Context) -> Message:
-        """Accuracy of the received sub-model (sBN on local training data) on local test data."""
+        """Accuracy of the received sub-model (sBN on local training data) on local test data.
+
+        With ``statistics`` true in the config, the reply also carries the BN running
+        statistics measured on the local training data (HeteroFL's sBN query, sec. 3.2).
+        """
         server_round = round_of(msg)
         rate, _ = width_config(msg)
         model = self.sub_model(msg, rate)
@@ -94,11 +110,15 @@ class HeteroFLClient(ClientHandler):
         self.prepare_for_evaluation(model, data.train_x)
         metrics = {
             "num_examples": len(data.test_y),
+            "num_train_examples": len(data.train_y),
             "accuracy": accuracy(model, data.test_x, data.test_y),
             "rate": rate,
             "partition_id": self.device.partition_id,
         }
-        return content_reply(msg, metrics)
+        stats = None
+        if msg.content["config"].get("statistics", False) and len(data.train_y) > 0:
+            stats = ArrayRecord({k: v for k, v in model.state_dict().items() if k.endswith(BN_STATISTICS)})
+        return content_reply(msg, metrics, arrays=stats)
 
     # ---------------------------------------------------------------- helpers
     def sub_model(self, msg: Message, rate: float) -> nn.Module:

@@ -16,12 +16,14 @@ from torch import nn
 from clients.an import AdaptiveNetClient
 from clients.base import ClientHandler
 from clients.eclm import ECLMClient
+from clients.heterofl import HeteroFLClient
 from clients.local import LocalOnlyClient, LocalTrainingClient
-from experiments import an_setup, eclm_setup
+from experiments import an_setup, eclm_setup, heterofl_setup
 from strategies.an import AdaptiveNet
 from strategies.base import EdgeCloudStrategy
 from strategies.eclm import ECLM
 from strategies.fedavg import FedAvg
+from strategies.heterofl import FedRolex, HeteroFL
 from strategies.local import LocalAdaptation
 from strategies.none import NoAdaptation
 
@@ -75,6 +77,22 @@ ALGORITHMS: dict[str, Algorithm] = {
         Algorithm("fedavg", FedAvg, LocalTrainingClient, "FedAvg (McMahan et al. 2017)"),
         Algorithm("local", LocalAdaptation, LocalOnlyClient, "LA: local fine-tuning only (ECLM 7.1)"),
         Algorithm("none", NoAdaptation, ClientHandler, "NA: the pre-trained cloud model (ECLM 7.1)"),
+        Algorithm(
+            "heterofl",
+            HeteroFL,
+            HeteroFLClient,
+            "HeteroFL (Diao et al. 2021): width-scaled prefix sub-models sized to each device's budget",
+            strategy_args=heterofl_setup.strategy_args,
+            check_model=heterofl_setup.check_model,
+        ),
+        Algorithm(
+            "fedrolex",
+            FedRolex,
+            HeteroFLClient,
+            "FedRolex (Alam et al. 2022): HeteroFL with a channel window rolling one index per round",
+            strategy_args=heterofl_setup.strategy_args,
+            check_model=heterofl_setup.check_model,
+        ),
         Algorithm(
             "an",
             AdaptiveNet,

@@ -140,15 +140,25 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _coerce(inner[0], value, path)
     if origin is tuple:
-        items = value.split(",") if isinstance(value, str) else value
+        from_text = isinstance(value, str)  # a flat run_config list: "a,b,c"
+        items = [v.strip() for v in value.split(",") if v.strip()] if from_text else value
         if not isinstance(items, (list, tuple)):
             raise ConfigError(f"{path} must be a list, got {value!r}")
-        return tuple(_coerce(args[0], v.strip() if isinstance(v, str) else v, path) for v in items if v != "")
+        if from_text and args[0] in (int, float):
+            items = [_number(args[0], v, path) for v in items]
+        return tuple(_coerce(args[0], v, path) for v in items)
     if origin in (Mapping, dict) or hint is Mapping:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{path} must be a mapping, got {value!r}")
         return {str(k): _coerce(args[1], v, f"{path}.{k}") for k, v in value.items()}
     return _scalar(hint, value, path)
+
+
+def _number(kind: type, text: str, path: str) -> int | float:
+    try:
+        return kind(text)
+    except ValueError:
+        raise ConfigError(f"{path} must be a list of {kind.__name__}s, got item {text!r}") from None
 
 
 def _scalar(hint: type, value: Any, path: str) -> Any:

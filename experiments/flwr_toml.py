@@ -40,7 +40,7 @@ def main() -> int:
     """Rewrite the table in pyproject.toml (it must be the file's last section)."""
     path = ROOT / "pyproject.toml"
     text = path.read_text()
-    head = text.split(TABLE)[0].rstrip() + "\n\n"
+    head = text.split(f"\n{TABLE}\n")[0].rstrip() + "\n\n"
     path.write_text(head + render_table(default_flat_config()))
     print(f"updated {TABLE} in {path}")
     return 0

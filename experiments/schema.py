@@ -100,6 +100,17 @@ class EclmOptions:
 
 
 @dataclass(frozen=True)
+class HeteroflOptions:
+    """HeteroFL / FedRolex settings (Diao et al. 2021; Alam et al. 2022)."""
+
+    rates: tuple[float, ...] = (1.0, 0.5, 0.25, 0.125, 0.0625)  # HeteroFL sec. 4, levels a-e
+    round_budget_s: float | None = None  # None: fleet.deadline_s, else the fleet's median full-model round time
+    budget_quantile: float = 0.5  # which device's round time sets the default budget (assumption)
+    weight_by_examples: bool = False  # both reference codes average covering clients by count
+    global_sbn: bool = True  # evaluate the aggregated full model on devices (HeteroFL 3.2), comparable to FedAvg
+
+
+@dataclass(frozen=True)
 class AlgorithmConfig:
     """The adaptation algorithm and its local-training settings."""
 
@@ -110,6 +121,7 @@ class AlgorithmConfig:
     optimizer: str = "adam"  # sgd | adam; ECLM does not name it, Adam suits lr 1e-3
     momentum: float = 0.9  # for sgd
     eclm: EclmOptions = field(default_factory=EclmOptions)
+    heterofl: HeteroflOptions = field(default_factory=HeteroflOptions)
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,15 @@ def _validate_training(cfg: RunConfig) -> None:
     _check(eclm.kl_weight >= 0, "algorithm.eclm.kl_weight", "must be >= 0", eclm.kl_weight)
     _check(0 < eclm.size_cap <= 1, "algorithm.eclm.size_cap", "must be in (0, 1]", eclm.size_cap)
     _check(eclm.round_budget_s > 0, "algorithm.eclm.round_budget_s", "must be > 0", eclm.round_budget_s)
+    hfl = algo.heterofl
+    allowed = (1.0, 0.5, 0.25, 0.125, 0.0625)
+    _check(
+        bool(hfl.rates) and all(r in allowed for r in hfl.rates),
+        "algorithm.heterofl.rates", f"must be a non-empty subset of {allowed}", hfl.rates,
+    )
+    if hfl.round_budget_s is not None:
+        _check(hfl.round_budget_s > 0, "algorithm.heterofl.round_budget_s", "must be > 0 or null", hfl.round_budget_s)
+    _check(0 < hfl.budget_quantile <= 1, "algorithm.heterofl.budget_quantile", "must be in (0, 1]", hfl.budget_quantile)
     pre = cfg.pretrain
     _check(pre.epochs >= 0, "pretrain.epochs", "must be >= 0", pre.epochs)
     _check(pre.lr > 0, "pretrain.lr", "must be > 0", pre.lr)

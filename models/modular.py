@@ -18,7 +18,6 @@ Contract with strategies and clients (see the ECLM model API note):
 from __future__ import annotations
 
 import copy
-import re
 from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,36 +27,13 @@ import torch
 from torch import nn
 
 from models.modular_costs import ZERO_COST, ModuleCost, PartProfile, profile_part
+from models.modular_layer import ACTIVE_SUFFIX, ModuleLayer, module_id, module_of_key, parse_module_id
 from models.selector import LOAD_BALANCE_WEIGHT, UnifiedSelector, load_balance_loss, noisy_top_k
 
 __all__ = [
     "ModuleCost", "ModuleLayer", "ModularNet", "RoutingInfo",
     "build_modular", "module_id", "module_of_key", "parse_module_id",
 ]
-
-_ID = re.compile(r"^l(\d+)\.m(\d+)$")
-_KEY = re.compile(r"^layers\.(\d+)\.modules\.m(\d+)\.")
-#: State-dict suffix of the per-device ``active`` masks.
-ACTIVE_SUFFIX = ".active"
-
-
-def module_id(layer: int, index: int) -> str:
-    """The stable id ``"l{layer}.m{index}"`` of module ``index`` in module layer ``layer``."""
-    return f"l{layer}.m{index}"
-
-
-def parse_module_id(mid: str) -> tuple[int, int]:
-    """(layer, index) of a module id; ValueError for anything not shaped ``"l<int>.m<int>"``."""
-    match = _ID.match(mid) if isinstance(mid, str) else None
-    if match is None:
-        raise ValueError(f"bad module id {mid!r}; ids look like 'l0.m3' (layer 0, module 3)")
-    return int(match.group(1)), int(match.group(2))
-
-
-def module_of_key(key: str) -> str | None:
-    """The module id a state-dict key belongs to, or None for shared keys (and ``.active``)."""
-    match = _KEY.match(key)
-    return None if match is None else module_id(int(match.group(1)), int(match.group(2)))
 
 
 @dataclass
@@ -81,74 +57,6 @@ class RoutingInfo:
     load_balance_loss: torch.Tensor
     loads: list[torch.Tensor]
     importances: list[torch.Tensor]
-
-
-class ModuleLayer(nn.Module):
-    """One module layer: N substitutable modules combined by sparse gates (ECLM 4.2).
-
-    Parameters
-    ----------
-    held : Mapping[int, nn.Module]
-        The modules this layer holds, by index (a sub-model holds a subset of 0..N-1).
-    size : int
-        N, the number of modules of the full layer.
-    k : int
-        Modules activated per sample (top-k).
-    residual : Iterable[int]
-        Indices of the parameter-free residual modules.
-
-    Notes
-    -----
-    The ``nn.ModuleDict`` is registered under the name ``modules`` so state-dict keys read
-    ``modules.m{i}.``; since ``nn.Module.modules`` is a method, reach it as :attr:`module_dict`.
-    """
-
-    def __init__(self, held: Mapping[int, nn.Module], size: int, k: int, residual: Iterable[int] = ()) -> None:
-        super().__init__()
-        if not held:
-            raise ValueError("a module layer must hold at least one module")
-        if any(not 0 <= i < size for i in held):
-            raise ValueError(f"module indices {sorted(held)} must lie in 0..{size - 1}")
-        # add_module refuses the name (nn.Module.modules exists): register it directly.
-        self._modules["modules"] = nn.ModuleDict({f"m{i}": held[i] for i in sorted(held)})
-        active = torch.zeros(size, dtype=torch.bool)
-        active[sorted(held)] = True
-        self.register_buffer("active", active)
-        self.size, self.k = size, k
-        self.residual = frozenset(residual)
-
-    @property
-    def module_dict(self) -> nn.ModuleDict:
-        """The held modules, keyed ``"m{i}"``."""
-        return self._modules["modules"]
-
-    def held(self) -> list[int]:
-        """Indices of the modules this layer holds, ascending."""
-        return sorted(int(name[1:]) for name in self.module_dict)
-
-    def forward(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        """``sum_i gates[:, i] * module_i(x)``; each module runs only on the samples routed to it.
-
-        Like Shazeer et al.'s dispatcher: the (sample, module) pairs with a nonzero gate are
-        gathered in one indexing op, module i runs on its own rows only (so in training its
-        BatchNorm statistics come from its own samples), and the gated outputs are summed
-        back per sample in one ``index_add``.
-        """
-        if gates.shape != (x.shape[0], self.size):
-            raise ValueError(f"gates must have shape ({x.shape[0]}, {self.size}), got {tuple(gates.shape)}")
-        pairs = gates.t().nonzero()  # (P, 2) rows (module, sample), grouped by module
-        if len(pairs) == 0:
-            raise ValueError("every gate is zero: each sample must be routed to at least one module")
-        modules, counts = torch.unique_consecutive(pairs[:, 0], return_counts=True)
-        missing = [i for i in modules.tolist() if f"m{i}" not in self.module_dict]
-        if missing:
-            raise ValueError(f"gates route to modules {missing}, which this layer does not hold")
-        samples = pairs[:, 1]
-        weights = gates[samples, pairs[:, 0]]
-        inputs = x[samples].split(counts.tolist())
-        outputs = torch.cat([self.module_dict[f"m{i}"](part) for i, part in zip(modules.tolist(), inputs)])
-        outputs = outputs * weights.view(-1, *([1] * (outputs.dim() - 1)))
-        return outputs.new_zeros((x.shape[0], *outputs.shape[1:])).index_add(0, samples, outputs)
 
 
 @contextmanager
@@ -208,14 +116,17 @@ class ModularNet(nn.Module):
         """Class logits; the routing of this pass is kept in :attr:`last_routing`."""
         logits, noise = self.selector.logits_and_noise(x)
         h = self.trunk(x)
-        gates_all, loads, importances = [], [], []
-        balance = x.new_zeros(())
+        routing = RoutingInfo([], logits, x.new_zeros(()), [], [])
         for layer, clean, noisy in zip(self.layers, logits, noise):
             gates, load, importance = noisy_top_k(clean, noisy, layer.k, self.training, layer.active, self._noise)
             h = layer(h, gates)
-            balance = balance + load_balance_loss(importance[layer.active], load[layer.active], self.balance_weight)
-            gates_all.append(gates), loads.append(load), importances.append(importance)
-        self.last_routing = RoutingInfo(gates_all, logits, balance, loads, importances)
+            routing.load_balance_loss = routing.load_balance_loss + load_balance_loss(
+                importance[layer.active], load[layer.active], self.balance_weight
+            )
+            routing.gates.append(gates)
+            routing.loads.append(load)
+            routing.importances.append(importance)
+        self.last_routing = routing
         return self.head(h)
 
     def gate_probs(self, x: torch.Tensor) -> list[torch.Tensor]:

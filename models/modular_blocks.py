@@ -22,19 +22,41 @@ def conv_bn(c_in: int, c_out: int, kernel: int = 3, stride: int = 1) -> nn.Seque
     )
 
 
+class ResidualBypass(nn.Module):
+    """Parameter-free residual module: identity, or option-A shortcut when the shape changes.
+
+    Option A (He et al. 2016, section 4.2): keep every ``stride``-th pixel and pad the new
+    channels with zeros.
+    """
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1) -> None:
+        super().__init__()
+        if c_out < c_in:
+            raise ValueError(f"a bypass cannot drop channels ({c_in} -> {c_out}); use c_out >= c_in")
+        self.c_in, self.c_out, self.stride = c_in, c_out, stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        if self.stride != 1:
+            x = x[:, :, :: self.stride, :: self.stride]
+        if self.c_out != self.c_in:
+            x = F.pad(x, (0, 0, 0, 0, 0, self.c_out - self.c_in))
+        return x
+
+
 class BasicBlock(nn.Module):
     """ResNet basic block ``relu(bn(conv(relu(bn(conv(x))))) + shortcut(x))`` with inner width ``c_mid``.
 
     ``c_mid = c_out`` is the standard block (He et al. 2016); a smaller ``c_mid`` is its
-    shrunk module. The shortcut is a 1x1 conv + BN when the shape changes (option B, as in
-    the common CIFAR ResNet code, kuangliu/pytorch-cifar), the identity otherwise.
+    shrunk module. The shortcut is parameter-free, :class:`ResidualBypass` (option A, as in
+    He et al.'s CIFAR ResNets, section 4.2): a 1x1-conv shortcut (option B) would add
+    ``c_in * c_out`` unshrinkable weights and two ops to every shrunk module.
     """
 
     def __init__(self, c_in: int, c_mid: int, c_out: int, stride: int = 1) -> None:
         super().__init__()
         self.conv1 = conv_bn(c_in, c_mid, 3, stride)
         self.conv2 = conv_bn(c_mid, c_out, 3, 1)
-        self.shortcut = conv_bn(c_in, c_out, 1, stride) if (stride != 1 or c_in != c_out) else nn.Identity()
+        self.shortcut = ResidualBypass(c_in, c_out, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         return F.relu(self.conv2(F.relu(self.conv1(x))) + self.shortcut(x))
@@ -67,27 +89,6 @@ def vgg_block(c_in: int, c_out: int) -> nn.Sequential:
 def mlp_module(in_features: int, hidden: int, out_features: int) -> nn.Sequential:
     """Shrunk two-layer MLP block: Linear to ``hidden`` neurons, ReLU, Linear to ``out_features``, ReLU."""
     return nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, out_features), nn.ReLU())
-
-
-class ResidualBypass(nn.Module):
-    """Parameter-free residual module: identity, or option-A shortcut when the shape changes.
-
-    Option A (He et al. 2016, section 4.2): keep every ``stride``-th pixel and pad the new
-    channels with zeros.
-    """
-
-    def __init__(self, c_in: int, c_out: int, stride: int = 1) -> None:
-        super().__init__()
-        if c_out < c_in:
-            raise ValueError(f"a bypass cannot drop channels ({c_in} -> {c_out}); use c_out >= c_in")
-        self.c_in, self.c_out, self.stride = c_in, c_out, stride
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        if self.stride != 1:
-            x = x[:, :, :: self.stride, :: self.stride]
-        if self.c_out != self.c_in:
-            x = F.pad(x, (0, 0, 0, 0, 0, self.c_out - self.c_in))
-        return x
 
 
 class VectorBypass(nn.Module):

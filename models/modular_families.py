@@ -38,6 +38,9 @@ TOP_K = 2
 RESIDUAL_PER_LAYER = 1
 #: Input side of the image families (CIFAR-10/100, ECLM 7.1).
 IMAGE_SIZE = 32
+#: Smallest input side per family: the last module layers must keep >= 2x2 maps, or a
+#: module routed a single sample has one value per BatchNorm channel and cannot train.
+MIN_IMAGE_SIZE = {"modular_resnet18": 16, "modular_resnet34": 16, "modular_vgg16": 32}
 #: VGG16 conv widths at base 64, "M" = 2x2 max pool (Simonyan & Zisserman 2015, config D).
 VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
 
@@ -177,8 +180,9 @@ def _check(name, num_classes, width, in_channels, modules_per_layer, residual_pe
         )
     if not 0 < shrink <= 1:
         raise ValueError(f"shrink must lie in (0, 1], got {shrink}")
-    if image_size < 16 and name != "modular_mlp":
-        raise ValueError(f"image_size={image_size} is too small for {name}; use >= 16 (CIFAR: 32)")
+    smallest = MIN_IMAGE_SIZE.get(name, 1)
+    if image_size < smallest:
+        raise ValueError(f"image_size={image_size} is too small for {name}; use >= {smallest} (CIFAR: 32)")
 
 
 def build_family(

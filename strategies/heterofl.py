@@ -9,19 +9,25 @@ per round (sec. 3, "rolling sub-model extraction").
 
 What the round's numbers mean
 -----------------------------
-* ``accuracy``: example-weighted mean over the devices of their trained sub-model's
-  accuracy on local test data, with static BN recomputed on local training data (sBN,
-  HeteroFL sec. 3.2). There is no separate evaluation phase.
+* ``accuracy``: by default the example-weighted mean over the devices of their TRAINED
+  sub-model's accuracy on local test data, with static BN recomputed on local training
+  data (sBN, HeteroFL sec. 3.2): a personalised number, higher than FedAvg's evaluation
+  of the aggregated model. With ``global_sbn`` an evaluation phase sends the aggregated
+  full model to the devices that trained, and ``accuracy`` is its local-test accuracy
+  (each device's own sBN), as FedAvg's; the trained sub-models' number is then kept as
+  ``train_submodel_accuracy``.
 * ``global_accuracy`` (the server's ``evaluate_fn``): the full model (rate 1) on the global
   test set, in eval mode with the BN running statistics held in the cloud arrays. The
   cloud has no training data, so it cannot recompute sBN itself (HeteroFL's reference code
   does that on the server's copy of the training set; the paper's protocol queries the
-  clients). Here the devices' sBN statistics travel in the training replies and are
-  averaged per element like the weights; statistics of channels nobody covered stay those
-  of the previous round (at first, of the cloud's pre-training). For channels covered only
-  by narrower sub-models these statistics were measured in the narrower network, an
-  approximation of the full model's: treat ``global_accuracy`` as indicative, and
-  ``accuracy`` as HeteroFL's per-device result.
+  clients). By default those statistics are pooled from the trained sub-models' sBN
+  statistics that travel in the training replies (:func:`models.width.pooled_bn_statistics`:
+  example-weighted, law of total variance); statistics of channels nobody covered stay
+  those of the previous round (at first, of the cloud's pre-training). They were measured
+  with each device's locally trained (and possibly narrower) weights, not the aggregated
+  full model, so ``global_accuracy`` is then approximate. With ``global_sbn`` they are
+  pooled from the devices' sBN of the aggregated full model itself (the paper's query
+  protocol), at the cost of one full-model download per trained device and round.
 """
 
 from __future__ import annotations
@@ -110,6 +116,12 @@ class HeteroFL(EdgeCloudStrategy):
     weight_by_examples : bool
         Weight the covering average by ``num_examples``. False (default): plain count, as
         HeteroFL's and FedRolex's reference code (``fed.py`` ``combine``) do.
+    global_sbn : bool
+        After aggregation, send the full model to the devices that trained and pool the
+        BN statistics they measure on their data into the cloud model (HeteroFL sec. 3.2's
+        query protocol; its bytes are counted). The round's ``accuracy`` is then the full
+        model's on the devices' local test data, like FedAvg's evaluation. False (default):
+        no extra phase; the trained sub-models' pooled statistics are used (module docstring).
     **base
         :class:`EdgeCloudStrategy` arguments (per_round, seed, expected_devices,
         round_timeout_s, deadline_s, evaluate_fn, on_round).
@@ -125,6 +137,7 @@ class HeteroFL(EdgeCloudStrategy):
         round_budget_s: float | None = None,
         budget_quantile: float = DEFAULT_BUDGET_QUANTILE,
         weight_by_examples: bool = False,
+        global_sbn: bool = False,
         **base,
     ) -> None:
         super().__init__(**base)
@@ -139,6 +152,7 @@ class HeteroFL(EdgeCloudStrategy):
         self.round_budget_s = round_budget_s
         self.budget_quantile = budget_quantile
         self.weight_by_examples = weight_by_examples
+        self.global_sbn = global_sbn
         self.assigned: dict[int, float] = {}
 
     # ------------------------------------------------------------------ rates
@@ -209,16 +223,48 @@ class HeteroFL(EdgeCloudStrategy):
                 self.ledger.fail(pid, "train", f"rejected reply: {problem}")
                 self.ledger.completed.discard(pid)
                 continue
-            examples = float(reply.content["metrics"]["num_examples"])
+            examples = float(reply.content["metrics"].get("num_examples", 0))
             weight = examples if self.weight_by_examples else 1.0
             state = {key: arr.numpy() for key, arr in arrays.items()}
             updates.append(SubModelUpdate(state, self.assigned[pid], self._offset, weight, max(examples, 1.0)))
         metrics = self.mean_metrics([r for r in replies if self.partition_of(r) in self.ledger.completed])
+        if "accuracy" in metrics:  # kept in the round record even when an evaluation phase reports accuracy
+            metrics["submodel_accuracy"] = metrics["accuracy"]
         if not updates:
             return None, metrics or None
         merged = covering_average(self._state, updates)
         merged.update(pooled_bn_statistics(self._state, updates))
         return ArrayRecord({key: Array(value) for key, value in merged.items()}), metrics
+
+    def configure_evaluate(self, server_round, arrays, config, grid):
+        """With ``global_sbn``: the full model to the devices that trained, asking for BN statistics."""
+        self._evaluated = arrays
+        if not self.global_sbn:
+            return []
+        content = RecordDict({"arrays": arrays, "config": self.round_config(server_round, rate=1.0, statistics=True)})
+        trained = sorted(self.ledger.completed & set(self.assigned))
+        return self.messages_for(server_round, MessageType.EVALUATE, lambda pid: content, partition_ids=trained)
+
+    def aggregate_evaluate(self, server_round, replies):
+        """Pool the devices' BN statistics into the cloud model (in place); mean local accuracy."""
+        replies = list(replies)
+        updates = []
+        for reply in replies:
+            stats = reply.content.array_records.get("arrays")
+            examples = float(reply.content["metrics"].get("num_train_examples", 0))
+            if stats is None or examples <= 0 or has_non_finite(stats) is not None:
+                continue
+            updates.append(SubModelUpdate({k: a.numpy() for k, a in stats.items()}, 1.0, num_examples=examples))
+        if updates:
+            state = {key: arr.numpy() for key, arr in self._evaluated.items()}
+            try:
+                pooled = pooled_bn_statistics(state, updates)
+            except (KeyError, ValueError) as exc:
+                self.ledger.fail(None, "evaluate", f"BN statistics not pooled: {exc!r}")
+                pooled = {}
+            for key, value in pooled.items():
+                self._evaluated[key] = Array(value)  # the record evaluate_fn and the next round receive
+        return self.mean_metrics(replies, "num_examples") or None
 
     def _problem(self, pid: int, arrays: ArrayRecord | None, metrics) -> str | None:
         if pid not in self.assigned:

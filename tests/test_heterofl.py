@@ -150,6 +150,28 @@ def test_aggregate_train_rejects_a_reply_of_the_wrong_shape():
     assert arrays is not None
 
 
+def test_global_sbn_pools_the_devices_statistics_into_the_cloud_arrays():
+    strategy = _strategy(global_sbn=True)
+    state = {**_toy_state(), "bn.running_mean": np.full(4, 9.0, np.float32), "bn.running_var": np.full(4, 7.0, np.float32)}
+    cloud = _arrays(state)
+    strategy.assigned, strategy.ledger.completed = {0: 1.0, 1: 0.5}, {0, 1, 2}
+    messages = strategy.configure_evaluate(1, cloud, ConfigRecord(), None)
+    assert sorted(strategy._by_node[m.metadata.dst_node_id] for m in messages) == [0, 1]  # those that trained
+    assert dict(messages[0].content["config"]) == {"round": 1, "rate": 1.0, "statistics": True}
+    assert messages[0].content["arrays"]["stem.weight"].numpy().shape == (4, 2)  # the full model
+    replies = []
+    for msg, (mean, var, n) in zip(messages, [([0, 0, 0, 0], [1, 1, 1, 1], 10), ([4, 4, 4, 4], [1, 1, 1, 1], 30)]):
+        stats = {"bn.running_mean": np.array(mean, np.float32), "bn.running_var": np.array(var, np.float32)}
+        metrics = MetricRecord({"num_examples": 5, "num_train_examples": n, "accuracy": 0.2})
+        replies.append(Message(RecordDict({"arrays": _arrays(stats), "metrics": metrics}), reply_to=msg))
+    metrics = strategy.aggregate_evaluate(1, replies)
+    # mean (0 x 10 + 4 x 30) / 40 = 3; E[x^2] = (10 x 1 + 30 x 17) / 40 = 13; var 13 - 9 = 4
+    np.testing.assert_allclose(cloud["bn.running_mean"].numpy(), [3, 3, 3, 3])
+    np.testing.assert_allclose(cloud["bn.running_var"].numpy(), [4, 4, 4, 4])
+    assert metrics["accuracy"] == pytest.approx(0.2)
+    assert _strategy().configure_evaluate(1, cloud, ConfigRecord(), None) == []  # off by default
+
+
 def test_fedrolex_window_rolls_one_channel_per_round_and_wraps():
     budgets = {0: _budget(memory=60)}  # rate 0.5: 2 of 4 channels
     strategy = _strategy(FedRolex, budgets)
@@ -253,7 +275,21 @@ def test_client_query_reports_every_rates_costs():
 def test_client_evaluates_a_submodel_with_static_bn():
     reply = HeteroFLClient(_device()).handle("evaluate", _train_message(0.25, kind=MessageType.EVALUATE), None)
     metrics = reply.content["metrics"]
-    assert metrics["rate"] == 0.25 and metrics["num_examples"] == 6
+    assert metrics["rate"] == 0.25 and metrics["num_examples"] == 6 and metrics["num_train_examples"] == 12
+    assert "arrays" not in reply.content.array_records
+
+
+def test_client_answers_an_sbn_query_with_its_bn_statistics():
+    msg = _train_message(1.0, kind=MessageType.EVALUATE)
+    msg.content["config"] = ConfigRecord({"round": 3, "rate": 1.0, "statistics": True})
+    stats = HeteroFLClient(_device()).handle("evaluate", msg, None).content["arrays"]
+    assert set(stats.keys()) == {f"features.{i}.1.running_{s}" for i in (0, 2, 4) for s in ("mean", "var")}
+    assert stats["features.4.1.running_var"].numpy().shape == (4 * WIDTH,)
+    model = _net()  # the first BN's mean is the mean of the first conv's output on the training data
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    with torch.no_grad():
+        expected = model.features[0][0](_data(0).train_x).mean(dim=(0, 2, 3))
+    np.testing.assert_allclose(stats["features.0.1.running_mean"].numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- a whole round, in process
@@ -293,3 +329,16 @@ def test_a_full_round_discovers_assigns_trains_and_merges():
     assert record["downlink_bytes"] > 0 and record["uplink_bytes"] > 0 and math.isfinite(record["accuracy"])
     changed = [k for k in start.keys() if not np.array_equal(start[k].numpy(), out[k].numpy())]
     assert "classifier.weight" in changed
+
+
+def test_a_full_round_with_global_sbn_evaluates_the_full_model_on_the_devices():
+    handlers = {1000 + pid: HeteroFLClient(_device(pid)) for pid in range(2)}
+    records = []
+    strategy = HeteroFL(per_round=2, seed=0, expected_devices=2, round_budget_s=60.0, global_sbn=True, on_round=records.append)
+    grid = InProcessGrid(handlers)
+    strategy.discover(grid)
+    torch.manual_seed(0)
+    strategy.run_round(grid, 1, ArrayRecord(_net().state_dict()))
+    [record] = records
+    assert record["clients"] == [0, 1] and record["failures"] == []
+    assert 0 <= record["accuracy"] <= 1 and 0 <= record["train_submodel_accuracy"] <= 1

@@ -22,6 +22,7 @@ from models.width import (
     covering_average,
     extract,
     kept_channels,
+    pooled_bn_statistics,
     rate_costs,
     scaled_model,
     static_batch_norm,
@@ -183,6 +184,34 @@ def test_covering_average_rejects_wrong_shapes_and_weights():
         covering_average(_toy_state(), [SubModelUpdate(bad.arrays, 0.25)])
     with pytest.raises(ValueError, match="weights must be > 0"):
         covering_average(_toy_state(), [_update(0.5, [5, 6], weight=0.0)])
+
+
+def _stats_state():
+    return {
+        "stem.weight": np.zeros((4, 2), np.float32),
+        "bn.running_mean": np.full(4, 9.0, np.float32),
+        "bn.running_var": np.full(4, 7.0, np.float32),
+        "head.weight": np.zeros((3, 4), np.float32),
+    }
+
+
+def _stats(rate, mean, var, n):
+    state = extract(_stats_state(), rate)
+    state["bn.running_mean"], state["bn.running_var"] = np.array(mean, np.float32), np.array(var, np.float32)
+    return SubModelUpdate(state, rate, num_examples=n)
+
+
+def test_pooled_bn_statistics_follow_the_law_of_total_variance():
+    a = _stats(1.0, [0, 0, 0, 0], [1, 1, 1, 1], n=1)
+    b = _stats(0.5, [4, 4], [1, 1], n=3)
+    out = pooled_bn_statistics(_stats_state(), [a, b])
+    assert set(out) == {"bn.running_mean", "bn.running_var"}
+    # channels 0-1: mean (0 x 1 + 4 x 3) / 4 = 3; E[x^2] = (1 x 1 + 3 x (1 + 16)) / 4 = 13; var = 13 - 9 = 4
+    np.testing.assert_allclose(out["bn.running_mean"], [3, 3, 0, 0])
+    np.testing.assert_allclose(out["bn.running_var"], [4, 4, 1, 1])
+    alone = pooled_bn_statistics(_stats_state(), [b])  # channels 2-3 uncovered: keep 9 and 7
+    np.testing.assert_allclose(alone["bn.running_mean"], [4, 4, 9, 9])
+    np.testing.assert_allclose(alone["bn.running_var"], [1, 1, 7, 7])
 
 
 # --------------------------------------------------------------------------- surgery
