@@ -164,9 +164,10 @@ class ECLMClient(ClientHandler):
         budget = (float("inf"), comp, float(self.device.budget["memory_bytes"]))
         importance = self._local_importance(model, ids, samples, server_round)
         chosen = {mid: costs[mid] for mid in ids}
-        selection = Selection(ids=tuple(ids), forced=self._forced(importance, layer_of), importance=0.0, cost=None)
+        layers = {mid: layer_of[mid] for mid in ids}
+        selection = Selection(ids=tuple(ids), forced=self._forced(importance, layers), importance=0.0, cost=None)
         try:
-            fitted = fit_to_load(selection, importance, layer_of, chosen, shared, budget)
+            fitted = fit_to_load(selection, importance, layers, chosen, shared, budget)
         except InfeasibleBudget:
             return ids  # even the forced set is over: train what the cloud chose (counted as slow)
         return tuple(fitted.ids)

@@ -30,6 +30,9 @@ from models.modular_costs import ZERO_COST, ModuleCost, PartProfile, profile_par
 from models.modular_layer import ACTIVE_SUFFIX, ModuleLayer, module_id, module_of_key, parse_module_id
 from models.selector import LOAD_BALANCE_WEIGHT, UnifiedSelector, load_balance_loss, noisy_top_k
 
+#: Salt of the routing-noise seed ("nois"): keeps the noise stream apart from init seeds.
+NOISE_STREAM = 0x6E6F6973
+
 __all__ = [
     "ModuleCost", "ModuleLayer", "ModularNet", "RoutingInfo",
     "build_modular", "module_id", "module_of_key", "parse_module_id",
@@ -94,7 +97,17 @@ class ModularNet(nn.Module):
         Seeds the routing-noise generator (see :meth:`reseed_noise`).
     """
 
-    def __init__(self, trunk, layers, head, selector, config, input_shape, balance_weight=LOAD_BALANCE_WEIGHT, seed=0):
+    def __init__(
+        self,
+        trunk: nn.Module,
+        layers: list[ModuleLayer],
+        head: nn.Module,
+        selector: UnifiedSelector,
+        config: Mapping,
+        input_shape: tuple[int, ...],
+        balance_weight: float = LOAD_BALANCE_WEIGHT,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         self.selector, self.trunk = selector, trunk
         self.layers = nn.ModuleList(layers)
@@ -106,10 +119,16 @@ class ModularNet(nn.Module):
         self._profiles: dict[str, PartProfile] = {}
         self.reseed_noise(seed)
 
+    def __getstate__(self) -> dict:
+        """Copy and pickle without :attr:`last_routing` (its tensors belong to an autograd graph)."""
+        state = self.__dict__.copy()
+        state["last_routing"] = None
+        return state
+
     # ------------------------------------------------------------------ routing
     def reseed_noise(self, seed: int) -> None:
         """Restart the routing-noise stream from ``seed`` (e.g. per device and round)."""
-        draw = np.random.default_rng([int(seed), 0x6E6F6973]).integers(2**62)
+        draw = np.random.default_rng([int(seed), NOISE_STREAM]).integers(2**62)
         self._noise = torch.Generator().manual_seed(int(draw))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -191,7 +210,6 @@ class ModularNet(nn.Module):
         """
         chosen = self._checked_ids(ids)
         saved = [dict(layer.module_dict._modules) for layer in self.layers]
-        routing, self.last_routing = self.last_routing, None
         try:
             for l, layer in enumerate(self.layers):
                 for name in list(layer.module_dict):
@@ -202,7 +220,6 @@ class ModularNet(nn.Module):
             for layer, modules in zip(self.layers, saved):
                 layer.module_dict._modules.clear()
                 layer.module_dict._modules.update(modules)
-            self.last_routing = routing
         for l, layer in enumerate(sub.layers):
             layer.active.zero_()
             layer.active[sorted(chosen[l])] = True
@@ -251,12 +268,16 @@ class ModularNet(nn.Module):
 
     def _profile_all(self) -> None:
         """Measure every held module and the shared parts once (structure never changes)."""
+        missing = [
+            (l, i) for l, layer in enumerate(self.layers) for i in layer.held()
+            if i not in layer.residual and module_id(l, i) not in self._profiles
+        ]
+        if not missing and "shared" in self._profiles:
+            return
         shapes = self._part_input_shapes()
-        for l, layer in enumerate(self.layers):
-            for i in layer.held():
-                mid = module_id(l, i)
-                if mid not in self._profiles and i not in layer.residual:
-                    self._profiles[mid] = profile_part(layer.module_dict[f"m{i}"], shapes[l], input_grad=True)
+        for l, i in missing:
+            module = self.layers[l].module_dict[f"m{i}"]
+            self._profiles[module_id(l, i)] = profile_part(module, shapes[l], input_grad=True)
         if "shared" not in self._profiles:
             self._profiles["shared"] = (
                 profile_part(self.trunk, self.input_shape, input_grad=False)

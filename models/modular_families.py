@@ -102,7 +102,7 @@ def _resnet_head(channels: int, num_classes: int) -> nn.Sequential:
 
 
 def _plan_resnet18(num_classes, width, in_channels, image_size, shrink) -> FamilyPlan:
-    """CIFAR ResNet18 (kuangliu/pytorch-cifar layout): each stage of 2 basic blocks is a module layer."""
+    """CIFAR ResNet18 (kuangliu/pytorch-cifar stage layout, option-A shortcuts): each stage is a module layer."""
     layers = []
     for stage in range(4):
         c_in, c_out = width * 2 ** max(stage - 1, 0), width * 2**stage
@@ -111,7 +111,8 @@ def _plan_resnet18(num_classes, width, in_channels, image_size, shrink) -> Famil
             lambda c_in=c_in, c_out=c_out, s=stride: resnet_stage(c_in, _inner(c_out, shrink), c_out, 2, s),
             lambda c_in=c_in, c_out=c_out, s=stride: ResidualBypass(c_in, c_out, s),
         ))
-    return FamilyPlan(lambda: _resnet_stem(in_channels, width), layers, lambda: _resnet_head(8 * width, num_classes), "conv")
+    stem, head = lambda: _resnet_stem(in_channels, width), lambda: _resnet_head(8 * width, num_classes)
+    return FamilyPlan(stem, layers, head, "conv")
 
 
 def _plan_resnet34(num_classes, width, in_channels, image_size, shrink) -> FamilyPlan:
@@ -128,7 +129,8 @@ def _plan_resnet34(num_classes, width, in_channels, image_size, shrink) -> Famil
     c = 8 * width
     layers = [
         LayerPlan(
-            lambda c_in=c_in, s=s: BasicBlock(c_in, _inner(c, shrink), c, s), lambda c_in=c_in, s=s: ResidualBypass(c_in, c, s)
+            lambda c_in=c_in, s=s: BasicBlock(c_in, _inner(c, shrink), c, s),
+            lambda c_in=c_in, s=s: ResidualBypass(c_in, c, s),
         )
         for c_in, s in ((4 * width, 2), (c, 1), (c, 1))
     ]
@@ -262,24 +264,24 @@ def _wanted(module_ids, n_layers: int, n: int) -> list[set[int]] | None:
 
 
 @register_model("modular_mlp")
-def modular_mlp(num_classes: int, width: int, in_channels: int = 3) -> ModularNet:
+def modular_mlp(num_classes: int, width: int, in_channels: int = 3, **options) -> ModularNet:
     """ECLM's modular MLP: 1 module layer x 16 modules (ECLM 7.1)."""
-    return build_family("modular_mlp", num_classes, width, in_channels)
+    return build_family("modular_mlp", num_classes, width, in_channels, **options)
 
 
 @register_model("modular_resnet18")
-def modular_resnet18(num_classes: int, width: int, in_channels: int = 3) -> ModularNet:
+def modular_resnet18(num_classes: int, width: int, in_channels: int = 3, **options) -> ModularNet:
     """ECLM's modular CIFAR ResNet18: 4 module layers x 16 modules (ECLM 7.1)."""
-    return build_family("modular_resnet18", num_classes, width, in_channels)
+    return build_family("modular_resnet18", num_classes, width, in_channels, **options)
 
 
 @register_model("modular_vgg16")
-def modular_vgg16(num_classes: int, width: int, in_channels: int = 3) -> ModularNet:
+def modular_vgg16(num_classes: int, width: int, in_channels: int = 3, **options) -> ModularNet:
     """ECLM's modular VGG16: the last 3 blocks as 3 module layers x 32 modules (ECLM 7.1)."""
-    return build_family("modular_vgg16", num_classes, width, in_channels)
+    return build_family("modular_vgg16", num_classes, width, in_channels, **options)
 
 
 @register_model("modular_resnet34")
-def modular_resnet34(num_classes: int, width: int, in_channels: int = 3) -> ModularNet:
+def modular_resnet34(num_classes: int, width: int, in_channels: int = 3, **options) -> ModularNet:
     """ECLM's modular CIFAR ResNet34: the last 3 blocks as 3 module layers x 32 modules (ECLM 7.1)."""
-    return build_family("modular_resnet34", num_classes, width, in_channels)
+    return build_family("modular_resnet34", num_classes, width, in_channels, **options)
