@@ -57,3 +57,24 @@ def same_layout(record: ArrayRecord, reference: Mapping[str, tuple]) -> str | No
         if tuple(arr.shape) != tuple(reference[key]):
             return f"{key} has shape {tuple(arr.shape)}, expected {tuple(reference[key])}"
     return None
+
+
+def update_divergence(cloud: ArrayRecord, updates: Sequence[ArrayRecord]) -> float | None:
+    """Variance of client updates (ECLM Fig. 14's gradient divergence), per parameter element.
+
+    For every float key held by at least two updates, the updates ``d_k = w_k - w_cloud``
+    are compared with their mean over the holders; the result is
+    ``sum ||d_k - mean d||^2 / sum (holders x elements)``. None when no key is shared.
+    """
+    total, count = 0.0, 0
+    for key, cloud_arr in cloud.items():
+        base = cloud_arr.numpy()
+        if not np.issubdtype(base.dtype, np.floating):
+            continue
+        deltas = [u[key].numpy().astype(np.float64) - base for u in updates if key in u]
+        if len(deltas) < 2 or any(d.shape != base.shape for d in deltas):
+            continue
+        stacked = np.stack(deltas)
+        total += float(((stacked - stacked.mean(axis=0)) ** 2).sum())
+        count += stacked.size
+    return total / count if count else None

@@ -19,7 +19,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Rec
 
 from models.knapsack import InfeasibleBudget, select_modules
 from models.modular import module_of_key
-from strategies.aggregate import has_non_finite, weighted_average
+from strategies.aggregate import has_non_finite, update_divergence, weighted_average
 from strategies.base import EdgeCloudStrategy
 
 #: Prefix of the selector's keys in a modular network's state dict.
@@ -242,7 +242,12 @@ class ECLM(EdgeCloudStrategy):
         kept = [r for r in replies if self.partition_of(r) in self.ledger.completed]
         metrics = self.mean_metrics(kept)
         if updates:
-            metrics["submodel_fraction"] = float(np.mean([_bytes(a) for a, _, _ in updates])) / self.catalog.total_bytes
+            sizes = {str(self.partition_of(r)): _bytes(r.content["arrays"]) for r in kept}
+            metrics["submodel_fraction"] = float(np.mean(list(sizes.values()))) / self.catalog.total_bytes
+            metrics["submodel_bytes_by_device"] = sizes
+            divergence = update_divergence(self._cloud, [a for a, _, _ in updates])
+            if divergence is not None:
+                metrics["update_divergence"] = divergence
             return modulewise_average(self._cloud, updates), metrics
         return None, metrics or None
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flwr.app import ArrayRecord, MessageType, RecordDict
 
-from strategies.aggregate import has_non_finite, same_layout, weighted_average
+from strategies.aggregate import has_non_finite, same_layout, update_divergence, weighted_average
 from strategies.base import EdgeCloudStrategy
 
 
@@ -18,6 +18,7 @@ class FedAvg(EdgeCloudStrategy):
     def configure_train(self, server_round, arrays, config, grid):
         """Every cohort device gets the current cloud model."""
         self._layout = {key: tuple(arr.shape) for key, arr in arrays.items()}
+        self._cloud = arrays
         content = RecordDict({"arrays": arrays, "config": self.round_config(server_round)})
         return self.messages_for(server_round, MessageType.TRAIN, lambda pid: content)
 
@@ -38,6 +39,9 @@ class FedAvg(EdgeCloudStrategy):
         metrics = self.mean_metrics([r for r in replies if self.partition_of(r) in self.ledger.completed])
         if not usable:
             return None, metrics or None
+        divergence = update_divergence(self._cloud, usable)
+        if divergence is not None:
+            metrics["update_divergence"] = divergence
         return weighted_average(usable, weights), metrics
 
     def configure_evaluate(self, server_round, arrays, config, grid):

@@ -128,3 +128,30 @@ def test_bad_override_fails_fast_with_a_readable_message(tmp_path):
     assert result.returncode == 2
     assert "fleet.per_round=60 exceeds fleet.devices=6" in result.stderr
     assert not (tmp_path / "bad" / "results.json").exists()  # failed before Ray
+
+
+def test_eclm_end_to_end_sends_each_device_its_own_sub_model(tmp_path):
+    # A tight round budget makes the comm/compute knapsack bind per device class.
+    run = _run(
+        [
+            f"hydra.run.dir={tmp_path / 'eclm'}",
+            "algorithm=eclm",
+            "model=modular_mlp",
+            "model.width=16",
+            "model.modules_per_layer=8",
+            "algorithm.eclm.round_budget_s=0.4",
+            "algorithm.eclm.size_cap=1.0",
+            "algorithm.eclm.ability_epochs=1",
+            "fleet.per_round=5",
+        ],
+        tmp_path,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = _results(tmp_path / "eclm")
+    assert results["status"] == "completed"
+    sizes = {}
+    for record in results["rounds"]:
+        sizes.update(record.get("train_submodel_bytes_by_device") or {})
+        assert 0 < record["train_submodel_fraction"] <= 1.0
+    assert len(sizes) >= 3
+    assert len(set(sizes.values())) >= 2  # messages really differ in size per device budget

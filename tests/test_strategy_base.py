@@ -100,3 +100,16 @@ def test_cohort_never_exceeds_the_fleet():
 def test_per_round_must_be_positive():
     with pytest.raises(ValueError, match="per_round"):
         _Plain(per_round=0, seed=0, expected_devices=1)
+
+
+def test_update_divergence_by_hand():
+    from strategies.aggregate import update_divergence
+
+    cloud = _record(w=np.zeros(2, dtype=np.float32), n=np.array(1, dtype=np.int64))
+    a = _record(w=np.array([1.0, 0.0], dtype=np.float32), n=np.array(2, dtype=np.int64))
+    b = _record(w=np.array([3.0, 2.0], dtype=np.float32), n=np.array(3, dtype=np.int64))
+    # deltas [1,0] and [3,2]; mean [2,1]; squared deviations 1+1+1+1 = 4 over 4 elements
+    assert update_divergence(cloud, [a, b]) == pytest.approx(1.0)
+    assert update_divergence(cloud, [a]) is None  # one holder: nothing to compare
+    partial = _record(v=np.ones(3, dtype=np.float32))
+    assert update_divergence(cloud, [a, partial]) is None
