@@ -85,7 +85,11 @@ class ECLMClient(ClientHandler):
         server_round = round_of(msg)
         device, options = self.device, self.device.options
         ids = self._module_ids(msg)
-        model = self._full_model().extract(ids)
+        full = self._full_model()
+        try:
+            model = full.extract(ids)
+        except ValueError as exc:  # unknown, malformed or layer-emptying module ids
+            raise MalformedMessage(f"config 'modules' does not name a sub-model of this network: {exc}") from exc
         arrays = msg.content.array_records.get("arrays")
         if arrays is None:
             raise MalformedMessage("message has no array record 'arrays'")

@@ -32,7 +32,9 @@ METHODS = {
 BEGIN, END = "<!-- eclm-claims:begin -->", "<!-- eclm-claims:end -->"
 
 
-def run_one(method: str, classes: int, seed: int, rounds: int, devices: int, per_round: int, out: Path) -> dict:
+def run_one(
+    method: str, classes: int, seed: int, rounds: int, devices: int, per_round: int, out: Path, extra: list[str]
+) -> dict:
     """One ``experiments.run`` of ``method``; returns its results.json (or a failure record)."""
     run_dir = out / f"m{classes}" / method / f"seed{seed}"
     if (run_dir / "results.json").exists() and json.loads((run_dir / "results.json").read_text())["status"] == "completed":
@@ -46,6 +48,7 @@ def run_one(method: str, classes: int, seed: int, rounds: int, devices: int, per
         f"fleet.per_round={per_round}",
         f"seed={seed}",
         f"hydra.run.dir={run_dir}",
+        *extra,
     ]
     proc = subprocess.run([sys.executable, "-m", "experiments.run", *overrides], cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -133,13 +136,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--classes", type=int, nargs="+", default=[2, 5])
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "claims_eclm")
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "RESULTS.md")
+    parser.add_argument(
+        "--shift", default="fog", help="corruption of every device's data (the cloud's proxy stays clean); 'none' for clean"
+    )
+    parser.add_argument("--severity", type=int, default=5)
     args = parser.parse_args(argv)
     started = time.time()
     results = {}
+    shifted = args.shift != "none"
+    extra = [f"scenario.corruptions=[{args.shift}]", f"scenario.severity={args.severity}"] if shifted else []
+    out = args.out / (f"{args.shift}{args.severity}" if shifted else "clean")
     for classes in args.classes:
         for method in METHODS:
             results[(classes, method)] = run_one(
-                method, classes, args.seed, args.rounds, args.devices, args.per_round, args.out
+                method, classes, args.seed, args.rounds, args.devices, args.per_round, out, extra
             )
             print(f"{classes} classes {method}: {results[(classes, method)]['summary'].get('final_accuracy')}", flush=True)
     elapsed = time.time() - started
@@ -147,6 +157,13 @@ def main(argv: list[str] | None = None) -> int:
     body = "\n".join(
         [
             "## ECLM Table 1 on digits (label skew)",
+            "",
+            (
+                f"Edge data: {args.shift} at severity {args.severity} (the cloud pre-trains on the clean proxy "
+                "part; on clean digits the pre-trained model already scores ~99 % and every method saturates)."
+                if shifted
+                else "Edge data: clean."
+            ),
             "",
             f"Command: `{command.strip()}` ({args.devices} devices, {args.per_round} per round, "
             f"{args.rounds} rounds, seed {args.seed}). Machine: {platform.machine()}, "

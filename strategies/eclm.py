@@ -190,6 +190,11 @@ class ECLM(EdgeCloudStrategy):
                 self.ledger.fail(pid, "profile", "importance record missing or not one value per module")
                 self.ledger.completed.discard(pid)
                 continue
+            bad = sorted(k for k, v in record.items() if not isinstance(v, (int, float)) or not 0 <= v < np.inf)
+            if bad:  # the knapsack would raise on these and end the round for everyone
+                self.ledger.fail(pid, "profile", f"importance of {bad} is not a finite number >= 0")
+                self.ledger.completed.discard(pid)
+                continue
             self.importance[pid] = {k: float(v) for k, v in record.items()}
         return sorted(self.importance)
 

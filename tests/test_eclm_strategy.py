@@ -195,7 +195,7 @@ def test_derive_respects_the_size_cap_and_the_compute_budget():
     strategy.devices[0] = DeviceInfo(0, 100, 10, _rich(1e9))
     strategy.importance[0] = dict(HAND_IMPORTANCE)
     assert strategy.derive(0) == ("l0.m1", "l1.m0")
-    # compute: 10 s * 13 FLOP/s / (10 samples * 1 epoch) = 13 FLOPs per sample = 100 shared... too small
+    # compute: 10 s * 13 FLOP/s / (10 samples * 1 epoch) = 13 FLOPs per sample < 100 of the shared part
     slow = _hand_strategy()
     slow.devices[0] = DeviceInfo(0, 100, 10, {**_rich(1e9), "flops_per_s": 13.0})
     slow.importance[0] = dict(HAND_IMPORTANCE)
@@ -206,6 +206,44 @@ def test_derive_respects_the_size_cap_and_the_compute_budget():
     # num_examples 0 (unknown) falls back to samples_per_device (10)
     slow.devices[0] = DeviceInfo(0, 100, 0, {**_rich(1e9), "flops_per_s": 131.0})
     assert slow.derive(0) == ("l0.m1", "l0.m2", "l1.m0")
+
+
+class _ScriptedGrid:
+    """Answers each message with ``answer(partition_id, message)``."""
+
+    def __init__(self, strategy, answer):
+        self.strategy, self.answer = strategy, answer
+
+    def send_and_receive(self, messages, timeout=None):
+        return [self.answer(self.strategy._by_node[m.metadata.dst_node_id], m) for m in messages]
+
+
+def test_profile_keeps_only_devices_with_one_finite_importance_per_module():
+    strategy = _hand_strategy()
+    for pid in range(4):
+        strategy.devices[pid] = DeviceInfo(pid, 100 + pid, 10, _rich(1e9))
+        strategy._by_node[100 + pid] = pid
+    reported = {
+        0: dict(HAND_IMPORTANCE),
+        1: {k: v for k, v in HAND_IMPORTANCE.items() if k != "l1.m1"},  # one module missing
+        2: {**HAND_IMPORTANCE, "l0.m0": float("nan")},
+        3: {**HAND_IMPORTANCE, "l1.m0": -0.5},
+    }
+
+    def answer(pid, msg):
+        assert set(msg.content["selector"].keys()) == {"selector.w"}  # only the selector travels
+        content = RecordDict({"metrics": MetricRecord({"num_examples": 10}),
+                              "importance": MetricRecord(reported[pid])})
+        return Message(content, reply_to=msg)
+
+    cloud = _record(selector__w=_f32(1.0), head__w=_f32(2.0))
+    assert strategy.profile(_ScriptedGrid(strategy, answer), 1, cloud) == [0]
+    assert strategy.importance == {0: HAND_IMPORTANCE}
+    failed = {f["partition_id"]: f for f in strategy.ledger.failures}
+    assert sorted(failed) == [1, 2, 3] and all(f["phase"] == "profile" for f in failed.values())
+    assert "not one value per module" in failed[1]["reason"]
+    assert "l0.m0" in failed[2]["reason"] and "l1.m0" in failed[3]["reason"]
+    assert strategy.ledger.completed == {0}
 
 
 # --------------------------------------------------------------------------- reply checks
@@ -361,7 +399,11 @@ def test_one_round_profiles_derives_sends_and_aggregates_module_wise():
     assert all(abs(sum(imp.values()) - 1.0) < 1e-5 for imp in strategy.importance.values())
     assert [f["phase"] for f in strategy.ledger.failures] == ["derive"]
     assert strategy.ledger.failures[0]["partition_id"] == 0
-    assert len(strategy.selections[1]) <= 2 and len(strategy.selections[2]) == 4  # residual m3 costs nothing
+    # device 1: its most important shrunk module plus the residual bypass m3 (costs nothing)
+    shrunk = ("l0.m0", "l0.m1", "l0.m2")
+    best = max(shrunk, key=strategy.importance[1].get)
+    assert strategy.selections[1] == tuple(sorted((best, "l0.m3")))
+    assert strategy.selections[2] == ("l0.m0", "l0.m1", "l0.m2", "l0.m3")
     for msg in messages:
         pid = strategy._by_node[msg.metadata.dst_node_id]
         ids = strategy.selections[pid]
