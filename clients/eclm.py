@@ -127,11 +127,14 @@ class ECLMClient(ClientHandler):
 
     # ------------------------------------------------------------------ helpers
     def _full_model(self) -> ModularNet:
-        model = self.device.build_model()
-        if not isinstance(model, ModularNet):
-            raise MalformedMessage("ECLM needs a modular network (model.name=modular_*)")
-        model.balance_weight = float(self.device.options.get("load_balance_weight", model.balance_weight))
-        return model
+        """The device's full modular network, built once per handler (a message)."""
+        if getattr(self, "_template", None) is None:
+            model = self.device.build_model()
+            if not isinstance(model, ModularNet):
+                raise MalformedMessage("ECLM needs a modular network (model.name=modular_*)")
+            model.balance_weight = float(self.device.options.get("load_balance_weight", model.balance_weight))
+            self._template = model
+        return self._template
 
     def _module_ids(self, msg: Message) -> tuple[str, ...]:
         config = msg.content.config_records.get("config")

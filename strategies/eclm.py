@@ -18,7 +18,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from models.knapsack import InfeasibleBudget, select_modules
-from models.modular import module_of_key
+from models.modular import module_of_key, parse_module_id
 from strategies.aggregate import has_non_finite, update_divergence, weighted_average
 from strategies.base import EdgeCloudStrategy
 
@@ -90,16 +90,11 @@ def submodel_arrays(full: ArrayRecord, ids: Sequence[str], layer_sizes: Sequence
     for layer, size in enumerate(layer_sizes):
         mask = np.zeros(size, dtype=bool)
         for module_id in chosen:
-            lay, idx = _parse_id(module_id)
+            lay, idx = parse_module_id(module_id)
             if lay == layer:
                 mask[idx] = True
         out[f"layers.{layer}{ACTIVE_SUFFIX}"] = Array(mask)
     return ArrayRecord(out)
-
-
-def _parse_id(module_id: str) -> tuple[int, int]:
-    layer, index = module_id.split(".")
-    return int(layer[1:]), int(index[1:])
 
 
 def modulewise_average(
@@ -129,7 +124,8 @@ def modulewise_average(
             weights = [max(float(imp.get(owner, 0.0)), 0.0) for _, imp, _ in holders]
             if sum(weights) <= 0:  # every holder reported zero importance: plain mean
                 weights = [1.0] * len(holders)
-        out[key] = weighted_average([ArrayRecord({key: a}) for a, _, _ in holders], weights)[key]
+        mean = weighted_average([ArrayRecord({key: a}) for a, _, _ in holders], weights)[key].numpy()
+        out[key] = Array(mean.astype(cloud_value.numpy().dtype, copy=False))  # the cloud's dtype rules
     return ArrayRecord(out)
 
 
