@@ -108,6 +108,7 @@ class HeteroflOptions:
     budget_quantile: float = 0.5  # which device's round time sets the default budget (assumption)
     weight_by_examples: bool = False  # both reference codes average covering clients by count
     global_sbn: bool = True  # evaluate the aggregated full model on devices (HeteroFL 3.2), comparable to FedAvg
+    multirate_epochs: int = 2  # cloud passes over every width so the pre-trained model can be cut (assumption)
 
 
 @dataclass(frozen=True)

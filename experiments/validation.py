@@ -69,6 +69,7 @@ def _validate_training(cfg: RunConfig) -> None:
     if hfl.round_budget_s is not None:
         _check(hfl.round_budget_s > 0, "algorithm.heterofl.round_budget_s", "must be > 0 or null", hfl.round_budget_s)
     _check(0 < hfl.budget_quantile <= 1, "algorithm.heterofl.budget_quantile", "must be in (0, 1]", hfl.budget_quantile)
+    _check(hfl.multirate_epochs >= 0, "algorithm.heterofl.multirate_epochs", "must be >= 0", hfl.multirate_epochs)
     pre = cfg.pretrain
     _check(pre.epochs >= 0, "pretrain.epochs", "must be >= 0", pre.epochs)
     _check(pre.lr > 0, "pretrain.lr", "must be > 0", pre.lr)
