@@ -58,6 +58,8 @@ class Algorithm:
         ``cfg -> dict``: what devices read from ``Device.options``.
     check_model : callable
         ``model -> None``; raises ConfigError if the algorithm cannot use the network.
+    default_model : str
+        The network ``model.name=auto`` (the default) resolves to.
     """
 
     name: str
@@ -69,6 +71,7 @@ class Algorithm:
     strategy_args: Callable[..., dict] = _no_args
     client_options: Callable[..., dict] = _no_args
     check_model: Callable[[nn.Module], None] = _any_model
+    default_model: str = "cnn"
 
 
 ALGORITHMS: dict[str, Algorithm] = {
@@ -105,6 +108,7 @@ ALGORITHMS: dict[str, Algorithm] = {
             cloud_training=an_setup.cloud_training,
             strategy_args=an_setup.strategy_args,
             check_model=an_setup.check_model,
+            default_model="multibranch_cnn",
         ),
         Algorithm(
             "eclm",
@@ -116,6 +120,7 @@ ALGORITHMS: dict[str, Algorithm] = {
             strategy_args=eclm_setup.strategy_args,
             client_options=eclm_setup.client_options,
             check_model=eclm_setup.check_model,
+            default_model="modular_resnet18",
         ),
     )
 }

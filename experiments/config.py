@@ -35,11 +35,30 @@ from experiments.validation import ConfigError, validate  # noqa: F401
 
 
 # --------------------------------------------------------------------------- building
-def from_dict(raw: Mapping[str, Any]) -> RunConfig:
-    """Build and validate a :class:`RunConfig` from a nested mapping (Hydra's, after resolve)."""
+def from_dict(raw: Mapping[str, Any], resolve_model: bool = True) -> RunConfig:
+    """Build and validate a :class:`RunConfig` from a nested mapping (Hydra's, after resolve).
+
+    ``resolve_model`` turns ``model.name=auto`` into the algorithm's network (off only to
+    write the flat defaults Flower keeps, where ``auto`` must stay ``auto``).
+    """
     cfg = _build(RunConfig, raw, "")
+    if not resolve_model:
+        return cfg
+    cfg = resolve_auto_model(cfg)
     validate(cfg)
     return cfg
+
+
+def resolve_auto_model(cfg: RunConfig) -> RunConfig:
+    """``model.name=auto`` becomes the algorithm's own network (e.g. ECLM's modular ResNet18)."""
+    if cfg.model.name != "auto":
+        return cfg
+    from experiments.algorithms import ALGORITHMS
+
+    algorithm = ALGORITHMS.get(cfg.algorithm.name)
+    if algorithm is None:
+        return cfg  # validation names the unknown algorithm
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=algorithm.default_model))
 
 
 def from_hydra(cfg: Any) -> RunConfig:

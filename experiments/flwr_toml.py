@@ -24,7 +24,7 @@ def default_flat_config() -> dict:
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=["output_dir=null"])
-    return to_flat(from_dict(OmegaConf.to_container(cfg, resolve=True)))
+    return to_flat(from_dict(OmegaConf.to_container(cfg, resolve=True), resolve_model=False))
 
 
 def render_table(flat: dict) -> str:

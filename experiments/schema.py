@@ -75,7 +75,7 @@ class FleetConfig:
 class ModelConfig:
     """The network the cloud pre-trains and devices adapt."""
 
-    name: str = "cnn"  # registered in models/ (cnn | mlp | resnet18 | modular_* | multibranch_*)
+    name: str = "auto"  # auto: the algorithm's own network (experiments/algorithms.py); or a registered name
     width: int = 16  # channels of the first conv stage / hidden units (cnn: ~24k parameters)
     # Modular families only (ECLM 4.1-4.2); None keeps the family's default (models/modular_families.py).
     top_k: int | None = None  # modules active per sample and layer
@@ -115,7 +115,7 @@ class HeteroflOptions:
 class AlgorithmConfig:
     """The adaptation algorithm and its local-training settings."""
 
-    name: str = "fedavg"  # registered in experiments/algorithms.py
+    name: str = "eclm"  # registered in experiments/algorithms.py; ECLM is the project's default
     local_epochs: int = 3  # ECLM 7.1: 3 local epochs per round
     lr: float = 1e-3  # ECLM 7.1
     batch_size: int = 16  # ECLM 7.1

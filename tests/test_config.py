@@ -20,18 +20,28 @@ def _hydra(*overrides):
 
 def test_hydra_defaults_build_a_valid_config():
     cfg = from_hydra(_hydra())
-    assert cfg.algorithm.name == "fedavg"
+    assert cfg.algorithm.name == "eclm" and cfg.model.name == "modular_resnet18"  # model=auto resolved
     assert cfg.fleet.devices == 100 and cfg.fleet.per_round == 10
     assert cfg.dataset.partition.size_min == 50 and cfg.dataset.partition.size_max == 150
 
 
 def test_dataclass_defaults_equal_the_hydra_tree():
-    assert from_hydra(_hydra()) == RunConfig()
+    assert from_hydra(_hydra()) == from_dict({})
+    assert RunConfig().model.name == "auto"
+
+
+def test_auto_model_follows_the_algorithm():
+    assert from_hydra(_hydra("algorithm=fedavg")).model.name == "cnn"
+    assert from_hydra(_hydra("algorithm=an")).model.name == "multibranch_cnn"
+    assert from_hydra(_hydra("algorithm=fedavg", "model=resnet18")).model.name == "resnet18"
 
 
 def test_pyproject_flower_config_is_the_flat_hydra_default():
     table = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    assert table == to_flat(from_hydra(_hydra())), "run: python -m experiments.flwr_toml"
+    from experiments.flwr_toml import default_flat_config
+
+    assert table == default_flat_config(), "run: python -m experiments.flwr_toml"
+    assert table["model.name"] == "auto" and from_flat(table).model.name == "modular_resnet18"
 
 
 def test_flat_and_nested_doors_agree():

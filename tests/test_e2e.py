@@ -44,6 +44,8 @@ HOST_TIMES = {"wall_time_s", "train_wall_time_s"}
 def _run(args: list[str], tmp_path: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     flags = [a for a in args if a.startswith("-")]  # Hydra wants its flags before overrides
     overrides = [a for a in args if not a.startswith("-")]
+    if not any(a.startswith("algorithm=") for a in overrides):
+        overrides.insert(0, "algorithm=fedavg")  # the platform's tests run FedAvg unless told
     cmd = [sys.executable, "-m", "experiments.run", *flags, *SMALL, f"pretrain.cache_dir={tmp_path / 'cache'}", *overrides]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
 

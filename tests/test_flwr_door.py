@@ -79,12 +79,13 @@ def _comparable(rounds):
 
 def test_flwr_run_matches_the_hydra_door(tmp_path, superlink):
     cache = f"pretrain.cache_dir={tmp_path / 'cache'}"
+    small = ["algorithm=fedavg", *SMALL]
     hydra = subprocess.run(
-        [sys.executable, "-m", "experiments.run", *SMALL, cache, f"hydra.run.dir={tmp_path / 'hydra'}"],
+        [sys.executable, "-m", "experiments.run", *small, cache, f"hydra.run.dir={tmp_path / 'hydra'}"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert hydra.returncode == 0, hydra.stderr[-3000:]
-    run_config = _flat([*SMALL, cache, f"output_dir={tmp_path / 'flwr'}"])
+    run_config = _flat([*small, cache, f"output_dir={tmp_path / 'flwr'}"])
     flwr = subprocess.run(
         [str(BIN / "flwr"), "run", ".", "edgecloud-test", "--stream", "--run-config", run_config,
          "--federation-config", "num-supernodes=6"],

@@ -95,7 +95,7 @@ def test_run_config_dataclass_is_stored_as_plain_json(tmp_path):
     ResultsWriter(tmp_path, RunConfig(seed=7))
     config = read_strict(tmp_path / "results.json")["config"]
     assert config["seed"] == 7
-    assert config["algorithm"]["name"] == "fedavg"
+    assert config["algorithm"]["name"] == RunConfig().algorithm.name
     assert config["scenario"]["corruptions"] == []
 
 
