@@ -42,7 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from models.costs import parameter_bytes, train_flops_per_sample, training_memory_bytes
 from models.modular_blocks import BasicBlock, conv_bn
 from models.registry import register_model
-from models.training import TrainSettings, make_optimizer, make_scheduler
+from models.training import TrainSettings, run_epochs
 
 #: Hidden-width ratios of a stage's branches, widest first (the brief; the same rates as
 #: HeteroFL's 1, 1/2, 1/4 and ECLM's shrunk modules).
@@ -379,7 +379,7 @@ def train_supernet(
     """Cloud pre-training of the supernet by path sampling (the module docstring gives the rule).
 
     Same signature and return value as :func:`models.training.train_epochs`: batches come
-    from a ``torch.Generator`` and paths from ``np.random.default_rng([seed,
+    from :func:`models.training.run_epochs` and paths from ``np.random.default_rng([seed,
     SUPERNET_STREAM])``, so the same call gives the same weights. Each step sums the
     cross-entropy gradients of :func:`sandwich_paths` and takes one optimizer step.
 
@@ -397,34 +397,19 @@ def train_supernet(
         raise ValueError(f"x has {len(x)} samples but y has {len(y)}; pass matching tensors")
     if len(x) == 0 or settings.epochs <= 0:
         return float("nan")
-    generator = torch.Generator().manual_seed(int(seed))
     rng = np.random.default_rng([int(seed), SUPERNET_STREAM])
-    optimizer = make_optimizer(model.parameters(), settings)
-    scheduler = make_scheduler(optimizer, settings, settings.epochs * -(-len(x) // settings.batch_size))
     loss_fn = nn.CrossEntropyLoss()
-    model.train()
-    last = float("nan")
-    for _ in range(settings.epochs):
-        order = torch.randperm(len(x), generator=generator)
-        total, count = 0.0, 0
-        for start in range(0, len(x), settings.batch_size):
-            idx = order[start : start + settings.batch_size]
-            if len(idx) < 2 and count > 0:  # BatchNorm cannot train on one sample
-                continue
-            paths = sandwich_paths(model, rng, random_paths, sandwich)
-            optimizer.zero_grad(set_to_none=True)
-            step_loss = 0.0
-            for path in paths:
-                loss = loss_fn(model(x[idx], path), y[idx])
-                loss.backward()
-                step_loss += float(loss.detach())
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            total += step_loss / len(paths) * len(idx)
-            count += len(idx)
-        last = total / max(count, 1)
-    return last
+
+    def step(idx: torch.Tensor) -> float:
+        paths = sandwich_paths(model, rng, random_paths, sandwich)
+        step_loss = 0.0
+        for path in paths:
+            loss = loss_fn(model(x[idx], path), y[idx])
+            loss.backward()
+            step_loss += float(loss.detach())
+        return step_loss / len(paths)
+
+    return run_epochs(model, len(x), settings, seed, step)
 
 
 @torch.no_grad()
