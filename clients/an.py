@@ -49,7 +49,8 @@ from clients.base import (
 )
 from models.clock import compute_time_s
 from models.costs import parameter_bytes
-from models.multibranch import BranchPath, MultiBranchNet, recalibrate_batchnorm
+from models.multibranch import BranchPath, MultiBranchNet
+from models.multibranch_training import recalibrate_batchnorm
 from models.training import accuracy, train_epochs
 
 #: Share of the local training data held out to rank candidate paths (assumption: the

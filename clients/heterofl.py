@@ -17,17 +17,8 @@ from torch import nn
 from clients.base import ClientHandler, DeviceTensors, MalformedMessage, content_reply, derive_seed, round_of
 from models.clock import compute_time_s
 from models.training import accuracy, train_epochs
-from models.width import (
-    RUNNING_MEAN,
-    RUNNING_VAR,
-    WIDTH_RATES,
-    RateCost,
-    check_rate,
-    costs_to_record,
-    rate_costs,
-    scaled_model,
-    static_batch_norm,
-)
+from models.width import RUNNING_MEAN, RUNNING_VAR, WIDTH_RATES, check_rate
+from models.width_layers import RateCost, costs_to_record, rate_costs, scaled_model, static_batch_norm
 
 #: Suffixes of the BN running statistics sent back by an sBN query (torch BatchNorm buffer names).
 BN_STATISTICS = (f".{RUNNING_MEAN}", f".{RUNNING_VAR}")

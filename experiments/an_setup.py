@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from experiments.config import ConfigError, RunConfig
-from models.multibranch import MultiBranchNet, train_supernet
+from models.multibranch import MultiBranchNet
+from models.multibranch_training import train_supernet
 from models.training import TrainSettings
 
 
@@ -17,7 +18,7 @@ def check_model(model: nn.Module) -> None:
 
 
 def cloud_training(cfg: RunConfig, model: MultiBranchNet, x: torch.Tensor, y: torch.Tensor, data) -> None:
-    """Pre-train the supernet on the proxy part with the sandwich rule (models/multibranch.py)."""
+    """Pre-train the supernet on the proxy part with the sandwich rule (models/multibranch_training.py)."""
     check_model(model)
     pre = cfg.pretrain
     train_supernet(model, x, y, TrainSettings(pre.epochs, pre.lr, pre.batch_size, "adam", schedule=pre.schedule), cfg.seed)

@@ -10,8 +10,8 @@ from torch import nn
 from experiments.config import ConfigError, RunConfig
 from experiments.networks import build_run_model
 from models.training import TrainSettings, train_epochs
-from models.width import SubModelUpdate, covering_average, extract, scaled_model, static_batch_norm
-from models.width import check_width_scalable
+from models.width import SubModelUpdate, covering_average, extract
+from models.width_layers import check_width_scalable, scaled_model, static_batch_norm
 
 
 def check_model(model: nn.Module) -> None:

@@ -10,14 +10,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from models.ability import ability_loss, load_matrix, solve_mask, subtask_of_class, target_gates
 from models.modular import ModularNet
-from models.training import TrainSettings, make_optimizer, make_scheduler, train_epochs
+from models.training import TrainSettings, run_epochs, train_epochs
 
 #: Samples per forward pass when measuring routing mass (memory bound only).
 ROUTING_BATCH = 512
@@ -67,35 +67,25 @@ def train_ability(
     ability: AbilitySettings,
     seed: int,
 ) -> float:
-    """ECLM 4.3 module ability-enhancing fine-tuning; returns the last epoch's mean loss."""
+    """ECLM 4.3 module ability-enhancing fine-tuning; returns the last epoch's mean loss.
+
+    Runs ``ability.epochs`` epochs of :func:`models.training.run_epochs` (``settings``
+    gives the batch size, optimizer and schedule) with the loss
+    ``CE + kl_weight * KL(g, g_label) + LoadBalance``.
+    """
     subtask_of = subtask_of_class(subtasks, num_classes)
     sample_subtask = subtask_of[y.numpy()]
     targets = routing_targets(model, x, sample_subtask, len(subtasks), ability)
     sample_subtask = torch.as_tensor(sample_subtask)
-    generator = torch.Generator().manual_seed(int(seed))
-    optimizer = make_optimizer(model.parameters(), settings)
-    steps = ability.epochs * -(-len(x) // settings.batch_size)
-    scheduler = make_scheduler(optimizer, settings, steps)
-    model.train()
     model.reseed_noise(seed)
-    last = float("nan")
-    for _ in range(ability.epochs):
-        order = torch.randperm(len(x), generator=generator)
-        total = 0.0
-        for start in range(0, len(x), settings.batch_size):
-            idx = order[start : start + settings.batch_size]
-            if len(idx) < 2:
-                continue
-            optimizer.zero_grad(set_to_none=True)
-            logits = model(x[idx])
-            probs = model.gate_probs(x[idx])
-            wanted = [t[sample_subtask[idx]] for t in targets]
-            loss = ability_loss(logits, y[idx], probs, wanted, ability.kl_weight)
-            loss = loss + model.last_routing.load_balance_loss
-            loss.backward()
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            total += float(loss.detach()) * len(idx)
-        last = total / max(len(x), 1)
-    return last
+
+    def step(idx: torch.Tensor) -> float:
+        logits = model(x[idx])
+        probs = model.gate_probs(x[idx])
+        wanted = [t[sample_subtask[idx]] for t in targets]
+        loss = ability_loss(logits, y[idx], probs, wanted, ability.kl_weight)
+        loss = loss + model.last_routing.load_balance_loss
+        loss.backward()
+        return float(loss.detach())
+
+    return run_epochs(model, len(x), replace(settings, epochs=ability.epochs), seed, step)

@@ -15,14 +15,8 @@ Costs of a path (bytes, training FLOPs per sample, training memory) are measured
 summed: each of the three measures is a sum over the network's modules, so the sum equals
 the measurement on the extracted network (tests pin this).
 
-Cloud pre-training (:func:`train_supernet`) samples paths per step. AdaptiveNet's reference
-code (wenh18/AdaptiveNet, ``classification_train.py``) trains one random subnet per step;
-following the brief we add the *sandwich rule* of slimmable networks (Yu & Huang, ICCV
-2019, "Universally Slimmable Networks", also used by once-for-all and BigNAS): every step
-trains the largest path, the smallest path and ``random_paths`` random paths (2 in
-US-Nets), summing their gradients before one optimizer step. We use plain cross-entropy on
-the labels for every path (no in-place or teacher distillation: AdaptiveNet's first stage
-distils from the original pre-trained model, which this project does not have).
+Training the supernet (the sandwich rule) and recalibrating a path's BatchNorm statistics
+live in :mod:`models.multibranch_training`; their names stay importable from here.
 """
 
 from __future__ import annotations
@@ -34,7 +28,6 @@ import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -42,19 +35,12 @@ from torch.utils.flop_counter import FlopCounterMode
 from models.costs import parameter_bytes, train_flops_per_sample, training_memory_bytes
 from models.modular_blocks import BasicBlock, conv_bn
 from models.registry import register_model
-from models.training import TrainSettings, make_optimizer, make_scheduler
 
 #: Hidden-width ratios of a stage's branches, widest first (the brief; the same rates as
 #: HeteroFL's 1, 1/2, 1/4 and ECLM's shrunk modules).
 BRANCH_WIDTH_RATIOS = (1.0, 0.5, 0.25)
 #: Side of the square input images the registered supernets are built for (CIFAR, digits).
 IMAGE_SIDE = 32
-#: Random paths per step besides the largest and smallest (US-Nets' sandwich rule: n = 2).
-SANDWICH_RANDOM_PATHS = 2
-#: Stream tag that separates supernet path draws from other uses of the seed.
-SUPERNET_STREAM = 0x5B
-#: Batch size of BatchNorm recalibration passes (inference only, no gradients kept).
-RECALIBRATION_BATCH = 64
 
 #: A path through the supernet: one branch index per stage.
 BranchPath = tuple[int, ...]
@@ -353,105 +339,6 @@ def _forward_flops_per_sample(module: nn.Module, input_shape: tuple[int, ...]) -
     return float(counter.get_total_flops())
 
 
-# --------------------------------------------------------------------------- training
-def sandwich_paths(
-    model: MultiBranchNet, rng: np.random.Generator, random_paths: int = SANDWICH_RANDOM_PATHS, sandwich: bool = True
-) -> list[BranchPath]:
-    """Paths of one training step: largest and smallest (if ``sandwich``), then random ones."""
-    if random_paths < 0 or (random_paths == 0 and not sandwich):
-        raise ValueError(f"random_paths={random_paths} with sandwich={sandwich} trains no path; use random_paths >= 1")
-    paths = [model.largest_path(), model.smallest_path()] if sandwich else []
-    for _ in range(random_paths):
-        paths.append(tuple(int(rng.integers(n)) for n in model.num_branches))
-    return paths
-
-
-def train_supernet(
-    model: MultiBranchNet,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    settings: TrainSettings,
-    seed: int,
-    *,
-    random_paths: int = SANDWICH_RANDOM_PATHS,
-    sandwich: bool = True,
-) -> float:
-    """Cloud pre-training of the supernet by path sampling (the module docstring gives the rule).
-
-    Same signature and return value as :func:`models.training.train_epochs`: batches come
-    from a ``torch.Generator`` and paths from ``np.random.default_rng([seed,
-    SUPERNET_STREAM])``, so the same call gives the same weights. Each step sums the
-    cross-entropy gradients of :func:`sandwich_paths` and takes one optimizer step.
-
-    Returns
-    -------
-    float
-        Mean training loss (over samples and the step's paths) of the last epoch; NaN
-        without data or epochs.
-    """
-    if not isinstance(model, MultiBranchNet):
-        raise ValueError(
-            f"train_supernet needs a MultiBranchNet, got {type(model).__name__}; use model.name=multibranch_*"
-        )
-    if len(x) != len(y):
-        raise ValueError(f"x has {len(x)} samples but y has {len(y)}; pass matching tensors")
-    if len(x) == 0 or settings.epochs <= 0:
-        return float("nan")
-    generator = torch.Generator().manual_seed(int(seed))
-    rng = np.random.default_rng([int(seed), SUPERNET_STREAM])
-    optimizer = make_optimizer(model.parameters(), settings)
-    scheduler = make_scheduler(optimizer, settings, settings.epochs * -(-len(x) // settings.batch_size))
-    loss_fn = nn.CrossEntropyLoss()
-    model.train()
-    last = float("nan")
-    for _ in range(settings.epochs):
-        order = torch.randperm(len(x), generator=generator)
-        total, count = 0.0, 0
-        for start in range(0, len(x), settings.batch_size):
-            idx = order[start : start + settings.batch_size]
-            if len(idx) < 2 and count > 0:  # BatchNorm cannot train on one sample
-                continue
-            paths = sandwich_paths(model, rng, random_paths, sandwich)
-            optimizer.zero_grad(set_to_none=True)
-            step_loss = 0.0
-            for path in paths:
-                loss = loss_fn(model(x[idx], path), y[idx])
-                loss.backward()
-                step_loss += float(loss.detach())
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            total += step_loss / len(paths) * len(idx)
-            count += len(idx)
-        last = total / max(count, 1)
-    return last
-
-
-@torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int = RECALIBRATION_BATCH) -> nn.Module:
-    """Re-estimate every BatchNorm's running statistics of ``model`` on ``x`` (in place).
-
-    A branch's BatchNorm statistics in the supernet mix the inputs of every path that ran
-    through it; once-for-all (Cai et al., ICLR 2020, section 3.3) recomputes them on
-    training images for each sub-network before evaluating it. Statistics are the plain
-    average over batches (``momentum=None``). Returns ``model`` in eval mode; with no
-    data the statistics are left as they are.
-    """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if len(x) == 0 or not norms:
-        return model.eval()
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    for start in range(0, len(x), batch_size):
-        model(x[start : start + batch_size])
-    for m, momentum in zip(norms, momenta):
-        m.momentum = momentum
-    return model.eval()
-
-
 # --------------------------------------------------------------------------- registry
 @register_model("multibranch_cnn")
 def multibranch_cnn(num_classes: int, width: int, in_channels: int = 3) -> MultiBranchNet:
@@ -463,3 +350,23 @@ def multibranch_cnn(num_classes: int, width: int, in_channels: int = 3) -> Multi
 def multibranch_resnet18(num_classes: int, width: int, in_channels: int = 3) -> MultiBranchNet:
     """The AN supernet in the CIFAR ResNet18 layout, ``width`` = base channels (:func:`resnet18_spec`)."""
     return MultiBranchNet(resnet18_spec(num_classes, width, in_channels))
+
+
+# --------------------------------------------------------------------------- moved names
+#: Names defined in :mod:`models.multibranch_training`, still importable from this module.
+_TRAINING_NAMES = frozenset(
+    {"RECALIBRATION_BATCH", "SANDWICH_RANDOM_PATHS", "SUPERNET_STREAM", "recalibrate_batchnorm",
+     "sandwich_paths", "train_supernet"}
+)
+
+
+def __getattr__(name: str):
+    """Resolve the names that moved to :mod:`models.multibranch_training` (PEP 562).
+
+    Resolved on first use because that module imports this one.
+    """
+    if name in _TRAINING_NAMES:
+        from models import multibranch_training
+
+        return getattr(multibranch_training, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -39,6 +39,67 @@ def make_scheduler(optimizer: torch.optim.Optimizer, settings: TrainSettings, st
     raise ValueError(f"unknown schedule {settings.schedule!r}; choose 'constant' or 'onecycle'")
 
 
+def run_epochs(
+    model: nn.Module,
+    num_samples: int,
+    settings: TrainSettings,
+    seed: int,
+    step: Callable[[torch.Tensor], float],
+) -> float:
+    """The mini-batch loop every training pass shares: seeded batches, optimizer, schedule.
+
+    Each of ``settings.epochs`` epochs visits the ``num_samples`` samples in an order drawn
+    from a ``torch.Generator`` seeded with ``seed`` (the same call gives the same weights),
+    ``settings.batch_size`` at a time. A one-sample batch is skipped, since BatchNorm cannot
+    train on one sample, unless nothing was trained yet in the epoch. Per batch the
+    gradients are cleared, ``step(idx)`` computes the loss of the samples ``idx``,
+    back-propagates it and returns its value, then the optimizer and the schedule
+    (:func:`make_scheduler`, one step per batch) step. ``model`` is put in training mode.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The network whose parameters the optimizer (:func:`make_optimizer`) updates.
+    num_samples : int
+        Samples in the training set; ``step`` receives indices into it.
+    settings : TrainSettings
+        Epochs, batch size, optimizer and schedule.
+    seed : int
+        Seed of the batch order.
+    step : callable
+        ``idx -> loss value``: forward and backward pass on the batch ``idx``.
+
+    Returns
+    -------
+    float
+        Mean of the step values over the last epoch's trained samples; NaN without
+        samples or epochs.
+    """
+    if num_samples == 0 or settings.epochs <= 0:
+        return float("nan")
+    generator = torch.Generator().manual_seed(int(seed))
+    optimizer = make_optimizer(model.parameters(), settings)
+    scheduler = make_scheduler(optimizer, settings, settings.epochs * -(-num_samples // settings.batch_size))
+    model.train()
+    last = float("nan")
+    for _ in range(settings.epochs):
+        order = torch.randperm(num_samples, generator=generator)
+        total, count = 0.0, 0
+        for start in range(0, num_samples, settings.batch_size):
+            idx = order[start : start + settings.batch_size]
+            if len(idx) < 2 and count > 0:  # BatchNorm cannot train on one sample
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            loss = step(idx)
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            total += loss * len(idx)
+            count += len(idx)
+        last = total / max(count, 1)
+    return last
+
+
 def train_epochs(
     model: nn.Module,
     x: torch.Tensor,
@@ -49,38 +110,21 @@ def train_epochs(
 ) -> float:
     """Train ``model`` in place with cross-entropy for ``settings.epochs`` epochs.
 
-    Batches are drawn from a ``torch.Generator`` seeded with ``seed``, so the same call
-    gives the same weights. ``extra_loss(model)``, read after each forward pass, is added
-    to the loss (e.g. ECLM's load-balancing term). Returns the mean training loss of the
-    last epoch (NaN when there is no data).
+    Batches come from :func:`run_epochs` (seeded by ``seed``, so the same call gives the
+    same weights). ``extra_loss(model)``, read after each forward pass, is added to the
+    loss (e.g. ECLM's load-balancing term). Returns the mean training loss of the last
+    epoch (NaN when there is no data).
     """
-    if len(x) == 0 or settings.epochs <= 0:
-        return float("nan")
-    generator = torch.Generator().manual_seed(int(seed))
-    optimizer = make_optimizer(model.parameters(), settings)
-    scheduler = make_scheduler(optimizer, settings, settings.epochs * -(-len(x) // settings.batch_size))
     loss_fn = nn.CrossEntropyLoss()
-    model.train()
-    last = float("nan")
-    for _ in range(settings.epochs):
-        order = torch.randperm(len(x), generator=generator)
-        total, count = 0.0, 0
-        for start in range(0, len(x), settings.batch_size):
-            idx = order[start : start + settings.batch_size]
-            if len(idx) < 2 and count > 0:  # BatchNorm cannot train on one sample
-                continue
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x[idx]), y[idx])
-            if extra_loss is not None:
-                loss = loss + extra_loss(model)
-            loss.backward()
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            total += float(loss.detach()) * len(idx)
-            count += len(idx)
-        last = total / max(count, 1)
-    return last
+
+    def step(idx: torch.Tensor) -> float:
+        loss = loss_fn(model(x[idx]), y[idx])
+        if extra_loss is not None:
+            loss = loss + extra_loss(model)
+        loss.backward()
+        return float(loss.detach())
+
+    return run_epochs(model, len(x), settings, seed, step)
 
 
 @torch.no_grad()

@@ -1,6 +1,6 @@
 """AN, AdaptiveNet (Wen et al., MobiCom 2023) as an ECLM 7.1 baseline: the cloud only ships the supernet.
 
-The cloud pre-trains a multi-branch supernet (``models.multibranch.train_supernet``) and
+The cloud pre-trains a multi-branch supernet (``models.multibranch_training.train_supernet``) and
 sends it, unchanged, to every cohort device; each device picks and fine-tunes its own path
 (``clients/an.py``). Nothing is aggregated, like LA (``strategies/local.py``).
 """
@@ -11,7 +11,7 @@ from collections import Counter
 
 from flwr.app import MessageType, RecordDict
 
-from strategies.base import EdgeCloudStrategy, EvaluateFn, RoundSink
+from strategies.base import EdgeCloudStrategy
 
 #: Config key of the per-round compute allowance the devices read (``clients/an.py``).
 COMPUTE_BUDGET_KEY = "compute_budget_s"
@@ -22,36 +22,18 @@ class AdaptiveNet(EdgeCloudStrategy):
 
     Parameters
     ----------
-    per_round, seed, expected_devices, round_timeout_s, deadline_s, evaluate_fn, on_round
-        As in :class:`strategies.base.EdgeCloudStrategy`.
     compute_budget_s : float or None
         Seconds of on-device compute a device may spend per round, sent in every train
         message. ``None`` (default) sends the run's ``deadline_s`` instead, so devices pick
         paths that finish before the cloud drops them; with no deadline either, nothing is
         sent and the devices' own default applies.
+    **base
+        :class:`EdgeCloudStrategy` arguments (per_round, seed, expected_devices,
+        round_timeout_s, deadline_s, evaluate_fn, on_round).
     """
 
-    def __init__(
-        self,
-        *,
-        per_round: int,
-        seed: int,
-        expected_devices: int,
-        round_timeout_s: float = 300.0,
-        deadline_s: float | None = None,
-        evaluate_fn: EvaluateFn | None = None,
-        on_round: RoundSink | None = None,
-        compute_budget_s: float | None = None,
-    ) -> None:
-        super().__init__(
-            per_round=per_round,
-            seed=seed,
-            expected_devices=expected_devices,
-            round_timeout_s=round_timeout_s,
-            deadline_s=deadline_s,
-            evaluate_fn=evaluate_fn,
-            on_round=on_round,
-        )
+    def __init__(self, *, compute_budget_s: float | None = None, **base) -> None:
+        super().__init__(**base)
         if compute_budget_s is not None and not compute_budget_s >= 0:
             raise ValueError(f"compute_budget_s={compute_budget_s} must be >= 0, or None to use deadline_s")
         self.compute_budget_s = compute_budget_s

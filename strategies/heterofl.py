@@ -39,16 +39,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, MessageType, RecordDict
 
 from models.clock import comm_time_s, compute_time_s
-from models.width import (
-    WIDTH_RATES,
-    RateCost,
-    SubModelUpdate,
-    costs_from_record,
-    covering_average,
-    extract,
-    pooled_bn_statistics,
-    sub_shapes,
-)
+from models.width import WIDTH_RATES, SubModelUpdate, covering_average, extract, pooled_bn_statistics, sub_shapes
+from models.width_layers import RateCost, costs_from_record
 from strategies.aggregate import has_non_finite, same_layout
 from strategies.base import EdgeCloudStrategy
 

@@ -11,7 +11,8 @@ from clients.base import MALFORMED_MESSAGE, Device, DeviceTensors
 from clients.heterofl import HeteroFLClient
 from models import build_model
 from models.training import TrainSettings
-from models.width import WIDTH_RATES, RateCost, cost_key, costs_to_record, extract, rate_costs, sub_shapes
+from models.width import WIDTH_RATES, extract, sub_shapes
+from models.width_layers import RateCost, cost_key, costs_to_record, rate_costs
 from strategies.base import DeviceInfo
 from strategies.heterofl import FedRolex, HeteroFL, select_rate
 

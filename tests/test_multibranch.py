@@ -7,14 +7,8 @@ from torch import nn
 
 from models import build_model
 from models.costs import parameter_bytes, train_flops_per_sample, training_memory_bytes
-from models.multibranch import (
-    MultiBranchNet,
-    StageSpec,
-    SupernetSpec,
-    recalibrate_batchnorm,
-    sandwich_paths,
-    train_supernet,
-)
+from models.multibranch import MultiBranchNet, StageSpec, SupernetSpec
+from models.multibranch_training import recalibrate_batchnorm, sandwich_paths, train_supernet
 from models.training import TrainSettings
 
 torch.set_num_threads(1)
@@ -195,3 +189,12 @@ def test_recalibrate_batchnorm_sets_running_stats_to_the_data_statistics():
     assert bn[0].running_mean.item() == pytest.approx(3.0)
     assert bn[0].running_var.item() == pytest.approx(14.0 / 3.0)
     assert bn[0].momentum == 0.1 and not bn.training
+
+
+def test_training_names_stay_importable_from_models_multibranch():
+    from models import multibranch, multibranch_training
+
+    for name in ("train_supernet", "recalibrate_batchnorm", "sandwich_paths", "SANDWICH_RANDOM_PATHS"):
+        assert getattr(multibranch, name) is getattr(multibranch_training, name)
+    with pytest.raises(AttributeError, match="no_such_name"):
+        multibranch.no_such_name  # noqa: B018

@@ -7,26 +7,28 @@ from torch import nn
 
 from models import build_model
 from models.width import (
-    SAMPLES_KEY,
     WIDTH_RATES,
-    RateCost,
-    ScaledConv2d,
     SubModelUpdate,
     channel_axes,
     channel_window,
     check_rate,
-    check_width_scalable,
-    cost_key,
-    costs_from_record,
-    costs_to_record,
     covering_average,
     extract,
     kept_channels,
     pooled_bn_statistics,
+    sub_shapes,
+)
+from models.width_layers import (
+    SAMPLES_KEY,
+    RateCost,
+    ScaledConv2d,
+    check_width_scalable,
+    cost_key,
+    costs_from_record,
+    costs_to_record,
     rate_costs,
     scaled_model,
     static_batch_norm,
-    sub_shapes,
 )
 
 torch.set_num_threads(1)
@@ -315,3 +317,12 @@ def test_costs_from_record_names_the_missing_entry():
     record = costs_to_record({1.0: RateCost(1.0, 2.0, 3.0)}, 10)
     with pytest.raises(ValueError, match="width_cost/0.5/memory_bytes"):
         costs_from_record(record, (1.0, 0.5))
+
+
+def test_layer_names_stay_importable_from_models_width():
+    from models import width, width_layers
+
+    for name in ("scaled_model", "static_batch_norm", "rate_costs", "RateCost", "ScaledConv2d", "SAMPLES_KEY"):
+        assert getattr(width, name) is getattr(width_layers, name)
+    with pytest.raises(AttributeError, match="no_such_name"):
+        width.no_such_name  # noqa: B018
