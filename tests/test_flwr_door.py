@@ -85,7 +85,8 @@ def test_flwr_run_matches_the_hydra_door(tmp_path, superlink):
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert hydra.returncode == 0, hydra.stderr[-3000:]
-    run_config = _flat([*small, cache, f"output_dir={tmp_path / 'flwr'}"])
+    # Flower's run_config is flat: the algorithm group's name is the key algorithm.name
+    run_config = _flat(["algorithm.name=fedavg", *SMALL, cache, f"output_dir={tmp_path / 'flwr'}"])
     flwr = subprocess.run(
         [str(BIN / "flwr"), "run", ".", "edgecloud-test", "--stream", "--run-config", run_config,
          "--federation-config", "num-supernodes=6"],
