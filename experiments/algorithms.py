@@ -74,31 +74,31 @@ class Algorithm:
     default_model: str = "cnn"
 
 
+def _width_scaled(name: str, strategy: type[EdgeCloudStrategy], description: str) -> Algorithm:
+    """HeteroFL and FedRolex share their client, cloud training and options (algorithm.heterofl)."""
+    return Algorithm(
+        name,
+        strategy,
+        HeteroFLClient,
+        description,
+        cloud_training=heterofl_setup.cloud_training,
+        training_key=heterofl_setup.training_key,
+        strategy_args=heterofl_setup.strategy_args,
+        check_model=heterofl_setup.check_model,
+    )
+
+
 ALGORITHMS: dict[str, Algorithm] = {
     a.name: a
     for a in (
         Algorithm("fedavg", FedAvg, LocalTrainingClient, "FedAvg (McMahan et al. 2017)"),
         Algorithm("local", LocalAdaptation, LocalOnlyClient, "LA: local fine-tuning only (ECLM 7.1)"),
         Algorithm("none", NoAdaptation, ClientHandler, "NA: the pre-trained cloud model (ECLM 7.1)"),
-        Algorithm(
-            "heterofl",
-            HeteroFL,
-            HeteroFLClient,
-            "HeteroFL (Diao et al. 2021): width-scaled prefix sub-models sized to each device's budget",
-            cloud_training=heterofl_setup.cloud_training,
-            training_key=heterofl_setup.training_key,
-            strategy_args=heterofl_setup.strategy_args,
-            check_model=heterofl_setup.check_model,
+        _width_scaled(
+            "heterofl", HeteroFL, "HeteroFL (Diao et al. 2021): width-scaled prefix sub-models sized to each device's budget"
         ),
-        Algorithm(
-            "fedrolex",
-            FedRolex,
-            HeteroFLClient,
-            "FedRolex (Alam et al. 2022): HeteroFL with a channel window rolling one index per round",
-            cloud_training=heterofl_setup.cloud_training,
-            training_key=heterofl_setup.training_key,
-            strategy_args=heterofl_setup.strategy_args,
-            check_model=heterofl_setup.check_model,
+        _width_scaled(
+            "fedrolex", FedRolex, "FedRolex (Alam et al. 2022): HeteroFL with a channel window rolling one index per round"
         ),
         Algorithm(
             "an",
