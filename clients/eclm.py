@@ -9,6 +9,7 @@ compute budget (ECLM 3/5.1: devices adjust their module set locally).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import torch
@@ -24,6 +25,14 @@ PROFILE_BATCH = 256
 
 
 _CATALOGS: dict[tuple[str, int], tuple[dict, tuple, dict]] = {}
+_TEMPLATES: dict[str, ModularNet] = {}
+
+
+def _template_key(build) -> str | None:
+    """A stable key for a model factory (a functools.partial of plain arguments), else None."""
+    if isinstance(build, functools.partial):
+        return repr((build.func.__module__, build.func.__qualname__, build.args, sorted(build.keywords.items())))
+    return None
 
 
 def catalog_of(model: ModularNet, batch_size: int) -> tuple[dict, tuple, dict]:
@@ -127,14 +136,21 @@ class ECLMClient(ClientHandler):
 
     # ------------------------------------------------------------------ helpers
     def _full_model(self) -> ModularNet:
-        """The device's full modular network, built once per handler (a message)."""
-        if getattr(self, "_template", None) is None:
+        """The device's full modular network: a per-process template, built once.
+
+        Safe to share: profiling overwrites its whole selector, and training works on
+        ``extract(ids)`` copies whose every tensor is then loaded from the message.
+        """
+        key = _template_key(self.device.build_model)
+        model = _TEMPLATES.get(key) if key is not None else None
+        if model is None:
             model = self.device.build_model()
             if not isinstance(model, ModularNet):
                 raise MalformedMessage("ECLM needs a modular network (model.name=modular_*)")
-            model.balance_weight = float(self.device.options.get("load_balance_weight", model.balance_weight))
-            self._template = model
-        return self._template
+            if key is not None:
+                _TEMPLATES[key] = model
+        model.balance_weight = float(self.device.options.get("load_balance_weight", model.balance_weight))
+        return model
 
     def _module_ids(self, msg: Message) -> tuple[str, ...]:
         config = msg.content.config_records.get("config")
