@@ -8,7 +8,6 @@ job starts anyway, and the process exits non-zero at the end if any job failed.
 
 from __future__ import annotations
 
-import atexit
 import json
 import logging
 import sys
@@ -60,14 +59,11 @@ def preflight(cfg) -> None:
     ALGORITHMS[cfg.algorithm.name].check_model(model)
 
 
-def _exit_if_sweep_failed() -> None:
+def exit_if_sweep_failed() -> None:
+    """After a sweep: name the failed jobs and exit non-zero (the sweep itself went on)."""
     if _FAILED_JOBS:
         print(f"{len(_FAILED_JOBS)} job(s) failed: " + ", ".join(_FAILED_JOBS), file=sys.stderr)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        import os
-
-        os._exit(RUN_FAILED_EXIT)
+        sys.exit(RUN_FAILED_EXIT)
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
@@ -102,5 +98,5 @@ def main(hydra_cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    atexit.register(_exit_if_sweep_failed)
     main()
+    exit_if_sweep_failed()

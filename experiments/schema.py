@@ -48,13 +48,17 @@ class DatasetConfig:
 
 @dataclass(frozen=True)
 class ScenarioConfig:
-    """Dynamics of the edge environment over time slots (ECLM 2.1, 7.3)."""
+    """Dynamics of the edge environment: time slots (ECLM 2.1, 7.3) and online streams (CEMA)."""
 
     name: str = "one_step"
     replace_fraction: float = 0.0  # ECLM 2.1: 0.2 per slot; 7.3: 0.5 per slot
     slot_rounds: int = 1  # rounds per time slot
     corruptions: tuple[str, ...] = ()  # domain of each slot's new data, cycled; () = clean
     severity: int = 3  # corruption severity 1-5 (CIFAR-10-C recipe)
+    # Online test-time stream (CEMA setting, experiments/data/online.py):
+    per_device_domains: bool = False  # False: every device sees corruptions in order; True: a seeded permutation per device
+    stream_batch: int = 64  # CEMA: test batches of 64 (ALGORITHMS.md)
+    batches_per_domain: int = 10  # online batches per domain before the next (assumption: sized for CPU runs)
 
 
 @dataclass(frozen=True)

@@ -109,6 +109,8 @@ def _validate_data(cfg: RunConfig) -> None:
     _check(0.0 <= scen.replace_fraction <= 1.0, "scenario.replace_fraction", "must be in [0, 1]", scen.replace_fraction)
     _check(scen.slot_rounds >= 1, "scenario.slot_rounds", "must be >= 1", scen.slot_rounds)
     _check(1 <= scen.severity <= 5, "scenario.severity", "must be in 1..5", scen.severity)
+    _check(scen.stream_batch >= 1, "scenario.stream_batch", "must be >= 1", scen.stream_batch)
+    _check(scen.batches_per_domain >= 1, "scenario.batches_per_domain", "must be >= 1", scen.batches_per_domain)
 
 
 def _validate_engine(engine: EngineConfig) -> None:

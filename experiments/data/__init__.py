@@ -8,11 +8,13 @@ Public API
 ``.sizes()``, ``.num_classes``, ``.image_shape``
 ``DeviceData``
     train_x, train_y, test_x, test_y (uint8 NHWC / int64) and the slot's domain.
+``FederatedData.stream_batch(partition_id, index) -> StreamBatch``, ``.device_domains(partition_id)``
+    The online test-time stream (CEMA): batch ``index`` of a device, and its domain cycle.
 ``to_tensor(x)``
     uint8 NHWC -> float32 NCHW in [-1, 1].
 """
 
-from experiments.data.arrays import CLEAN, DeviceData, to_tensor
+from experiments.data.arrays import CLEAN, DeviceData, StreamBatch, to_tensor
 from experiments.data.federated import FederatedData, build_federated_data
 from experiments.data.rendering import slot_domain
 
@@ -20,6 +22,7 @@ __all__ = [
     "CLEAN",
     "DeviceData",
     "FederatedData",
+    "StreamBatch",
     "build_federated_data",
     "slot_domain",
     "to_tensor",

@@ -38,6 +38,28 @@ class DeviceData:
     domain: str
 
 
+@dataclass(frozen=True)
+class StreamBatch:
+    """One batch of a device's online test-time stream (CEMA setting).
+
+    Attributes
+    ----------
+    x : np.ndarray
+        uint8 images, (stream_batch, 32, 32, 3) NHWC; the stream is unlabeled.
+    y : np.ndarray
+        int64 labels, (stream_batch,): for measuring accuracy only, never for adapting.
+    domain : str
+        The batch's domain: ``"clean"`` or a corruption name.
+    index : int
+        Position of the batch in the device's stream (0, 1, ...).
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    domain: str
+    index: int
+
+
 def to_tensor(x: np.ndarray):
     """Convert uint8 NHWC images to a float32 NCHW tensor in [-1, 1].
 

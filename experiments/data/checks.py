@@ -96,7 +96,8 @@ def check_classes(dataset: DatasetConfig, num_classes: int) -> None:
 
 
 def check_scenario(scenario: ScenarioConfig) -> None:
-    """Reject a replace fraction outside [0, 1], a bad severity or an unknown corruption."""
+    """Reject a replace fraction outside [0, 1], a bad severity, an unknown corruption, or
+    an online stream batch or domain length below 1."""
     from experiments.data.corruptions import CORRUPTIONS
 
     if not 0.0 <= scenario.replace_fraction <= 1.0:
@@ -111,6 +112,8 @@ def check_scenario(scenario: ScenarioConfig) -> None:
             )
     if scenario.corruptions and scenario.severity not in SEVERITIES:
         raise ConfigError(f"scenario.severity={scenario.severity!r} must be one of {SEVERITIES}")
+    _check_int(scenario.stream_batch, "scenario.stream_batch", 1)
+    _check_int(scenario.batches_per_domain, "scenario.batches_per_domain", 1)
 
 
 def check_device(partition_id: int, slot: int, num_devices: int) -> tuple[int, int]:
@@ -127,6 +130,14 @@ def check_device(partition_id: int, slot: int, num_devices: int) -> tuple[int, i
             f"partition_id={partition_id!r} is out of range; use an integer in [0, {num_devices})"
         )
     return pid, check_slot(slot)
+
+
+def check_index(index: int) -> int:
+    """Reject a stream batch index that is not an integer >= 0; return it as a Python int."""
+    i = _as_int(index)
+    if i is None or i < 0:
+        raise ValueError(f"index={index!r} must be an integer >= 0 (a stream batch position)")
+    return i
 
 
 def check_slot(slot: int) -> int:

@@ -14,15 +14,22 @@ import numpy as np
 
 from experiments.config import ConfigError, DatasetConfig, ScenarioConfig
 from experiments.data import partition as part
-from experiments.data import stream
-from experiments.data.arrays import CLEAN, DeviceData
-from experiments.data.checks import check_classes, check_config, check_device, check_slot
+from experiments.data import online, stream
+from experiments.data.arrays import CLEAN, DeviceData, StreamBatch
+from experiments.data.checks import (
+    check_classes,
+    check_config,
+    check_device,
+    check_index,
+    check_slot,
+)
 from experiments.data.rendering import load_source, render_in_domains, seed_rows, slot_domain
 
 DEVICE_CACHE_SIZE = 16  # devices kept rendered; a cohort of 10 (fleet.per_round) fits
 BUILD_CACHE_SIZE = 4  # FederatedData objects kept per process
 IMAGE_SHAPE = (3, 32, 32)  # CHW as the models see it (digits canvas and CIFAR: 32x32 RGB)
 _TAG_PROXY, _TAG_GLOBAL_TEST, _TAG_DEVICE, _TAG_DEVICE_TEST = 31, 32, 33, 34  # seed tags
+_TAG_STREAM = 36  # seed tag of online stream renders (35 is the corruption tag)
 
 
 class FederatedData:
@@ -162,6 +169,37 @@ class FederatedData:
         test_x = self._render(tests, test_seeds, [domain] * len(tests))
         labels = self.source.labels
         return DeviceData(train_x, labels[originals], test_x, labels[tests], domain)
+
+    def device_domains(self, partition_id: int) -> tuple[str, ...]:
+        """The cycle of domains device ``partition_id``'s online stream goes through
+        (``online.device_domains``): ``("clean",)`` without corruptions."""
+        k, _ = check_device(partition_id, 0, self.num_devices)
+        return online.device_domains(self.scenario, self.seed, k)
+
+    def stream_batch(self, partition_id: int, index: int) -> StreamBatch:
+        """Batch ``index`` of device ``partition_id``'s online test-time stream (CEMA).
+
+        ``scenario.stream_batch`` samples of the device's own partition (edge originals,
+        its label mix), drawn and rendered from seeds (seed, device, index), corrupted at
+        ``scenario.severity`` in domain ``sequence[(index // batches_per_domain) % len]``.
+        A pure function of (config, seed, device, index): cheap, nothing cached or replayed.
+
+        Raises
+        ------
+        ValueError
+            A partition id outside [0, num_devices) or an index that is not an int >= 0.
+        """
+        k, _ = check_device(partition_id, 0, self.num_devices)
+        i = check_index(index)
+        scenario = self.scenario
+        domain = online.batch_domain(
+            online.device_domains(scenario, self.seed, k), i, scenario.batches_per_domain
+        )
+        rows = online.batch_rows(self.partitions[k], scenario.stream_batch, self.seed, k, i)
+        originals = self.pool_originals[rows]
+        seeds = seed_rows(self.seed, _TAG_STREAM, k, i, np.arange(len(rows)))
+        x = self._render(originals, seeds, [domain] * len(rows))
+        return StreamBatch(x=x, y=self.source.labels[originals], domain=domain, index=i)
 
     def sizes(self) -> dict:
         """A summary for the README: originals per part, pool and partition sizes."""

@@ -1,0 +1,221 @@
+"""CEMA's cloud side: replay buffer, foundation adaptation, replay-based entropy distillation.
+
+For every batch of uploaded samples the cloud (CEMA poster, "Replay-based Knowledge
+Distillation"; ``/work/shared/ALGORITHMS.md``, CEMA; official code chenyaofo/CEMA
+``codebase/core/tta/cema.py`` and ``codebase/criterion/distillation.py``):
+
+1. adapts the foundation model by entropy minimisation weighted by ``exp(E0 - E)``
+   (:func:`adapt_foundation`);
+2. stores the samples in a FIFO :class:`ReplayBuffer` (the caller adds them);
+3. distils the edge model from the foundation model on the new samples plus three times as
+   many replayed ones once the buffer holds 256 (:func:`distill_step`, loss
+   :func:`distillation_loss`).
+
+Only BatchNorm affine parameters train (:func:`bn_affine_parameters`). Models run with
+BatchNorm in training mode during their own update (batch statistics, running statistics
+move with BatchNorm's momentum); the teacher is evaluated in eval mode without gradients.
+``E0`` is the fixed ``E_max^0 = 0.4 ln C`` (:func:`models.cema_filter.default_e_max0`), not
+the edge's dynamic threshold (official: ``E_max=self.ent_high_margin``).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.cema_filter import entropy
+
+#: Replay buffer capacity (official conf ``replay_buffer_size: 10000``).
+REPLAY_CAPACITY = 10_000
+#: Replay starts once the buffer holds this many samples (official: ``len(history) < 256``).
+REPLAY_MIN_SIZE = 256
+#: Replayed samples per new sample (official: ``k=self.batch_size*3``).
+REPLAY_FACTOR = 3
+#: Cloud batch of uploaded samples per step (official conf ``batch_size: 32``).
+CLOUD_BATCH_SIZE = 32
+#: Foundation (teacher) SGD learning rate (official conf ``t_tta_lr: 0.00025``).
+FOUNDATION_LR = 2.5e-4
+#: Edge (student) SGD learning rate (official conf ``s_tta_lr: 0.0025``).
+EDGE_LR = 2.5e-3
+#: SGD momentum for both models (official ``optim.SGD(..., momentum=0.9)``).
+SGD_MOMENTUM = 0.9
+#: Distillation weights and temperature (official conf alpha, beta, gamma, temperature).
+ENT_WEIGHT, KL_WEIGHT, CE_WEIGHT, TEMPERATURE = 3.0, 3.0, 1.0, 1.0
+
+
+class ReplayBuffer:
+    """FIFO store of uploaded samples; the oldest leave first once ``capacity`` is reached.
+
+    Parameters
+    ----------
+    capacity : int
+        Most samples held (official 10,000).
+    """
+
+    def __init__(self, capacity: int = REPLAY_CAPACITY) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity={capacity}; a replay buffer needs room for at least 1 sample")
+        self.capacity = capacity
+        self._items: deque[torch.Tensor] = deque(maxlen=capacity)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def add(self, x: torch.Tensor) -> None:
+        """Append the samples of batch ``x`` (shape (B, ...)) in order, evicting the oldest."""
+        self._items.extend(t.detach().clone() for t in x.unbind(dim=0))
+
+    def sample(self, n: int, generator: np.random.Generator) -> torch.Tensor:
+        """``n`` distinct held samples drawn uniformly by ``generator`` (official ``random.sample``)."""
+        if not 1 <= n <= len(self):
+            raise ValueError(f"cannot sample n={n} from a buffer holding {len(self)}; use 1 <= n <= len(buffer)")
+        picks = generator.choice(len(self), size=n, replace=False)
+        return torch.stack([self._items[int(i)] for i in picks])
+
+
+def bn_affine_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Weights and biases of every affine BatchNorm layer of ``model`` (Tent/EATA/CEMA)."""
+    params = []
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
+            params += [module.weight, module.bias]
+    if not params:
+        raise ValueError(f"{type(model).__name__} has no affine BatchNorm layer; CEMA adapts BN parameters only")
+    return params
+
+
+def bn_sgd(model: nn.Module, lr: float, momentum: float = SGD_MOMENTUM) -> torch.optim.SGD:
+    """SGD over ``model``'s BN affine parameters (lr :data:`FOUNDATION_LR` or :data:`EDGE_LR`)."""
+    return torch.optim.SGD(bn_affine_parameters(model), lr=lr, momentum=momentum)
+
+
+def entropy_weight(logits: torch.Tensor, e0: float) -> torch.Tensor:
+    """Detached sample weight ``exp(E0 - E)`` (official ``1 / exp(E - E_max)``)."""
+    return torch.exp(e0 - entropy(logits.detach()))
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    e0: float,
+    a: float = ENT_WEIGHT,
+    b: float = KL_WEIGHT,
+    c: float = CE_WEIGHT,
+    temperature: float = TEMPERATURE,
+) -> torch.Tensor:
+    """CEMA's selective entropy distillation loss (poster eq.; official ``TTADistillationLoss``).
+
+    ``mean(a w_s ENT(s) + b w_t T^2 KL(p_t^T || p_s^T) + c w_t CE(s, argmax t))`` with
+    ``w_s = exp(E0 - ENT(s))`` and ``w_t = exp(E0 - ENT(t))``, both detached.
+
+    Parameters
+    ----------
+    student_logits, teacher_logits : Tensor, shape (B, C)
+        Edge and foundation outputs on the same samples (the teacher gets no gradient).
+    e0 : float
+        ``E_max^0 = 0.4 ln C``.
+    a, b, c, temperature : float
+        Weights of the entropy, KL and pseudo-label CE terms, and the KL temperature.
+
+    Returns
+    -------
+    Tensor
+        Scalar loss averaged over the batch.
+    """
+    if student_logits.shape != teacher_logits.shape or student_logits.dim() != 2:
+        raise ValueError(
+            f"student {tuple(student_logits.shape)} and teacher {tuple(teacher_logits.shape)} logits must both be (B, C)"
+        )
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature}; use a temperature > 0 (official 1)")
+    teacher_logits = teacher_logits.detach()
+    w_s, w_t = entropy_weight(student_logits, e0), entropy_weight(teacher_logits, e0)
+    ent = entropy(student_logits)
+    kl = F.kl_div(
+        F.log_softmax(student_logits / temperature, dim=-1),
+        F.softmax(teacher_logits / temperature, dim=-1),
+        reduction="none",
+    ).sum(dim=-1) * temperature**2
+    ce = F.cross_entropy(student_logits, teacher_logits.argmax(dim=-1), reduction="none")
+    return (a * w_s * ent).mean() + (b * w_t * kl).mean() + (c * w_t * ce).mean()
+
+
+@contextmanager
+def _training_only(model: nn.Module, params: list[nn.Parameter]):
+    """Train mode and gradients for ``params`` only; restore modes and flags afterwards."""
+    was_training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    chosen = {id(p) for p in params}
+    for p, _ in flags:
+        p.requires_grad_(id(p) in chosen)
+    model.train()
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def _optimizer_params(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def adapt_foundation(model: nn.Module, x: torch.Tensor, e0: float, optimizer: torch.optim.Optimizer) -> float:
+    """One weighted entropy-minimisation step of the foundation model on uploaded ``x``.
+
+    Loss ``mean(exp(E0 - E) * E)`` with the weight detached (official ``cema.py`` step 1).
+    Only the parameters of ``optimizer`` (build it with :func:`bn_sgd`, lr
+    :data:`FOUNDATION_LR`) receive gradients; batches of :data:`CLOUD_BATCH_SIZE` are the
+    caller's choice. Returns the loss value.
+    """
+    with _training_only(model, _optimizer_params(optimizer)):
+        ents = entropy(model(x))
+        loss = (torch.exp(e0 - ents.detach()) * ents).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return float(loss.detach())
+
+
+def distill_step(
+    student: nn.Module,
+    teacher: nn.Module,
+    new_x: torch.Tensor,
+    buffer: ReplayBuffer,
+    generator: np.random.Generator,
+    optimizer: torch.optim.Optimizer,
+    e0: float,
+    *,
+    replay_min_size: int = REPLAY_MIN_SIZE,
+    replay_factor: int = REPLAY_FACTOR,
+    **loss_weights: float,
+) -> float:
+    """One distillation step of the edge model (official ``cema.py`` step 2).
+
+    Uses ``new_x`` plus ``replay_factor * len(new_x)`` samples drawn from ``buffer`` by
+    ``generator`` when the buffer holds at least ``replay_min_size``; ``new_x`` alone
+    otherwise. Add ``new_x`` to ``buffer`` first, as the official code does. The teacher runs
+    in eval mode without gradients; ``optimizer`` (:func:`bn_sgd`, lr :data:`EDGE_LR`) decides
+    which student parameters train. ``loss_weights`` go to :func:`distillation_loss`.
+    Returns the loss value.
+    """
+    batch = new_x
+    if len(buffer) >= replay_min_size:
+        batch = torch.cat([new_x, buffer.sample(replay_factor * len(new_x), generator)])
+    was_training = teacher.training
+    teacher.eval()
+    with torch.no_grad():
+        teacher_logits = teacher(batch)
+    teacher.train(was_training)
+    with _training_only(student, _optimizer_params(optimizer)):
+        loss = distillation_loss(student(batch), teacher_logits, e0, **loss_weights)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return float(loss.detach())

@@ -1,0 +1,181 @@
+"""What every online test-time-adaptation baseline shares: the adapter contract and BN surgery.
+
+The protocol (CEMA, seed 000, "Protocol" in /work/shared/ALGORITHMS.md) is *online*: each incoming
+batch is predicted before the model adapts to it. :class:`OnlineAdapter` pins that order in one place:
+``predict_then_adapt`` returns the logits of the forward pass made before any update on the batch.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+# Tent (Wang et al., ICLR 2021), DequanWang/tent cfgs/imagenet: SGD, lr 0.00025, momentum 0.9,
+# batch 64. CEMA reuses the same optimiser for its ETA baseline (ALGORITHMS.md, "Baselines").
+BN_AFFINE_LR = 2.5e-4
+BN_AFFINE_MOMENTUM = 0.9
+BN_AFFINE_REFERENCE_BATCH = 64
+
+
+def linear_scaled_lr(batch_size: int, base_lr: float = BN_AFFINE_LR,
+                     base_batch: int = BN_AFFINE_REFERENCE_BATCH) -> float:
+    """Learning rate scaled linearly with the batch size (Goyal et al. 2017), from Tent's 2.5e-4 @ 64.
+
+    Parameters
+    ----------
+    batch_size : int
+        The test batch size actually used.
+    base_lr, base_batch : float, int
+        The reference setting (Tent, ImageNet: lr 2.5e-4 for batch 64).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return base_lr * batch_size / base_batch
+
+
+def softmax_entropy(logits: Tensor) -> Tensor:
+    """Per-sample Shannon entropy ``-sum p log p`` of ``softmax(logits)`` (Tent, eq. 1)."""
+    return -(logits.softmax(1) * logits.log_softmax(1)).sum(1)
+
+
+def batch_norm_layers(model: nn.Module) -> list[_BatchNorm]:
+    """Every BatchNorm layer (1d/2d/3d) of ``model``, in module order."""
+    return [m for m in model.modules() if isinstance(m, _BatchNorm)]
+
+
+def require_batch_norm(model: nn.Module, method: str) -> list[_BatchNorm]:
+    """The BN layers of ``model``; ValueError if there are none (BN-based methods cannot work)."""
+    layers = batch_norm_layers(model)
+    if not layers:
+        raise ValueError(f"method {method!r} needs BatchNorm layers but the model has none; "
+                         "use 'source' or 'lame' for BN-free models")
+    return layers
+
+
+def use_test_batch_statistics(model: nn.Module) -> None:
+    """Put ``model`` in eval mode except its BN layers, which normalise with the test batch's statistics.
+
+    Tent sets ``track_running_stats=False`` and drops the buffers; here the BN layers are in train mode
+    with ``momentum=0``, which normalises with the batch statistics identically but leaves the running
+    statistics untouched, so the state dict keeps the source model's keys (shippable as is).
+    Dropout and other layers stay in eval mode.
+    """
+    model.eval()
+    for layer in batch_norm_layers(model):
+        layer.train()
+        layer.momentum = 0.0
+
+
+def train_only_bn_affine(model: nn.Module) -> list[nn.Parameter]:
+    """Freeze every parameter except the BN affine weight and bias; return those (Tent, section 3)."""
+    model.requires_grad_(False)
+    params: list[nn.Parameter] = []
+    for layer in batch_norm_layers(model):
+        for param in (layer.weight, layer.bias):
+            if param is not None:
+                param.requires_grad_(True)
+                params.append(param)
+    if not params:
+        raise ValueError("the model's BatchNorm layers have no affine parameters (affine=False); "
+                         "nothing to adapt — use 'bn_adapt' instead")
+    return params
+
+
+def bn_affine_sgd(params: list[nn.Parameter], lr: float, momentum: float) -> torch.optim.SGD:
+    """SGD on the BN affine parameters (Tent / EATA setting), with checked hyper-parameters."""
+    if lr <= 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    if not 0 <= momentum < 1:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+    return torch.optim.SGD(params, lr=lr, momentum=momentum)
+
+
+class OnlineAdapter:
+    """Base of every online test-time adapter: predict a batch first, then adapt to it.
+
+    The adapter owns ``model`` and changes it in place (pass a copy to keep the source model).
+    Subclasses implement :meth:`_predict_then_adapt` and, if they carry state beyond the model and
+    the optimiser, :meth:`_method_state` / :meth:`_load_method_state`.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The network to adapt (a classifier returning logits).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.batches_seen = 0
+
+    def predict_then_adapt(self, x: Tensor) -> Tensor:
+        """Logits for ``x`` computed before any adaptation on ``x``; then adapt to ``x``.
+
+        Parameters
+        ----------
+        x : Tensor
+            A batch of inputs, shape (N, ...), N >= 1.
+
+        Returns
+        -------
+        Tensor
+            Detached logits of shape (N, num_classes) used to predict this batch.
+        """
+        if not isinstance(x, Tensor) or x.dim() < 2 or x.shape[0] < 1:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"x must be a batch tensor of shape (N>=1, ...), got {shape}")
+        logits = self._predict_then_adapt(x)
+        self.batches_seen += 1
+        return logits.detach()
+
+    def _predict_then_adapt(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _method_state(self) -> dict[str, Any]:
+        return {}
+
+    def _load_method_state(self, state: dict[str, Any]) -> None:
+        del state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Deep copies of the model, optimiser and method state (enough to resume between batches)."""
+        return copy.deepcopy({
+            "model": self.model.state_dict(),
+            "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
+            "method": self._method_state(),
+            "batches_seen": self.batches_seen,
+        })
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (from an adapter of the same method and model)."""
+        missing = {"model", "optimizer", "method", "batches_seen"} - set(state)
+        if missing:
+            raise ValueError(f"adapter state lacks {sorted(missing)}; pass what state_dict() returned")
+        self.model.load_state_dict(state["model"])
+        if (state["optimizer"] is None) != (self.optimizer is None):
+            raise ValueError("adapter state's optimizer does not match this method's; "
+                             "load a state saved by the same method")
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self._load_method_state(copy.deepcopy(state["method"]))
+        self.batches_seen = int(state["batches_seen"])
+
+
+def gradient_step(optimizer: torch.optim.Optimizer, loss: Tensor) -> None:
+    """One optimiser step on ``loss`` (zeroing the gradients before and after)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def soft_cross_entropy(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """Per-sample ``-sum softmax(teacher) * log_softmax(student)`` (CoTTA's consistency loss)."""
+    return -(teacher_logits.softmax(1) * F.log_softmax(student_logits, 1)).sum(1)

@@ -1,0 +1,289 @@
+"""CEMA's pure-torch pieces: entropy, upload filter, replay buffer, cloud steps (values by hand)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from models.cema_cloud import (
+    ReplayBuffer,
+    adapt_foundation,
+    bn_affine_parameters,
+    bn_sgd,
+    distill_step,
+    distillation_loss,
+)
+from models.cema_filter import UploadFilter, default_e_max0, entropy
+
+torch.set_num_threads(1)
+LN2, LN4 = math.log(2), math.log(4)
+
+
+def _probs_logits(*rows):
+    """Logits whose softmax is exactly the given probability rows."""
+    return torch.log(torch.tensor(rows, dtype=torch.float64))
+
+
+def _uniform_over(k, c=4):
+    """A logit row uniform over the first k of c classes, -inf elsewhere (entropy ln k)."""
+    return [0.0] * k + [-math.inf] * (c - k)
+
+
+def _h(*p):
+    return -sum(q * math.log(q) for q in p if q > 0)
+
+
+# --- entropy ---------------------------------------------------------------------------
+
+
+def test_entropy_of_uniform_is_ln_c_and_of_one_hot_is_zero():
+    logits = torch.tensor([[0.0] * 5, [3.0] * 5, _uniform_over(1, 5), [100.0, -100.0, -100.0, -100.0, -100.0]])
+    assert torch.allclose(entropy(logits), torch.tensor([math.log(5), math.log(5), 0.0, 0.0]), atol=1e-6)
+
+
+def test_entropy_with_minus_inf_logits_has_finite_gradient():
+    logits = torch.tensor([_uniform_over(2), _uniform_over(3)], requires_grad=True)
+    ents = entropy(logits)
+    ents.sum().backward()
+    assert torch.allclose(ents, torch.tensor([LN2, math.log(3)]))
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_entropy_rejects_non_matrix():
+    with pytest.raises(ValueError, match="batch, classes"):
+        entropy(torch.zeros(4))
+
+
+# --- upload filter ---------------------------------------------------------------------
+
+
+def test_filter_keeps_exactly_the_samples_between_the_thresholds():
+    # C = 2: E_max^0 = 0.4 ln 2 = 0.2773, E_min = 0.02 ln 2 = 0.0139.
+    f = UploadFilter(2)
+    assert f.e_max0 == pytest.approx(0.4 * LN2) and f.e_min == pytest.approx(0.02 * LN2)
+    rows = [(0.5, 0.5), (0.9, 0.1), (0.95, 0.05), (0.99, 0.01), (0.999, 0.001)]
+    # entropies 0.693 (too high), 0.325 (too high), 0.199 (keep), 0.056 (keep), 0.0079 (too low)
+    assert [_h(*r) for r in rows] == pytest.approx([0.6931, 0.3251, 0.1985, 0.0560, 0.0079], abs=1e-4)
+    keep = f.select(_probs_logits(*rows))
+    assert keep.tolist() == [False, False, True, True, False]
+
+
+def test_dynamic_threshold_follows_the_rule_on_a_scripted_sequence():
+    f = UploadFilter(4, threshold_coeff=0.5, warmup_samples=4)
+    e0 = 0.4 * LN4  # = 0.8 ln 2
+    f.select(torch.tensor([_uniform_over(4), _uniform_over(4)]))  # entropies ln4, ln4; 2 samples seen
+    assert f.reference_mean is None and f.threshold == pytest.approx(e0)  # no lambda during warm-up
+    f.select(torch.tensor([_uniform_over(2), _uniform_over(2)]))  # ln2, ln2; warm-up ends at 4
+    assert f.reference_mean == pytest.approx(1.5 * LN2)  # (4 ln2 + 2 ln2) / 4
+    assert f.threshold == pytest.approx(0.5 * e0)  # ratio 1
+    f.select(torch.tensor([_uniform_over(1), _uniform_over(1)]))  # 0, 0; mean 6 ln2 / 6 = ln2
+    assert f.mean_entropy == pytest.approx(LN2)
+    assert f.threshold == pytest.approx(0.5 * e0 * LN2 / (1.5 * LN2))
+    assert f.reference_mean == pytest.approx(1.5 * LN2)  # frozen
+
+
+def test_threshold_uses_the_current_batch_in_the_mean():
+    # Warm-up ends after 2 uniform samples (reference ln4). Next batch: entropies
+    # h(0.9, 0.1) = 0.3251 and h(0.85, 0.15) = 0.4227 -> mean (2 ln4 + 0.7478) / 4 = 0.8801,
+    # E_max^t = 0.4 ln4 * 0.8801 / ln4 = 0.3520: the first is kept, the second dropped (it
+    # would be kept at 0.4 ln4 = 0.5545 if the current batch were left out of the mean).
+    f = UploadFilter(4, warmup_samples=2)
+    assert f.select(torch.zeros(2, 4)).tolist() == [False, False]  # ln4 > E_max^0
+    keep = f.select(_probs_logits((0.9, 0.1, 0.0, 0.0), (0.85, 0.15, 0.0, 0.0)))
+    assert f.threshold == pytest.approx(0.4 * (2 * LN4 + _h(0.9, 0.1) + _h(0.85, 0.15)) / 4)
+    assert f.threshold == pytest.approx(0.3520, abs=1e-4)
+    assert keep.tolist() == [True, False]
+
+
+def test_redundancy_filter_drops_a_sample_identical_to_the_history():
+    f = UploadFilter(4)
+    p0 = (0.97, 0.01, 0.01, 0.01)  # entropy 0.168, inside (0.028, 0.555)
+    p1 = (0.01, 0.97, 0.01, 0.01)  # cos with p0 = 0.0196 / 0.9412 = 0.0208 < 0.05
+    assert f.select(_probs_logits(p0)).tolist() == [True]  # no history yet: kept
+    assert f.history.tolist() == pytest.approx(list(p0))
+    keep = f.select(_probs_logits(p0, p1))
+    assert keep.tolist() == [False, True]
+    assert f.history.tolist() == pytest.approx([0.9 * a + 0.1 * b for a, b in zip(p0, p1)])
+
+
+def test_history_is_unchanged_when_nothing_is_kept():
+    f = UploadFilter(4)
+    p0 = (0.97, 0.01, 0.01, 0.01)
+    f.select(_probs_logits(p0))
+    assert f.select(_probs_logits(p0, p0)).tolist() == [False, False]
+    assert f.history.tolist() == pytest.approx(list(p0))
+
+
+def test_filter_state_round_trips_through_plain_numbers():
+    rng = torch.Generator().manual_seed(0)
+    batches = [torch.randn(16, 4, generator=rng) * 3 for _ in range(6)]
+    a = UploadFilter(4, warmup_samples=20)
+    for b in batches[:3]:
+        a.select(b)
+    state = a.state_dict()
+    for value in state.values():
+        assert isinstance(value, (int, float, bool, list))
+    assert all(isinstance(v, float) for v in state["history"]) and state["warmed_up"] is True
+    b_filter = UploadFilter(4, warmup_samples=20)
+    b_filter.load_state_dict({**state, "history": np.asarray(state["history"])})  # numpy arrays too
+    for b in batches[3:]:
+        assert torch.equal(a.select(b), b_filter.select(b))
+        assert a.threshold == b_filter.threshold
+    assert a.state_dict() == b_filter.state_dict()
+
+
+def test_fresh_filter_state_round_trips():
+    state = UploadFilter(3).state_dict()
+    f = UploadFilter(3)
+    f.load_state_dict(state)
+    assert f.history is None and f.reference_mean is None and f.samples_seen == 0
+
+
+def test_filter_rejects_bad_settings_and_inputs():
+    with pytest.raises(ValueError, match="num_classes"):
+        UploadFilter(1)
+    with pytest.raises(ValueError, match="e_min_fraction"):
+        UploadFilter(4, e_min_fraction=0.5)
+    with pytest.raises(ValueError, match="threshold_coeff"):
+        UploadFilter(4, threshold_coeff=0.0)
+    with pytest.raises(ValueError, match="warmup_samples"):
+        UploadFilter(4, warmup_samples=0)
+    with pytest.raises(ValueError, match="does not match"):
+        UploadFilter(4).select(torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="same num_classes"):
+        UploadFilter(4).load_state_dict(UploadFilter(3).state_dict())
+
+
+# --- replay buffer ---------------------------------------------------------------------
+
+
+def test_replay_buffer_evicts_oldest_first():
+    buf = ReplayBuffer(capacity=3)
+    buf.add(torch.tensor([[0.0], [1.0]]))
+    buf.add(torch.tensor([[2.0], [3.0], [4.0]]))
+    assert len(buf) == 3
+    held = buf.sample(3, np.random.default_rng(0))
+    assert sorted(held.flatten().tolist()) == [2.0, 3.0, 4.0]
+
+
+def test_replay_sampling_is_uniform_without_replacement_and_seeded():
+    buf = ReplayBuffer(capacity=10)
+    buf.add(torch.arange(10.0).unsqueeze(1))
+    expected = np.random.default_rng([7, 1]).choice(10, size=4, replace=False)
+    got = buf.sample(4, np.random.default_rng([7, 1])).flatten()
+    assert got.tolist() == [float(i) for i in expected]
+    assert torch.equal(got, buf.sample(4, np.random.default_rng([7, 1])).flatten())
+    assert len(set(got.tolist())) == 4
+
+
+def test_replay_rejects_bad_requests():
+    with pytest.raises(ValueError, match="capacity"):
+        ReplayBuffer(0)
+    buf = ReplayBuffer(5)
+    buf.add(torch.zeros(2, 1))
+    with pytest.raises(ValueError, match="n=3"):
+        buf.sample(3, np.random.default_rng(0))
+
+
+# --- distillation loss -----------------------------------------------------------------
+
+
+def test_distillation_loss_matches_hand_computation():
+    student = torch.log(torch.tensor([[0.5, 0.5], [0.75, 0.25]]))
+    teacher = torch.log(torch.tensor([[0.75, 0.25], [0.2, 0.8]]))
+    e0 = 0.4 * LN2
+    h_s = [LN2, _h(0.75, 0.25)]
+    h_t = [_h(0.75, 0.25), _h(0.2, 0.8)]
+    kl = [0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5), 0.2 * math.log(0.2 / 0.25) + 0.8 * math.log(0.8 / 0.75)]
+    ce = [-math.log(0.5), -math.log(0.25)]  # pseudo-labels 0 and 1
+    expected = sum(
+        3 * math.exp(e0 - h_s[i]) * h_s[i] + 3 * math.exp(e0 - h_t[i]) * kl[i] + 1 * math.exp(e0 - h_t[i]) * ce[i]
+        for i in range(2)
+    ) / 2
+    assert expected == pytest.approx(3.3263, abs=1e-4)
+    assert distillation_loss(student, teacher, e0).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_distillation_loss_temperature_and_no_teacher_gradient():
+    student = torch.tensor([[1.0, -1.0, 0.5]], requires_grad=True)
+    teacher = torch.tensor([[0.2, 0.3, -0.4]], requires_grad=True)
+    # With a = c = 0, the loss is w_t * T^2 * KL at temperature T.
+    t = 2.0
+    p_t, log_p_s = (teacher / t).softmax(-1), (student / t).log_softmax(-1)
+    kl = (p_t * (p_t.log() - log_p_s)).sum()
+    w_t = math.exp(0.1 - entropy(teacher).item())
+    loss = distillation_loss(student, teacher, 0.1, a=0.0, b=1.0, c=0.0, temperature=t)
+    assert loss.item() == pytest.approx(w_t * t**2 * kl.item(), rel=1e-6)
+    loss.backward()
+    assert teacher.grad is None and student.grad is not None
+    with pytest.raises(ValueError, match="both be"):
+        distillation_loss(torch.zeros(2, 3), torch.zeros(2, 4), 0.1)
+
+
+# --- cloud steps -----------------------------------------------------------------------
+
+
+def _tiny_net(seed=0, classes=4):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, classes)
+    )
+
+
+def _images(n, seed):
+    return torch.randn(n, 3, 4, 4, generator=torch.Generator().manual_seed(seed))
+
+
+def test_bn_affine_parameters_are_the_bn_weight_and_bias():
+    net = _tiny_net()
+    assert [id(p) for p in bn_affine_parameters(net)] == [id(net[1].weight), id(net[1].bias)]
+    with pytest.raises(ValueError, match="no affine BatchNorm"):
+        bn_affine_parameters(nn.Linear(2, 2))
+
+
+def test_adapt_foundation_changes_only_bn_affine_parameters():
+    net = _tiny_net().eval()
+    before = {k: v.clone() for k, v in net.named_parameters()}
+    adapt_foundation(net, _images(32, 1), default_e_max0(4), bn_sgd(net, lr=0.1))
+    for name, p in net.named_parameters():
+        if name.startswith("1."):
+            assert not torch.equal(p, before[name]), name
+        else:
+            assert torch.equal(p, before[name]), name
+            assert p.grad is None and p.requires_grad
+    assert not net.training  # mode restored
+
+
+def test_distill_step_replays_three_times_the_new_batch_once_buffer_is_full():
+    student, teacher = _tiny_net(0), _tiny_net(1)
+    sizes = []
+    student.register_forward_hook(lambda m, inp, out: sizes.append(inp[0].shape[0]))
+    buf = ReplayBuffer()
+    opt = bn_sgd(student, lr=2.5e-3)
+    rng = np.random.default_rng([0, 1])
+    buf.add(_images(224, 2))
+    distill_step(student, teacher, _images(32, 3), buf, rng, opt, default_e_max0(4))
+    buf.add(_images(32, 3))
+    distill_step(student, teacher, _images(32, 3), buf, rng, opt, default_e_max0(4))
+    assert sizes == [32, 32 + 96]
+
+
+def _distill_run(seed):
+    student, teacher = _tiny_net(0), _tiny_net(1)
+    buf = ReplayBuffer()
+    buf.add(_images(300, 5))
+    opt = bn_sgd(student, lr=2.5e-3)
+    rng = np.random.default_rng([seed, 3])
+    losses = [distill_step(student, teacher, _images(32, 6 + i), buf, rng, opt, 0.5) for i in range(2)]
+    return losses, [p.detach().clone() for p in student.parameters()]
+
+
+def test_distill_step_is_deterministic_and_trains_only_student_bn():
+    (loss_a, params_a), (loss_b, params_b) = _distill_run(0), _distill_run(0)
+    assert loss_a == loss_b and all(torch.equal(x, y) for x, y in zip(params_a, params_b))
+    fresh = [p.detach() for p in _tiny_net(0).parameters()]
+    changed = [not torch.equal(x, y) for x, y in zip(params_a, fresh)]
+    assert changed == [False, False, True, True, False, False]
+    assert _distill_run(1)[0] != loss_a  # a different replay draw gives a different loss
