@@ -129,7 +129,8 @@ def distillation_loss(
     """
     if student_logits.shape != teacher_logits.shape or student_logits.dim() != 2:
         raise ValueError(
-            f"student {tuple(student_logits.shape)} and teacher {tuple(teacher_logits.shape)} logits must both be (B, C)"
+            f"student {tuple(student_logits.shape)} and teacher {tuple(teacher_logits.shape)} "
+            "logits must both be (B, C) with the same shape"
         )
     if temperature <= 0:
         raise ValueError(f"temperature={temperature}; use a temperature > 0 (official 1)")

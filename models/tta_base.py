@@ -63,7 +63,8 @@ def use_test_batch_statistics(model: nn.Module) -> None:
     Tent sets ``track_running_stats=False`` and drops the buffers; here the BN layers are in train mode
     with ``momentum=0``, which normalises with the batch statistics identically but leaves the running
     statistics untouched, so the state dict keeps the source model's keys (shippable as is).
-    Dropout and other layers stay in eval mode.
+    Dropout and other layers stay in eval mode. ``num_batches_tracked`` still counts test batches, and
+    the layers keep ``momentum=0`` afterwards (the adapter owns the model).
     """
     model.eval()
     for layer in batch_norm_layers(model):
