@@ -8,6 +8,7 @@ batch is predicted before the model adapts to it. :class:`OnlineAdapter` pins th
 from __future__ import annotations
 
 import copy
+from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
@@ -96,7 +97,7 @@ def bn_affine_sgd(params: list[nn.Parameter], lr: float, momentum: float) -> tor
     return torch.optim.SGD(params, lr=lr, momentum=momentum)
 
 
-class OnlineAdapter:
+class OnlineAdapter(ABC):
     """Base of every online test-time adapter: predict a batch first, then adapt to it.
 
     The adapter owns ``model`` and changes it in place (pass a copy to keep the source model).
@@ -136,8 +137,9 @@ class OnlineAdapter:
         self.batches_seen += 1
         return logits.detach()
 
+    @abstractmethod
     def _predict_then_adapt(self, x: Tensor) -> Tensor:
-        raise NotImplementedError
+        """The method itself: return this batch's logits, computed before adapting on it."""
 
     def _method_state(self) -> dict[str, Any]:
         return {}

@@ -7,6 +7,7 @@ Baseline list and ETA's rule: CEMA (seed 000), "Baselines" in /work/shared/ALGOR
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 from typing import Any
 
 import torch
@@ -122,8 +123,9 @@ class _BnAffineAdapter(OnlineAdapter):
             gradient_step(self.optimizer, loss)
         return logits
 
+    @abstractmethod
     def _loss(self, logits: Tensor) -> Tensor | None:
-        raise NotImplementedError
+        """The method's loss on this batch's logits (None: no step)."""
 
 
 class Tent(_BnAffineAdapter):
