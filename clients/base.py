@@ -38,6 +38,21 @@ class DeviceTensors:
 
 
 @dataclass(frozen=True)
+class StreamTensors:
+    """One batch of a device's online (test-time) stream.
+
+    ``x`` is ready for the model; ``pixels`` are the raw uint8 images (N, H, W, C), what
+    a device uploads; ``y`` is known to the simulator only, for online accuracy.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    pixels: np.ndarray
+    domain: str
+    index: int
+
+
+@dataclass(frozen=True)
 class Device:
     """Everything an edge handler may use about the device it runs on.
 
@@ -69,6 +84,8 @@ class Device:
         The data time slot a round falls in.
     options : Mapping[str, Any]
         The algorithm's own settings (e.g. ECLM's load-balancing weight).
+    stream : Callable[[int], StreamTensors] or None
+        Batch ``index`` of the device's online stream (test-time adaptation scenarios).
     """
 
     partition_id: int
@@ -83,6 +100,7 @@ class Device:
     is_available: Callable[[int], bool]
     slot_of_round: Callable[[int], int]
     options: Mapping[str, Any] = field(default_factory=dict)
+    stream: Callable[[int], StreamTensors] | None = None
 
 
 class MalformedMessage(ValueError):

@@ -15,17 +15,21 @@ from torch import nn
 
 from clients.an import AdaptiveNetClient
 from clients.base import ClientHandler
+from clients.cema import CEMAClient
 from clients.eclm import ECLMClient
 from clients.heterofl import HeteroFLClient
 from clients.local import LocalOnlyClient, LocalTrainingClient
-from experiments import an_setup, eclm_setup, heterofl_setup
+from clients.tta import TTAClient
+from experiments import an_setup, cema_setup, eclm_setup, heterofl_setup
 from strategies.an import AdaptiveNet
 from strategies.base import EdgeCloudStrategy
+from strategies.cema import CEMA
 from strategies.eclm import ECLM
 from strategies.fedavg import FedAvg
 from strategies.heterofl import FedRolex, HeteroFL
 from strategies.local import LocalAdaptation
 from strategies.none import NoAdaptation
+from strategies.tta import OnlineTTA
 
 
 def _no_args(*_args) -> dict[str, Any]:
@@ -88,6 +92,25 @@ def _width_scaled(name: str, strategy: type[EdgeCloudStrategy], description: str
     )
 
 
+def _on_device(name: str, description: str) -> Algorithm:
+    """A CEMA baseline: an online test-time adaptation method run on each device (models/tta*.py)."""
+    return Algorithm(name, OnlineTTA, TTAClient, description, client_options=cema_setup.tta_options(name))
+
+
+#: CEMA's on-device baselines (seed 000; ALGORITHMS.md).
+ON_DEVICE_TTA = (
+    _on_device("source", "Source: the pre-trained model, no adaptation"),
+    _on_device("bn_adapt", "BN adaptation: normalise with the test batch's statistics (Schneider et al. 2020)"),
+    _on_device("onda", "ONDA: BN running statistics updated online (Mancini et al. 2018)"),
+    _on_device("lame", "LAME: Laplacian-adjusted outputs, no parameter update (Boudiaf et al. 2022)"),
+    _on_device("pl", "PL: pseudo-label training of BN affine parameters"),
+    _on_device("tent", "Tent: entropy minimisation of BN affine parameters (Wang et al. 2021)"),
+    _on_device("cotta", "CoTTA: mean teacher, augmentation-averaged pseudo labels, stochastic restore (Wang et al. 2022)"),
+    _on_device("eta", "ETA: EATA's sample-filtered entropy minimisation without Fisher regularisation"),
+    _on_device("eta_upload", "ETA whose kept samples are uploaded: the 'SOTA uploading' CEMA compares against"),
+)
+
+
 ALGORITHMS: dict[str, Algorithm] = {
     a.name: a
     for a in (
@@ -122,5 +145,14 @@ ALGORITHMS: dict[str, Algorithm] = {
             check_model=eclm_setup.check_model,
             default_model="modular_resnet18",
         ),
+        Algorithm(
+            "cema",
+            CEMA,
+            CEMAClient,
+            "CEMA: entropy-selected uploads, foundation adaptation and selective distillation in the cloud",
+            strategy_args=cema_setup.strategy_args,
+            client_options=cema_setup.client_options,
+        ),
+        *ON_DEVICE_TTA,
     )
 }

@@ -15,7 +15,7 @@ import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from clients.base import Device, DeviceTensors
+from clients.base import Device, DeviceTensors, StreamTensors
 from experiments import fleet
 from experiments.algorithms import ALGORITHMS
 from experiments.config import ModelConfig, RunConfig, from_flat
@@ -45,6 +45,17 @@ def _device_tensors(cfg: RunConfig, partition_id: int, slot: int) -> DeviceTenso
         train_y=torch.as_tensor(data.train_y, dtype=torch.long),
         test_x=to_tensor(data.test_x),
         test_y=torch.as_tensor(data.test_y, dtype=torch.long),
+    )
+
+
+def _stream_tensors(cfg: RunConfig, partition_id: int, index: int) -> StreamTensors:
+    batch = build_federated_data(cfg.dataset, cfg.scenario, cfg.fleet.devices, cfg.seed).stream_batch(partition_id, index)
+    return StreamTensors(
+        x=to_tensor(batch.x),
+        y=torch.as_tensor(batch.y, dtype=torch.long),
+        pixels=batch.x,
+        domain=batch.domain,
+        index=batch.index,
     )
 
 
@@ -82,6 +93,7 @@ def make_device(cfg: RunConfig, partition_id: int) -> Device:
         is_available=functools.partial(fleet.is_available, budget, cfg.seed, partition_id),
         slot_of_round=functools.partial(slot_of_round, cfg),
         options=ALGORITHMS[algo.name].client_options(cfg),
+        stream=functools.partial(_stream_tensors, cfg, partition_id),
     )
 
 

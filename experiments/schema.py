@@ -116,6 +116,20 @@ class HeteroflOptions:
 
 
 @dataclass(frozen=True)
+class CemaOptions:
+    """CEMA's own settings (seed 000; ALGORITHMS.md, official code chenyaofo/CEMA)."""
+
+    foundation_model: str = "resnet18"  # the cloud's bigger network, pre-trained on the proxy part
+    foundation_width: int = 16  # its width (narrow CPU variant; the poster uses ResNet-50/101)
+    send: str = "bn"  # bn: BN affine + running statistics back to devices (official code) | full
+    replay_capacity: int = 10_000  # FIFO replay buffer (ALGORITHMS.md)
+    e_max: float = 0.4  # E_max^0 = e_max * ln C (ALGORITHMS.md)
+    e_min: float = 0.02  # E_min = e_min * ln C (best published setting, official code results)
+    threshold_coeff: float = 1.0  # lambda of the dynamic E_max rule (best published setting)
+    warmup_samples: int = 640  # samples before the dynamic rule starts (10 batches of 64; assumption)
+
+
+@dataclass(frozen=True)
 class AlgorithmConfig:
     """The adaptation algorithm and its local-training settings."""
 
@@ -127,6 +141,7 @@ class AlgorithmConfig:
     momentum: float = 0.9  # for sgd
     eclm: EclmOptions = field(default_factory=EclmOptions)
     heterofl: HeteroflOptions = field(default_factory=HeteroflOptions)
+    cema: CemaOptions = field(default_factory=CemaOptions)
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,14 @@ def _validate_training(cfg: RunConfig) -> None:
         _check(hfl.round_budget_s > 0, "algorithm.heterofl.round_budget_s", "must be > 0 or null", hfl.round_budget_s)
     _check(0 < hfl.budget_quantile <= 1, "algorithm.heterofl.budget_quantile", "must be in (0, 1]", hfl.budget_quantile)
     _check(hfl.multirate_epochs >= 0, "algorithm.heterofl.multirate_epochs", "must be >= 0", hfl.multirate_epochs)
+    cema = algo.cema
+    _check(cema.send in ("bn", "full"), "algorithm.cema.send", "must be 'bn' or 'full'", cema.send)
+    _check(cema.replay_capacity >= 1, "algorithm.cema.replay_capacity", "must be >= 1", cema.replay_capacity)
+    _check(0 <= cema.e_min < cema.e_max <= 1, "algorithm.cema.e_min/e_max", "must satisfy 0 <= e_min < e_max <= 1",
+           (cema.e_min, cema.e_max))
+    _check(cema.threshold_coeff > 0, "algorithm.cema.threshold_coeff", "must be > 0", cema.threshold_coeff)
+    _check(cema.warmup_samples >= 0, "algorithm.cema.warmup_samples", "must be >= 0", cema.warmup_samples)
+    _check(cema.foundation_width >= 1, "algorithm.cema.foundation_width", "must be >= 1", cema.foundation_width)
     pre = cfg.pretrain
     _check(pre.epochs >= 0, "pretrain.epochs", "must be >= 0", pre.epochs)
     _check(pre.lr > 0, "pretrain.lr", "must be > 0", pre.lr)

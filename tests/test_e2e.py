@@ -157,3 +157,26 @@ def test_eclm_end_to_end_sends_each_device_its_own_sub_model(tmp_path):
         assert 0 < record["train_submodel_fraction"] <= 1.0
     assert len(sizes) >= 3
     assert len(set(sizes.values())) >= 2  # messages really differ in size per device budget
+
+
+def test_cema_end_to_end_uploads_fewer_samples_than_it_sees(tmp_path):
+    run = _run(
+        [
+            f"hydra.run.dir={tmp_path / 'cema'}",
+            "algorithm=cema",
+            "scenario=online",
+            "scenario.stream_batch=32",
+            "rounds=3",
+            "algorithm.cema.foundation_model=cnn",
+            "algorithm.cema.foundation_width=16",
+        ],
+        tmp_path,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = _results(tmp_path / "cema")
+    assert results["status"] == "completed"
+    seen = sum(3 * 32 for _ in results["rounds"])  # 3 devices x 32 samples per round
+    uploaded = sum(r.get("train_uploaded_samples", 0) for r in results["rounds"])
+    assert 0 <= uploaded < seen
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in results["rounds"])
+    assert results["rounds"][-1].get("train_online_accuracy_by_domain")

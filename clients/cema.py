@@ -1,0 +1,123 @@
+"""CEMA's edge: predict each stream batch, upload only the samples the cloud can learn from.
+
+The edge never adapts (CEMA poster, "Dynamic entropy-based sample filtration";
+``/work/shared/ALGORITHMS.md``, CEMA): it runs the edge model forward on the incoming
+batch, keeps the prediction (online accuracy) and uploads the samples that pass the
+:class:`models.cema_filter.UploadFilter`. The cloud adapts the edge model and sends back
+its BatchNorm entries (or the full model, always on a device's first batch).
+
+The device remembers its edge model and its filter state between rounds in
+``context.state`` (through :func:`clients.online.save_progress`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from flwr.app import Context, Message
+from torch import nn
+
+from clients.base import ClientHandler, MalformedMessage, round_of
+from clients.online import batch_reply, load_blob, next_batch, save_progress, stream_index
+from models.cema_filter import UploadFilter
+
+#: Share of the training FLOPs per sample that one forward pass costs: the backward pass
+#: costs about twice the forward (Kaplan et al. 2020, "Scaling laws", C ~ 6N per token of
+#: which 2N forward), and the device's ``flops_per_sample`` is measured for training.
+FORWARD_FLOP_FRACTION = 1.0 / 3.0
+#: Device options (``Device.options``) passed to :class:`UploadFilter` when present.
+FILTER_OPTIONS = (
+    "e_max_fraction",
+    "e_min_fraction",
+    "threshold_coeff",
+    "warmup_samples",
+    "cosine_margin",
+    "history_momentum",
+)
+
+
+class CEMAClient(ClientHandler):
+    """CEMA's edge handler: forward-only inference, entropy-based upload filter.
+
+    ``train`` expects a message with a ``config`` record (the round) and, optionally, an
+    ``arrays`` record: the full edge state dict (required on the device's first batch) or
+    a subset of its entries (by default the BatchNorm affine parameters and running
+    statistics), which replaces just those entries of the device's edge model.
+    """
+
+    def train(self, msg: Message, context: Context) -> Message:
+        """Predict the next stream batch, upload the filtered samples, remember the state."""
+        server_round = round_of(msg)
+        batch = next_batch(self.device, context)
+        model, upload_filter = self._restore(msg, context)
+        model.eval()
+        with torch.no_grad():
+            logits = model(batch.x)
+        if upload_filter is None:
+            upload_filter = self._new_filter(int(logits.shape[1]))
+        mask = upload_filter.select(logits).numpy()
+        uploads = batch.pixels[mask]
+        state = {"model": model.state_dict(), "filter": upload_filter.state_dict()}
+        save_progress(context, stream_index(context) + 1, state)
+        metrics = {
+            "compute_time_s": self.compute_time_s(len(batch.y) * FORWARD_FLOP_FRACTION, server_round),
+            "partition_id": self.device.partition_id,
+        }
+        return batch_reply(msg, batch, logits, metrics, uploads)
+
+    # ---------------------------------------------------------------- state
+    def _restore(self, msg: Message, context: Context) -> tuple[nn.Module, UploadFilter | None]:
+        """The edge model (saved, then updated by the message) and the saved filter, if any."""
+        saved = load_blob(context)
+        model = self.device.build_model()
+        if saved is not None:
+            model.load_state_dict(saved["model"], strict=True)
+        arrays = msg.content.array_records.get("arrays")
+        if arrays is None and saved is None:
+            raise MalformedMessage("the device's first CEMA message must carry the full edge model in 'arrays'")
+        if arrays is not None:
+            load_edge_arrays(model, arrays.to_torch_state_dict(), first=saved is None)
+        upload_filter = None
+        if saved is not None:
+            upload_filter = self._new_filter(int(saved["filter"]["num_classes"]))
+            upload_filter.load_state_dict(saved["filter"])
+        return model, upload_filter
+
+    def _new_filter(self, num_classes: int) -> UploadFilter:
+        """A fresh filter for ``num_classes`` outputs, with the device's filter options."""
+        options = {name: self.device.options[name] for name in FILTER_OPTIONS if name in self.device.options}
+        return UploadFilter(num_classes, **options)
+
+
+def load_edge_arrays(model: nn.Module, received: dict[str, Any], *, first: bool) -> None:
+    """Load the cloud's edge entries into ``model``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The device's edge model (changed in place).
+    received : dict of str to Tensor
+        A full state dict (loaded strictly) or a subset of its entries (only those change).
+    first : bool
+        Whether this is the device's first batch; then ``received`` must be the full model.
+
+    Raises
+    ------
+    MalformedMessage
+        Unknown keys, wrong shapes, or a partial record on the first batch.
+    """
+    own = model.state_dict()
+    unknown = sorted(set(received) - set(own))
+    if unknown:
+        raise MalformedMessage(f"arrays hold keys the edge model does not have: {unknown[:3]}")
+    missing = sorted(set(own) - set(received))
+    if first and missing:
+        raise MalformedMessage(f"the first CEMA message must carry the full edge model; missing {missing[:3]}")
+    for key, value in received.items():
+        if tuple(value.shape) != tuple(own[key].shape):
+            raise MalformedMessage(f"{key} has shape {tuple(value.shape)}, the edge model has {tuple(own[key].shape)}")
+    try:
+        model.load_state_dict(received, strict=not missing)
+    except (RuntimeError, ValueError) as exc:
+        raise MalformedMessage(f"arrays do not fit the edge model: {exc}") from exc

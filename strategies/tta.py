@@ -1,0 +1,93 @@
+"""Online test-time adaptation on the edge, nothing aggregated (CEMA's baselines, seed 000).
+
+The cloud ships the source model once per device; afterwards each device adapts on its own
+stream and only reports online accuracy (and, for ``eta_upload``, uploads samples).
+Protocol: /tmp/online_protocol.md (CEMA issue 4).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flwr.app import Message, MessageType, RecordDict
+
+from strategies.base import EdgeCloudStrategy
+
+
+class OnlineTTA(EdgeCloudStrategy):
+    """Serve the source model on a device's first participation; tally online accuracy per domain.
+
+    A device counts as served once it answered with content (its adapter state then lives in
+    its ``context.state``); a device that declined or failed before answering gets the arrays
+    again next time. The cloud model never changes.
+
+    Attributes
+    ----------
+    served : set[int]
+        Partition ids that already hold the source model.
+    online : dict[str, list[int]]
+        Cumulative ``[correct, n]`` of the devices' pre-adaptation predictions, per domain.
+
+    Parameters
+    ----------
+    **base
+        The arguments of :class:`strategies.base.EdgeCloudStrategy`.
+    """
+
+    def __init__(self, **base: Any) -> None:
+        super().__init__(**base)
+        self.served: set[int] = set()
+        self.online: dict[str, list[int]] = {}
+
+    def configure_train(self, server_round, arrays, config, grid):
+        """One TRAIN message per cohort device: the round config, plus arrays if not yet served."""
+
+        def content(pid: int) -> RecordDict:
+            record = RecordDict({"config": self.round_config(server_round)})
+            if pid not in self.served:
+                record["arrays"] = arrays
+            return record
+
+        return self.messages_for(server_round, MessageType.TRAIN, content)
+
+    def aggregate_train(self, server_round, replies):
+        """No aggregation; mean reply metrics plus cumulative online accuracy and this round's uploads."""
+        replies = list(replies)
+        self.served.update(self.ledger.device_time_s)  # answered, even if dropped as stragglers
+        self.served.update(self.partition_of(r) for r in replies)
+        samples, nbytes = 0, 0
+        for reply in replies:
+            self._tally(reply)
+            up_samples, up_bytes = upload_size(reply)
+            samples += up_samples
+            nbytes += up_bytes
+        metrics: dict[str, Any] = dict(self.mean_metrics(replies))
+        metrics.update(self.online_metrics())
+        metrics["uploaded_samples"] = samples
+        metrics["uploaded_bytes"] = nbytes
+        return None, metrics
+
+    def _tally(self, reply: Message) -> None:
+        metrics = reply.content["metrics"]
+        domain = str(reply.content["stream"]["domain"])
+        tally = self.online.setdefault(domain, [0, 0])
+        tally[0] += int(metrics["correct"])
+        tally[1] += int(metrics["num_examples"])
+
+    def online_metrics(self) -> dict[str, Any]:
+        """``online_accuracy`` (all domains) and ``online_accuracy_by_domain``, cumulative over the run."""
+        correct = sum(c for c, _ in self.online.values())
+        seen = sum(n for _, n in self.online.values())
+        return {
+            "online_accuracy": correct / seen if seen else None,
+            "online_accuracy_by_domain": {d: c / n for d, (c, n) in sorted(self.online.items()) if n},
+        }
+
+
+def upload_size(reply: Message) -> tuple[int, int]:
+    """Samples and array bytes (``numpy().nbytes``, no serialisation header) a reply uploads."""
+    record = reply.content.array_records.get("uploads")
+    if record is None:
+        return 0, 0
+    pixels = record["pixels"].numpy()
+    return int(len(pixels)), int(sum(arr.numpy().nbytes for arr in record.values()))

@@ -1,0 +1,256 @@
+"""CEMA on Flower messages, without Ray: the edge handler over rounds and the cloud strategy."""
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+
+from clients.base import MALFORMED_MESSAGE, Device, StreamTensors
+from clients.cema import FORWARD_FLOP_FRACTION, CEMAClient
+from clients.online import load_blob, stream_index
+from models import build_model
+from models.cema_filter import UploadFilter, entropy
+from models.training import TrainSettings
+from strategies.base import DeviceInfo
+from strategies.cema import CEMA, bn_state_keys
+
+torch.set_num_threads(1)
+BUDGET = {"flops_per_s": 1e9, "memory_bytes": 1e9, "uplink_bps": 1e6, "downlink_bps": 1e7}
+# No redundancy test (softmaxes are non-negative, so |cos| <= 1 < 1.5) and a wide entropy window,
+# so the upload set is exactly E_min < E < E_max^0 while warm-up (640 samples) is not over.
+FILTER = {"cosine_margin": 1.5, "e_max_fraction": 0.35}
+BATCH = 16
+
+
+def _edge():
+    torch.manual_seed(0)
+    model = build_model("cnn", num_classes=10, width=4)
+    with torch.no_grad():
+        model.classifier.weight.mul_(200.0)  # spread the entropies over (0, ln 10)
+    return model
+
+
+def _foundation():
+    torch.manual_seed(1)
+    return build_model("cnn", num_classes=10, width=8)
+
+
+def _preprocess(pixels):
+    return torch.from_numpy(pixels.astype(np.float32).transpose(0, 3, 1, 2) / 127.5 - 1.0)
+
+
+def _pixels(seed, n):
+    return np.random.default_rng(seed).integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
+
+
+def _stream(index):
+    pixels = _pixels(index, BATCH)
+    y = torch.from_numpy(np.random.default_rng([index, 1]).integers(0, 10, size=BATCH))
+    return StreamTensors(x=_preprocess(pixels), y=y, pixels=pixels, domain="fog", index=index)
+
+
+def _device():
+    return Device(
+        partition_id=3, seed=0, budget=BUDGET, data=None, num_examples=lambda slot: 0,
+        build_model=lambda: build_model("cnn", num_classes=10, width=4),
+        train=TrainSettings(epochs=1, lr=1e-3, batch_size=8), flops_per_sample=3e6,
+        load_factor=lambda r: 2.0, is_available=lambda r: True, slot_of_round=lambda r: 0,
+        options=FILTER, stream=_stream,
+    )
+
+
+def _context():
+    return Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config={})
+
+
+def _train_message(server_round, arrays=None):
+    content = RecordDict({"config": ConfigRecord({"round": server_round})})
+    if arrays is not None:
+        content["arrays"] = ArrayRecord(arrays)
+    return Message(content, dst_node_id=5, message_type=MessageType.TRAIN)
+
+
+def _bn_update(model, shift):
+    return {k: v + shift if v.is_floating_point() else v + 1 for k, v in model.state_dict().items()
+            if k in bn_state_keys(model)}
+
+
+# --------------------------------------------------------------------------- the edge
+def test_device_predicts_filters_and_keeps_its_model_over_three_rounds():
+    client, context, edge = CEMAClient(_device()), _context(), _edge()
+    reference, expected_state, uploaded_any, mixed = UploadFilter(10, **FILTER), edge.state_dict(), False, False
+    messages = [_train_message(1, edge.state_dict()), _train_message(2, _bn_update(edge, 0.5)), _train_message(3)]
+    for index, msg in enumerate(messages):
+        reply = client.handle("train", msg, context)
+        assert reply.has_content(), reply.error.reason if reply.has_error() else ""
+        assert stream_index(context) == index + 1
+        if "arrays" in msg.content:
+            expected_state = {**expected_state, **msg.content["arrays"].to_torch_state_dict()}
+        model = build_model("cnn", num_classes=10, width=4)
+        model.load_state_dict(expected_state)
+        model.eval()
+        with torch.no_grad():
+            logits = model(_stream(index).x)
+        mask = reference.select(logits)
+        ents = entropy(logits.double())
+        metrics = reply.content["metrics"]
+        assert metrics["uploads"] == int(mask.sum())
+        assert metrics["correct"] == int((logits.argmax(1) == _stream(index).y).sum())
+        assert metrics["partition_id"] == 3 and reply.content["stream"]["domain"] == "fog"
+        # 16 samples x 3e6 FLOPs x 1/3 (forward only) / 1e9 FLOP/s x load 2
+        assert metrics["compute_time_s"] == pytest.approx(BATCH * 3e6 * FORWARD_FLOP_FRACTION / 1e9 * 2.0)
+        if mask.any():
+            uploaded_any = True
+            np.testing.assert_array_equal(reply.content["uploads"]["pixels"].numpy(), _stream(index).pixels[mask.numpy()])
+            assert ((ents[mask] > reference.e_min) & (ents[mask] < reference.e_max0)).all()
+        else:
+            assert "uploads" not in reply.content
+        assert not ((ents > reference.e_min) & (ents < reference.e_max0) & ~mask).any()
+        mixed = mixed or 0 < int(mask.sum()) < BATCH
+        saved = load_blob(context)
+        assert saved["filter"] == reference.state_dict()
+    assert uploaded_any and mixed  # the window both kept and dropped samples
+
+
+def test_bn_only_update_changes_exactly_the_bn_entries():
+    client, context, edge = CEMAClient(_device()), _context(), _edge()
+    client.handle("train", _train_message(1, edge.state_dict()), context)
+    before = load_blob(context)["model"]
+    client.handle("train", _train_message(2, _bn_update(edge, 0.25)), context)
+    after = load_blob(context)["model"]
+    bn = set(bn_state_keys(edge))
+    assert bn == {f"features.{i}.1.{s}" for i in (0, 2, 4)
+                  for s in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")}
+    for key in before:
+        assert torch.equal(before[key], after[key]) == (key not in bn), key
+    torch.testing.assert_close(after["features.2.1.bias"], edge.state_dict()["features.2.1.bias"] + 0.25)
+
+
+@pytest.mark.parametrize("arrays", [None, {"features.0.1.weight": torch.ones(4)}])
+def test_first_message_must_carry_the_full_model(arrays):
+    context = _context()
+    reply = CEMAClient(_device()).handle("train", _train_message(1, arrays), context)
+    assert reply.has_error() and reply.error.code == MALFORMED_MESSAGE
+    assert "full edge model" in reply.error.reason
+    assert stream_index(context) == 0
+
+
+def test_wrong_shapes_and_unknown_keys_are_malformed():
+    client, context, edge = CEMAClient(_device()), _context(), _edge()
+    client.handle("train", _train_message(1, edge.state_dict()), context)
+    for bad in ({"features.0.1.weight": torch.ones(5)}, {"nope": torch.ones(1)}):
+        reply = client.handle("train", _train_message(2, bad), context)
+        assert reply.has_error() and reply.error.code == MALFORMED_MESSAGE
+    assert stream_index(context) == 1
+
+
+# --------------------------------------------------------------------------- the cloud
+def _strategy(send="bn", devices=(0, 1, 2), seed=0):
+    strategy = CEMA(foundation=_foundation(), edge_factory=lambda: build_model("cnn", num_classes=10, width=4),
+                    preprocess=_preprocess, num_classes=10, send=send, per_round=len(devices), seed=seed,
+                    expected_devices=len(devices))
+    for pid in devices:
+        strategy.devices[pid] = DeviceInfo(pid, 100 + pid, 0, dict(BUDGET))
+        strategy._by_node[100 + pid] = pid
+    return strategy
+
+
+def _reply(strategy, pid, domain, correct, n=BATCH, pixels=None):
+    msg = Message(RecordDict({"config": ConfigRecord({"round": 1})}), dst_node_id=strategy.devices[pid].node_id,
+                  message_type=MessageType.TRAIN)
+    content = RecordDict({
+        "metrics": MetricRecord({"num_examples": n, "correct": correct, "accuracy": correct / n,
+                                 "uploads": 0 if pixels is None else len(pixels)}),
+        "stream": ConfigRecord({"domain": domain, "index": 0}),
+    })
+    if pixels is not None:
+        content["uploads"] = ArrayRecord({"pixels": Array(pixels)})
+    return Message(content, reply_to=msg)
+
+
+def _by_pid(strategy, messages):
+    return {strategy._by_node[m.metadata.dst_node_id]: m for m in messages}
+
+
+@pytest.mark.parametrize("send", ["bn", "full"])
+def test_full_model_on_first_participation_then_the_send_keys(send):
+    strategy, edge = _strategy(send), _edge()
+    arrays = ArrayRecord(edge.state_dict())
+    first = _by_pid(strategy, strategy.configure_train(1, arrays, ConfigRecord(), None))
+    assert all(set(m.content["arrays"].keys()) == set(arrays.keys()) for m in first.values())
+    assert all(m.content["config"]["round"] == 1 for m in first.values())
+    strategy.aggregate_train(1, [_reply(strategy, 0, "fog", 1), _reply(strategy, 1, "fog", 1)])  # 2 never answers
+    second = _by_pid(strategy, strategy.configure_train(2, arrays, ConfigRecord(), None))
+    expected = set(bn_state_keys(edge)) if send == "bn" else set(arrays.keys())
+    assert set(second[0].content["arrays"].keys()) == expected == set(second[1].content["arrays"].keys())
+    assert set(second[2].content["arrays"].keys()) == set(arrays.keys())
+
+
+def _bn_affine_and_stats(model):
+    return set(bn_state_keys(model))
+
+
+def test_aggregate_adapts_and_distils_only_bn_entries_and_carries_the_remainder():
+    strategy, edge = _strategy(), _edge()
+    arrays = ArrayRecord(edge.state_dict())
+    strategy.configure_train(1, arrays, ConfigRecord(), None)
+    foundation_before = {k: v.clone() for k, v in strategy.foundation.state_dict().items()}
+    replies = [_reply(strategy, 0, "fog", 3, pixels=_pixels(10, 40)), _reply(strategy, 1, "clean", 8, pixels=_pixels(11, 30))]
+    new, metrics = strategy.aggregate_train(1, replies)
+    assert metrics["cloud_steps"] == 2 and metrics["pending_uploads"] == 70 - 64
+    header_bytes = sum(len(r.content["uploads"]["pixels"].data) for r in replies) - 70 * 32 * 32 * 3
+    assert 0 <= header_bytes <= 2 * 256  # the pixels plus one .npy header per reply
+    assert metrics["uploaded_samples"] == 70 and metrics["uploaded_bytes"] == 70 * 32 * 32 * 3 + header_bytes
+    assert len(strategy.buffer) == 64 and metrics["cloud_compute_s"] > 0
+    old, changed = arrays.to_torch_state_dict(), new.to_torch_state_dict()
+    bn = _bn_affine_and_stats(edge)
+    for key in old:
+        assert torch.equal(old[key], changed[key]) == (key not in bn), key
+    teacher_bn, after = _bn_affine_and_stats(strategy.foundation), strategy.foundation.state_dict()
+    for key in after:  # the teacher adapts BN only (a tiny lr may leave single entries equal in float32)
+        if key not in teacher_bn:
+            assert torch.equal(after[key], foundation_before[key]), key
+    affine = [k for k in teacher_bn if k.endswith(("weight", "bias"))]
+    assert any(not torch.equal(after[k], foundation_before[k]) for k in affine)
+    assert not torch.equal(after["features.0.1.running_mean"], foundation_before["features.0.1.running_mean"])
+    new2, metrics2 = strategy.aggregate_train(2, [_reply(strategy, 0, "fog", 0, pixels=_pixels(12, 26))])
+    assert metrics2["cloud_steps"] == 1 and metrics2["pending_uploads"] == 0 and len(strategy.buffer) == 96
+
+
+def test_cumulative_online_accuracy_per_domain_by_hand():
+    strategy = _strategy()
+    strategy.configure_train(1, ArrayRecord(_edge().state_dict()), ConfigRecord(), None)
+    strategy.aggregate_train(1, [_reply(strategy, 0, "fog", 3), _reply(strategy, 1, "clean", 8)])
+    _, metrics = strategy.aggregate_train(2, [_reply(strategy, 0, "fog", 5)])
+    assert metrics["online_accuracy_by_domain"] == {"clean": 8 / 16, "fog": (3 + 5) / 32}
+    assert metrics["online_accuracy"] == pytest.approx(16 / 48)
+    assert metrics["uploaded_samples"] == 0 and metrics["cloud_steps"] == 0 and metrics["accuracy"] == 5 / 16
+
+
+def test_same_seed_same_edge_model():
+    results = []
+    for _ in range(2):
+        strategy = _strategy(seed=4)
+        strategy.configure_train(1, ArrayRecord(_edge().state_dict()), ConfigRecord(), None)
+        new, _ = strategy.aggregate_train(1, [_reply(strategy, 0, "fog", 3, pixels=_pixels(10, 64))])
+        results.append(new.to_torch_state_dict())
+    for key in results[0]:
+        assert torch.equal(results[0][key], results[1][key]), key
+
+
+def test_bad_uploads_are_rejected_and_recorded():
+    strategy = _strategy()
+    strategy.configure_train(1, ArrayRecord(_edge().state_dict()), ConfigRecord(), None)
+    bad = np.zeros((4, 32, 32), dtype=np.uint8)
+    _, metrics = strategy.aggregate_train(1, [_reply(strategy, 0, "fog", 3, pixels=bad)])
+    assert metrics["uploaded_samples"] == 0
+    assert strategy.ledger.failures[0]["partition_id"] == 0 and "uint8 (k, H, W, C)" in strategy.ledger.failures[0]["reason"]
+
+
+@pytest.mark.parametrize("kwargs, match", [({"send": "all"}, "send='all'"), ({"num_classes": 1}, "num_classes=1"),
+                                           ({"cloud_batch_size": 0}, "cloud_batch_size=0")])
+def test_bad_settings_raise(kwargs, match):
+    args = dict(foundation=_foundation(), edge_factory=_edge, preprocess=_preprocess, num_classes=10,
+                per_round=1, seed=0, expected_devices=1)
+    with pytest.raises(ValueError, match=match):
+        CEMA(**{**args, **kwargs})
