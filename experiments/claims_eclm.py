@@ -114,12 +114,12 @@ def targets(results: dict[tuple[int, str], dict]) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, body: str) -> None:
-    """Replace the ECLM section of ``path`` (between the markers), keeping the rest."""
+def write_section(path: Path, body: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace one section of ``path`` (between its markers), keeping the rest."""
     text = path.read_text() if path.exists() else "# Results\n"
-    section = f"{BEGIN}\n{body}\n{END}"
-    if BEGIN in text and END in text:
-        text = text.split(BEGIN)[0] + section + text.split(END, 1)[1]
+    section = f"{begin}\n{body}\n{end}"
+    if begin in text and end in text:
+        text = text.split(begin)[0] + section + text.split(end, 1)[1]
     else:
         text = text.rstrip() + "\n\n" + section + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
