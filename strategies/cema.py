@@ -135,7 +135,7 @@ class CEMA(EdgeCloudStrategy):
     def aggregate_train(self, server_round, replies):
         """Count online accuracy, run the cloud steps on the uploads, return the edge state."""
         replies = list(replies)
-        uploads, uploaded_bytes = [], 0
+        uploads, uploaded_bytes, by_device = [], 0, {}
         for reply in replies:
             self.served.add(self.partition_of(reply))
             self._count_online(reply)
@@ -149,6 +149,7 @@ class CEMA(EdgeCloudStrategy):
                 continue
             uploads.append(pixels)
             uploaded_bytes += len(record["pixels"].data)
+            by_device[str(self.partition_of(reply))] = int(len(pixels))
         started = time.perf_counter()
         steps = self._cloud_steps(uploads)
         metrics = {
@@ -156,6 +157,7 @@ class CEMA(EdgeCloudStrategy):
             **self.online_metrics(),
             "uploaded_samples": int(sum(len(u) for u in uploads)),
             "uploaded_bytes": uploaded_bytes,
+            "uploaded_samples_by_device": by_device,
             "cloud_steps": steps,
             "pending_uploads": len(self.pending),
             "cloud_compute_s": time.perf_counter() - started,

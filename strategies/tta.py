@@ -55,16 +55,19 @@ class OnlineTTA(EdgeCloudStrategy):
         replies = list(replies)
         self.served.update(self.ledger.device_time_s)  # answered, even if dropped as stragglers
         self.served.update(self.partition_of(r) for r in replies)
-        samples, nbytes = 0, 0
+        samples, nbytes, by_device = 0, 0, {}
         for reply in replies:
             self._tally(reply)
             up_samples, up_bytes = upload_size(reply)
             samples += up_samples
             nbytes += up_bytes
+            if up_samples:
+                by_device[str(self.partition_of(reply))] = up_samples
         metrics: dict[str, Any] = dict(self.mean_metrics(replies))
         metrics.update(self.online_metrics())
         metrics["uploaded_samples"] = samples
         metrics["uploaded_bytes"] = nbytes
+        metrics["uploaded_samples_by_device"] = by_device
         return None, metrics
 
     def _tally(self, reply: Message) -> None:
