@@ -27,7 +27,7 @@ BEGIN, END = "<!-- cema-claims:begin -->", "<!-- cema-claims:end -->"
 
 def run_one(method: str, severity: int, args: argparse.Namespace) -> dict:
     """One online run of ``method``; returns its results.json (or a failure record)."""
-    run_dir = args.out / f"sev{severity}" / method
+    run_dir = args.out / args.partition / f"sev{severity}" / method
     path = run_dir / "results.json"
     if path.exists() and json.loads(path.read_text())["status"] == "completed":
         return json.loads(path.read_text())
@@ -42,6 +42,7 @@ def run_one(method: str, severity: int, args: argparse.Namespace) -> dict:
         f"fleet.per_round={args.devices}",
         "fleet.availability_min=1.0",  # every device sees every batch of its stream
         f"rounds={len(CORRUPTIONS) * args.batches_per_domain}",
+        f"dataset.partition.kind={args.partition}",
         f"seed={args.seed}",
         f"hydra.run.dir={run_dir}",
     ]
@@ -97,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches-per-domain", type=int, default=2)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--partition", default="iid", help="how test samples reach devices: iid (TTA's usual shuffled stream) or label_skew"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "claims_cema")
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "RESULTS.md")
     args = parser.parse_args(argv)
@@ -113,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         [
             "## CEMA poster table on digits (online, per-device corruption streams)",
             "",
-            f"Command: `{command.strip()}` ({args.devices} devices, all in every round, each its own order of the "
+            f"Command: `{command.strip()}` ({args.devices} devices, all in every round, {args.partition} samples, "
+            "each device its own order of the "
             f"15 corruptions, {args.batches_per_domain} batches of {args.batch} per corruption; edge model: the "
             f"small CNN, CEMA's foundation: the narrow ResNet18). Machine: {platform.machine()}, 2 cores; wall "
             f"time {(time.time() - started) / 60:.1f} min. Online accuracy (%): each batch predicted before any "
