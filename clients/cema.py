@@ -20,6 +20,7 @@ from torch import nn
 
 from clients.base import ClientHandler, MalformedMessage, round_of
 from clients.online import batch_reply, load_blob, next_batch, save_progress, stream_index
+from models.tta_base import use_test_batch_statistics
 from models.cema_filter import UploadFilter
 
 #: Share of the training FLOPs per sample that one forward pass costs: the backward pass
@@ -51,7 +52,10 @@ class CEMAClient(ClientHandler):
         server_round = round_of(msg)
         batch = next_batch(self.device, context)
         model, upload_filter = self._restore(msg, context)
-        model.eval()
+        if self.device.options.get("edge_bn", "batch") == "batch":
+            use_test_batch_statistics(model)  # the official code's edge normalises with test batches
+        else:
+            model.eval()
         with torch.no_grad():
             logits = model(batch.x)
         if upload_filter is None:

@@ -49,6 +49,7 @@ def client_options(cfg: RunConfig) -> dict:
         "e_min_fraction": options.e_min,
         "threshold_coeff": options.threshold_coeff,
         "warmup_samples": options.warmup_samples,
+        "edge_bn": options.edge_bn,
     }
 
 

@@ -19,6 +19,7 @@ BUDGET = {"flops_per_s": 1e9, "memory_bytes": 1e9, "uplink_bps": 1e6, "downlink_
 # No redundancy test (softmaxes are non-negative, so |cos| <= 1 < 1.5) and a wide entropy window,
 # so the upload set is exactly E_min < E < E_max^0 while warm-up (640 samples) is not over.
 FILTER = {"cosine_margin": 1.5, "e_max_fraction": 0.35}
+OPTIONS = {**FILTER, "edge_bn": "running"}  # eval-mode edge, so the test can recompute its logits
 BATCH = 16
 
 
@@ -55,7 +56,7 @@ def _device():
         build_model=lambda: build_model("cnn", num_classes=10, width=4),
         train=TrainSettings(epochs=1, lr=1e-3, batch_size=8), flops_per_sample=3e6,
         load_factor=lambda r: 2.0, is_available=lambda r: True, slot_of_round=lambda r: 0,
-        options=FILTER, stream=_stream,
+        options=OPTIONS, stream=_stream,
     )
 
 
@@ -254,3 +255,4 @@ def test_bad_settings_raise(kwargs, match):
                 per_round=1, seed=0, expected_devices=1)
     with pytest.raises(ValueError, match=match):
         CEMA(**{**args, **kwargs})
+
