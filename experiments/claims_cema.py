@@ -10,14 +10,12 @@ writes methods x corruptions + average + uploaded samples into ``docs/RESULTS.md
 from __future__ import annotations
 
 import argparse
-import json
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from experiments.claims_eclm import write_section
+from experiments.claims_eclm import run_cached, write_section
 from experiments.data.corruptions import CORRUPTIONS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,9 +26,6 @@ BEGIN, END = "<!-- cema-claims:begin -->", "<!-- cema-claims:end -->"
 def run_one(method: str, severity: int, args: argparse.Namespace) -> dict:
     """One online run of ``method``; returns its results.json (or a failure record)."""
     run_dir = args.out / args.partition / f"sev{severity}" / method
-    path = run_dir / "results.json"
-    if path.exists() and json.loads(path.read_text())["status"] == "completed":
-        return json.loads(path.read_text())
     overrides = [
         f"algorithm={method}",
         "scenario=online",
@@ -46,10 +41,7 @@ def run_one(method: str, severity: int, args: argparse.Namespace) -> dict:
         f"seed={args.seed}",
         f"hydra.run.dir={run_dir}",
     ]
-    proc = subprocess.run([sys.executable, "-m", "experiments.run", *overrides], cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        print(proc.stderr[-2000:], file=sys.stderr)
-    return json.loads(path.read_text()) if path.exists() else {"status": "failed", "rounds": []}
+    return run_cached(run_dir, overrides)
 
 
 def row(results: dict) -> tuple[dict, float | None, int]:

@@ -37,8 +37,6 @@ def run_one(
 ) -> dict:
     """One ``experiments.run`` of ``method``; returns its results.json (or a failure record)."""
     run_dir = out / f"m{classes}" / method / f"seed{seed}"
-    if (run_dir / "results.json").exists() and json.loads((run_dir / "results.json").read_text())["status"] == "completed":
-        return json.loads((run_dir / "results.json").read_text())
     overrides = [
         *METHODS[method][1],
         f"dataset.partition.classes_per_device={classes}",
@@ -50,10 +48,20 @@ def run_one(
         f"hydra.run.dir={run_dir}",
         *extra,
     ]
+    return run_cached(run_dir, overrides)
+
+
+def run_cached(run_dir: Path, overrides: list[str]) -> dict:
+    """``python -m experiments.run overrides`` into ``run_dir``, unless it already completed there.
+
+    Returns the run's results.json, or a failure record (the run's stderr is echoed).
+    """
+    path = run_dir / "results.json"
+    if path.exists() and json.loads(path.read_text())["status"] == "completed":
+        return json.loads(path.read_text())
     proc = subprocess.run([sys.executable, "-m", "experiments.run", *overrides], cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         print(proc.stderr[-2000:], file=sys.stderr)
-    path = run_dir / "results.json"
     return json.loads(path.read_text()) if path.exists() else {"status": "failed", "rounds": [], "summary": {}}
 
 
