@@ -38,6 +38,7 @@ def strategy_args(cfg: RunConfig, model: nn.Module, data) -> dict:
         "num_classes": data.num_classes,
         "send": cfg.algorithm.cema.send,
         "replay_capacity": cfg.algorithm.cema.replay_capacity,
+        "edge_models": cfg.algorithm.cema.edge_models,
     }
 
 

@@ -127,6 +127,7 @@ class CemaOptions:
     e_min: float = 0.02  # E_min = e_min * ln C (best published setting, official code results)
     threshold_coeff: float = 1.0  # lambda of the dynamic E_max rule (best published setting)
     warmup_samples: int = 640  # samples before the dynamic rule starts (10 batches of 64; assumption)
+    edge_models: str = "shared"  # shared: one edge model for the fleet | per_device: one per device (issue 4)
     edge_bn: str = "batch"  # batch: the edge normalises with each test batch (official code, as Tent/EATA) | running
 
 

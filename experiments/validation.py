@@ -72,6 +72,8 @@ def _validate_training(cfg: RunConfig) -> None:
     _check(hfl.multirate_epochs >= 0, "algorithm.heterofl.multirate_epochs", "must be >= 0", hfl.multirate_epochs)
     cema = algo.cema
     _check(cema.send in ("bn", "full"), "algorithm.cema.send", "must be 'bn' or 'full'", cema.send)
+    _check(cema.edge_models in ("shared", "per_device"), "algorithm.cema.edge_models",
+           "must be 'shared' or 'per_device'", cema.edge_models)
     _check(cema.edge_bn in ("batch", "running"), "algorithm.cema.edge_bn", "must be 'batch' or 'running'", cema.edge_bn)
     _check(cema.replay_capacity >= 1, "algorithm.cema.replay_capacity", "must be >= 1", cema.replay_capacity)
     _check(0 <= cema.e_min < cema.e_max <= 1, "algorithm.cema.e_min/e_max", "must satisfy 0 <= e_min < e_max <= 1",

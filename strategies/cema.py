@@ -7,14 +7,19 @@ of the foundation model, (2) the samples join a FIFO replay buffer, (3) one dist
 step of the edge model on them plus replayed samples. The edge model's BatchNorm entries
 (affine parameters and running statistics) go back to the devices.
 
-Scope: ONE edge model shared by every device (the uploads of all devices train it, in
-partition-id order). Per-device edge models are left for later.
+Edge models (issue 4, "configurable whether each device has its own edge model"):
+``edge_models="shared"`` (default) keeps ONE edge model trained by the uploads of all devices in
+partition-id order; ``"per_device"`` keeps one edge model per device, distilled only on that
+device's uploads with its own replay buffer and optimiser, while the foundation model stays
+shared (it learns from every upload). Per-device state is created on a device's first reply
+from the initial edge model, so nothing per device is materialised up front.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -37,6 +42,10 @@ from strategies.base import EdgeCloudStrategy
 
 #: What the cloud sends after a device's first batch: BN entries only, or the full model.
 SEND_MODES = ("bn", "full")
+#: One edge model for the fleet, or one per device (issue 4).
+EDGE_MODES = ("shared", "per_device")
+#: Key of the single track in ``shared`` mode.
+SHARED = -1
 #: Stream tag that separates the replay draws from every other use of the run seed.
 REPLAY_STREAM = 0xCE
 #: The image shape every upload must have (uint8 NHWC, protocol "uploads" record).
@@ -56,6 +65,31 @@ def bn_state_keys(model: nn.Module) -> list[str]:
     if not keys:
         raise ValueError(f"{type(model).__name__} has no BatchNorm layer; CEMA sends BN entries only")
     return keys
+
+
+@dataclass
+class EdgeTrack:
+    """One edge model the cloud distils: its weights, optimiser, replay buffer and pending uploads.
+
+    Attributes
+    ----------
+    model : nn.Module
+        The edge network (student).
+    optimizer : torch.optim.Optimizer
+        SGD on its BN affine parameters.
+    buffer : ReplayBuffer
+        FIFO of the samples this edge model was distilled on.
+    rng : np.random.Generator
+        Replay draws of this track.
+    pending : np.ndarray
+        Uploads that did not fill a cloud batch yet (uint8 NHWC).
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    buffer: ReplayBuffer
+    rng: np.random.Generator
+    pending: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 0, 0), dtype=np.uint8))
 
 
 class CEMA(EdgeCloudStrategy):
@@ -81,6 +115,9 @@ class CEMA(EdgeCloudStrategy):
         SGD settings of the two models (official 2.5e-4, 2.5e-3, 0.9).
     cloud_batch_size : int
         Uploaded samples per cloud step (official 32); the remainder waits for the next round.
+    edge_models : {"shared", "per_device"}
+        One edge model for every device, or one per device (each with its own replay buffer
+        of ``replay_capacity`` samples).
     **base
         :class:`strategies.base.EdgeCloudStrategy` arguments (per_round, seed, ...).
     """
@@ -98,44 +135,85 @@ class CEMA(EdgeCloudStrategy):
         edge_lr: float = EDGE_LR,
         momentum: float = SGD_MOMENTUM,
         cloud_batch_size: int = CLOUD_BATCH_SIZE,
+        edge_models: str = "shared",
         **base,
     ) -> None:
         super().__init__(**base)
         if send not in SEND_MODES:
             raise ValueError(f"send={send!r}; choose one of {SEND_MODES}")
+        if edge_models not in EDGE_MODES:
+            raise ValueError(f"edge_models={edge_models!r}; choose one of {EDGE_MODES}")
         if cloud_batch_size < 1:
             raise ValueError(f"cloud_batch_size={cloud_batch_size}; use at least 1 sample per cloud step")
         self.e0 = default_e_max0(num_classes)
         self.foundation = foundation
-        self.edge = edge_factory()
+        self.edge_factory = edge_factory
         self.preprocess = preprocess
         self.send = send
         self.cloud_batch_size = cloud_batch_size
-        self.bn_keys = bn_state_keys(self.edge)
-        self.buffer = ReplayBuffer(replay_capacity)
+        self.edge_models = edge_models
+        self.replay_capacity = replay_capacity
+        self.edge_lr = edge_lr
+        self.momentum = momentum
         self.foundation_optimizer = bn_sgd(foundation, foundation_lr, momentum)
-        self.edge_optimizer = bn_sgd(self.edge, edge_lr, momentum)
-        self.rng = np.random.default_rng([self.seed, REPLAY_STREAM])
+        self.tracks: dict[int, EdgeTrack] = {}
+        self.initial_state: dict[str, torch.Tensor] | None = None
+        self.bn_keys = bn_state_keys(edge_factory())
         self.served: set[int] = set()
         self.online: dict[str, list[int]] = {}
-        self.pending = np.zeros((0, 0, 0, 0), dtype=np.uint8)
+
+    @property
+    def edge(self) -> nn.Module:
+        """The shared edge model (``edge_models="shared"`` only)."""
+        if self.edge_models != "shared":
+            raise AttributeError("edge_models='per_device' has one edge model per device: use tracks[pid].model")
+        return self.track(SHARED).model
+
+    def track(self, key: int) -> EdgeTrack:
+        """The edge track ``key`` (a partition id, or :data:`SHARED`), made from the initial edge model."""
+        if key not in self.tracks:
+            if self.initial_state is None:
+                raise RuntimeError("no edge model yet: configure_train must run before the cloud steps")
+            model = self.edge_factory()
+            model.load_state_dict(self.initial_state, strict=True)
+            self.tracks[key] = EdgeTrack(
+                model=model,
+                optimizer=bn_sgd(model, self.edge_lr, self.momentum),
+                buffer=ReplayBuffer(self.replay_capacity),
+                rng=np.random.default_rng([self.seed, REPLAY_STREAM] + ([] if key == SHARED else [key])),
+            )
+        return self.tracks[key]
 
     # ------------------------------------------------------------------ train
     def configure_train(self, server_round, arrays, config, grid):
-        """Full edge model to first-time devices, the ``send`` entries to the others."""
-        self.edge.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+        """Full edge model to first-time devices, the ``send`` entries (of their edge model) to the others."""
+        if self.initial_state is None:
+            self.initial_state = arrays.to_torch_state_dict()
+        if self.edge_models == "shared":
+            self.track(SHARED).model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
         full = RecordDict({"config": self.round_config(server_round), "arrays": arrays})
         keys = list(arrays.keys()) if self.send == "full" else self.bn_keys
-        update = RecordDict({
+        shared_update = self._update_record(server_round, arrays, keys)
+
+        def content(pid: int) -> RecordDict:
+            if pid not in self.served:
+                return full
+            if self.edge_models == "shared" or pid not in self.tracks:
+                return shared_update
+            return self._update_record(server_round, ArrayRecord(self.tracks[pid].model.state_dict()), keys)
+
+        return self.messages_for(server_round, MessageType.TRAIN, content)
+
+    def _update_record(self, server_round: int, arrays: ArrayRecord, keys: list[str]) -> RecordDict:
+        return RecordDict({
             "config": self.round_config(server_round),
             "arrays": ArrayRecord({key: arrays[key] for key in keys}),
         })
-        return self.messages_for(server_round, MessageType.TRAIN, lambda pid: update if pid in self.served else full)
 
     def aggregate_train(self, server_round, replies):
         """Count online accuracy, run the cloud steps on the uploads, return the edge state."""
         replies = list(replies)
-        uploads, uploaded_bytes, by_device = [], 0, {}
+        uploads, uploaded_bytes, by_device = {}, 0, {}
         for reply in replies:
             self.served.add(self.partition_of(reply))
             self._count_online(reply)
@@ -147,22 +225,28 @@ class CEMA(EdgeCloudStrategy):
             if problem is not None:
                 self.ledger.fail(self.partition_of(reply), "train", f"rejected uploads: {problem}")
                 continue
-            uploads.append(pixels)
+            uploads[self.partition_of(reply)] = pixels
             uploaded_bytes += len(record["pixels"].data)
             by_device[str(self.partition_of(reply))] = int(len(pixels))
         started = time.perf_counter()
-        steps = self._cloud_steps(uploads)
+        if self.edge_models == "shared":
+            steps = self._cloud_steps(self.track(SHARED), [uploads[pid] for pid in sorted(uploads)])
+        else:
+            steps = sum(self._cloud_steps(self.track(pid), [uploads[pid]]) for pid in sorted(uploads))
         metrics = {
             **self.mean_metrics(replies),
             **self.online_metrics(),
-            "uploaded_samples": int(sum(len(u) for u in uploads)),
+            "uploaded_samples": int(sum(len(u) for u in uploads.values())),
             "uploaded_bytes": uploaded_bytes,
             "uploaded_samples_by_device": by_device,
             "cloud_steps": steps,
-            "pending_uploads": len(self.pending),
+            "pending_uploads": int(sum(len(t.pending) for t in self.tracks.values())),
+            "edge_models": len(self.tracks),
             "cloud_compute_s": time.perf_counter() - started,
         }
-        return ArrayRecord(self.edge.state_dict()), metrics
+        if self.edge_models == "shared":
+            return ArrayRecord(self.edge.state_dict()), metrics
+        return None, metrics
 
     # ------------------------------------------------------------------ helpers
     def _count_online(self, reply) -> None:
@@ -182,20 +266,20 @@ class CEMA(EdgeCloudStrategy):
             "online_accuracy_by_domain": {d: c / n for d, (c, n) in sorted(self.online.items()) if n},
         }
 
-    def _cloud_steps(self, uploads: list[np.ndarray]) -> int:
-        """Adapt + replay + distil per full cloud batch; keep the remainder pending."""
-        pool = [self.pending] if len(self.pending) else []
+    def _cloud_steps(self, track: EdgeTrack, uploads: list[np.ndarray]) -> int:
+        """Adapt + replay + distil ``track`` per full cloud batch; keep the remainder pending."""
+        pool = [track.pending] if len(track.pending) else []
         pool += [u for u in uploads if len(u)]
         if not pool:
             return 0
         pixels = np.concatenate(pool)
         full = len(pixels) // self.cloud_batch_size * self.cloud_batch_size
-        self.pending = pixels[full:]
+        track.pending = pixels[full:]
         for start in range(0, full, self.cloud_batch_size):
             x = self.preprocess(pixels[start : start + self.cloud_batch_size])
             adapt_foundation(self.foundation, x, self.e0, self.foundation_optimizer)
-            self.buffer.add(x)
-            distill_step(self.edge, self.foundation, x, self.buffer, self.rng, self.edge_optimizer, self.e0)
+            track.buffer.add(x)
+            distill_step(track.model, self.foundation, x, track.buffer, track.rng, track.optimizer, self.e0)
         return full // self.cloud_batch_size
 
 

@@ -12,7 +12,7 @@ from models import build_model
 from models.cema_filter import UploadFilter, entropy
 from models.training import TrainSettings
 from strategies.base import DeviceInfo
-from strategies.cema import CEMA, bn_state_keys
+from strategies.cema import CEMA, SHARED, bn_state_keys
 
 torch.set_num_threads(1)
 BUDGET = {"flops_per_s": 1e9, "memory_bytes": 1e9, "uplink_bps": 1e6, "downlink_bps": 1e7}
@@ -146,10 +146,10 @@ def test_wrong_shapes_and_unknown_keys_are_malformed():
 
 
 # --------------------------------------------------------------------------- the cloud
-def _strategy(send="bn", devices=(0, 1, 2), seed=0):
+def _strategy(send="bn", devices=(0, 1, 2), seed=0, edge_models="shared"):
     strategy = CEMA(foundation=_foundation(), edge_factory=lambda: build_model("cnn", num_classes=10, width=4),
                     preprocess=_preprocess, num_classes=10, send=send, per_round=len(devices), seed=seed,
-                    expected_devices=len(devices))
+                    expected_devices=len(devices), edge_models=edge_models)
     for pid in devices:
         strategy.devices[pid] = DeviceInfo(pid, 100 + pid, 0, dict(BUDGET))
         strategy._by_node[100 + pid] = pid
@@ -202,7 +202,7 @@ def test_aggregate_adapts_and_distils_only_bn_entries_and_carries_the_remainder(
     header_bytes = sum(len(r.content["uploads"]["pixels"].data) for r in replies) - 70 * 32 * 32 * 3
     assert 0 <= header_bytes <= 2 * 256  # the pixels plus one .npy header per reply
     assert metrics["uploaded_samples"] == 70 and metrics["uploaded_bytes"] == 70 * 32 * 32 * 3 + header_bytes
-    assert len(strategy.buffer) == 64 and metrics["cloud_compute_s"] > 0
+    assert len(strategy.tracks[SHARED].buffer) == 64 and metrics["cloud_compute_s"] > 0
     old, changed = arrays.to_torch_state_dict(), new.to_torch_state_dict()
     bn = _bn_affine_and_stats(edge)
     for key in old:
@@ -215,7 +215,7 @@ def test_aggregate_adapts_and_distils_only_bn_entries_and_carries_the_remainder(
     assert any(not torch.equal(after[k], foundation_before[k]) for k in affine)
     assert not torch.equal(after["features.0.1.running_mean"], foundation_before["features.0.1.running_mean"])
     new2, metrics2 = strategy.aggregate_train(2, [_reply(strategy, 0, "fog", 0, pixels=_pixels(12, 26))])
-    assert metrics2["cloud_steps"] == 1 and metrics2["pending_uploads"] == 0 and len(strategy.buffer) == 96
+    assert metrics2["cloud_steps"] == 1 and metrics2["pending_uploads"] == 0 and len(strategy.tracks[SHARED].buffer) == 96
 
 
 def test_cumulative_online_accuracy_per_domain_by_hand():
@@ -256,3 +256,30 @@ def test_bad_settings_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         CEMA(**{**args, **kwargs})
 
+
+
+def test_per_device_edge_models_learn_only_from_their_own_uploads():
+    strategy, edge = _strategy(edge_models="per_device"), _edge()
+    arrays = ArrayRecord(edge.state_dict())
+    strategy.configure_train(1, arrays, ConfigRecord(), None)
+    replies = [_reply(strategy, 0, "fog", 3, pixels=_pixels(10, 40)), _reply(strategy, 1, "fog", 3, pixels=_pixels(11, 20)),
+               _reply(strategy, 2, "fog", 3)]
+    new, metrics = strategy.aggregate_train(1, replies)
+    assert new is None  # no fleet-wide edge model in per-device mode
+    # device 0: 40 uploads -> 1 step of 32, 8 pending; device 1: 20 -> 0 steps, 20 pending; device 2 uploaded nothing
+    assert metrics["cloud_steps"] == 1 and metrics["pending_uploads"] == 8 + 20 and metrics["edge_models"] == 2
+    assert len(strategy.tracks[0].buffer) == 32 and len(strategy.tracks[1].buffer) == 0 and 2 not in strategy.tracks
+    initial = arrays.to_torch_state_dict()
+    moved = [k for k in bn_state_keys(edge) if not torch.equal(strategy.tracks[0].model.state_dict()[k], initial[k])]
+    assert moved and all(torch.equal(strategy.tracks[1].model.state_dict()[k], initial[k]) for k in initial)
+    second = _by_pid(strategy, strategy.configure_train(2, arrays, ConfigRecord(), None))
+    own = second[0].content["arrays"].to_torch_state_dict()
+    assert set(own) == set(bn_state_keys(edge)) and torch.equal(own[moved[0]], strategy.tracks[0].model.state_dict()[moved[0]])
+    assert torch.equal(second[2].content["arrays"].to_torch_state_dict()[moved[0]], initial[moved[0]])  # untouched device
+    with pytest.raises(AttributeError, match="per_device"):
+        strategy.edge
+
+
+def test_unknown_edge_models_mode_names_the_choices():
+    with pytest.raises(ValueError, match="shared"):
+        _strategy(edge_models="each")
