@@ -1,0 +1,387 @@
+"""ElasticDNN surrogate retraining: hand-valued losses, BN-gradient scores, selection, masking."""
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.distance import cdist
+from torch import nn
+
+from models.elastic_losses import (
+    entropy_loss,
+    feature_alignment,
+    information_maximisation,
+    shot_loss,
+    shot_pseudo_labels,
+)
+from models.elastic_retrain import (
+    adapt_full,
+    conv_bn_pairs,
+    feature_statistics,
+    filter_scores,
+    retrain_selected,
+    retrain_surrogate,
+    top_mass_filters,
+)
+
+torch.set_num_threads(1)
+
+LN3 = math.log(3.0)
+H_3_1 = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))  # entropy of (3/4, 1/4) = 0.562335
+
+
+# ----------------------------------------------------------------------------- tiny networks
+class PlainNet(nn.Module):
+    """conv(3->4, no bias)+BN, conv(4->5, bias)+BN, GAP, fc(5->3): 329 parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 5, 3, padding=1, bias=True), nn.BatchNorm2d(5)
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+class ResBlock(nn.Module):
+    """Basic residual block; a 1x1 conv+BN projection shortcut when the width changes."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout)
+        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout)
+        self.shortcut = nn.Identity() if cin == cout else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class TinyResNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=True), nn.BatchNorm2d(4),
+                                  nn.ReLU())
+        self.block1, self.block2 = ResBlock(4, 4), ResBlock(4, 6)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc(self.block2(self.block1(self.stem(x))).mean((2, 3)))
+
+
+RES_CONVS = ["stem.0", "block1.conv1", "block1.conv2", "block2.conv1", "block2.conv2",
+             "block2.shortcut.0"]
+
+
+def make(net_class, seed=0):
+    torch.manual_seed(seed)
+    return net_class()
+
+
+def confident(model, scale=5.0):
+    """Scale the head so logits span a few units, as a trained head's do (random init: ~0.1)."""
+    with torch.no_grad():
+        model.fc.weight.mul_(scale)
+    return model
+
+
+def shifted_batch(n=100, seed=1):
+    """A toy target domain: inputs with a shifted mean and a larger scale than N(0, 1)."""
+    return 1.0 + 2.0 * torch.randn(n, 3, 6, 6, generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------- losses by hand
+@pytest.mark.parametrize("logits, im, tent", [
+    ([[LN3, 0.0], [0.0, LN3]], H_3_1 - math.log(2), H_3_1),  # confident-ish and diverse
+    ([[LN3, 0.0], [LN3, 0.0]], 0.0, H_3_1),                    # same prediction: no diversity gain
+    ([[0.0, 0.0], [0.0, 0.0]], 0.0, math.log(2)),              # uniform
+])
+def test_im_and_entropy_hand_values(logits, im, tent):
+    logits = torch.tensor(logits)
+    assert information_maximisation(logits).item() == pytest.approx(im, abs=1e-6)
+    assert entropy_loss(logits).item() == pytest.approx(tent, abs=1e-6)
+
+
+def test_im_minimum_is_minus_log_classes():
+    logits = 50.0 * torch.eye(3)  # confident, one sample per class
+    assert information_maximisation(logits).item() == pytest.approx(-math.log(3), abs=1e-6)
+
+
+@pytest.mark.parametrize("labels, beta, expected", [
+    ([0, 1], 0.3, H_3_1 - math.log(2) + 0.3 * -math.log(0.75)),   # -0.044507
+    ([1, 0], 0.3, H_3_1 - math.log(2) + 0.3 * -math.log(0.25)),   # 0.285076
+    ([1, 0], 0.0, H_3_1 - math.log(2)),
+])
+def test_shot_loss_hand_values(labels, beta, expected):
+    logits = torch.tensor([[LN3, 0.0], [0.0, LN3]])
+    got = shot_loss(logits, torch.tensor(labels), beta=beta).item()
+    assert got == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("features, mean, var, expected", [
+    # channel 0: 1, 3 -> mean 2, var 2; channel 1: 2, 6 -> mean 4, var 8
+    ([[1.0, 2.0], [3.0, 6.0]], [0.0, 4.0], [2.0, 2.0], (4 + 0) / 2 + (0 + 36) / 2),
+    ([[1.0, 2.0], [3.0, 6.0]], [2.0, 4.0], [2.0, 8.0], 0.0),
+    # (N=2, C=1, 1, 2): channel 0 holds 1, 3, 5, 7 -> mean 4, var 20/3
+    ([[[[1.0, 3.0]]], [[[5.0, 7.0]]]], [3.0], [0.0], 1.0 + (20 / 3) ** 2),
+])
+def test_feature_alignment_hand_values(features, mean, var, expected):
+    got = feature_alignment(torch.tensor(features), torch.tensor(mean), torch.tensor(var))
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("logits", [
+    [[20.0, 0.0], [20.0, 0.0], [0.0, 20.0]],
+    [[20.0, 0.0, -20.0], [20.0, 0.0, -20.0], [0.0, 20.0, -20.0]],  # class 2 never used
+])
+def test_shot_pseudo_labels_move_a_sample_to_its_feature_cluster(logits):
+    # Sample 1 is predicted class 0 but its feature equals sample 2's (class 1): the centroid
+    # labelling moves it. By hand: cos(f0, c0) = sqrt(51/101) = 0.71 > cos(f0, c1) = 1/101.
+    features = torch.tensor([[10.0, 0.0], [0.0, 10.0], [0.0, 10.0]])
+    labels = shot_pseudo_labels(features, torch.tensor(logits))
+    assert labels.tolist() == [0, 1, 1]
+
+
+def test_shot_pseudo_labels_match_shots_numpy_recipe():
+    rng = np.random.default_rng([7, 0])
+    features, logits = rng.normal(size=(30, 5)), rng.normal(size=(30, 3)) * 2
+    # SHOT's obtain_label (tim-learn/SHOT, digit/uda_digit.py), written out with numpy/scipy.
+    unit = np.concatenate([features, np.ones((30, 1))], 1)
+    unit = unit / np.linalg.norm(unit, axis=1, keepdims=True)
+    aff = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    for _ in range(2):
+        initc = aff.T @ unit / (1e-8 + aff.sum(0)[:, None])
+        label = cdist(unit, initc, "cosine").argmin(1)
+        aff = np.eye(3)[label]
+    got = shot_pseudo_labels(torch.tensor(features, dtype=torch.float64),
+                             torch.tensor(logits, dtype=torch.float64))
+    assert got.tolist() == label.tolist()
+
+
+# ----------------------------------------------------------------------------- conv-BN pairs
+def test_conv_bn_pairs_follow_registration_order_in_a_residual_net():
+    model = make(TinyResNet)
+    pairs = conv_bn_pairs(model)
+    assert [name for name, _, _ in pairs] == RES_CONVS
+    assert pairs[-1][2] is model.block2.shortcut[1]
+    assert all(bn.num_features == conv.out_channels for _, conv, bn in pairs)
+
+
+@pytest.mark.parametrize("model, fragment", [
+    (nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)), "'0'"),
+    (nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(5)), "5 channels"),
+    (nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1)), "'2'"),
+    (nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, affine=False)), "affine=False"),
+    (nn.Sequential(nn.Linear(3, 4)), "no Conv2d"),
+])
+def test_conv_without_bn_raises(model, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        conv_bn_pairs(model)
+    with pytest.raises(ValueError):
+        retrain_selected(model, torch.randn(4, 3, 5, 5), masks={})
+
+
+# ----------------------------------------------------------------------------- filter scores
+def test_filter_scores_equal_independent_bn_gradients():
+    model, x = make(TinyResNet), shifted_batch(16)
+    reference = copy.deepcopy(model)
+    reference.eval()
+    for module in reference.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.train()
+    information_maximisation(reference(x)).backward()
+    scores = filter_scores(model, x, "im")
+    assert list(scores) == RES_CONVS
+    for (name, _, bn) in conv_bn_pairs(reference):
+        expected = bn.weight.grad.abs() + bn.bias.grad.abs()
+        assert torch.allclose(scores[name], expected, rtol=1e-5, atol=1e-9), name
+        assert (scores[name] > 0).all()
+
+
+def test_filter_scores_leave_the_model_as_it_was():
+    model, x = make(PlainNet), shifted_batch(8)
+    model.train()
+    model.fc.weight.grad = torch.full_like(model.fc.weight, 7.0)
+    model.conv1.weight.requires_grad_(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    scores = filter_scores(model, x, entropy_loss)  # a callable of the logits works too
+    assert set(scores) == {"conv1", "conv2"} and scores["conv2"].shape == (5,)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key  # parameters, running stats, counters
+    assert torch.equal(model.fc.weight.grad, torch.full_like(model.fc.weight, 7.0))
+    assert all(p.grad is None for n, p in model.named_parameters() if n != "fc.weight")
+    assert not model.conv1.weight.requires_grad and model.bn1.weight.requires_grad
+    assert model.training and model.bn1.training
+
+
+# ----------------------------------------------------------------------------- top-mass selection
+def test_top_mass_hand_built():
+    got = top_mass_filters({"a": torch.tensor([5.0, 3.0, 1.0, 1.0])}, 0.8)  # 5 + 3 = 8/10
+    assert got["a"].tolist() == [True, True, False, False]
+    got = top_mass_filters({"a": torch.tensor([1.0, 1.0]), "b": torch.tensor([3.0, 5.0])}, 0.8)
+    assert got["a"].tolist() == [False, False] and got["b"].tolist() == [True, True]
+    got = top_mass_filters({"a": torch.tensor([1.0, 1.0]), "b": torch.tensor([3.0, 5.0])}, 0.81)
+    assert got["a"].tolist() == [True, False] and got["b"].tolist() == [True, True]
+
+
+def test_top_mass_ties_break_by_layer_then_index():
+    scores = {"a": torch.tensor([1.0, 2.0]), "b": torch.tensor([2.0, 1.0])}  # total 6
+    got = top_mass_filters(scores, 0.3)  # needs 1.8: one 2 suffices, a's comes first
+    assert got["a"].tolist() == [False, True] and got["b"].tolist() == [False, False]
+    got = top_mass_filters(scores, 0.5)  # needs 3: both 2s
+    assert got["a"].tolist() == [False, True] and got["b"].tolist() == [True, False]
+    got = top_mass_filters(scores, 0.7)  # needs 4.2: both 2s, then a[0] before b[1]
+    assert got["a"].tolist() == [True, True] and got["b"].tolist() == [True, False]
+
+
+def test_full_mass_selects_exactly_the_nonzero_filters():
+    got = top_mass_filters({"a": torch.tensor([5.0, 0.0, 3.0]), "b": torch.tensor([0.0, 1e-30])},
+                           1.0)
+    assert got["a"].tolist() == [True, False, True] and got["b"].tolist() == [False, True]
+
+
+@pytest.mark.parametrize("mass", [0.0, -0.1, 1.5, float("nan")])
+def test_mass_outside_unit_interval_raises(mass):
+    with pytest.raises(ValueError, match="mass"):
+        top_mass_filters({"a": torch.tensor([1.0])}, mass)
+
+
+@pytest.mark.parametrize("scores", [
+    {}, {"a": torch.tensor([1.0, -1.0])}, {"a": torch.tensor([0.0, 0.0])},
+    {"a": torch.tensor([[1.0]])}, {"a": torch.tensor([float("inf")])},
+])
+def test_bad_scores_raise(scores):
+    with pytest.raises(ValueError):
+        top_mass_filters(scores)
+
+
+# ----------------------------------------------------------------------------- masked retraining
+def test_unselected_rows_stay_bit_identical_and_selected_rows_change():
+    model, x = make(TinyResNet), shifted_batch()
+    masks = {"stem.0": torch.tensor([True, False, True, False]),
+             "block2.conv2": torch.tensor([False, True, False, False, True, False])}
+    before = copy.deepcopy(model)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    result = retrain_selected(model, x, masks=masks, epochs=3)  # SHOT's weight decay on
+    for (name, conv, bn), (_, old_conv, old_bn) in zip(conv_bn_pairs(model),
+                                                        conv_bn_pairs(before)):
+        rows = masks.get(name, torch.zeros(conv.out_channels, dtype=torch.bool))
+        tensors = [(conv.weight, old_conv.weight), (bn.weight, old_bn.weight),
+                   (bn.bias, old_bn.bias)]
+        if conv.bias is not None:
+            tensors.append((conv.bias, old_conv.bias))
+        for new, prev in tensors:
+            assert torch.equal(new[~rows], prev[~rows]), name  # bit-identical
+            changed = (new != prev).reshape(len(new), -1).any(1)
+            assert torch.equal(changed, rows), name  # every selected row moved, no other
+    assert torch.equal(model.fc.weight, before.fc.weight)  # head frozen (SHOT)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters())
+    assert result["trained_filters"] == 4 and result["total_filters"] == 4 + 4 + 4 + 6 + 6 + 6
+    assert result["steps"] == 3 * 2  # 100 samples at batch 64 -> 2 steps per epoch
+
+
+def test_other_parameters_train_only_when_asked():
+    model, x = make(PlainNet), shifted_batch()
+    fc_before = model.fc.weight.clone()
+    retrain_selected(model, x, masks={"conv1": torch.tensor([True, False, False, False])},
+                     epochs=1, train_other_parameters=True)
+    assert not torch.equal(model.fc.weight, fc_before)
+
+
+def test_trained_fraction_and_memory_estimate_by_hand():
+    # PlainNet: 108 + 8 + (180 + 5) + 10 + (15 + 3) = 329 float32 parameters = 1316 bytes.
+    # Trained: conv1 row 0 (27) + gamma/beta (2); conv2 rows 1, 2 (72) + bias (2) + gamma/beta (4)
+    # = 107 elements; a gradient and a momentum copy each: 2 * 107 * 4 = 856 bytes.
+    masks = {"conv1": torch.tensor([True, False, False, False]),
+             "conv2": torch.tensor([False, True, True, False, False])}
+    result = retrain_selected(make(PlainNet), shifted_batch(), masks=masks, epochs=1)
+    assert result["trained_parameters"] == 107
+    assert result["peak_memory_bytes"] == 1316 + 856
+    assert (result["trained_filters"], result["total_filters"]) == (3, 9)
+    assert result["trained_fraction"] == pytest.approx(1 / 3)
+    no_momentum = retrain_selected(make(PlainNet), shifted_batch(), masks=masks, epochs=1,
+                                   momentum=0.0)
+    assert no_momentum["peak_memory_bytes"] == 1316 + 428
+    assert result["wall_time_s"] > 0
+
+
+@pytest.mark.parametrize("loss", ["im", "tent", "shot", "feature_alignment"])
+def test_loss_decreases_on_a_shifted_batch(loss):
+    model = confident(make(TinyResNet))
+    stats = feature_statistics(model, torch.randn(64, 3, 6, 6,
+                                                  generator=torch.Generator().manual_seed(3)))
+    result = retrain_surrogate(model, shifted_batch(), loss=loss, source_stats=stats)
+    assert result["final_loss"] < result["initial_loss"] - 0.05, result  # measured drops 0.16-0.64
+    assert 0 < result["trained_fraction"] < 1
+    assert set(result["masks"]) == set(RES_CONVS)
+
+
+def test_adapt_full_trains_every_filter_through_the_same_path():
+    model, x = confident(make(TinyResNet)), shifted_batch()
+    fc_before = model.fc.weight.clone()
+    result = adapt_full(model, x, loss="im")
+    assert result["trained_fraction"] == 1.0
+    assert result["final_loss"] < result["initial_loss"] - 0.05
+    assert torch.equal(model.fc.weight, fc_before)
+    with pytest.raises(ValueError, match="retrain_selected"):
+        adapt_full(model, x, masks={})
+
+
+def test_retraining_is_deterministic_for_a_seed():
+    model, x = make(TinyResNet), shifted_batch()
+    masks = top_mass_filters(filter_scores(model, x))
+    runs = []
+    for seed in (5, 5, 6):
+        copy_ = copy.deepcopy(model)
+        runs.append((retrain_selected(copy_, x, masks=masks, epochs=2, seed=seed), copy_))
+    (first, a), (second, b), (other, _) = runs
+    assert first["loss_history"] == second["loss_history"]
+    assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())
+    assert first["loss_history"] != other["loss_history"]
+
+
+def test_bn_running_statistics_follow_the_target_batches():
+    model, x = make(PlainNet), shifted_batch()
+    model.eval()
+    retrain_selected(model, x, masks={"conv1": torch.tensor([True] * 4)}, epochs=1)
+    assert not torch.equal(model.bn1.running_mean, torch.zeros(4))  # SHOT's netF.train()
+    assert not model.training and not model.bn1.training  # modes restored
+
+
+# ----------------------------------------------------------------------------- bad inputs
+@pytest.mark.parametrize("kwargs, fragment", [
+    ({"loss": "kl"}, "unknown loss"),
+    ({"loss": "feature_alignment"}, "source_stats"),
+    ({"masks": {"conv9": torch.tensor([True])}}, "unknown conv"),
+    ({"masks": {"conv1": torch.tensor([1, 0, 0, 0])}}, "bool tensor"),
+    ({"masks": {"conv1": torch.tensor([True, False])}}, r"shape \(4,\)"),
+    ({"masks": {"conv1": torch.zeros(4, dtype=torch.bool)}}, "select no filter"),
+    ({"epochs": 0}, "epochs"), ({"lr": 0.0}, "lr"), ({"momentum": 1.0}, "momentum"),
+    ({"batch_size": 1}, "batch_size"), ({"weight_decay": -1.0}, "weight_decay"),
+    ({"feature_module": "nope", "loss": "shot"}, "feature_module"),
+])
+def test_bad_retraining_arguments_raise(kwargs, fragment):
+    arguments = {"masks": {"conv1": torch.tensor([True, False, False, False])}, **kwargs}
+    with pytest.raises(ValueError, match=fragment):
+        retrain_selected(make(PlainNet), shifted_batch(8), **arguments)
+
+
+def test_bad_batches_and_losses_raise():
+    model = make(PlainNet)
+    with pytest.raises(ValueError, match="unknown loss"):
+        filter_scores(model, shifted_batch(8), "kl")
+    with pytest.raises(ValueError, match="N>=2"):
+        filter_scores(model, shifted_batch(1))
+    with pytest.raises(ValueError, match="logits"):
+        information_maximisation(torch.zeros(3))
+    with pytest.raises(ValueError, match="source_mean"):
+        feature_alignment(torch.zeros(4, 2), torch.zeros(3), torch.zeros(2))
+    with pytest.raises(ValueError, match="pseudo_labels"):
+        shot_loss(torch.zeros(2, 3), torch.tensor([0.0, 1.0]))
