@@ -8,7 +8,9 @@ real device.
 
 from __future__ import annotations
 
+import logging
 import time
+import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,10 +23,16 @@ from torch import nn
 from models.clock import compute_time_s
 from models.training import TrainSettings, accuracy
 
+logger = logging.getLogger(__name__)
+
 #: Error code of a reply from a device that does not take part (unavailable, over budget).
 DEVICE_DECLINED = 100
 #: Error code of a reply to a message the device cannot read.
 MALFORMED_MESSAGE = 101
+#: Error code of a reply from a handler that failed on a readable message (a device-side error).
+HANDLER_FAILED = 102
+#: The ClientApp entry points a handler answers (Flower's message types).
+HANDLED_ACTIONS = ("train", "evaluate", "query")
 
 
 @dataclass(frozen=True)
@@ -118,20 +126,46 @@ def round_of(msg: Message) -> int:
     if config is None or "round" not in config:
         raise MalformedMessage("message has no config record with a 'round' entry")
     value = config["round"]
-    if not isinstance(value, int) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise MalformedMessage(f"config 'round' must be a non-negative int, got {value!r}")
     return value
 
 
+def check_arrays(msg: Message) -> None:
+    """Every array record of ``msg`` is readable and its float arrays are finite.
+
+    Raises
+    ------
+    MalformedMessage
+        An array that cannot be decoded, or NaN/inf in a float array.
+    """
+    for name, record in msg.content.array_records.items():
+        for key, arr in record.items():
+            try:
+                values = arr.numpy()
+            except (ValueError, TypeError) as exc:
+                raise MalformedMessage(f"array {name}/{key} cannot be read: {exc}") from exc
+            if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
+                raise MalformedMessage(f"array {name}/{key} holds NaN or inf values")
+
+
 def model_from(msg: Message, device: Device, key: str = "arrays") -> nn.Module:
-    """The network of ``device`` loaded with the message's arrays under ``key``."""
+    """The network of ``device`` loaded with the message's arrays under ``key``.
+
+    Keys, shapes and dtypes must be the model's own (torch would silently cast dtypes).
+    """
     arrays = msg.content.array_records.get(key)
     if arrays is None:
         raise MalformedMessage(f"message has no array record {key!r}")
     model = device.build_model()
     try:
-        model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
-    except (RuntimeError, KeyError, ValueError) as exc:
+        state = arrays.to_torch_state_dict()
+        own = model.state_dict()
+        wrong = sorted(k for k, v in state.items() if k in own and v.dtype != own[k].dtype)
+        if wrong:
+            raise ValueError(f"{wrong[0]} is {state[wrong[0]].dtype}, the model's is {own[wrong[0]].dtype}")
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, KeyError, ValueError, TypeError) as exc:
         raise MalformedMessage(f"arrays do not fit the device's model: {exc}") from exc
     return model
 
@@ -198,12 +232,21 @@ class ClientHandler:
         return compute_time_s(flops, float(self.device.budget["flops_per_s"]), self.device.load_factor(server_round))
 
     def handle(self, action: str, msg: Message, context: Context) -> Message:
-        """Dispatch ``action`` with availability check and error replies; never raises."""
+        """Dispatch ``action`` with checks and error replies; never raises (an ``Exception``).
+
+        The message is checked first (a known action, a ``config`` record with the round
+        except for queries, readable and finite arrays); a message the handler cannot use
+        gets a :data:`MALFORMED_MESSAGE` reply, an unavailable device :data:`DEVICE_DECLINED`,
+        and any other error of the handler a :data:`HANDLER_FAILED` reply naming it.
+        """
         try:
+            if action not in HANDLED_ACTIONS:
+                raise MalformedMessage(f"unknown action {action!r}; a device answers {HANDLED_ACTIONS}")
             if action != "query":
                 server_round = round_of(msg)
                 if not self.device.is_available(server_round):
                     return error_reply(msg, DEVICE_DECLINED, "unavailable this round")
+            check_arrays(msg)
             started = time.perf_counter()
             reply = getattr(self, action)(msg, context)
             if reply.has_content():
@@ -211,3 +254,6 @@ class ClientHandler:
             return reply
         except MalformedMessage as exc:
             return error_reply(msg, MALFORMED_MESSAGE, f"malformed message: {exc}")
+        except Exception as exc:  # a device error must reach the cloud as a reply, not stop the node
+            logger.warning("device %s failed on %s:\n%s", self.device.partition_id, action, traceback.format_exc())
+            return error_reply(msg, HANDLER_FAILED, f"handler failed: {type(exc).__name__}: {exc}")

@@ -16,9 +16,10 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from clients.base import Device, DeviceTensors, StreamTensors
+from clients.faults import TIMEOUT_OVERSHOOT, FaultInjector
 from experiments import fleet
 from experiments.algorithms import ALGORITHMS
-from experiments.config import ModelConfig, RunConfig, from_flat
+from experiments.config import FaultsConfig, ModelConfig, RunConfig, from_flat
 from experiments.data import build_federated_data, to_tensor
 from experiments.networks import build_run_model
 from models.costs import train_flops_per_sample
@@ -97,6 +98,22 @@ def make_device(cfg: RunConfig, partition_id: int) -> Device:
     )
 
 
+def fault_injector(cfg: RunConfig) -> FaultInjector:
+    """The run's injected faults (``cfg.faults``); a ``timeout`` device stalls past the round timeout."""
+    return _fault_injector(cfg.faults, cfg.seed, cfg.engine.round_timeout_s)
+
+
+@functools.lru_cache(maxsize=4)
+def _fault_injector(faults: FaultsConfig, seed: int, round_timeout_s: float) -> FaultInjector:
+    return FaultInjector(
+        fraction=faults.fraction,
+        kinds=faults.kinds,
+        actions=faults.actions,
+        seed=seed,
+        stall_s=TIMEOUT_OVERSHOOT * round_timeout_s,
+    )
+
+
 def build_client_app(cfg: RunConfig | None = None) -> ClientApp:
     """The ClientApp; with ``cfg`` None it reads the run config Flower passes (``flwr run``)."""
     app = ClientApp()
@@ -106,7 +123,8 @@ def build_client_app(cfg: RunConfig | None = None) -> ClientApp:
         torch.set_num_threads(run_cfg.engine.torch_threads)
         device = make_device(run_cfg, partition_of(context.node_config, run_cfg))
         handler = ALGORITHMS[run_cfg.algorithm.name].client(device)
-        return handler.handle(action, msg, context)
+        respond = functools.partial(handler.handle, action, msg, context)
+        return fault_injector(run_cfg).handle(action, msg, device.partition_id, respond)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

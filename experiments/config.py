@@ -24,6 +24,7 @@ from experiments.schema import (  # noqa: F401  (re-exported: the public config 
     AugmentConfig,
     DatasetConfig,
     EngineConfig,
+    FaultsConfig,
     FleetConfig,
     ModelConfig,
     PartitionConfig,

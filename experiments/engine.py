@@ -3,17 +3,53 @@
 ``simulate(cfg, run_dir)`` runs the ServerApp and ClientApp of this project on Flower's
 Ray-backed simulation engine: a local Ray by default, or an existing Ray cluster when
 ``engine.ray_address`` is set (``auto`` after ``ray start --head``).
+
+A run never hangs (issue 6). What Flower 1.41's ``run_simulation`` does, measured:
+
+* the ServerApp raises: ``run_simulation`` re-raises it once the runtime has stopped;
+* every ClientApp raises (or its Ray actor dies): each message gets an error reply, so the
+  ServerApp's waits end (discovery then fails: "no device answered discovery");
+* a ClientApp that never returns: the ServerApp's waits end at ``engine.round_timeout_s``,
+  but ``run_simulation`` then waits for that ClientApp forever (its worker thread joins
+  the Ray call). Hence the watchdog: :data:`SHUTDOWN_GRACE_S` after the ServerApp has
+  finished, it stops this run's ClientApp actors that are still alive.
+
+While the cloud pre-trains, every simulated device answers one warm-up query
+(:func:`warm_up_fleet`), and the cloud's first exchange waits for it: Flower starts the
+ServerApp and Ray side by side, and the Ray actors' start-up would otherwise count
+against the cloud's discovery timeout.
+
+``faults.crash_server_round=r`` makes the ServerApp raise when it sends round r's first
+message (:class:`EngineGrid`), to test that a sweep goes on past a crashed job.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import experiments  # noqa: F401  (offline switches before Flower/Ray import)
 from experiments.client_app import build_client_app
 from experiments.config import RunConfig
 from experiments.server_app import build_server_app
+
+logger = logging.getLogger(__name__)
+
+#: How long Flower may take, after the ServerApp has finished, to release its ClientApps
+#: before the watchdog stops them (assumption: Flower's workers poll their queue every 1 s,
+#: so a healthy shutdown has released every ClientApp within twice that; stopping an actor
+#: Flower is about to terminate anyway is harmless).
+SHUTDOWN_GRACE_S = 2.0
+#: Ray actor class that runs ClientApps in Flower 1.41 (flwr.simulation.ray_transport.ray_actor).
+CLIENT_ACTOR_CLASS = "ClientAppActor"
+#: Longest wait for the simulated fleet's warm-up before the cloud starts anyway (assumption:
+#: five times the slowest start-up measured on 2 busy cores, 60 s).
+STARTUP_WAIT_S = 300.0
+#: How often the warm-up polls for registered nodes (seconds).
+STARTUP_POLL_S = 0.2
 
 #: Flower's own deprecation notice for run_simulation; the engine is the one place that
 #: knows, so users are not told to change code they did not write.
@@ -44,15 +80,151 @@ def backend_config(cfg: RunConfig) -> dict:
     }
 
 
-def simulate(cfg: RunConfig, run_dir: Path) -> None:
-    """Run one simulation of ``cfg``; results land in ``run_dir``; errors propagate."""
+class InjectedServerCrash(RuntimeError):
+    """The ServerApp crash that ``faults.crash_server_round`` asks for."""
+
+
+class EngineGrid:
+    """The Flower Grid the project's ServerApp sees in simulation.
+
+    Its first exchange waits for the fleet's warm-up (a thread started with the
+    ServerApp, so the warm-up overlaps the cloud's pre-training), and with ``crash_round``
+    set it raises :class:`InjectedServerCrash` on the first message of that round (a
+    message's round is its ``config`` record's ``round``; 0 is discovery). Every other
+    call goes to the wrapped grid.
+    """
+
+    def __init__(self, grid: Any, warm_up: threading.Thread, crash_round: int | None = None) -> None:
+        self._grid = grid
+        self._warm_up = warm_up
+        self.crash_round = crash_round
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def _ready(self, messages) -> list:
+        self._warm_up.join()
+        messages = list(messages)
+        for msg in messages:
+            config = msg.content.config_records.get("config")
+            if self.crash_round is not None and config is not None and config.get("round") == self.crash_round:
+                raise InjectedServerCrash(f"injected ServerApp crash in round {self.crash_round} (faults.crash_server_round)")
+        return messages
+
+    def push_messages(self, messages):  # noqa: D102  (Grid API)
+        return self._grid.push_messages(self._ready(messages))
+
+    def send_and_receive(self, messages, *args, **kwargs):  # noqa: D102  (Grid API)
+        return self._grid.send_and_receive(self._ready(messages), *args, **kwargs)
+
+
+def watched_server_app(cfg: RunConfig, run_dir: Path, finished: threading.Event):
+    """The project's ServerApp on an :class:`EngineGrid`; sets ``finished`` when it ends."""
+    from flwr.serverapp import Grid, ServerApp
+
+    inner = build_server_app(cfg, Path(run_dir))
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context) -> None:
+        try:
+            warm_up = threading.Thread(
+                target=warm_up_fleet, args=(grid, cfg.fleet.devices, STARTUP_WAIT_S), name="fleet-warm-up", daemon=True
+            )
+            warm_up.start()
+            inner(EngineGrid(grid, warm_up, cfg.faults.crash_server_round), context)
+        finally:
+            finished.set()
+
+    return app
+
+
+def warm_up_fleet(grid: Any, devices: int, timeout_s: float) -> int:
+    """Ask every simulated device once (a round-0 query, replies unused) so the cloud starts on a warm fleet.
+
+    Flower starts the ServerApp and Ray side by side, and each Ray actor loads the
+    ClientApp (torch, the data) on its first message: measured 20-60 s on 2 busy cores,
+    which would otherwise eat into the cloud's discovery timeout (``engine.round_timeout_s``).
+    On real devices SuperNodes are up before a run, as the fleet is after this. Returns
+    how many devices answered within ``timeout_s``.
+    """
+    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+    deadline = time.monotonic() + timeout_s
+    node_ids = list(grid.get_node_ids())
+    while len(node_ids) < devices and time.monotonic() < deadline:
+        time.sleep(STARTUP_POLL_S)
+        node_ids = list(grid.get_node_ids())
+    query = RecordDict({"config": ConfigRecord({"round": 0})})
+    messages = [Message(query, dst_node_id=node, message_type=MessageType.QUERY) for node in node_ids]
+    replies = grid.send_and_receive(messages, timeout=max(deadline - time.monotonic(), 0.0))
+    answered = sum(1 for reply in replies if reply.has_content())
+    if answered < devices:
+        logger.warning("only %d of %d devices answered the warm-up within %.0f s", answered, devices, timeout_s)
+    return answered
+
+
+def _client_actors() -> dict[str, dict]:
+    """This job's live ClientApp actors by actor id ({} before Ray is up).
+
+    Reads Ray's GCS actor table (``ray._private.state.actors``, a developer API): Flower
+    keeps the actor handles to itself.
+    """
+    import ray
+    from ray._private import state as ray_state
+
+    if not ray.is_initialized():
+        return {}
+    job = ray.JobID.from_hex(ray.get_runtime_context().get_job_id())
+    alive = ray_state.actors(job_id=job, actor_state_name="ALIVE")
+    return {actor_id: info for actor_id, info in alive.items() if info.get("ActorClassName") == CLIENT_ACTOR_CLASS}
+
+
+def stop_client_actors() -> int:
+    """Kill this job's ClientApp actors that are still alive; returns how many."""
+    import ray
+    from ray._private.worker import global_worker
+
+    stopped = 0
+    for actor_id in _client_actors():
+        global_worker.core_worker.kill_actor(ray.ActorID.from_hex(actor_id), True)
+        stopped += 1
+    return stopped
+
+
+def _watchdog(server_done: threading.Event, run_done: threading.Event, grace_s: float) -> None:
+    server_done.wait()
+    if run_done.wait(grace_s):
+        return
+    try:
+        stopped = stop_client_actors()
+    except Exception as exc:  # Ray shutting down under us: nothing left to stop
+        logger.debug("watchdog found Ray shutting down: %r", exc)
+        return
+    if stopped:  # in a healthy shutdown Flower has terminated its actors and Ray by now
+        logger.warning("the ServerApp finished %.0f s ago and the simulation had not ended: stopped %d ClientApp "
+                       "actor(s) still up (a stalled device holds one)", grace_s, stopped)
+
+
+def simulate(cfg: RunConfig, run_dir: Path, grace_s: float = SHUTDOWN_GRACE_S) -> None:
+    """Run one simulation of ``cfg``; results land in ``run_dir``; errors propagate.
+
+    ``grace_s`` after the ServerApp ends, ClientApps still running are stopped (module docstring).
+    """
     from flwr.simulation import run_simulation
 
     quiet_flower_logs(cfg.engine.verbose)
-    run_simulation(
-        server_app=build_server_app(cfg, Path(run_dir)),
-        client_app=build_client_app(cfg),
-        num_supernodes=cfg.fleet.devices,
-        backend_config=backend_config(cfg),
-        verbose_logging=cfg.engine.verbose,
-    )
+    server_done, run_done = threading.Event(), threading.Event()
+    watchdog = threading.Thread(target=_watchdog, args=(server_done, run_done, grace_s), daemon=True)
+    watchdog.start()
+    try:
+        run_simulation(
+            server_app=watched_server_app(cfg, run_dir, server_done),
+            client_app=build_client_app(cfg),
+            num_supernodes=cfg.fleet.devices,
+            backend_config=backend_config(cfg),
+            verbose_logging=cfg.engine.verbose,
+        )
+    finally:
+        run_done.set()
+        server_done.set()  # releases the watchdog if the ServerApp never started

@@ -51,7 +51,7 @@ def preflight(cfg) -> None:
     from experiments.networks import build_run_model
 
     data = build_federated_data(cfg.dataset, cfg.scenario, cfg.fleet.devices, cfg.seed)
-    data.device(0)
+    data.preflight()
     try:
         model = build_run_model(cfg.model, data.num_classes, data.image_shape[0])
     except ValueError as exc:
@@ -84,17 +84,25 @@ def main(hydra_cfg: DictConfig) -> None:
         write_error_record(run_dir, exc)
         _FAILED_JOBS.append(str(run_dir))
         return
+    except Exception as exc:  # data or network set-up failed: recorded like a crashed run
+        record_failed_job(run_dir, exc, multirun)
+        return
     from experiments.engine import simulate
 
     try:
         simulate(cfg, run_dir)
         print(f"results: {run_dir / 'results.json'}")
     except Exception as exc:  # a failed job must never stop the sweep or lose its record
-        path = write_error_record(run_dir, exc)
-        print(f"run failed ({type(exc).__name__}: {exc}); details in {path}", file=sys.stderr)
-        if not multirun:
-            sys.exit(RUN_FAILED_EXIT)
-        _FAILED_JOBS.append(str(run_dir))
+        record_failed_job(run_dir, exc, multirun)
+
+
+def record_failed_job(run_dir: Path, error: Exception, multirun: bool) -> None:
+    """Write ``error.json``; a single run exits non-zero, a sweep remembers the job and goes on."""
+    path = write_error_record(run_dir, error)
+    print(f"run failed ({type(error).__name__}: {error}); details in {path}", file=sys.stderr)
+    if not multirun:
+        sys.exit(RUN_FAILED_EXIT)
+    _FAILED_JOBS.append(str(run_dir))
 
 
 if __name__ == "__main__":

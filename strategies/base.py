@@ -24,6 +24,7 @@ from flwr.supercore import log
 from models.clock import comm_time_s, round_time_s
 from strategies.aggregate import weighted_metric
 from strategies.payload import payload_bytes
+from strategies.reply_checks import reply_problem
 
 #: Stream tag that separates cohort draws from every other use of the run seed.
 COHORT_STREAM = 0xC0
@@ -178,42 +179,63 @@ class EdgeCloudStrategy(Strategy):
     def exchange(self, grid: Grid, messages: list[Message], phase: str) -> list[Message]:
         """Send, wait, count bytes and time, and keep the replies that may be used.
 
-        Error replies, missing replies (timeout) and, in training, replies slower than
-        the deadline are recorded as failures; only the rest are returned.
+        Error replies, missing replies (timeout), replies that fail the checks against
+        the message the device was sent (:func:`strategies.reply_checks.reply_problem`:
+        unknown keys, wrong shapes or dtypes, NaN; counted as ``"rejected: <problem>"``,
+        bytes counted, no device time) and, in training, replies slower than the deadline
+        are recorded as failures; only the rest are returned.
         """
         if not messages:
             return []
         ledger = self.ledger
-        down = {}
+        down, sent = {}, {}
         for msg in messages:
             pid = self._by_node[msg.metadata.dst_node_id]
+            sent[pid] = msg.content
             down[pid] = payload_bytes(msg.content)
             ledger.downlink_bytes += down[pid]
         replies = list(grid.send_and_receive(messages, timeout=self.round_timeout_s))
         kept, answered = [], set()
         for reply in replies:
             pid = self._by_node.get(reply.metadata.src_node_id)
+            if pid not in sent:
+                self._reject(None, phase, f"reply from node {reply.metadata.src_node_id}, which was not asked")
+                continue
             answered.add(pid)
-            if reply.has_error():
-                ledger.fail(pid, phase, reply.error.reason)
-                continue
-            up = payload_bytes(reply.content)
-            ledger.uplink_bytes += up
-            metrics = reply.content.metric_records.get("metrics", MetricRecord())
-            budget = self.devices[pid].budget
-            spent = float(metrics.get("compute_time_s", 0.0)) + comm_time_s(
-                up, down[pid], float(budget["uplink_bps"]), float(budget["downlink_bps"])
-            )
-            if phase == "train" and self.deadline_s is not None and spent > self.deadline_s:
-                ledger.fail(pid, phase, f"straggler: {spent:.1f} s > deadline {self.deadline_s} s")
-                ledger.device_time_s[pid] = ledger.device_time_s.get(pid, 0.0) + spent
-                continue
-            ledger.device_time_s[pid] = ledger.device_time_s.get(pid, 0.0) + spent
-            ledger.completed.add(pid)
-            kept.append(reply)
+            if self._admit(reply, pid, phase, sent[pid], down[pid]):
+                kept.append(reply)
         for pid in sorted(down.keys() - answered):
             ledger.fail(pid, phase, f"no reply within {self.round_timeout_s} s")
         return sorted(kept, key=self.partition_of)  # arrival order must not change the sums
+
+    def _admit(self, reply: Message, pid: int, phase: str, sent: RecordDict, down: int) -> bool:
+        """Account one answer of device ``pid``; True if its reply may be used."""
+        ledger = self.ledger
+        if reply.has_error():
+            ledger.fail(pid, phase, reply.error.reason)
+            return False
+        up = payload_bytes(reply.content)
+        ledger.uplink_bytes += up
+        problem = reply_problem(reply.content, sent)
+        if problem is not None:
+            self._reject(pid, phase, problem)
+            return False
+        metrics = reply.content.metric_records.get("metrics", MetricRecord())
+        budget = self.devices[pid].budget
+        spent = float(metrics.get("compute_time_s", 0.0)) + comm_time_s(
+            up, down, float(budget["uplink_bps"]), float(budget["downlink_bps"])
+        )
+        ledger.device_time_s[pid] = ledger.device_time_s.get(pid, 0.0) + spent
+        if phase == "train" and self.deadline_s is not None and spent > self.deadline_s:
+            ledger.fail(pid, phase, f"straggler: {spent:.1f} s > deadline {self.deadline_s} s")
+            return False
+        ledger.completed.add(pid)
+        return True
+
+    def _reject(self, partition_id: int | None, phase: str, problem: str) -> None:
+        """Count a reply that must not be used as a failure, with the reason logged."""
+        log(WARNING, "rejected the %s reply of device %s: %s", phase, partition_id, problem)
+        self.ledger.fail(partition_id, phase, f"rejected: {problem}")
 
     def partition_of(self, reply: Message) -> int:
         """Partition id of the device that sent ``reply``."""
