@@ -14,11 +14,12 @@ from experiments.networks import build_run_model
 
 
 def foundation_config(cfg: RunConfig) -> RunConfig:
-    """The run config of the cloud's foundation model (its pre-training is cached like any other)."""
+    """The run config of the cloud's foundation model (its pre-training is cached like any other,
+    or skipped when ``algorithm.cema.foundation_checkpoint`` names its weights file)."""
     options = cfg.algorithm.cema
     model = dataclasses.replace(
         cfg.model, name=options.foundation_model, width=options.foundation_width, top_k=None,
-        modules_per_layer=None, shrink=None,
+        modules_per_layer=None, shrink=None, checkpoint=options.foundation_checkpoint,
     )
     return dataclasses.replace(cfg, model=model)
 

@@ -2,7 +2,9 @@
 
 Sweeps over algorithms or fleet settings reuse one pre-trained model: the cache key
 covers only what changes the proxy data and the training (dataset, model, pre-training
-settings, seed), never the algorithm or the fleet.
+settings, seed), never the algorithm or the fleet. A network given ``model.checkpoint``
+(a user's state dict file, e.g. torchvision ImageNet weights for ImageNet-C) is loaded
+from it instead: no training, no cache.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ import torch
 from torch import nn
 
 from experiments.algorithms import ALGORITHMS
-from experiments.config import RunConfig, config_hash
+from experiments.config import ConfigError, RunConfig, config_hash, to_dict
 from models.training import TrainSettings, accuracy, train_epochs
+from models.tv_resnet import load_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -32,9 +35,10 @@ def pretrain_cache_path(cfg: RunConfig) -> Path:
     """
     algorithm = ALGORITHMS[cfg.algorithm.name]
     dataset = dataclasses.replace(cfg.dataset, partition=None)  # partitions do not touch the proxy
+    model = {k: v for k, v in to_dict(cfg.model).items() if k != "checkpoint"}  # checkpoint runs skip the cache
     pretrain = dataclasses.replace(cfg.pretrain, cache_dir="")
     training = {"cloud_training": algorithm.name, **algorithm.training_key(cfg)} if algorithm.cloud_training else {}
-    key = config_hash(dataset, cfg.model, pretrain, {"seed": cfg.seed}, training)
+    key = config_hash(dataset, model, pretrain, {"seed": cfg.seed}, training)
     return Path(cfg.pretrain.cache_dir).expanduser() / f"pretrain-{cfg.dataset.name}-{cfg.model.name}-{key}.pt"
 
 
@@ -42,8 +46,11 @@ def pretrained_model(cfg: RunConfig, model: nn.Module, proxy_x: torch.Tensor, pr
     """Load ``model``'s pre-trained weights from the cache, training and caching them if absent.
 
     The algorithm's own cloud training runs if it has one (e.g. ECLM 4.3), else plain
-    supervised training on the proxy part.
+    supervised training on the proxy part. With ``cfg.model.checkpoint`` set, the weights
+    come from that file instead (:func:`checkpoint_model`).
     """
+    if cfg.model.checkpoint is not None:
+        return checkpoint_model(cfg, model)
     path = pretrain_cache_path(cfg)
     if path.exists():
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
@@ -65,6 +72,25 @@ def pretrained_model(cfg: RunConfig, model: nn.Module, proxy_x: torch.Tensor, pr
     train_epochs(model, proxy_x, proxy_y, settings, seed=cfg.seed)
     logger.info("pre-trained on %d proxy samples: proxy accuracy %.3f", len(proxy_y), accuracy(model, proxy_x, proxy_y))
     _atomic_save(model.state_dict(), path)
+    return model
+
+
+def checkpoint_model(cfg: RunConfig, model: nn.Module) -> nn.Module:
+    """Load ``model`` from the user's state dict file ``cfg.model.checkpoint`` (strict).
+
+    Raises
+    ------
+    ValueError
+        ``ConfigError`` naming the keys to fix when the file is missing or does not fit.
+    """
+    try:
+        load_checkpoint(model, cfg.model.checkpoint)
+    except ValueError as error:
+        raise ConfigError(
+            f"{error}; set model.checkpoint (or algorithm.cema.foundation_checkpoint for CEMA's "
+            f"foundation) to a state dict file of {cfg.model.name}"
+        ) from None
+    logger.info("%s loaded from checkpoint %s (no pre-training)", cfg.model.name, cfg.model.checkpoint)
     return model
 
 

@@ -3,7 +3,9 @@
 Public API
 ----------
 ``build_federated_data(dataset, scenario, num_devices, seed) -> FederatedData``
-    Cached per process; lazy (nothing rendered until asked).
+    Cached per process; lazy (nothing rendered until asked). ``dataset.name=imagenet_c``
+    gives ``imagenet_c.ImageNetCData`` instead: online streams read from an ImageNet-C
+    tree on disk, the same ``stream_batch`` / ``device_domains`` / ``global_test`` surface.
 ``FederatedData.proxy()``, ``.global_test(slot=None)``, ``.device(partition_id, slot=0)``,
 ``.sizes()``, ``.num_classes``, ``.image_shape``
 ``DeviceData``

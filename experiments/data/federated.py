@@ -23,6 +23,7 @@ from experiments.data.checks import (
     check_index,
     check_slot,
 )
+from experiments.data.imagenet_c import ImageNetCData
 from experiments.data.rendering import load_source, render_in_domains, seed_rows, slot_domain
 
 DEVICE_CACHE_SIZE = 16  # devices kept rendered; a cohort of 10 (fleet.per_round) fits
@@ -30,6 +31,7 @@ BUILD_CACHE_SIZE = 4  # FederatedData objects kept per process
 IMAGE_SHAPE = (3, 32, 32)  # CHW as the models see it (digits canvas and CIFAR: 32x32 RGB)
 _TAG_PROXY, _TAG_GLOBAL_TEST, _TAG_DEVICE, _TAG_DEVICE_TEST = 31, 32, 33, 34  # seed tags
 _TAG_STREAM = 36  # seed tag of online stream renders (35 is the corruption tag)
+IMAGENET_C = "imagenet_c"  # dataset.name of ImageNet-C read from disk (experiments/data/imagenet_c.py)
 
 
 class FederatedData:
@@ -170,6 +172,11 @@ class FederatedData:
         labels = self.source.labels
         return DeviceData(train_x, labels[originals], test_x, labels[tests], domain)
 
+    def preflight(self) -> None:
+        """Render device 0 at slot 0 (the run's door calls this before Ray starts): the
+        source loads and the fleet splits, or a ``ConfigError`` says why not."""
+        self.device(0)
+
     def device_domains(self, partition_id: int) -> tuple[str, ...]:
         """The cycle of domains device ``partition_id``'s online stream goes through
         (``online.device_domains``): ``("clean",)`` without corruptions."""
@@ -232,8 +239,12 @@ class FederatedData:
 @functools.lru_cache(maxsize=BUILD_CACHE_SIZE)
 def build_federated_data(
     dataset: DatasetConfig, scenario: ScenarioConfig, num_devices: int, seed: int
-) -> FederatedData:
+) -> FederatedData | ImageNetCData:
     """Build (once per process per arguments) the federated data of a run.
+
+    ``dataset.name=imagenet_c`` gives :class:`experiments.data.imagenet_c.ImageNetCData`
+    (online streams read from disk; the ``online`` scenario only), every other dataset a
+    :class:`FederatedData`.
 
     Parameters
     ----------
@@ -246,12 +257,15 @@ def build_federated_data(
 
     Returns
     -------
-    FederatedData
-        Lazy: nothing is rendered until asked.
+    FederatedData or ImageNetCData
+        Lazy: nothing is rendered (or read) until asked.
 
     Raises
     ------
     ValueError
-        A ``ConfigError`` naming the bad key and its fix.
+        A ``ConfigError`` naming the bad key and its fix (for ImageNet-C also a scenario
+        other than ``online``, a missing root or a wrong folder layout).
     """
+    if dataset.name == IMAGENET_C:
+        return ImageNetCData(dataset, scenario, num_devices, seed)
     return FederatedData(dataset, scenario, num_devices, seed)
