@@ -17,14 +17,16 @@ from clients.an import AdaptiveNetClient
 from clients.base import ClientHandler
 from clients.cema import CEMAClient
 from clients.eclm import ECLMClient
+from clients.elastic import ElasticClient
 from clients.heterofl import HeteroFLClient
 from clients.local import LocalOnlyClient, LocalTrainingClient
 from clients.tta import TTAClient
-from experiments import an_setup, cema_setup, eclm_setup, heterofl_setup
+from experiments import an_setup, cema_setup, eclm_setup, elastic_setup, heterofl_setup
 from strategies.an import AdaptiveNet
 from strategies.base import EdgeCloudStrategy
 from strategies.cema import CEMA
 from strategies.eclm import ECLM
+from strategies.elastic import ElasticDNN
 from strategies.fedavg import FedAvg
 from strategies.heterofl import FedRolex, HeteroFL
 from strategies.local import LocalAdaptation
@@ -154,5 +156,16 @@ ALGORITHMS: dict[str, Algorithm] = {
             client_options=cema_setup.client_options,
         ),
         *ON_DEVICE_TTA,
+        Algorithm(
+            "elasticdnn",
+            ElasticDNN,
+            ElasticClient,
+            "ElasticDNN: on-device master/surrogate remodeling on evolving domains (or a same-size baseline)",
+            cloud_training=elastic_setup.cloud_training,
+            training_key=elastic_setup.training_key,
+            client_options=elastic_setup.client_options,
+            check_model=elastic_setup.check_model,
+            default_model="elastic_fbs_resnet_cpu",
+        ),
     )
 }

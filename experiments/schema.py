@@ -35,8 +35,8 @@ class PartitionConfig:
 class DatasetConfig:
     """Dataset and its split into cloud proxy, edge and held-out test parts."""
 
-    name: str = "digits"  # digits | cifar10 | cifar100
-    root: str | None = None  # folder holding CIFAR files (digits needs none)
+    name: str = "digits"  # digits | cifar10 | cifar100 | imagenet_c (online scenario only, experiments/data/imagenet_c.py)
+    root: str | None = None  # folder holding CIFAR files or the ImageNet-C tree (digits needs none)
     download: bool = False  # let torchvision fetch CIFAR into root (never in tests/CI)
     test_fraction: float = 0.2  # originals kept for testing only
     proxy_fraction: float = 0.3  # ECLM 7.2: 30 % of training data is the cloud proxy set
@@ -85,6 +85,7 @@ class ModelConfig:
     top_k: int | None = None  # modules active per sample and layer
     modules_per_layer: int | None = None  # N (paper: 16, or 32 for VGG16/ResNet34)
     shrink: float | None = None  # inner width of a shrunk module relative to the block
+    checkpoint: str | None = None  # state dict file to start from instead of pre-training (required for imagenet_c: no proxy part)
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,7 @@ class CemaOptions:
 
     foundation_model: str = "resnet18"  # the cloud's bigger network, pre-trained on the proxy part
     foundation_width: int = 16  # its width (narrow CPU variant; the poster uses ResNet-50/101)
+    foundation_checkpoint: str | None = None  # its state dict file instead of pre-training (required for imagenet_c)
     send: str = "bn"  # bn: BN affine + running statistics back to devices (official code) | full
     replay_capacity: int = 10_000  # FIFO replay buffer (ALGORITHMS.md)
     e_max: float = 0.4  # E_max^0 = e_max * ln C (ALGORITHMS.md)
@@ -129,6 +131,19 @@ class CemaOptions:
     warmup_samples: int = 640  # samples before the dynamic rule starts (10 batches of 64; assumption)
     edge_models: str = "shared"  # shared: one edge model for the fleet | per_device: one per device (issue 4)
     edge_bn: str = "batch"  # batch: the edge normalises with each test batch (official code, as Tent/EATA) | running
+
+
+@dataclass(frozen=True)
+class ElasticOptions:
+    """ElasticDNN's own settings (seed 003, III-B and IV; ALGORITHMS.md; models/elastic_remodel.py)."""
+
+    method: str = "elasticdnn"  # elasticdnn | source | bn_adapt | tent | shot (same size) | full (whole master)
+    keep_fraction: float = 0.2  # surrogate / pruned-baseline share of filters (IV: 80 % of filters removed)
+    mass: float = 0.8  # trained filters cover this share of the BN-gradient scores (III-B)
+    loss: str = "im"  # im (information maximisation, III-B default) | tent | feature_alignment
+    epochs: int = 10  # passes over the domain's 100 samples (assumption sized for CPU; SHOT code trains longer)
+    lr: float = 1e-2  # SGD, SHOT digit code (tim-learn/SHOT uda_digit.py)
+    batch_size: int = 64  # SHOT digit code
 
 
 @dataclass(frozen=True)
@@ -144,6 +159,7 @@ class AlgorithmConfig:
     eclm: EclmOptions = field(default_factory=EclmOptions)
     heterofl: HeteroflOptions = field(default_factory=HeteroflOptions)
     cema: CemaOptions = field(default_factory=CemaOptions)
+    elasticdnn: ElasticOptions = field(default_factory=ElasticOptions)
 
 
 @dataclass(frozen=True)
@@ -170,6 +186,21 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
+class FaultsConfig:
+    """Injected faults (issue 6): devices that misbehave, a ServerApp that crashes; off by default.
+
+    Each round every device is faulty with probability ``fraction``, drawn from (seed,
+    round, partition id) (clients/faults.py); a faulty device does one of ``kinds``, drawn
+    uniformly from the same generator (repeat a kind to weight it, e.g. [nan, nan, raise]).
+    """
+
+    fraction: float = 0.0  # chance that a device misbehaves in a round; 0 = no faults
+    kinds: tuple[str, ...] = ("raise",)  # raise | timeout | vanish | wrong_shape | nan_values (clients/faults.py)
+    actions: tuple[str, ...] = ("train",)  # messages a faulty device mishandles: train | evaluate | query
+    crash_server_round: int | None = None  # the ServerApp raises on sending round r (0: discovery); null = never
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything one run needs; frozen, hashable into a cache key."""
 
@@ -183,3 +214,4 @@ class RunConfig:
     scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)

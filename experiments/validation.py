@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from experiments.schema import EngineConfig, RunConfig
+from experiments.schema import EngineConfig, FaultsConfig, RunConfig
 
 
 class ConfigError(ValueError):
@@ -38,6 +38,7 @@ def validate(cfg: RunConfig) -> None:
     _validate_training(cfg)
     _validate_data(cfg)
     _validate_engine(cfg.engine)
+    _validate_faults(cfg.faults)
     _validate_names(cfg)
 
 
@@ -81,6 +82,7 @@ def _validate_training(cfg: RunConfig) -> None:
     _check(cema.threshold_coeff > 0, "algorithm.cema.threshold_coeff", "must be > 0", cema.threshold_coeff)
     _check(cema.warmup_samples >= 0, "algorithm.cema.warmup_samples", "must be >= 0", cema.warmup_samples)
     _check(cema.foundation_width >= 1, "algorithm.cema.foundation_width", "must be >= 1", cema.foundation_width)
+    _check_elastic(cfg)
     pre = cfg.pretrain
     _check(pre.epochs >= 0, "pretrain.epochs", "must be >= 0", pre.epochs)
     _check(pre.lr > 0, "pretrain.lr", "must be > 0", pre.lr)
@@ -131,6 +133,22 @@ def _validate_engine(engine: EngineConfig) -> None:
     _check(engine.round_timeout_s > 0, "engine.round_timeout_s", "must be > 0", engine.round_timeout_s)
 
 
+def _validate_faults(faults: FaultsConfig) -> None:
+    from clients.faults import FAULT_ACTIONS, FAULT_KINDS
+
+    _check(0.0 <= faults.fraction <= 1.0, "faults.fraction", "must be in [0, 1]", faults.fraction)
+    _check(
+        bool(faults.kinds) and set(faults.kinds) <= set(FAULT_KINDS),
+        "faults.kinds", f"must be a non-empty list of {FAULT_KINDS}", faults.kinds,
+    )
+    _check(
+        bool(faults.actions) and set(faults.actions) <= set(FAULT_ACTIONS),
+        "faults.actions", f"must be a non-empty list of {FAULT_ACTIONS}", faults.actions,
+    )
+    if faults.crash_server_round is not None:
+        _check(faults.crash_server_round >= 0, "faults.crash_server_round", "must be >= 0 or null",
+               faults.crash_server_round)
+
 def _validate_names(cfg: RunConfig) -> None:
     """Names that must exist in a registry (imported lazily: they pull in torch)."""
     from experiments.algorithms import ALGORITHMS
@@ -140,8 +158,10 @@ def _validate_names(cfg: RunConfig) -> None:
         raise ConfigError(f"unknown algorithm.name {cfg.algorithm.name!r}; choose one of {sorted(ALGORITHMS)}")
     if cfg.model.name not in model_names():
         raise ConfigError(f"unknown model.name {cfg.model.name!r}; choose one of {list(model_names())}")
-    datasets = ("digits", "cifar10", "cifar100")
+    datasets = ("digits", "cifar10", "cifar100", "imagenet_c")
     _check(cfg.dataset.name in datasets, "dataset.name", f"must be one of {datasets}", cfg.dataset.name)
+    if cfg.dataset.name == "imagenet_c":
+        _validate_imagenet_c(cfg)
     if cfg.scenario.corruptions:
         from experiments.data.corruptions import CORRUPTIONS
 
@@ -150,6 +170,49 @@ def _validate_names(cfg: RunConfig) -> None:
                 raise ConfigError(f"unknown corruption {name!r} in scenario.corruptions; choose from {list(CORRUPTIONS)}")
 
 
+def _validate_imagenet_c(cfg: RunConfig) -> None:
+    """ImageNet-C: the online scenario, its folders on disk, and the networks' checkpoints.
+
+    There is no proxy part to pre-train on, so the edge (source) network and, for CEMA, the
+    foundation network must come from state dict files the user provides.
+    """
+    from experiments.data.imagenet_c import check_layout, check_scenario
+
+    check_scenario(cfg.scenario)
+    _check(not cfg.dataset.download, "dataset.download", "must be false for imagenet_c (it is never fetched; "
+           "point dataset.root at your copy)", cfg.dataset.download)
+    check_layout(cfg.dataset.root, cfg.scenario.corruptions, cfg.scenario.severity)
+    fix = "ImageNet-C has no proxy part to pre-train on; set it to a torchvision state dict file"
+    if cfg.model.checkpoint is None:
+        raise ConfigError(f"model.checkpoint is null: {fix} of {cfg.model.name} (the edge / source network)")
+    if cfg.algorithm.name == "cema" and cfg.algorithm.cema.foundation_checkpoint is None:
+        raise ConfigError(
+            f"algorithm.cema.foundation_checkpoint is null: {fix} of "
+            f"{cfg.algorithm.cema.foundation_model} (CEMA's foundation network)"
+        )
+
+
 def _check(ok: bool, key: str, rule: str, value: Any) -> None:
     if not ok:
         raise ConfigError(f"{key} {rule}, got {value!r}")
+
+
+def _check_elastic(cfg) -> None:
+    """ElasticDNN's options, and the evolving-domain stream it needs (two batches per domain)."""
+    from models.elastic_remodel import METHODS  # models stay out of validation's import time
+
+    opts = cfg.algorithm.elasticdnn
+    _check(opts.method in METHODS, "algorithm.elasticdnn.method", f"must be one of {METHODS}", opts.method)
+    _check(0 < opts.keep_fraction <= 1, "algorithm.elasticdnn.keep_fraction", "must be in (0, 1]", opts.keep_fraction)
+    _check(0 < opts.mass <= 1, "algorithm.elasticdnn.mass", "must be in (0, 1]", opts.mass)
+    losses = ("im", "tent", "feature_alignment")
+    _check(opts.loss in losses, "algorithm.elasticdnn.loss", f"must be one of {losses}", opts.loss)
+    _check(opts.epochs >= 1, "algorithm.elasticdnn.epochs", "must be >= 1", opts.epochs)
+    _check(opts.lr > 0, "algorithm.elasticdnn.lr", "must be > 0", opts.lr)
+    _check(opts.batch_size >= 2, "algorithm.elasticdnn.batch_size", "must be >= 2 (BatchNorm)", opts.batch_size)
+    if cfg.algorithm.name == "elasticdnn":
+        scen = cfg.scenario
+        _check(scen.name in ("online", "evolving"), "scenario",
+               "ElasticDNN needs a stream of domains: use scenario=evolving", scen.name)
+        _check(scen.batches_per_domain % 2 == 0, "scenario.batches_per_domain",
+               "must be even for ElasticDNN (one batch to adapt on, one held out per domain)", scen.batches_per_domain)

@@ -1,0 +1,133 @@
+"""ElasticDNN's edge: remodel the master into a domain's surrogate, adapt it, learn back (seed 003).
+
+Each round brings the device a new target domain of its evolving sequence: two consecutive
+batches of its stream from the same domain, the first unlabeled batch to adapt on (paper:
+100 samples per domain), the second held out to measure accuracy after adaptation (the
+labels are known to the simulator only). The master and its domain-knowledge bank live in
+``context.state`` (a few hundred KB for the CPU master; the full ResNet56 pair is ~8 MB),
+so a later domain's surrogate starts from the master every earlier domain updated.
+
+``Device.options["method"]`` picks ElasticDNN or a comparison method at the same model size
+(:data:`models.elastic_remodel.METHODS`): the baselines adapt a magnitude-pruned copy of the
+master continually across domains; ``full`` retrains the whole master (the slow reference).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from flwr.app import Context, Message
+from torch import nn
+
+from clients.base import ClientHandler, Device, MalformedMessage, model_from, round_of
+from clients.online import batch_reply, load_blob, save_progress, stream_index
+from models.elastic_master import ElasticMaster
+from models.elastic_remodel import (
+    METHODS,
+    PRUNED_METHODS,
+    RemodelSettings,
+    adapt_baseline,
+    pruned_model,
+    remodel_for_domain,
+)
+from models.fbs_surrogate import conv_parameter_count
+
+#: Batches of its stream a device uses per domain: one to adapt on, one to evaluate.
+BATCHES_PER_ROUND = 2
+#: One forward pass costs about a third of a training step (forward + backward ~ 3 forwards;
+#: Kaplan et al. 2020), the device's ``flops_per_sample`` being measured for training.
+FORWARD_FLOP_FRACTION = 1.0 / 3.0
+#: ``Device.options`` keys that become :class:`RemodelSettings` fields.
+SETTING_KEYS = ("keep_fraction", "mass", "loss", "epochs", "lr", "batch_size")
+
+
+class ElasticClient(ClientHandler):
+    """ElasticDNN (or a same-size baseline) on the device's evolving domains, one domain a round.
+
+    The first message must carry the pre-trained master and bank in ``arrays``; later ones
+    need only the ``config`` record. Reply metrics: ``accuracy``/``correct`` after adaptation
+    on the held-out batch, ``accuracy_before`` (the model that would have served the domain
+    unadapted), ``adapt_wall_s``, ``compute_time_s`` (virtual, on the device class),
+    ``peak_memory_bytes``, ``model_fraction`` (conv weights of the serving model / master's)
+    and ``trained_fraction``.
+
+    Parameters
+    ----------
+    device : Device
+        The device; it needs a ``stream`` and ``options["method"]`` in :data:`METHODS`.
+    """
+
+    def __init__(self, device: Device) -> None:
+        super().__init__(device)
+        method = device.options.get("method", "elasticdnn")
+        if method not in METHODS:
+            raise ValueError(f"Device.options['method'] is {method!r}; choose one of {METHODS}")
+        self.method = method
+        self.settings = RemodelSettings(**{k: device.options[k] for k in SETTING_KEYS if k in device.options})
+
+    def train(self, msg: Message, context: Context) -> Message:
+        """Adapt to the next domain, evaluate on its held-out batch, keep the updated state."""
+        server_round = round_of(msg)
+        if self.device.stream is None:
+            raise MalformedMessage("this device has no stream of domains (use scenario=evolving)")
+        index = stream_index(context)
+        adapt, held_out = self.device.stream(index), self.device.stream(index + 1)
+        if adapt.domain != held_out.domain:
+            raise MalformedMessage(f"batches {index} and {index + 1} come from different domains "
+                                   f"({adapt.domain}, {held_out.domain}); use an even scenario.batches_per_domain")
+        elastic, small = self._restore(msg, context)
+        seed = self.device.seed + server_round
+        serving, report = self._adapt(elastic, small, adapt.x, seed)
+        before = report.pop("before")
+        with torch.no_grad():
+            logits = _eval(serving, held_out.x)
+            accuracy_before = int((_eval(before, held_out.x).argmax(1) == held_out.y).sum()) / len(held_out.y)
+        save_progress(context, index + BATCHES_PER_ROUND, {"elastic": elastic, "small": small})
+        samples = len(adapt.y) * (FORWARD_FLOP_FRACTION + self.settings.epochs * report["model_fraction"])
+        metrics = {
+            **report,
+            "accuracy_before": accuracy_before,
+            "compute_time_s": self.compute_time_s(samples, server_round),
+            "load_factor": self.device.load_factor(server_round),
+            "partition_id": self.device.partition_id,
+        }
+        return batch_reply(msg, held_out, logits, metrics)
+
+    def _restore(self, msg: Message, context: Context) -> tuple[ElasticMaster, nn.Module | None]:
+        """The master/bank (and the baselines' pruned model) as after the previous domain."""
+        saved = load_blob(context)
+        if saved is not None:
+            return saved["elastic"], saved["small"]
+        if "arrays" not in msg.content.array_records:
+            raise MalformedMessage("the device's first ElasticDNN message must carry the master and bank in 'arrays'")
+        elastic = model_from(msg, self.device)
+        if not isinstance(elastic, ElasticMaster):
+            raise MalformedMessage(f"ElasticDNN needs an ElasticMaster network, the device builds {type(elastic).__name__}")
+        small = pruned_model(elastic, self.settings.keep_fraction) if self.method in PRUNED_METHODS else None
+        return elastic, small
+
+    def _adapt(self, elastic: ElasticMaster, small: nn.Module | None, x: torch.Tensor,
+               seed: int) -> tuple[nn.Module, dict[str, Any]]:
+        """Run the method; returns the model serving the domain and its report (with ``before``)."""
+        if self.method == "elasticdnn":
+            surrogate, report = remodel_for_domain(elastic, x, self.settings, seed)
+            report["before"] = report.pop("surrogate_before")
+            return surrogate, report
+        serving = elastic.master if self.method == "full" else small
+        before = copy.deepcopy(serving)
+        report = adapt_baseline(serving, x, self.method, self.settings, seed)
+        report["model_fraction"] = conv_parameter_count(serving) / conv_parameter_count(elastic.master)
+        report["before"] = before
+        return serving, report
+
+
+def _eval(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Logits of ``model`` in evaluation mode (running BN statistics), mode restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        return model(x)
+    finally:
+        model.train(was_training)

@@ -1,0 +1,120 @@
+"""ElasticDNN on Flower messages (no Ray): one domain per round, state across rounds, the cloud's tallies."""
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+
+from clients.base import MALFORMED_MESSAGE, Device, StreamTensors
+from clients.elastic import BATCHES_PER_ROUND, ElasticClient
+from clients.online import load_blob, stream_index
+from experiments.config import from_dict
+from experiments.validation import ConfigError, validate
+from models import build_model
+from models.training import TrainSettings
+
+torch.set_num_threads(1)
+BUDGET = {"flops_per_s": 1e9, "memory_bytes": 1e9, "uplink_bps": 1e6, "downlink_bps": 1e7}
+BATCH = 12
+DOMAINS = ("fog", "snow")
+
+
+def _stream(index, domains=DOMAINS, per_domain=2):
+    rng = np.random.default_rng([5, index])
+    pixels = rng.integers(0, 256, size=(BATCH, 16, 16, 3), dtype=np.uint8)
+    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    y = torch.from_numpy(rng.integers(0, 5, size=BATCH))
+    return StreamTensors(x=x, y=y, pixels=pixels, domain=domains[index // per_domain % len(domains)], index=index)
+
+
+def _model():
+    return build_model("elastic_fbs_resnet_cpu", num_classes=5, width=4, seed=0)
+
+
+def _device(method="elasticdnn", stream=_stream, **options):
+    return Device(
+        partition_id=3, seed=0, budget=BUDGET, data=None, num_examples=lambda slot: 0,
+        build_model=_model, train=TrainSettings(epochs=1, lr=1e-3, batch_size=8), flops_per_sample=1e6,
+        load_factor=lambda r: 1.0, is_available=lambda r: True, slot_of_round=lambda r: 0,
+        options={"method": method, "epochs": 2, "batch_size": 6, **options}, stream=stream,
+    )
+
+
+def _message(server_round, arrays=None):
+    content = RecordDict({"config": ConfigRecord({"round": server_round})})
+    if arrays is not None:
+        content["arrays"] = arrays
+    return Message(content, dst_node_id=1, message_type=MessageType.TRAIN)
+
+
+def _context():
+    return Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+
+
+def _conv_weights(module):
+    return {k: v.clone() for k, v in module.state_dict().items() if k.endswith("conv.weight")}
+
+
+def test_each_round_adapts_on_one_batch_and_evaluates_on_the_next_of_the_same_domain():
+    client, context = ElasticClient(_device()), _context()
+    master = _model()
+    reply = client.handle("train", _message(1, ArrayRecord(master.state_dict())), context)
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    metrics = reply.content["metrics"]
+    assert reply.content["stream"]["index"] == 1 and reply.content["stream"]["domain"] == "fog"  # held-out batch
+    assert metrics["num_examples"] == BATCH and metrics["accuracy"] == metrics["correct"] / BATCH
+    assert 0 < metrics["model_fraction"] < 0.3 and 0 < metrics["trained_fraction"] <= 1
+    assert metrics["peak_memory_bytes"] > 0 and metrics["adapt_wall_s"] > 0
+    # virtual time: 12 samples x (1/3 forward + 2 epochs x model fraction) x 1e6 FLOPs / 1e9 FLOP/s
+    expected = BATCH * (1 / 3 + 2 * metrics["model_fraction"]) * 1e6 / 1e9
+    assert metrics["compute_time_s"] == pytest.approx(expected)
+    assert stream_index(context) == BATCHES_PER_ROUND
+
+
+def test_the_master_learns_across_domains_and_the_next_round_needs_no_arrays():
+    client, context = ElasticClient(_device()), _context()
+    master = _model()
+    before = _conv_weights(master)
+    client.handle("train", _message(1, ArrayRecord(master.state_dict())), context)
+    after_one = _conv_weights(load_blob(context)["elastic"])
+    assert any(not torch.equal(before[k], after_one[k]) for k in before)  # eq. 3-4 wrote back
+    reply = client.handle("train", _message(2), context)
+    assert not reply.has_error() and reply.content["stream"]["domain"] == "snow"
+    assert stream_index(context) == 2 * BATCHES_PER_ROUND
+
+
+def test_source_baseline_keeps_its_pruned_model_and_the_master_unchanged():
+    client, context = ElasticClient(_device("source")), _context()
+    master = _model()
+    reply = client.handle("train", _message(1, ArrayRecord(master.state_dict())), context)
+    metrics = reply.content["metrics"]
+    assert metrics["accuracy"] == metrics["accuracy_before"] and metrics["trained_fraction"] == 0
+    saved = load_blob(context)
+    assert all(torch.equal(v, master.state_dict()[k]) for k, v in saved["elastic"].state_dict().items())
+    assert saved["small"] is not None and 0 < metrics["model_fraction"] < 0.3
+
+
+def test_first_message_without_the_master_and_mixed_domain_batches_are_refused():
+    client, context = ElasticClient(_device()), _context()
+    reply = client.handle("train", _message(1), context)
+    assert reply.has_error() and reply.error.code == MALFORMED_MESSAGE and "master" in reply.error.reason
+    odd = ElasticClient(_device(stream=lambda i: _stream(i, per_domain=1)))
+    reply = odd.handle("train", _message(1, ArrayRecord(_model().state_dict())), _context())
+    assert reply.has_error() and "batches_per_domain" in reply.error.reason
+
+
+def test_unknown_method_names_the_choices():
+    with pytest.raises(ValueError, match="elasticdnn"):
+        ElasticClient(_device("magic"))
+
+
+def test_validation_needs_an_even_stream_of_domains_for_elasticdnn():
+    good = {"algorithm": {"name": "elasticdnn"}, "scenario": {"name": "evolving", "batches_per_domain": 2}}
+    validate(from_dict(good, resolve_model=True))
+    with pytest.raises(ConfigError, match="batches_per_domain"):
+        validate(from_dict({**good, "scenario": {"name": "evolving", "batches_per_domain": 3}}, resolve_model=True))
+    with pytest.raises(ConfigError, match="scenario=evolving"):
+        validate(from_dict({"algorithm": {"name": "elasticdnn"}}, resolve_model=True))
+    with pytest.raises(ConfigError, match="keep_fraction"):
+        validate(from_dict({**good, "algorithm": {"name": "elasticdnn", "elasticdnn": {"keep_fraction": 0}}},
+                           resolve_model=True))
