@@ -51,7 +51,7 @@ def simulate(cfg: RunConfig, run_dir: Path) -> None:
     quiet_flower_logs(cfg.engine.verbose)
     run_simulation(
         server_app=build_server_app(cfg, Path(run_dir)),
-        client_app=build_client_app(cfg),
+        client_app=build_client_app(cfg, Path(run_dir)),
         num_supernodes=cfg.fleet.devices,
         backend_config=backend_config(cfg),
         verbose_logging=cfg.engine.verbose,

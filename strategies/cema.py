@@ -164,6 +164,39 @@ class CEMA(EdgeCloudStrategy):
         }
         return ArrayRecord(self.edge.state_dict()), metrics
 
+    # ------------------------------------------------------------------ state (checkpoints)
+    def state_dict(self) -> dict:
+        """The base state plus everything the cloud carries between rounds.
+
+        ``served``, ``online``, the ``pending`` uploads, the replay ``buffer``, the replay
+        generator's state (``rng``), the ``foundation`` model and both optimizers (momentum
+        buffers). The edge model itself is the run's cloud arrays, reloaded every round.
+        """
+        state = super().state_dict()
+        state.update(
+            served=sorted(self.served),
+            online={domain: list(tally) for domain, tally in self.online.items()},
+            pending=self.pending.copy(),
+            buffer=self.buffer.state_dict(),
+            rng=self.rng.bit_generator.state,
+            foundation=self.foundation.state_dict(),
+            foundation_optimizer=self.foundation_optimizer.state_dict(),
+            edge_optimizer=self.edge_optimizer.state_dict(),
+        )
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned (a strategy built with the same settings)."""
+        super().load_state_dict(state)
+        self.served = {int(pid) for pid in state["served"]}
+        self.online = {str(domain): [int(c), int(n)] for domain, (c, n) in state["online"].items()}
+        self.pending = np.asarray(state["pending"], dtype=np.uint8)
+        self.buffer.load_state_dict(state["buffer"])
+        self.rng.bit_generator.state = state["rng"]
+        self.foundation.load_state_dict(state["foundation"], strict=True)
+        self.foundation_optimizer.load_state_dict(state["foundation_optimizer"])
+        self.edge_optimizer.load_state_dict(state["edge_optimizer"])
+
     # ------------------------------------------------------------------ helpers
     def _count_online(self, reply) -> None:
         """Add a reply's prediction counts to its domain's cumulative tally."""
