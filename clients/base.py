@@ -13,7 +13,7 @@ import time
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -60,6 +60,16 @@ class StreamTensors:
     index: int
 
 
+class ProgressStore(Protocol):
+    """Durable copy of an online device's progress (the ClientApp provides one; see ``experiments/device_state.py``)."""
+
+    def save(self, server_round: int, index: int, blob: bytes | None) -> None:
+        """Keep the stream ``index`` and the method's serialised state after ``server_round``."""
+
+    def load_before(self, server_round: int) -> tuple[int, bytes | None] | None:
+        """``(index, blob)`` saved after the newest earlier round, or None."""
+
+
 @dataclass(frozen=True)
 class Device:
     """Everything an edge handler may use about the device it runs on.
@@ -94,6 +104,9 @@ class Device:
         The algorithm's own settings (e.g. ECLM's load-balancing weight).
     stream : Callable[[int], StreamTensors] or None
         Batch ``index`` of the device's online stream (test-time adaptation scenarios).
+    state_store : ProgressStore or None
+        Where an online device also saves the state it keeps in ``context.state``, so a
+        resumed run can reload it after a restart (:mod:`clients.online`); None: not saved.
     """
 
     partition_id: int
@@ -109,6 +122,7 @@ class Device:
     slot_of_round: Callable[[int], int]
     options: Mapping[str, Any] = field(default_factory=dict)
     stream: Callable[[int], StreamTensors] | None = None
+    state_store: ProgressStore | None = None
 
 
 class MalformedMessage(ValueError):

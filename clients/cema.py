@@ -19,7 +19,15 @@ from flwr.app import Context, Message
 from torch import nn
 
 from clients.base import ClientHandler, MalformedMessage, round_of
-from clients.online import batch_reply, load_blob, next_batch, save_progress, stream_index
+from clients.online import (
+    batch_reply,
+    load_blob,
+    next_batch,
+    persist_progress,
+    restore_progress,
+    save_progress,
+    stream_index,
+)
 from models.tta_base import use_test_batch_statistics
 from models.cema_filter import UploadFilter
 
@@ -50,6 +58,7 @@ class CEMAClient(ClientHandler):
     def train(self, msg: Message, context: Context) -> Message:
         """Predict the next stream batch, upload the filtered samples, remember the state."""
         server_round = round_of(msg)
+        restore_progress(self.device, context, server_round)
         batch = next_batch(self.device, context)
         model, upload_filter = self._restore(msg, context)
         if self.device.options.get("edge_bn", "batch") == "batch":
@@ -64,6 +73,7 @@ class CEMAClient(ClientHandler):
         uploads = batch.pixels[mask]
         state = {"model": model.state_dict(), "filter": upload_filter.state_dict()}
         save_progress(context, stream_index(context) + 1, state)
+        persist_progress(self.device, context, server_round)
         metrics = {
             "compute_time_s": self.compute_time_s(len(batch.y) * FORWARD_FLOP_FRACTION, server_round),
             "partition_id": self.device.partition_id,

@@ -22,7 +22,7 @@ from flwr.app import Context, Message
 from torch import nn
 
 from clients.base import ClientHandler, Device, MalformedMessage, model_from, round_of
-from clients.online import batch_reply, load_blob, save_progress, stream_index
+from clients.online import batch_reply, load_blob, persist_progress, restore_progress, save_progress, stream_index
 from models.elastic_master import ElasticMaster
 from models.elastic_remodel import (
     METHODS,
@@ -70,6 +70,7 @@ class ElasticClient(ClientHandler):
     def train(self, msg: Message, context: Context) -> Message:
         """Adapt to the next domain, evaluate on its held-out batch, keep the updated state."""
         server_round = round_of(msg)
+        restore_progress(self.device, context, server_round)  # after a resumed run's restart
         if self.device.stream is None:
             raise MalformedMessage("this device has no stream of domains (use scenario=evolving)")
         index = stream_index(context)
@@ -85,6 +86,7 @@ class ElasticClient(ClientHandler):
             logits = _eval(serving, held_out.x)
             accuracy_before = int((_eval(before, held_out.x).argmax(1) == held_out.y).sum()) / len(held_out.y)
         save_progress(context, index + BATCHES_PER_ROUND, {"elastic": elastic, "small": small})
+        persist_progress(self.device, context, server_round)
         samples = len(adapt.y) * (FORWARD_FLOP_FRACTION + self.settings.epochs * report["model_fraction"])
         metrics = {
             **report,

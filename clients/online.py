@@ -3,6 +3,9 @@
 A device processes the next batch of its own stream each round: it predicts first (that
 prediction is what online accuracy counts), then adapts. Its position and whatever its
 method must remember (model, optimizer, thresholds) live in Flower's ``context.state``.
+``context.state`` does not survive a restart of the simulation, so when the device has a
+``state_store`` it also saves that record after each round (:func:`persist_progress`) and a
+resumed run reloads it on the device's first message (:func:`restore_progress`).
 """
 
 from __future__ import annotations
@@ -50,6 +53,29 @@ def save_progress(context: Context, index: int, state: Mapping[str, Any] | None)
         torch.save(dict(state), buffer)
         values["blob"] = buffer.getvalue()
     context.state[STATE_KEY] = ConfigRecord(values)
+
+
+def restore_progress(device: Device, context: Context, server_round: int) -> None:
+    """After a restart (no record in ``context.state``): reload what the device saved before ``server_round``."""
+    if device.state_store is None or STATE_KEY in context.state.config_records:
+        return
+    saved = device.state_store.load_before(server_round)
+    if saved is None:
+        return
+    index, blob = saved
+    values: dict[str, Any] = {"index": int(index)}
+    if blob is not None:
+        values["blob"] = blob
+    context.state[STATE_KEY] = ConfigRecord(values)
+
+
+def persist_progress(device: Device, context: Context, server_round: int) -> None:
+    """Save the device's ``context.state`` record after ``server_round`` to its store (if it has one)."""
+    record = context.state.config_records.get(STATE_KEY)
+    if device.state_store is None or record is None:
+        return
+    blob = record["blob"] if "blob" in record else None
+    device.state_store.save(server_round, int(record["index"]), blob)
 
 
 def batch_reply(

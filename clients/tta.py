@@ -15,7 +15,15 @@ from flwr.app import Context, Message
 from torch import nn
 
 from clients.base import ClientHandler, Device, MalformedMessage, model_from, round_of
-from clients.online import batch_reply, load_blob, next_batch, save_progress, stream_index
+from clients.online import (
+    batch_reply,
+    load_blob,
+    next_batch,
+    persist_progress,
+    restore_progress,
+    save_progress,
+    stream_index,
+)
 from models.tta import OnlineAdapter, adapter_names, build_adapter
 
 #: ETA whose kept samples are uploaded (CEMA's "ETA + upload" baseline).
@@ -76,11 +84,13 @@ class TTAClient(ClientHandler):
     def train(self, msg: Message, context: Context) -> Message:
         """Predict the next stream batch, adapt to it, save progress, reply with online accuracy."""
         server_round = round_of(msg)
+        restore_progress(self.device, context, server_round)
         batch = next_batch(self.device, context)
         adapter = self.restore_adapter(msg, context)
         logits = adapter.predict_then_adapt(batch.x)
         uploads = self.uploads(adapter, batch.pixels)
         save_progress(context, stream_index(context) + 1, adapter.state_dict())
+        persist_progress(self.device, context, server_round)
         metrics = {
             "compute_time_s": self.compute_time_s(len(batch.y), server_round),
             "load_factor": self.device.load_factor(server_round),

@@ -66,6 +66,10 @@ class Algorithm:
         ``model -> None``; raises ConfigError if the algorithm cannot use the network.
     default_model : str
         The network ``model.name=auto`` (the default) resolves to.
+    device_state : bool
+        Whether its devices keep state between rounds in ``context.state`` (online stream
+        position, adapter, filter): a resumed run then needs the state the devices saved
+        (``experiments/device_state.py``).
     """
 
     name: str
@@ -78,6 +82,7 @@ class Algorithm:
     client_options: Callable[..., dict] = _no_args
     check_model: Callable[[nn.Module], None] = _any_model
     default_model: str = "cnn"
+    device_state: bool = False
 
 
 def _width_scaled(name: str, strategy: type[EdgeCloudStrategy], description: str) -> Algorithm:
@@ -96,7 +101,9 @@ def _width_scaled(name: str, strategy: type[EdgeCloudStrategy], description: str
 
 def _on_device(name: str, description: str) -> Algorithm:
     """A CEMA baseline: an online test-time adaptation method run on each device (models/tta*.py)."""
-    return Algorithm(name, OnlineTTA, TTAClient, description, client_options=cema_setup.tta_options(name))
+    return Algorithm(
+        name, OnlineTTA, TTAClient, description, client_options=cema_setup.tta_options(name), device_state=True
+    )
 
 
 #: CEMA's on-device baselines (seed 000; ALGORITHMS.md).
@@ -154,6 +161,7 @@ ALGORITHMS: dict[str, Algorithm] = {
             "CEMA: entropy-selected uploads, foundation adaptation and selective distillation in the cloud",
             strategy_args=cema_setup.strategy_args,
             client_options=cema_setup.client_options,
+            device_state=True,
         ),
         *ON_DEVICE_TTA,
         Algorithm(
@@ -166,6 +174,7 @@ ALGORITHMS: dict[str, Algorithm] = {
             client_options=elastic_setup.client_options,
             check_model=elastic_setup.check_model,
             default_model="elastic_fbs_resnet_cpu",
+            device_state=True,
         ),
     )
 }

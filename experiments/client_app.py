@@ -4,12 +4,15 @@ In simulation the device's data and budget come from its partition id (the fleet
 sampled lazily, one device at a time); on a real device under ``flower-supernode`` the
 same app runs with the partition given by ``--node-config``. Heavy work (data source,
 FLOP counting) is cached per process, so an actor pays for it once, not per message.
+Online devices also save their ``context.state`` under ``<run dir>/devices`` so that a
+resumed run can reload it (``experiments/device_state.py``).
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 from flwr.app import Context, Message
@@ -21,6 +24,7 @@ from experiments import fleet
 from experiments.algorithms import ALGORITHMS
 from experiments.config import FaultsConfig, ModelConfig, RunConfig, from_flat
 from experiments.data import build_federated_data, to_tensor
+from experiments.device_state import DeviceStateStore, device_state_dir
 from experiments.networks import build_run_model
 from models.costs import train_flops_per_sample
 from models.training import TrainSettings
@@ -76,8 +80,15 @@ def partition_of(node_config: Mapping[str, object], cfg: RunConfig) -> int:
     return pid
 
 
-def make_device(cfg: RunConfig, partition_id: int) -> Device:
-    """Everything a handler may use about device ``partition_id`` in run ``cfg``."""
+def make_device(cfg: RunConfig, partition_id: int, state_dir: Path | None = None) -> Device:
+    """Everything a handler may use about device ``partition_id`` in run ``cfg``.
+
+    ``state_dir`` (:func:`experiments.device_state.device_state_dir`): where the device saves
+    its online state for a resumed run; None saves nothing.
+    """
+    store = None
+    if state_dir is not None:
+        store = DeviceStateStore(state_dir, partition_id, cfg.checkpoint_every, restore=cfg.resume)
     federated = build_federated_data(cfg.dataset, cfg.scenario, cfg.fleet.devices, cfg.seed)
     budget = fleet.sample_budget(cfg.fleet, cfg.seed, partition_id)
     model, algo = cfg.model, cfg.algorithm
@@ -95,6 +106,7 @@ def make_device(cfg: RunConfig, partition_id: int) -> Device:
         slot_of_round=functools.partial(slot_of_round, cfg),
         options=ALGORITHMS[algo.name].client_options(cfg),
         stream=functools.partial(_stream_tensors, cfg, partition_id),
+        state_store=store,
     )
 
 
@@ -114,14 +126,19 @@ def _fault_injector(faults: FaultsConfig, seed: int, round_timeout_s: float) -> 
     )
 
 
-def build_client_app(cfg: RunConfig | None = None) -> ClientApp:
-    """The ClientApp; with ``cfg`` None it reads the run config Flower passes (``flwr run``)."""
+def build_client_app(cfg: RunConfig | None = None, run_dir: Path | None = None) -> ClientApp:
+    """The ClientApp; with ``cfg`` None it reads the run config Flower passes (``flwr run``).
+
+    ``run_dir``: the run folder (the simulation engine's); without it, ``output_dir`` of the
+    run config. Online devices save their state there for resumed runs.
+    """
     app = ClientApp()
 
     def handle(action: str, msg: Message, context: Context) -> Message:
         run_cfg = cfg if cfg is not None else _config_from_context(context)
         torch.set_num_threads(run_cfg.engine.torch_threads)
-        device = make_device(run_cfg, partition_of(context.node_config, run_cfg))
+        state_dir = device_state_dir(run_cfg, run_dir)
+        device = make_device(run_cfg, partition_of(context.node_config, run_cfg), state_dir)
         handler = ALGORITHMS[run_cfg.algorithm.name].client(device)
         respond = functools.partial(handler.handle, action, msg, context)
         return fault_injector(run_cfg).handle(action, msg, device.partition_id, respond)

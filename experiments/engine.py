@@ -220,7 +220,7 @@ def simulate(cfg: RunConfig, run_dir: Path, grace_s: float = SHUTDOWN_GRACE_S) -
     try:
         run_simulation(
             server_app=watched_server_app(cfg, run_dir, server_done),
-            client_app=build_client_app(cfg),
+            client_app=build_client_app(cfg, Path(run_dir)),
             num_supernodes=cfg.fleet.devices,
             backend_config=backend_config(cfg),
             verbose_logging=cfg.engine.verbose,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
 from experiments.summary import finite_or_none, summarize
@@ -60,14 +60,18 @@ class ProgressLine:
         Rounds the run will do (> 0).
     stream
         Where lines go; None means ``sys.stdout`` at the time of each update.
+    seen
+        Records of rounds finished before (a resumed run): counted in totals, not printed.
     """
 
-    def __init__(self, total_rounds: int, stream: TextIO | None = None) -> None:
+    def __init__(
+        self, total_rounds: int, stream: TextIO | None = None, seen: Sequence[Mapping[str, Any]] = ()
+    ) -> None:
         if isinstance(total_rounds, bool) or not isinstance(total_rounds, int) or total_rounds < 1:
             raise ValueError(f"total_rounds must be a positive integer, got {total_rounds!r}")
         self.total_rounds = total_rounds
         self.stream = stream
-        self._seen: list[Mapping[str, Any]] = []
+        self._seen: list[Mapping[str, Any]] = list(seen)
 
     def update(self, record: Mapping[str, Any]) -> str:
         """Print the line for ``record`` (a round record) and return it."""

@@ -215,6 +215,9 @@ class ResultsWriter:
         The run folder (created if missing). An existing ``results.json`` there is replaced.
     config
         The resolved run configuration (a mapping or a config dataclass such as ``RunConfig``).
+    rounds
+        Round records a resumed run already finished (from its checkpoint); checked like
+        :meth:`add_round`'s.
 
     Notes
     -----
@@ -222,15 +225,22 @@ class ResultsWriter:
     of no rounds; a run that dies keeps that status and every round it finished.
     """
 
-    def __init__(self, run_dir: str | Path, config: Mapping[str, Any]) -> None:
+    def __init__(
+        self, run_dir: str | Path, config: Mapping[str, Any], rounds: Sequence[Mapping[str, Any]] = ()
+    ) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / RESULTS_FILENAME
+        kept: list[dict[str, Any]] = []
+        for record in rounds:
+            clean = to_json_safe(record)
+            _check_round_record(clean, kept[-1]["round"] if kept else None)
+            kept.append(clean)
         self._data: dict[str, Any] = {
             "status": STATUS_RUNNING,
             "config": to_json_safe(config),
-            "rounds": [],
-            "summary": summarize([]),
+            "rounds": kept,
+            "summary": summarize(kept),
             "error": None,
         }
         self._write()

@@ -4,6 +4,8 @@ Hydra composes ``conf/``; the config is validated into a :class:`RunConfig` befo
 starts; the simulation writes ``results.json`` and plots into Hydra's run directory.
 A job that fails leaves an error record in its folder; in a multirun sweep the next
 job starts anyway, and the process exits non-zero at the end if any job failed.
+``resume=true`` (with ``hydra.run.dir`` naming the interrupted run's folder) continues a run
+from its last checkpoint (``experiments/resume.py``).
 """
 
 from __future__ import annotations
@@ -44,8 +46,12 @@ def write_error_record(run_dir: Path, error: BaseException) -> Path:
     return path
 
 
-def preflight(cfg) -> None:
-    """Load the data, split the fleet and build the network now: bad settings fail before Ray."""
+def preflight(cfg, run_dir: Path | None = None) -> None:
+    """Load the data, split the fleet and build the network now: bad settings fail before Ray.
+
+    With ``resume=true`` the checkpoint in ``run_dir`` is checked too (it exists, its
+    configuration matches, the algorithm's device state was saved).
+    """
     from experiments.algorithms import ALGORITHMS
     from experiments.data import build_federated_data
     from experiments.networks import build_run_model
@@ -57,6 +63,11 @@ def preflight(cfg) -> None:
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     ALGORITHMS[cfg.algorithm.name].check_model(model)
+    if cfg.resume and run_dir is not None:
+        from experiments.device_state import device_state_dir
+        from experiments.resume import resumable_checkpoint
+
+        resumable_checkpoint(cfg, run_dir, device_state_dir(cfg, run_dir))
 
 
 def exit_if_sweep_failed() -> None:
@@ -76,7 +87,7 @@ def main(hydra_cfg: DictConfig) -> None:
     run_dir = Path(hydra_runtime.runtime.output_dir)
     try:
         cfg = from_hydra(hydra_cfg)
-        preflight(cfg)
+        preflight(cfg, run_dir)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         if not multirun:

@@ -207,6 +207,8 @@ class RunConfig:
     seed: int = 0
     rounds: int = 10
     output_dir: str | None = None  # where results go; Hydra sets its run dir, None: outputs/<time>
+    checkpoint_every: int = 1  # checkpoint the cloud every k rounds and after the last (0: never); 1: cheap on digits
+    resume: bool = False  # continue the run in output_dir from its last checkpoint (README, "Resume")
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -3,6 +3,9 @@
 The cloud pre-trains (or loads from cache) its model on the proxy part, builds the
 configured strategy with a global-test evaluation and a results sink, and runs it.
 Whatever happens, ``results.json`` keeps every finished round and ends with a status.
+Every ``checkpoint_every`` rounds the cloud model, the strategy's state and the round
+records are checkpointed; ``resume=true`` continues from the newest checkpoint
+(``experiments/resume.py``).
 """
 
 from __future__ import annotations
@@ -18,12 +21,16 @@ from flwr.serverapp import Grid, ServerApp
 from experiments.algorithms import ALGORITHMS
 from experiments.config import RunConfig, from_flat, to_dict
 from experiments.data import build_federated_data, to_tensor
+from experiments.device_state import device_state_dir
 from experiments.networks import build_run_model
 from experiments.pretrain import pretrained_model
 from experiments.results import ProgressLine, ResultsWriter
+from experiments.resume import DEVICE_STATE_SAVED, Checkpointer, devices_saved, start_or_resume
 from models.training import accuracy
 
 logger = logging.getLogger(__name__)
+#: Checkpoint meta key of the pre-trained model's global accuracy (a summary figure).
+PRETRAINED_ACCURACY = "pretrained_global_accuracy"
 
 
 def default_run_dir() -> Path:
@@ -31,9 +38,17 @@ def default_run_dir() -> Path:
     return Path("outputs") / time.strftime("%Y-%m-%d") / time.strftime("%H-%M-%S")
 
 
-def run_cloud(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict:
-    """Pre-train, run ``cfg.rounds`` rounds of the configured strategy, write results."""
-    writer = ResultsWriter(run_dir, to_dict(cfg))
+def run_cloud(grid: Grid, cfg: RunConfig, run_dir: Path, device_dir: Path | None = None) -> dict:
+    """Pre-train, run ``cfg.rounds`` rounds of the configured strategy, write results.
+
+    With ``cfg.resume`` the run continues after the newest checkpoint in ``run_dir``;
+    ``device_dir`` is where the devices save their online state (None: they do not).
+    A refused resume raises ConfigError before anything in ``run_dir`` changes.
+    """
+    checkpoint = start_or_resume(cfg, run_dir, device_dir)
+    config = to_dict(cfg) if checkpoint is None else checkpoint.config
+    records = [] if checkpoint is None else checkpoint.records
+    writer = ResultsWriter(run_dir, config, rounds=records)
     try:
         data = build_federated_data(cfg.dataset, cfg.scenario, cfg.fleet.devices, cfg.seed)
         algorithm = ALGORITHMS[cfg.algorithm.name]
@@ -49,7 +64,7 @@ def run_cloud(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict:
             return {"accuracy": accuracy(model, test_x, test_y)}
 
         pretrained_accuracy = accuracy(model, test_x, test_y)
-        progress = ProgressLine(cfg.rounds)
+        progress = ProgressLine(cfg.rounds, seen=records)
 
         def on_round(record: dict) -> None:
             writer.add_round(record)
@@ -69,7 +84,16 @@ def run_cloud(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict:
         strategy.discover(grid)
         discovery_s = time.perf_counter() - started
         logger.info("%d devices reported their budgets in %.1f s", len(strategy.devices), discovery_s)
-        strategy.start(grid, ArrayRecord(model.state_dict()), cfg.rounds)
+        arrays, first_round = ArrayRecord(model.state_dict()), 1
+        if checkpoint is not None:
+            strategy.load_state_dict(checkpoint.strategy_state)
+            arrays, first_round = checkpoint.arrays, checkpoint.round + 1
+            # the run's own figure, even if the pre-training cache was rebuilt since
+            pretrained_accuracy = checkpoint.meta.get(PRETRAINED_ACCURACY, pretrained_accuracy)
+            logger.info("resumed after round %d of %d from %s", checkpoint.round, cfg.rounds, run_dir)
+        meta = {DEVICE_STATE_SAVED: devices_saved(checkpoint, device_dir), PRETRAINED_ACCURACY: pretrained_accuracy}
+        checkpointer = Checkpointer(run_dir, cfg, strategy, writer, config, meta)
+        strategy.start(grid, arrays, cfg.rounds, first_round=first_round, after_round=checkpointer)
     except BaseException as exc:
         writer.finish("failed", error=f"{type(exc).__name__}: {exc}")
         raise
@@ -89,7 +113,9 @@ def build_server_app(cfg: RunConfig | None = None, run_dir: Path | None = None) 
     def main(grid: Grid, context: Context) -> None:
         run_cfg = cfg if cfg is not None else from_flat(context.run_config)
         out = run_dir or (Path(run_cfg.output_dir) if run_cfg.output_dir else default_run_dir())
-        run_cloud(grid, run_cfg, out)
+        # where the ClientApps save device state: the engine's run folder, else output_dir
+        device_dir = device_state_dir(run_cfg, run_dir)
+        run_cloud(grid, run_cfg, out, device_dir)
 
     return app
 

@@ -15,6 +15,7 @@ def validate(cfg: RunConfig) -> None:
     """Reject impossible values with one message naming the key and the fix."""
     _check(cfg.seed >= 0, "seed", "must be >= 0", cfg.seed)
     _check(cfg.rounds >= 1, "rounds", "must be >= 1", cfg.rounds)
+    _check(cfg.checkpoint_every >= 0, "checkpoint_every", "must be >= 0 (0: no checkpoints)", cfg.checkpoint_every)
     fleet = cfg.fleet
     _check(fleet.devices >= 1, "fleet.devices", "must be >= 1", fleet.devices)
     _check(fleet.per_round >= 1, "fleet.per_round", "must be >= 1", fleet.per_round)

@@ -70,6 +70,21 @@ class ReplayBuffer:
         """Append the samples of batch ``x`` (shape (B, ...)) in order, evicting the oldest."""
         self._items.extend(t.detach().clone() for t in x.unbind(dim=0))
 
+    def state_dict(self) -> dict:
+        """``capacity`` and the held samples stacked oldest first (``items``: None when empty)."""
+        items = torch.stack(list(self._items)) if self._items else None
+        return {"capacity": self.capacity, "items": items}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned; the capacity must match."""
+        if int(state["capacity"]) != self.capacity:
+            raise ValueError(
+                f"state holds a buffer of capacity {state['capacity']}, this one has {self.capacity}; "
+                "build the buffer with the same capacity"
+            )
+        items = state["items"]
+        self._items = deque([] if items is None else [t.clone() for t in items.unbind(dim=0)], maxlen=self.capacity)
+
     def sample(self, n: int, generator: np.random.Generator) -> torch.Tensor:
         """``n`` distinct held samples drawn uniformly by ``generator`` (official ``random.sample``)."""
         if not 1 <= n <= len(self):

@@ -33,6 +33,7 @@ DISCOVERY_POLL_S = 0.2
 
 EvaluateFn = Callable[[int, ArrayRecord], Mapping[str, float] | None]
 RoundSink = Callable[[dict[str, Any]], None]
+RoundHook = Callable[[int, ArrayRecord], None]
 
 
 @dataclass
@@ -242,14 +243,62 @@ class EdgeCloudStrategy(Strategy):
         return self._by_node[reply.metadata.src_node_id]
 
     # ------------------------------------------------------------------ the run
-    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int) -> ArrayRecord:  # type: ignore[override]
-        """Discover devices, then run ``num_rounds`` rounds; returns the final cloud arrays."""
+    def start(  # type: ignore[override]
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int,
+        *,
+        first_round: int = 1,
+        after_round: RoundHook | None = None,
+    ) -> ArrayRecord:
+        """Discover devices, then run rounds ``first_round..num_rounds``; returns the final cloud arrays.
+
+        Parameters
+        ----------
+        grid : Grid
+            Flower's grid.
+        initial_arrays : ArrayRecord
+            The cloud model before ``first_round`` (a checkpoint's arrays when resuming).
+        num_rounds : int
+            The last round.
+        first_round : int
+            1 for a new run; ``last checkpointed round + 1`` when resuming, after
+            :meth:`load_state_dict` restored the strategy.
+        after_round : callable, optional
+            ``(round, arrays) -> None`` after each round's record was emitted (the apps write
+            checkpoints there).
+        """
+        if first_round < 1:
+            raise ValueError(f"first_round must be >= 1, got {first_round}")
         if not self.devices:
             self.discover(grid)
         arrays = initial_arrays
-        for server_round in range(1, num_rounds + 1):
+        for server_round in range(first_round, num_rounds + 1):
             arrays = self.run_round(grid, server_round, arrays)
+            if after_round is not None:
+                after_round(server_round, arrays)
         return arrays
+
+    # ------------------------------------------------------------------ state (checkpoints)
+    def state_dict(self) -> dict[str, Any]:
+        """What the strategy carries from one round to the next, as plain data.
+
+        Dicts, lists, numbers, strings, numpy arrays and tensors only (a checkpoint stores it
+        without pickling). The base keeps the cohorts drawn so far; subclasses with state of
+        their own extend it. Devices and their node ids are not part of it: a resumed run
+        discovers them again.
+        """
+        return {"cohorts": [[r, list(ids)] for r, ids in sorted(self._cohorts.items())]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (before :meth:`start` resumes)."""
+        missing = sorted(set(self.state_dict()) - set(state))
+        if missing:
+            raise ValueError(
+                f"{type(self).__name__} state lacks {missing}; pass what {type(self).__name__}.state_dict() returned"
+            )
+        self._cohorts = {int(r): [int(pid) for pid in ids] for r, ids in state["cohorts"]}
 
     def run_round(self, grid: Grid, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
         """Train, aggregate, evaluate one round and emit its record."""

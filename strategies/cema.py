@@ -248,6 +248,52 @@ class CEMA(EdgeCloudStrategy):
             return ArrayRecord(self.edge.state_dict()), metrics
         return None, metrics
 
+    # ------------------------------------------------------------------ state (checkpoints)
+    def state_dict(self) -> dict:
+        """The base state plus everything the cloud carries between rounds.
+
+        ``served``, ``online``, the ``foundation`` model and its optimizer, the initial edge
+        state and every edge track (:class:`EdgeTrack`: model, optimizer momentum, replay
+        buffer, replay generator, pending uploads), keyed by partition id (or :data:`SHARED`).
+        """
+        state = super().state_dict()
+        state.update(
+            served=sorted(self.served),
+            online={domain: list(tally) for domain, tally in self.online.items()},
+            foundation=self.foundation.state_dict(),
+            foundation_optimizer=self.foundation_optimizer.state_dict(),
+            initial_state=self.initial_state,
+            tracks=[
+                {
+                    "key": key,
+                    "model": track.model.state_dict(),
+                    "optimizer": track.optimizer.state_dict(),
+                    "buffer": track.buffer.state_dict(),
+                    "rng": track.rng.bit_generator.state,
+                    "pending": track.pending.copy(),
+                }
+                for key, track in sorted(self.tracks.items())
+            ],
+        )
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned (a strategy built with the same settings)."""
+        super().load_state_dict(state)
+        self.served = {int(pid) for pid in state["served"]}
+        self.online = {str(domain): [int(c), int(n)] for domain, (c, n) in state["online"].items()}
+        self.foundation.load_state_dict(state["foundation"], strict=True)
+        self.foundation_optimizer.load_state_dict(state["foundation_optimizer"])
+        self.initial_state = state["initial_state"]
+        self.tracks = {}
+        for saved in state["tracks"]:
+            track = self.track(int(saved["key"]))
+            track.model.load_state_dict(saved["model"], strict=True)
+            track.optimizer.load_state_dict(saved["optimizer"])
+            track.buffer.load_state_dict(saved["buffer"])
+            track.rng.bit_generator.state = saved["rng"]
+            track.pending = np.asarray(saved["pending"], dtype=np.uint8)
+
     # ------------------------------------------------------------------ helpers
     def _count_online(self, reply) -> None:
         """Add a reply's prediction counts to its domain's cumulative tally."""

@@ -178,6 +178,19 @@ class HeteroFL(EdgeCloudStrategy):
             return None, str(exc)
         return select_rate(info.budget, costs, samples, self.budget_s(), self.rates)
 
+    # ------------------------------------------------------------------ state (checkpoints)
+    def state_dict(self) -> dict:
+        """The base state plus ``round_budget_s`` (None until the first round fixes the default)."""
+        state = super().state_dict()
+        state["round_budget_s"] = self.round_budget_s
+        return state
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore what :meth:`state_dict` returned (the budget fixed at the first round stays fixed)."""
+        super().load_state_dict(state)
+        budget = state["round_budget_s"]
+        self.round_budget_s = None if budget is None else float(budget)
+
     # ------------------------------------------------------------------ Flower contract
     def configure_train(self, server_round, arrays, config, grid):
         """One message per fitting device: its sub-model's arrays and config (round, rate[, offset])."""

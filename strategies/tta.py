@@ -7,6 +7,7 @@ Protocol: /tmp/online_protocol.md (CEMA issue 4).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from flwr.app import Message, MessageType, RecordDict
@@ -69,6 +70,19 @@ class OnlineTTA(EdgeCloudStrategy):
         metrics["uploaded_bytes"] = nbytes
         metrics["uploaded_samples_by_device"] = by_device
         return None, metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base state plus ``served`` (sorted partition ids) and the ``online`` tallies."""
+        state = super().state_dict()
+        state["served"] = sorted(self.served)
+        state["online"] = {domain: list(tally) for domain, tally in self.online.items()}
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        super().load_state_dict(state)
+        self.served = {int(pid) for pid in state["served"]}
+        self.online = {str(domain): [int(c), int(n)] for domain, (c, n) in state["online"].items()}
 
     def _tally(self, reply: Message) -> None:
         metrics = reply.content["metrics"]

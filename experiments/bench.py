@@ -1,0 +1,481 @@
+"""``python -m experiments.bench``: what the platform costs beyond the training itself (issue 7).
+
+One run measures, side by side, with repetitions and medians:
+
+* the project's FedAvg (``python -m experiments.run algorithm=fedavg``) against a minimal
+  plain-Flower FedAvg app (:mod:`experiments.bench_plain`) on the same model, data and cohort
+  size, and against the same rounds in a single-process plain loop (:mod:`experiments.bench_floor`,
+  the physical floor of this machine);
+* ECLM and CEMA rounds against the project's FedAvg (ECLM also against FedAvg on ECLM's own
+  network, the like-for-like ratio);
+* fleets of 100, 500 and 1,000 devices (cohorts 10, 25, 50): start-up to the end of round 1,
+  per-round time, peak PSS and RSS of the whole process tree (Ray's processes included).
+
+Every measurement runs in a fresh process (Ray's start-up and memory are measured as a user
+meets them) under a hard timeout, while a thread samples the tree's memory
+(:mod:`experiments.bench_memory`). Cloud pre-training is cached by the project; the cache is
+warmed first, in a process of its own, and that time is excluded (reported apart).
+
+Output: a JSON (``docs/performance.json`` or ``--out``) and a markdown report
+(``docs/PERFORMANCE.md``, or beside ``--out``) with the machine, the command and every ratio
+next to the issue's target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from experiments.bench_memory import TreeMemorySampler
+from experiments.bench_report import (
+    GIB,
+    evaluate_targets,
+    fmt,
+    issue_targets,
+    machine_description,
+    median,
+    summarize_case,
+    targets_table,
+    write_report,
+)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = ROOT / "conf"
+DEFAULT_JSON = ROOT / "docs" / "performance.json"
+DEFAULT_MARKDOWN = ROOT / "docs" / "PERFORMANCE.md"
+#: Issue 7: fleets of 100, 500 and 1,000 devices with cohorts of 10, 25 and 50.
+ISSUE_COHORTS = {100: 10, 500: 25, 1000: 50}
+DEFAULT_SIZES = "100,500,1000"
+DEFAULT_REPS = 3  # issue 7: repetitions and medians; 3 is the least that has a median
+DEFAULT_ROUNDS = 5  # round 1 holds the start-up; rounds 2-5 give 4 per-round samples a rep
+#: --quick: one repetition, 3 rounds, the default fleet only (a smoke run, not a measurement).
+QUICK = {"reps": 1, "rounds": 3, "sizes": "100"}
+#: --tiny: the smallest workload that runs every part (tests/test_e2e.py's small run).
+TINY_SIZES = "6:3"
+TINY_OVERRIDES = (
+    "dataset.proxy_samples=300",
+    "dataset.global_test_samples=200",
+    "dataset.partition.size_min=20",
+    "dataset.partition.size_max=40",
+    "dataset.partition.test_size=10",
+    "pretrain.epochs=2",
+    "model.width=8",
+    "algorithm.local_epochs=1",
+)
+DEFAULT_TIMEOUT_S = 1800.0  # a hung child is killed after this (1,000 devices on 2 cores: minutes)
+#: Pre-training happens once per configuration and may be long: ECLM's cloud training of the
+#: modular ResNet18 on the digits proxy part took ~45 min on the busy 2-core development machine.
+DEFAULT_WARM_TIMEOUT_S = 4 * 3600.0
+POLL_S = 0.02  # how often the parent looks at a child's results.json (rounds last >= 0.1 s)
+GROUPS = ("fedavg", "plain", "floor", "eclm", "cema", "fleet")
+
+
+# --------------------------------------------------------------------------- cases
+@dataclass(frozen=True)
+class Case:
+    """One thing to measure: a runner (project | plain | floor) on a configuration.
+
+    ``overrides`` are Hydra overrides on top of ``conf/``, the same for every runner, so
+    the project's door and the baselines read one configuration.
+    """
+
+    name: str
+    runner: str
+    devices: int
+    per_round: int
+    overrides: tuple[str, ...]
+
+
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    """``"100,500,1000"`` or ``"6:3,40:4"`` -> [(devices, cohort), ...]; the first is the default size.
+
+    A bare number takes its cohort from :data:`ISSUE_COHORTS`.
+
+    Raises
+    ------
+    ValueError
+        On an empty list, a malformed item, a cohort outside [1, devices], or a bare number
+        with no cohort in the issue's table.
+    """
+    sizes = []
+    for item in (part.strip() for part in text.split(",")):
+        devices_text, _, cohort_text = item.partition(":")
+        if not devices_text.isdigit() or (cohort_text and not cohort_text.isdigit()):
+            raise ValueError(f"size {item!r} is not N or N:K (devices:cohort), e.g. 100 or 40:4")
+        devices = int(devices_text)
+        if not cohort_text and devices not in ISSUE_COHORTS:
+            raise ValueError(f"size {devices} has no default cohort; write it as {devices}:K")
+        cohort = int(cohort_text) if cohort_text else ISSUE_COHORTS[devices]
+        if not 1 <= cohort <= devices:
+            raise ValueError(f"cohort {cohort} of size {item!r} must be in [1, {devices}]")
+        sizes.append((devices, cohort))
+    return sizes
+
+
+def _fleet(devices: int, per_round: int) -> tuple[str, ...]:
+    return (f"fleet.devices={devices}", f"fleet.per_round={per_round}")
+
+
+def plan_cases(
+    sizes: Sequence[tuple[int, int]], groups: Sequence[str], base: Sequence[str], eclm_model: Sequence[str] = ()
+) -> list[Case]:
+    """The cases of the chosen ``groups`` (see :data:`GROUPS`), default size first.
+
+    ``base`` overrides go into every case; ``eclm_model`` are the overrides that give FedAvg
+    ECLM's network (from :func:`model_overrides`).
+
+    Raises
+    ------
+    ValueError
+        On an unknown group or no sizes.
+    """
+    unknown = sorted(set(groups) - set(GROUPS))
+    if unknown or not sizes:
+        raise ValueError(f"unknown case group(s) {unknown} or no sizes; choose from {list(GROUPS)}")
+    (devices, cohort), base = sizes[0], tuple(base)
+    fleet = _fleet(devices, cohort)
+    specs = {
+        "fedavg": [("fedavg", "project", ("algorithm=fedavg",))],
+        "plain": [("plain", "plain", ("algorithm=fedavg",))],
+        "floor": [("floor", "floor", ("algorithm=fedavg",))],
+        "eclm": [
+            ("eclm", "project", ("algorithm=eclm",)),
+            ("fedavg_eclm_network", "project", ("algorithm=fedavg", *eclm_model)),
+        ],
+        "cema": [("cema", "project", ("algorithm=cema", "scenario=online"))],
+    }
+    cases = [
+        Case(f"{label}@{devices}", runner, devices, cohort, (*base, *extra, *fleet))
+        for group in GROUPS
+        if group in groups and group != "fleet"
+        for label, runner, extra in specs[group]
+    ]
+    if "fleet" in groups:
+        cases += [
+            Case(f"fedavg@{n}", "project", n, k, (*base, "algorithm=fedavg", *_fleet(n, k)))
+            for n, k in sizes
+            if not (n == devices and "fedavg" in groups)
+        ]
+    return cases
+
+
+# --------------------------------------------------------------------------- configuration
+def compose_config(overrides: Sequence[str]):
+    """The :class:`RunConfig` ``python -m experiments.run <overrides>`` would run."""
+    from hydra import compose, initialize_config_dir
+
+    from experiments.config import from_hydra
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        raw = compose(config_name="config", overrides=[*overrides, "output_dir=null"])
+    return from_hydra(raw)
+
+
+def model_overrides(model) -> tuple[str, ...]:
+    """Hydra overrides that reproduce a :class:`ModelConfig` exactly (None -> null; ``++`` adds
+    the keys the selected ``model`` group file leaves out)."""
+    values = dataclasses.asdict(model)
+    return tuple(f"++model.{key}={'null' if value is None else value}" for key, value in values.items())
+
+
+def warm_server(flat: dict) -> None:
+    """What the cloud does before round 1, without Ray: fills the pre-training caches.
+
+    Mirrors ``experiments.server_app.run_cloud``: data, network, cached pre-training on the
+    proxy part, then the algorithm's strategy arguments (CEMA pre-trains its foundation model
+    there).
+    """
+    import torch
+
+    from experiments.algorithms import ALGORITHMS
+    from experiments.config import from_flat
+    from experiments.data import build_federated_data, to_tensor
+    from experiments.networks import build_run_model
+    from experiments.pretrain import pretrained_model
+
+    cfg = from_flat(flat)
+    data = build_federated_data(cfg.dataset, cfg.scenario, cfg.fleet.devices, cfg.seed)
+    algorithm = ALGORITHMS[cfg.algorithm.name]
+    model = build_run_model(cfg.model, data.num_classes, data.image_shape[0])
+    algorithm.check_model(model)
+    proxy_x, proxy_y = data.proxy()
+    model = pretrained_model(cfg, model, to_tensor(proxy_x), torch.as_tensor(proxy_y, dtype=torch.long), data)
+    algorithm.strategy_args(cfg, model, data)
+
+
+# --------------------------------------------------------------------------- child processes
+def child_env() -> dict[str, str]:
+    """The environment of a child: a fresh local Ray unless the user names one.
+
+    Without ``RAY_ADDRESS``, ``ray.init()`` attaches to the latest cluster started with
+    ``ray start`` on this machine (someone else's, on a shared host), whose memory and
+    cores are not the benchmark's.
+    """
+    return {**os.environ, "RAY_ADDRESS": os.environ.get("RAY_ADDRESS") or "local", "PYTHONUNBUFFERED": "1"}
+
+
+def _kill_group(pgid: int) -> None:
+    """SIGKILL the process group this benchmark started (the child and Ray's processes)."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def run_child(cmd: Sequence[str], log_path: Path, timeout_s: float, poll: Callable[[], None] | None = None) -> dict:
+    """Run ``cmd`` in a new process group, sample its tree's memory, kill it at ``timeout_s``.
+
+    ``poll()`` is called every :data:`POLL_S` while it runs and once after it exits.
+
+    Returns
+    -------
+    dict
+        ``status`` (ok | failed | timeout), ``returncode``, ``launched_unix``,
+        ``total_s`` (launch to exit), memory peaks (bytes), ``max_processes``,
+        ``load_average`` at launch, and ``error`` (the log's tail) unless ok.
+    """
+    load = os.getloadavg()[0]
+    with open(log_path, "w", encoding="utf-8") as log:
+        launched = time.time()
+        proc = subprocess.Popen(list(cmd), cwd=ROOT, env=child_env(), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        sampler = TreeMemorySampler(proc.pid).start()
+        deadline, timed_out = time.monotonic() + timeout_s, False
+        while proc.poll() is None:
+            if poll is not None:
+                poll()
+            if time.monotonic() > deadline:
+                timed_out = True
+                _kill_group(proc.pid)
+                proc.wait()
+                break
+            time.sleep(POLL_S)
+        total = time.time() - launched
+        memory = sampler.stop()
+    _kill_group(proc.pid)  # leftovers of a child that exited (Ray normally stops its own)
+    if poll is not None:
+        poll()
+    status = "timeout" if timed_out else ("ok" if proc.returncode == 0 else "failed")
+    record = {"status": status, "returncode": proc.returncode, "launched_unix": launched, "total_s": total,
+              **dataclasses.asdict(memory), "load_average": load}
+    if status != "ok":
+        record["error"] = log_path.read_text(errors="replace")[-2000:]
+    return record
+
+
+class RoundWatcher:
+    """Watches a run's ``results.json``: the file's modification time when each round appears.
+
+    ``ResultsWriter`` rewrites the file right after every round, so the time a round first
+    shows up in it is the end of that round (to the file system's timestamp resolution).
+    When several rounds appear at one look, only the last of them gets that time (the
+    earlier ones ended before it, when, is unknown).
+    """
+
+    def __init__(self, results_path: Path) -> None:
+        self.path = results_path
+        self.round_ends: dict[int, float] = {}
+        self._seen: set[int] = set()
+        self._last_mtime: int | None = None
+        self.data: dict | None = None
+
+    def __call__(self) -> None:
+        """Look once; record the rounds that appeared since the last look."""
+        try:
+            mtime = self.path.stat().st_mtime_ns
+            if mtime == self._last_mtime:
+                return
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return  # not written yet, or replaced while being read: look again next time
+        self._last_mtime, self.data = mtime, data
+        new = [int(r["round"]) for r in data.get("rounds", []) if int(r["round"]) not in self._seen]
+        self._seen.update(new)
+        if new:
+            self.round_ends[max(new)] = mtime / 1e9
+
+
+def timings(launched: float, round_ends: dict[int, float], rounds: int) -> dict:
+    """Start-up (launch to the end of round 1) and per-round times (rounds 2.., consecutive ends).
+
+    A round whose end, or whose predecessor's end, was not seen is left out.
+    """
+    per_round = [round_ends[r] - round_ends[r - 1] for r in range(2, rounds + 1) if {r, r - 1} <= round_ends.keys()]
+    startup = round_ends[1] - launched if 1 in round_ends else None
+    return {"startup_s": startup, "round_s": per_round}
+
+
+def run_project(case: Case, cfg, work: Path, timeout_s: float) -> dict:
+    """The project's door, as a user runs it: ``python -m experiments.run <overrides>``."""
+    run_dir = work / "run"
+    cmd = [sys.executable, "-m", "experiments.run", *case.overrides, f"rounds={cfg.rounds}", f"hydra.run.dir={run_dir}"]
+    watcher = RoundWatcher(run_dir / "results.json")
+    record = run_child(cmd, work / "child.log", timeout_s, poll=watcher)
+    record.update(timings(record["launched_unix"], watcher.round_ends, cfg.rounds))
+    results = watcher.data or {}
+    record["server_round_s"] = [r.get("wall_time_s") for r in results.get("rounds", [])][1:]
+    record["discovery_s"] = (results.get("summary") or {}).get("discovery_s")
+    finished = len(results.get("rounds", []))
+    if record["status"] == "ok" and finished < cfg.rounds:
+        record.update(status="failed", error=f"results.json holds {finished} of {cfg.rounds} rounds")
+    return record
+
+
+def run_module(module: str, cfg, work: Path, timeout_s: float) -> dict:
+    """A baseline module (``experiments.bench_plain`` or ``experiments.bench_floor``) in a child."""
+    from experiments.config import to_flat
+
+    config_path, out = work / "config.json", work / "out.json"
+    config_path.write_text(json.dumps(to_flat(cfg)))
+    cmd = [sys.executable, "-m", module, "--config", str(config_path), "--out", str(out)]
+    record = run_child(cmd, work / "child.log", timeout_s)
+    if record["status"] == "ok":
+        result = json.loads(out.read_text())
+        ends = dict(enumerate(result["round_end_unix"], start=1))
+        record.update(timings(record["launched_unix"], ends, cfg.rounds))
+        if "rounds" in result:  # the floor's pure training time per round
+            record["train_s"] = [r["train_s"] for r in result["rounds"]][1:]
+    return record
+
+
+def skipped_record(warmup: dict) -> dict:
+    """The record of a run not made because its warm-up failed."""
+    return {"status": "skipped", "total_s": None, "peak_pss_bytes": None, "peak_rss_bytes": None,
+            "max_processes": None, "error": f"warm-up {warmup['status']}: {warmup.get('error', '')}"}
+
+
+RUNNERS = {
+    "project": run_project,
+    "plain": lambda case, cfg, work, t: run_module("experiments.bench_plain", cfg, work, t),
+    "floor": lambda case, cfg, work, t: run_module("experiments.bench_floor", cfg, work, t),
+}
+
+
+def warm(cfg, work: Path, timeout_s: float) -> dict:
+    """Fill the pre-training caches for ``cfg`` in a child without Ray (excluded from timing)."""
+    from experiments.config import to_flat
+
+    config_path = work / "warm.json"
+    config_path.write_text(json.dumps(to_flat(cfg)))
+    cmd = [sys.executable, "-m", "experiments.bench", "--warm", str(config_path)]
+    record = run_child(cmd, work / "warm.log", timeout_s)
+    return {"status": record["status"], "total_s": record["total_s"], **({"error": record["error"]} if "error" in record else {})}
+
+
+# --------------------------------------------------------------------------- the run
+def measure(
+    cases: Sequence[Case], rounds: int, reps: int, work: Path, timeout_s: float, warm_timeout_s: float
+) -> tuple[dict, dict]:
+    """Warm every configuration's caches, then run the cases, repetitions interleaved."""
+    configs = {case.name: compose_config([*case.overrides, f"rounds={rounds}"]) for case in cases}
+    warmup = {}
+    for case in (c for c in cases if c.runner == "project"):  # the baselines use no pre-training
+        (work / f"warm-{case.name}").mkdir(parents=True, exist_ok=True)
+        warmup[case.name] = warm(configs[case.name], work / f"warm-{case.name}", warm_timeout_s)
+        print(f"warm-up {case.name}: {warmup[case.name]['status']} in {warmup[case.name]['total_s']:.1f} s", flush=True)
+    runs: dict[str, list[dict]] = {case.name: [] for case in cases}
+    for rep in range(reps):
+        for case in cases:
+            folder = work / f"{case.name}-rep{rep}"
+            folder.mkdir(parents=True, exist_ok=True)
+            if warmup.get(case.name, {"status": "ok"})["status"] == "ok":
+                record = RUNNERS[case.runner](case, configs[case.name], folder, timeout_s)
+            else:  # measuring it would time the pre-training the warm-up could not finish
+                record = skipped_record(warmup[case.name])
+            runs[case.name].append(record)
+            print(f"rep {rep + 1}/{reps} {case.name}: {record['status']}, start-up {fmt(record.get('startup_s'), 1)} s, "
+                  f"per round {fmt(median(record.get('round_s', [])))} s, peak PSS "
+                  f"{fmt(record['peak_pss_bytes'], 2, GIB)} GiB", flush=True)
+    return warmup, runs
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line (see the module docstring)."""
+    parser = argparse.ArgumentParser(prog="python -m experiments.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, help=f"repetitions of every case (default {DEFAULT_REPS})")
+    parser.add_argument("--rounds", type=int, help=f"rounds a run (default {DEFAULT_ROUNDS}; >= 2)")
+    parser.add_argument("--sizes", help=f"fleet sizes N or N:K, default size first (default {DEFAULT_SIZES})")
+    parser.add_argument("--cases", default=",".join(GROUPS), help=f"case groups (default: all of {','.join(GROUPS)})")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 1 repetition, 3 rounds, 100 devices")
+    parser.add_argument("--tiny", action="store_true", help=f"the tiniest workload ({TINY_SIZES} devices, small data)")
+    parser.add_argument("--override", action="append", default=[], help="a Hydra override for every run (repeatable)")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds before a run is killed")
+    parser.add_argument("--warm-timeout", type=float, default=DEFAULT_WARM_TIMEOUT_S,
+                        help="seconds before a pre-training warm-up is killed")
+    parser.add_argument("--out", type=Path, help=f"the JSON (default {DEFAULT_JSON.relative_to(ROOT)})")
+    parser.add_argument("--markdown", type=Path, help="the report (default docs/PERFORMANCE.md, or beside --out)")
+    parser.add_argument("--work", type=Path, help="keep every run's folder and log here (default: a temporary folder)")
+    parser.add_argument("--warm", type=Path, help=argparse.SUPPRESS)  # internal: warm the caches of a flat config
+    args = parser.parse_args(argv)
+    quick = QUICK if args.quick else {}
+    args.reps = args.reps or quick.get("reps", DEFAULT_REPS)
+    args.rounds = args.rounds or quick.get("rounds", DEFAULT_ROUNDS)
+    args.sizes = args.sizes or (TINY_SIZES if args.tiny else quick.get("sizes", DEFAULT_SIZES))
+    if args.reps < 1 or args.rounds < 2:
+        parser.error(f"--reps must be >= 1 and --rounds >= 2 (round 1 holds the start-up), got {args.reps}, {args.rounds}")
+    args.markdown = args.markdown or (DEFAULT_MARKDOWN if args.out is None else args.out.with_suffix(".md"))
+    args.out = args.out or DEFAULT_JSON
+    return args
+
+
+def run_benchmark(args: argparse.Namespace, argv: Sequence[str], work: Path) -> dict:
+    """Plan, warm, measure and summarise; returns the report (also written to disk)."""
+    sizes = parse_sizes(args.sizes)
+    base = (*(TINY_OVERRIDES if args.tiny else ()), *args.override)
+    groups = [g.strip() for g in args.cases.split(",") if g.strip()]
+    eclm_model = model_overrides(compose_config([*base, "algorithm=eclm"]).model) if "eclm" in groups else ()
+    cases = plan_cases(sizes, groups, base, eclm_model)
+    machine = machine_description()
+    warmup, runs = measure(cases, args.rounds, args.reps, work, args.timeout, args.warm_timeout)
+    summary = {case.name: summarize_case(runs[case.name]) for case in cases}
+    report = {
+        "command": shlex.join(["python", "-m", "experiments.bench", *argv]),
+        "created": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "json": str(args.out),
+        "machine": machine,
+        "load_average_at_end": os.getloadavg()[0],
+        "settings": {"quick": args.quick, "tiny": args.tiny, "reps": args.reps, "rounds": args.rounds, "sizes": args.sizes, "cases": groups,
+                     "overrides": list(base), "timeout_s": args.timeout, "warm_timeout_s": args.warm_timeout},
+        "cases": [dataclasses.asdict(case) for case in cases],
+        "warmup": warmup,
+        "runs": runs,
+        "summary": summary,
+        "targets": evaluate_targets(issue_targets(sizes), summary),
+    }
+    write_report(report, args.out, args.markdown)
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns 1 if any run failed (the report is written anyway)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.warm is not None:
+        warm_server(json.loads(args.warm.read_text()))
+        return 0
+    if args.work is not None:
+        args.work.mkdir(parents=True, exist_ok=True)
+        report = run_benchmark(args, argv, args.work)
+    else:
+        with tempfile.TemporaryDirectory(prefix="edgecloud-bench-") as folder:
+            report = run_benchmark(args, argv, Path(folder))
+    print("\n".join(targets_table(report["targets"])))
+    print(f"report: {args.markdown}")
+    failed = any(r["status"] != "ok" for records in report["runs"].values() for r in records)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
