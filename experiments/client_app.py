@@ -2,8 +2,11 @@
 
 In simulation the device's data and budget come from its partition id (the fleet is
 sampled lazily, one device at a time); on a real device under ``flower-supernode`` the
-same app runs with the partition given by ``--node-config``. Heavy work (data source,
-FLOP counting) is cached per process, so an actor pays for it once, not per message.
+same app runs with the partition given by ``--node-config`` and the budget that config
+declares, profiles or leaves to sampling (``experiments/node_budget.py``, ``docs/DEPLOY.md``).
+Heavy work (data source, FLOP counting) is cached per process, so an actor pays for it
+once, not per message; under ``flower-supernode`` each message is a fresh process, so the
+FLOP count and a profiled budget are also kept in ``context.state`` (``node_memory.py``).
 Online devices also save their ``context.state`` under ``<run dir>/devices`` so that a
 resumed run can reload it (``experiments/device_state.py``).
 """
@@ -20,12 +23,14 @@ from flwr.clientapp import ClientApp
 
 from clients.base import Device, DeviceTensors, StreamTensors
 from clients.faults import TIMEOUT_OVERSHOOT, FaultInjector
-from experiments import fleet
+from experiments import fleet, startup
 from experiments.algorithms import ALGORITHMS
-from experiments.config import FaultsConfig, ModelConfig, RunConfig, from_flat
+from experiments.config import FaultsConfig, ModelConfig, RunConfig, config_hash, from_flat
 from experiments.data import build_federated_data, to_tensor
 from experiments.device_state import DeviceStateStore, device_state_dir
 from experiments.networks import build_run_model
+from experiments.node_budget import device_budget
+from experiments.node_memory import FLOPS_RECORD, remembered_number
 from models.costs import train_flops_per_sample
 from models.training import TrainSettings
 
@@ -80,18 +85,41 @@ def partition_of(node_config: Mapping[str, object], cfg: RunConfig) -> int:
     return pid
 
 
-def make_device(cfg: RunConfig, partition_id: int, state_dir: Path | None = None) -> Device:
+def _no_load(server_round: int) -> float:
+    return 1.0  # a real device's co-running load is real, not drawn
+
+
+def _always_available(server_round: int) -> bool:
+    return True  # a real device's outages are real, not drawn
+
+
+def make_device(cfg: RunConfig, partition_id: int, context: Context | None = None,
+                state_dir: Path | None = None) -> Device:
     """Everything a handler may use about device ``partition_id`` in run ``cfg``.
 
-    ``state_dir`` (:func:`experiments.device_state.device_state_dir`): where the device saves
-    its online state for a resumed run; None saves nothing.
+    With a ``context`` whose node config declares or profiles a budget (a real device),
+    that budget is used, without simulated load or unavailability; otherwise the budget
+    is sampled from the fleet table. ``state_dir``
+    (:func:`experiments.device_state.device_state_dir`): where the device saves its online
+    state for a resumed run; None saves nothing.
     """
     store = None
     if state_dir is not None:
         store = DeviceStateStore(state_dir, partition_id, cfg.checkpoint_every, restore=cfg.resume)
     federated = build_federated_data(cfg.dataset, cfg.scenario, cfg.fleet.devices, cfg.seed)
-    budget = fleet.sample_budget(cfg.fleet, cfg.seed, partition_id)
+    real = None if context is None else device_budget(context)
+    budget = real if real is not None else fleet.sample_budget(cfg.fleet, cfg.seed, partition_id)
+    if real is None:
+        load_factor = functools.partial(fleet.load_factor, cfg.fleet, cfg.seed, partition_id)
+        is_available = functools.partial(fleet.is_available, budget, cfg.seed, partition_id)
+    else:
+        load_factor, is_available = _no_load, _always_available
     model, algo = cfg.model, cfg.algorithm
+    shape = federated.image_shape
+    flops_per_sample = remembered_number(
+        context, FLOPS_RECORD, config_hash(model, {"classes": federated.num_classes, "shape": list(shape)}),
+        lambda: _flops_per_sample(model, federated.num_classes, shape),
+    )
     return Device(
         partition_id=partition_id,
         seed=cfg.seed,
@@ -100,9 +128,9 @@ def make_device(cfg: RunConfig, partition_id: int, state_dir: Path | None = None
         num_examples=functools.partial(_num_examples, cfg, partition_id),
         build_model=functools.partial(build_run_model, model, federated.num_classes, federated.image_shape[0]),
         train=TrainSettings(algo.local_epochs, algo.lr, algo.batch_size, algo.optimizer, algo.momentum),
-        flops_per_sample=_flops_per_sample(model, federated.num_classes, federated.image_shape),
-        load_factor=functools.partial(fleet.load_factor, cfg.fleet, cfg.seed, partition_id),
-        is_available=functools.partial(fleet.is_available, budget, cfg.seed, partition_id),
+        flops_per_sample=flops_per_sample,
+        load_factor=load_factor,
+        is_available=is_available,
         slot_of_round=functools.partial(slot_of_round, cfg),
         options=ALGORITHMS[algo.name].client_options(cfg),
         stream=functools.partial(_stream_tensors, cfg, partition_id),
@@ -135,10 +163,11 @@ def build_client_app(cfg: RunConfig | None = None, run_dir: Path | None = None) 
     app = ClientApp()
 
     def handle(action: str, msg: Message, context: Context) -> Message:
+        startup.log_first_message(action, msg)
         run_cfg = cfg if cfg is not None else _config_from_context(context)
         torch.set_num_threads(run_cfg.engine.torch_threads)
         state_dir = device_state_dir(run_cfg, run_dir)
-        device = make_device(run_cfg, partition_of(context.node_config, run_cfg), state_dir)
+        device = make_device(run_cfg, partition_of(context.node_config, run_cfg), context, state_dir)
         handler = ALGORITHMS[run_cfg.algorithm.name].client(device)
         respond = functools.partial(handler.handle, action, msg, context)
         return fault_injector(run_cfg).handle(action, msg, device.partition_id, respond)
