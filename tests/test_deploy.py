@@ -154,15 +154,12 @@ def test_a_supernode_killed_mid_round_does_not_stop_the_run(insecure, work):
     assert record["accuracy"] is not None
     for phase in ("train", "evaluate"):
         failures = [f for f in record["failures"] if f["phase"] == phase]
-        assert victim in {f["partition_id"] for f in failures}, record["failures"]
+        assert [f["partition_id"] for f in failures] == [victim], record["failures"]  # counted once, by name
     for failure in record["failures"]:
-        if failure["partition_id"] == victim:
-            assert failure["reason"] == f"no reply within {KILL_ROUND_TIMEOUT_S} s"
-        else:
-            # Once the node misses two heartbeats the SuperLink answers for it with an error
-            # whose src_node_id is the SuperLink's (1): strategies/base.py cannot map that to
-            # a partition id yet (it keys replies by src_node_id, not by reply_to_message_id).
-            assert failure["partition_id"] is None and "Node Unavailable" in failure["reason"], failure
+        # Silence until the timeout, or, once the node missed two heartbeats, the SuperLink's
+        # "Node Unavailable" error reply (matched to the device by the message it answers).
+        reason = failure["reason"]
+        assert reason == f"no reply within {KILL_ROUND_TIMEOUT_S} s" or "Node Unavailable" in reason, failure
 
 
 def test_tls_and_supernode_authentication(work):

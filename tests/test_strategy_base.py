@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from strategies.aggregate import has_non_finite, same_layout, weighted_average, weighted_metric
 from strategies.base import DeviceInfo, EdgeCloudStrategy
@@ -113,3 +113,25 @@ def test_update_divergence_by_hand():
     assert update_divergence(cloud, [a]) is None  # one holder: nothing to compare
     partial = _record(v=np.ones(3, dtype=np.float32))
     assert update_divergence(cloud, [a, partial]) is None
+
+
+def test_an_error_reply_written_by_the_superlink_is_charged_to_the_device_it_answers():
+    """A dead node's 'Node Unavailable' reply carries the SuperLink's node id (1), not the device's."""
+    from flwr.app import Error
+
+    class SuperLinkGrid:
+        def send_and_receive(self, messages, timeout=None):
+            replies = []
+            for i, msg in enumerate(messages):
+                msg.metadata.__dict__["_message_id"] = f"m{i}"
+                reply = Message(Error(code=3, reason="Node Unavailable"), reply_to=msg)
+                reply.metadata.__dict__["_src_node_id"] = 1  # the SuperLink answers for the node
+                replies.append(reply)
+            return replies
+
+    strategy = _Plain(per_round=1, seed=0, expected_devices=1)
+    strategy.devices[4] = DeviceInfo(4, 104, 10, {"uplink_bps": 1e6, "downlink_bps": 1e6})
+    strategy._by_node[104] = 4
+    messages = strategy.messages_for(1, MessageType.TRAIN, lambda pid: RecordDict({"config": ConfigRecord({"round": 1})}))
+    assert strategy.exchange(SuperLinkGrid(), messages, "train") == []
+    assert strategy.ledger.failures == [{"partition_id": 4, "phase": "train", "reason": "Node Unavailable"}]
