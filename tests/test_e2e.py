@@ -180,3 +180,29 @@ def test_cema_end_to_end_uploads_fewer_samples_than_it_sees(tmp_path):
     assert 0 <= uploaded < seen
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in results["rounds"])
     assert results["rounds"][-1].get("train_online_accuracy_by_domain")
+
+
+def test_elasticdnn_end_to_end_remodels_small_surrogates_on_each_domain(tmp_path):
+    run = _run(
+        [
+            f"hydra.run.dir={tmp_path / 'elastic'}",
+            "+experiment=elasticdnn_digits",
+            "algorithm=elasticdnn",  # _run defaults to fedavg otherwise
+            "scenario.stream_batch=24",
+            "algorithm.elasticdnn.epochs=2",
+            "pretrain.epochs=1",
+        ],
+        tmp_path,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = _results(tmp_path / "elastic")
+    assert results["status"] == "completed"
+    for record in results["rounds"]:
+        assert len(record["clients"]) == 3 and not record["failures"]
+        assert 0 < record["train_model_fraction"] < 0.3  # real smaller networks (20 % of filters)
+        assert 0.0 <= record["accuracy"] <= 1.0 and record["train_peak_memory_bytes"] > 0
+    assert results["rounds"][-1]["train_adapted_accuracy_by_domain"]
+    first, second = results["rounds"]
+    returning = set(first["clients"]) & set(second["clients"])  # they hold the master already
+    per_master = first["downlink_bytes"] / len(first["clients"])
+    assert second["downlink_bytes"] < (len(second["clients"]) - len(returning) + 0.01) * per_master
