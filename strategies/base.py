@@ -199,10 +199,13 @@ class EdgeCloudStrategy(Strategy):
         # Flower's grids set each sent message's id in place; a reply names the message it
         # answers. Match on that first: an error reply the SuperLink writes for a dead node
         # ("Node Unavailable") carries the SuperLink's node id, not the device's.
-        by_message = {msg.metadata.message_id: self._by_node[msg.metadata.dst_node_id] for msg in messages}
+        by_message = {
+            msg.metadata.message_id: self._by_node[msg.metadata.dst_node_id] for msg in messages if msg.metadata.message_id
+        }
         kept, answered = [], set()
         for reply in replies:
-            pid = by_message.get(reply.metadata.reply_to_message_id, self._by_node.get(reply.metadata.src_node_id))
+            answers = reply.metadata.reply_to_message_id
+            pid = by_message[answers] if answers in by_message else self._by_node.get(reply.metadata.src_node_id)
             if pid not in sent:
                 self._reject(None, phase, f"reply from node {reply.metadata.src_node_id}, which was not asked")
                 continue
