@@ -87,7 +87,7 @@ class ElasticClient(ClientHandler):
             accuracy_before = int((_eval(before, held_out.x).argmax(1) == held_out.y).sum()) / len(held_out.y)
         save_progress(context, index + BATCHES_PER_ROUND, {"elastic": elastic, "small": small})
         persist_progress(self.device, context, server_round)
-        samples = len(adapt.y) * (FORWARD_FLOP_FRACTION + self.settings.epochs * report["model_fraction"])
+        samples = len(adapt.y) * training_passes(self.method, self.settings.epochs, report["model_fraction"])
         metrics = {
             **report,
             "accuracy_before": accuracy_before,
@@ -123,6 +123,27 @@ class ElasticClient(ClientHandler):
         report["model_fraction"] = conv_parameter_count(serving) / conv_parameter_count(elastic.master)
         report["before"] = before
         return serving, report
+
+
+def training_passes(method: str, epochs: int, model_fraction: float) -> float:
+    """Master-sized training steps per adaptation sample: the work the virtual clock charges.
+
+    ``source`` does nothing; ``bn_adapt`` runs one forward pass of its model; ``tent`` and
+    ``full`` run ``epochs`` training passes of theirs, ``shot`` also a forward pass per epoch
+    (its pseudo-labels); ``elasticdnn`` runs the master forward once (hardest sample, III-B2)
+    and ``epochs`` training passes of the surrogate. A pass of a model costs ``model_fraction``
+    of the master's (conv weights as the proxy for FLOPs).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method is {method!r}; choose one of {METHODS}")
+    if method == "source":
+        return 0.0
+    if method == "bn_adapt":
+        return FORWARD_FLOP_FRACTION * model_fraction
+    training = epochs * model_fraction
+    if method == "shot":
+        return training * (1.0 + FORWARD_FLOP_FRACTION)
+    return FORWARD_FLOP_FRACTION + training if method == "elasticdnn" else training
 
 
 def _eval(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
