@@ -25,12 +25,11 @@ import dataclasses
 import enum
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from experiments.checkpoint import write_atomically
 from experiments.plots import ACCURACY_PLOT_FILENAME, BYTES_PLOT_FILENAME, plot_run
 from experiments.progress import ProgressLine, format_bytes, format_duration
 from experiments.summary import summarize
@@ -119,33 +118,7 @@ def to_json_safe(value: Any) -> Any:
 def _write_json_atomically(path: Path, data: Mapping[str, Any]) -> None:
     """Replace ``path`` with ``data`` as JSON; readers see the old or the new file, never a mix."""
     text = json.dumps(data, allow_nan=False, indent=2)
-    handle = tempfile.NamedTemporaryFile(
-        "w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False, encoding="utf-8"
-    )
-    try:
-        with handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
-    _fsync_folder(path.parent)
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Persist the rename itself (POSIX); silently skipped where folders cannot be opened."""
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
+    write_atomically(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
 def load_results(path_or_dir: str | Path) -> dict[str, Any]:

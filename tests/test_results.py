@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from experiments import results
+from experiments import checkpoint, results
 from experiments.config import RunConfig
 from experiments.results import (
     ProgressLine,
@@ -83,7 +83,7 @@ def test_failed_write_leaves_previous_file_intact_and_no_temp_file(tmp_path, mon
     def broken_replace(source, destination):
         raise OSError("disk full")
 
-    monkeypatch.setattr(results.os, "replace", broken_replace)
+    monkeypatch.setattr(checkpoint.os, "replace", broken_replace)  # results.json is written through it
     with pytest.raises(OSError, match="disk full"):
         writer.add_round(make_record(2))
     data = read_strict(tmp_path / "results.json")
