@@ -430,6 +430,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def display_path(path: Path) -> str:
+    """``path`` relative to the repository when it lies inside it (what the report shows)."""
+    resolved = path.resolve()
+    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else str(path)
+
+
 def run_benchmark(args: argparse.Namespace, argv: Sequence[str], work: Path) -> dict:
     """Plan, warm, measure and summarise; returns the report (also written to disk)."""
     sizes = parse_sizes(args.sizes)
@@ -443,7 +449,7 @@ def run_benchmark(args: argparse.Namespace, argv: Sequence[str], work: Path) -> 
     report = {
         "command": shlex.join(["python", "-m", "experiments.bench", *argv]),
         "created": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "json": str(args.out),
+        "json": display_path(args.out),
         "machine": machine,
         "load_average_at_end": os.getloadavg()[0],
         "settings": {"quick": args.quick, "tiny": args.tiny, "reps": args.reps, "rounds": args.rounds, "sizes": args.sizes, "cases": groups,

@@ -75,12 +75,14 @@ def build_plain_server_app(cfg: RunConfig, round_ends: list[float]) -> ServerApp
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        """Flower's FedAvg from a fresh network, with a global evaluation after every round."""
         data = build_federated_data(cfg.dataset, cfg.scenario, cfg.fleet.devices, cfg.seed)
         model = build_run_model(cfg.model, data.num_classes, data.image_shape[0])
         test_x, test_y = data.global_test()
         test_x, test_y = to_tensor(test_x), _labels(test_y)
 
         def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+            """Accuracy on the global test set; stamps the round's end."""
             model.load_state_dict(arrays.to_torch_state_dict())
             record = MetricRecord({"accuracy": accuracy(model, test_x, test_y)})
             round_ends.append(time.time())
@@ -123,6 +125,7 @@ def build_plain_client_app(cfg: RunConfig) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        """Train the received network on the local partition; reply with it."""
         torch.set_num_threads(cfg.engine.torch_threads)
         model = _received_model(cfg, msg)
         train_x, train_y, _, _ = _local_data(cfg, context)
@@ -133,6 +136,7 @@ def build_plain_client_app(cfg: RunConfig) -> ClientApp:
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
+        """Accuracy of the received network on the local test set."""
         torch.set_num_threads(cfg.engine.torch_threads)
         model = _received_model(cfg, msg)
         _, _, test_x, test_y = _local_data(cfg, context)

@@ -224,7 +224,10 @@ def markdown_report(report: dict) -> str:
         "(its modification time). plain: Flower's built-in `FedAvg` and a minimal ClientApp "
         "(`experiments/bench_plain.py`), same model, data partition, local training, cohort size and Ray "
         "resources; Flower samples its cohort unseeded. floor: the same FedAvg rounds in one process "
-        "without Flower or Ray (`experiments/bench_floor.py`), torch with `engine.torch_threads` threads.",
+        "without Flower or Ray (`experiments/bench_floor.py`), torch with `engine.torch_threads` threads. "
+        "All three do the same work a round: cohort training, weighted average, the cohort's local "
+        "evaluation and the global test set. The floor uses one core; the simulations need two at once, "
+        "so other load on the machine costs them more.",
         "- per round: time between the ends of consecutive rounds, rounds 2 to R of every repetition pooled; "
         "start-up: launch to the end of round 1 (Ray, actors, data, discovery, round 1).",
         f"- Cloud pre-training is cached by the project; the caches were warmed first, without Ray, "

@@ -172,7 +172,8 @@ def domain_batches(data, partition_id: int) -> list[DomainBatch]:
     """
     per_domain = data.scenario.batches_per_domain
     if per_domain < 2:
-        raise ValueError(f"scenario.batches_per_domain={per_domain}; need >= 2 (adapt + held-out), use scenario=evolving")
+        raise ValueError(f"scenario.batches_per_domain={per_domain}; need >= 2 (adapt + held-out), "
+                         "use scenario=evolving")
     batches = []
     for position, domain in enumerate(data.device_domains(partition_id)):
         adapt = data.stream_batch(partition_id, position * per_domain)

@@ -49,6 +49,7 @@ def test_method_row_averages_by_hand():
 
 def test_method_row_of_failed_run_is_none_and_table_says_failed():
     assert ce.method_row({"status": "failed", "rounds": []}) is None
+    assert ce.method_row({**ELASTIC, "status": "running"}) is None  # interrupted: some domains missing
     table = ce.method_table({"elasticdnn": None, "full": ce.method_row(FULL)})
     assert "| elasticdnn | failed |" in table
 
@@ -64,7 +65,8 @@ def test_method_table_speedups_are_full_over_method():
 def rows_with(elastic_acc, tent_acc, shot_acc, elastic_wall):
     base = {"accuracy_before": 0.1, "virtual_s": 1.0, "peak_memory_bytes": 1.0, "model_fraction": 0.2}
     return {"elasticdnn": {**base, "accuracy": elastic_acc, "wall_s": elastic_wall, "virtual_s": 0.1},
-            "tent": {**base, "accuracy": tent_acc, "wall_s": 1.0}, "shot": {**base, "accuracy": shot_acc, "wall_s": 1.0},
+            "tent": {**base, "accuracy": tent_acc, "wall_s": 1.0},
+            "shot": {**base, "accuracy": shot_acc, "wall_s": 1.0},
             "full": {**base, "accuracy": 0.9, "wall_s": 6.0}}
 
 
@@ -193,8 +195,9 @@ def test_measure_on_a_tiny_master_leaves_it_unchanged():
     elastic = elastic_fbs_resnet_cpu(num_classes=3, width=4, seed=0)
     state = copy.deepcopy(elastic.state_dict())
     gen = torch.Generator().manual_seed(1)
-    batches = [ma.DomainBatch(f"d{i}", torch.randn(8, 3, 32, 32, generator=gen), torch.randn(6, 3, 32, 32, generator=gen),
-                              torch.randint(0, 3, (6,), generator=gen)) for i in range(2)]
+    batches = [ma.DomainBatch(f"d{i}", torch.randn(8, 3, 32, 32, generator=gen),
+                              torch.randn(6, 3, 32, 32, generator=gen), torch.randint(0, 3, (6,), generator=gen))
+               for i in range(2)]
     settings = RemodelSettings(epochs=1, batch_size=4)
     meas = ma.measure(elastic, batches, torch.randn(5, 3, 32, 32, generator=gen), (0.5, 1.0), settings, seed=0)
     assert meas.before.shape == meas.after.shape == meas.seconds.shape == (2, 2)
