@@ -9,8 +9,8 @@ project's, so the project's FedAvg and this app do the same work per round; only
 platform around it differs. Flower samples its cohort with its own unseeded
 ``random.sample`` over node ids (the cohort size matches, not the members).
 
-This module calls ``flwr.simulation.run_simulation`` itself, although ``engine.py`` is the
-project's only door to it: the baseline must not go through the project.
+It runs through ``experiments.engine.run_apps`` (the project's only call of Flower's
+simulation API, a bare pass-through), never through the project's strategy or client.
 
 ``python -m experiments.bench_plain --config flat.json --out plain.json`` is run by
 ``experiments.bench`` in a fresh process; it writes the wall-clock end of every round.
@@ -155,17 +155,17 @@ def run_plain(cfg: RunConfig) -> dict:
         ``start_unix`` (after the initial global evaluation, before round 1) and
         ``round_end_unix`` (one per round).
     """
-    from flwr.simulation import run_simulation  # the baseline's own door (module docstring)
+    from experiments.engine import run_apps
 
     flwr_logger = logging.getLogger("flwr")  # Flower at WARNING, as the project runs it
     flwr_logger.setLevel(logging.DEBUG if cfg.engine.verbose else logging.WARNING)
     round_ends: list[float] = []
-    run_simulation(
-        server_app=build_plain_server_app(cfg, round_ends),
-        client_app=build_plain_client_app(cfg),
+    run_apps(
+        build_plain_server_app(cfg, round_ends),
+        build_plain_client_app(cfg),
         num_supernodes=cfg.fleet.devices,
-        backend_config=plain_backend_config(cfg),
-        verbose_logging=cfg.engine.verbose,
+        backend=plain_backend_config(cfg),
+        verbose=cfg.engine.verbose,
     )
     if len(round_ends) != cfg.rounds + 1:
         raise RuntimeError(f"the plain-Flower run finished {len(round_ends) - 1} of {cfg.rounds} rounds")

@@ -206,24 +206,34 @@ def _watchdog(server_done: threading.Event, run_done: threading.Event, grace_s: 
                        "actor(s) still up (a stalled device holds one)", grace_s, stopped)
 
 
+def run_apps(server_app: Any, client_app: Any, *, num_supernodes: int, backend: dict, verbose: bool) -> None:
+    """Flower's ``run_simulation`` on the given apps: the project's one call of the simulation API.
+
+    :func:`simulate` runs the project's apps through it; the benchmark's plain-Flower
+    baseline (``experiments/bench_plain.py``) runs Flower's own FedAvg through it.
+    """
+    from flwr.simulation import run_simulation
+
+    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_supernodes,
+                   backend_config=backend, verbose_logging=verbose)
+
+
 def simulate(cfg: RunConfig, run_dir: Path, grace_s: float = SHUTDOWN_GRACE_S) -> None:
     """Run one simulation of ``cfg``; results land in ``run_dir``; errors propagate.
 
     ``grace_s`` after the ServerApp ends, ClientApps still running are stopped (module docstring).
     """
-    from flwr.simulation import run_simulation
-
     quiet_flower_logs(cfg.engine.verbose)
     server_done, run_done = threading.Event(), threading.Event()
     watchdog = threading.Thread(target=_watchdog, args=(server_done, run_done, grace_s), daemon=True)
     watchdog.start()
     try:
-        run_simulation(
-            server_app=watched_server_app(cfg, run_dir, server_done),
-            client_app=build_client_app(cfg, Path(run_dir)),
+        run_apps(
+            watched_server_app(cfg, run_dir, server_done),
+            build_client_app(cfg, Path(run_dir)),
             num_supernodes=cfg.fleet.devices,
-            backend_config=backend_config(cfg),
-            verbose_logging=cfg.engine.verbose,
+            backend=backend_config(cfg),
+            verbose=cfg.engine.verbose,
         )
     finally:
         run_done.set()
