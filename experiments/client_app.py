@@ -21,7 +21,7 @@ import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from clients.base import Device, DeviceTensors, StreamTensors
+from clients.base import Device, StreamTensors
 from clients.faults import TIMEOUT_OVERSHOOT, FaultInjector
 from experiments import fleet, startup
 from experiments.algorithms import ALGORITHMS
@@ -48,14 +48,43 @@ def _flops_per_sample(model: ModelConfig, num_classes: int, shape: tuple[int, ..
     return train_flops_per_sample(build_run_model(model, num_classes, shape[0]), shape)
 
 
-def _device_tensors(cfg: RunConfig, partition_id: int, slot: int) -> DeviceTensors:
-    data = build_federated_data(cfg.dataset, cfg.scenario, cfg.fleet.devices, cfg.seed).device(partition_id, slot)
-    return DeviceTensors(
-        train_x=to_tensor(data.train_x),
-        train_y=torch.as_tensor(data.train_y, dtype=torch.long),
-        test_x=to_tensor(data.test_x),
-        test_y=torch.as_tensor(data.test_y, dtype=torch.long),
-    )
+class DeviceParts:
+    """A device's :class:`~clients.base.DeviceTensors` for one slot, each part rendered on first use.
+
+    A device asked to evaluate reads only ``test_x``/``test_y`` and so renders only its local
+    test set, not its training set (issue 7: in simulation the evaluating actor is often not
+    the one that trained the device, so its cache misses). Same values as rendering both.
+    """
+
+    def __init__(self, cfg: RunConfig, partition_id: int, slot: int) -> None:
+        self._data = build_federated_data(cfg.dataset, cfg.scenario, cfg.fleet.devices, cfg.seed)
+        self._key = (partition_id, slot)
+
+    @functools.cached_property
+    def _train(self) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self._data.device_train(*self._key)
+        return to_tensor(x), torch.as_tensor(y, dtype=torch.long)
+
+    @functools.cached_property
+    def _test(self) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y, _ = self._data.device_test(*self._key)
+        return to_tensor(x), torch.as_tensor(y, dtype=torch.long)
+
+    @property
+    def train_x(self) -> torch.Tensor:  # noqa: D102
+        return self._train[0]
+
+    @property
+    def train_y(self) -> torch.Tensor:  # noqa: D102
+        return self._train[1]
+
+    @property
+    def test_x(self) -> torch.Tensor:  # noqa: D102
+        return self._test[0]
+
+    @property
+    def test_y(self) -> torch.Tensor:  # noqa: D102
+        return self._test[1]
 
 
 def _stream_tensors(cfg: RunConfig, partition_id: int, index: int) -> StreamTensors:
@@ -124,7 +153,7 @@ def make_device(cfg: RunConfig, partition_id: int, context: Context | None = Non
         partition_id=partition_id,
         seed=cfg.seed,
         budget=budget.to_record(),
-        data=functools.partial(_device_tensors, cfg, partition_id),
+        data=functools.partial(DeviceParts, cfg, partition_id),
         num_examples=functools.partial(_num_examples, cfg, partition_id),
         build_model=functools.partial(build_run_model, model, federated.num_classes, federated.image_shape[0]),
         train=TrainSettings(algo.local_epochs, algo.lr, algo.batch_size, algo.optimizer, algo.momentum),

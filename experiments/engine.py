@@ -25,6 +25,7 @@ message (:class:`EngineGrid`), to test that a sweep goes on past a crashed job.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -34,6 +35,7 @@ from typing import Any
 import experiments  # noqa: F401  (offline switches before Flower/Ray import)
 from experiments.client_app import build_client_app
 from experiments.config import RunConfig
+from experiments.engine_fastpath import faster_message_pump, quicker_grid
 from experiments.server_app import build_server_app
 
 logger = logging.getLogger(__name__)
@@ -132,6 +134,8 @@ def watched_server_app(cfg: RunConfig, run_dir: Path, finished: threading.Event)
                 target=warm_up_fleet, args=(grid, cfg.fleet.devices, STARTUP_WAIT_S), name="fleet-warm-up", daemon=True
             )
             warm_up.start()
+            if cfg.engine.fast_pump:
+                quicker_grid(grid)
             inner(EngineGrid(grid, warm_up, cfg.faults.crash_server_round), context)
         finally:
             finished.set()
@@ -227,14 +231,16 @@ def simulate(cfg: RunConfig, run_dir: Path, grace_s: float = SHUTDOWN_GRACE_S) -
     server_done, run_done = threading.Event(), threading.Event()
     watchdog = threading.Thread(target=_watchdog, args=(server_done, run_done, grace_s), daemon=True)
     watchdog.start()
+    pump = faster_message_pump() if cfg.engine.fast_pump else contextlib.nullcontext()
     try:
-        run_apps(
-            watched_server_app(cfg, run_dir, server_done),
-            build_client_app(cfg, Path(run_dir)),
-            num_supernodes=cfg.fleet.devices,
-            backend=backend_config(cfg),
-            verbose=cfg.engine.verbose,
-        )
+        with pump:
+            run_apps(
+                watched_server_app(cfg, run_dir, server_done),
+                build_client_app(cfg, Path(run_dir)),
+                num_supernodes=cfg.fleet.devices,
+                backend=backend_config(cfg),
+                verbose=cfg.engine.verbose,
+            )
     finally:
         run_done.set()
         server_done.set()  # releases the watchdog if the ServerApp never started

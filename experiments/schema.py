@@ -183,6 +183,7 @@ class EngineConfig:
     torch_threads: int = 1  # torch threads inside each ClientApp
     round_timeout_s: float = 300.0  # a reply later than this counts as a failure
     verbose: bool = False  # Flower's own INFO logs
+    fast_pump: bool = True  # one-pass message pump, 10 ms polls (experiments/engine_fastpath.py); false: Flower's own
 
 
 @dataclass(frozen=True)

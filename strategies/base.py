@@ -10,6 +10,7 @@ virtual time is the slowest participant's.
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
@@ -315,8 +316,11 @@ class EdgeCloudStrategy(Strategy):
         new_arrays, train_metrics = self.aggregate_train(server_round, replies)
         arrays = arrays if new_arrays is None else new_arrays
         eval_messages = list(self.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
-        eval_metrics = self.aggregate_evaluate(server_round, self.exchange(grid, eval_messages, "evaluate"))
-        global_metrics = self.evaluate_fn(server_round, arrays) if self.evaluate_fn else None
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="global-eval") as pool:
+            # the cloud's own test runs while the devices evaluate (it waits on them otherwise)
+            global_eval = pool.submit(self.evaluate_fn, server_round, arrays) if self.evaluate_fn else None
+            eval_metrics = self.aggregate_evaluate(server_round, self.exchange(grid, eval_messages, "evaluate"))
+            global_metrics = global_eval.result() if global_eval is not None else None
         record = self.round_record(server_round, train_metrics, eval_metrics, global_metrics)
         record["wall_time_s"] = time.perf_counter() - started
         if self.on_round is not None:

@@ -204,3 +204,29 @@ def test_bad_device_requests(fleet):
         FederatedData(SMALL, ScenarioConfig(), 0, seed=0)
     with pytest.raises(ValueError, match="seed=-1 must be an integer >= 0"):
         FederatedData(SMALL, ScenarioConfig(), 10, seed=-1)
+
+
+def test_train_and_test_parts_equal_the_device_and_render_alone():
+    fresh = FederatedData(SMALL, STREAM, num_devices=100, seed=0)
+    test_x, test_y, domain = fresh.device_test(7, slot=2)
+    assert [key[0] for key in fresh._devices] == ["test"]  # only the local test set was rendered
+    train_x, train_y = fresh.device_train(7, slot=2)
+    whole = FederatedData(SMALL, STREAM, num_devices=100, seed=0).device(7, slot=2)
+    for part, full in ((train_x, whole.train_x), (train_y, whole.train_y), (test_x, whole.test_x), (test_y, whole.test_y)):
+        np.testing.assert_array_equal(part, full)
+    assert domain == whole.domain == slot_domain(STREAM, 2)
+    train_x[:] = 0  # callers get copies
+    assert fresh.device_train(7, slot=2)[0].any()
+
+
+def test_device_parts_render_a_part_only_when_read():
+    from experiments.client_app import DeviceParts
+    from experiments.config import RunConfig
+
+    cfg = dataclasses.replace(RunConfig(), dataset=SMALL, scenario=STREAM)
+    parts = DeviceParts(cfg, 3, 1)
+    shared = build_federated_data(SMALL, STREAM, cfg.fleet.devices, cfg.seed)
+    expected_x, expected_y, _ = shared.device_test(3, 1)
+    assert torch.equal(parts.test_y, torch.as_tensor(expected_y)) and torch.equal(parts.test_x, to_tensor(expected_x))
+    assert ("train", 3, 1) not in shared._devices  # evaluation did not render the training set
+    assert torch.equal(parts.train_y, torch.as_tensor(shared.device_train(3, 1)[1]))

@@ -135,3 +135,58 @@ def test_an_error_reply_written_by_the_superlink_is_charged_to_the_device_it_ans
     messages = strategy.messages_for(1, MessageType.TRAIN, lambda pid: RecordDict({"config": ConfigRecord({"round": 1})}))
     assert strategy.exchange(SuperLinkGrid(), messages, "train") == []
     assert strategy.ledger.failures == [{"partition_id": 4, "phase": "train", "reason": "Node Unavailable"}]
+
+
+class _Evaluating(_Plain):
+    """Sends every cohort device an EVALUATE message (the base sends none)."""
+
+    def configure_evaluate(self, server_round, arrays, config, grid):
+        content = RecordDict({"config": self.round_config(server_round)})
+        return self.messages_for(server_round, MessageType.EVALUATE, lambda pid: content)
+
+
+class _WaitingGrid:
+    """Answers the devices' evaluation only once the cloud's own evaluation has started."""
+
+    def __init__(self, started):
+        self.started = started
+
+    def send_and_receive(self, messages, timeout=None):
+        assert self.started.wait(5.0), "the cloud's test did not run while the devices evaluated"
+        return [Message(RecordDict({"metrics": MetricRecord({"accuracy": 0.5, "num_examples": 10})}), reply_to=msg)
+                for msg in messages]
+
+
+def _evaluating_strategy(evaluate_fn, records):
+    strategy = _Evaluating(per_round=2, seed=0, expected_devices=2, evaluate_fn=evaluate_fn, on_round=records.append)
+    strategy.devices = {pid: DeviceInfo(pid, 100 + pid, 10, {"uplink_bps": 1e6, "downlink_bps": 1e6}) for pid in (0, 1)}
+    strategy._by_node = {100: 0, 101: 1}
+    return strategy
+
+
+def test_the_cloud_evaluates_its_test_set_while_the_devices_evaluate():
+    import threading
+
+    started, records = threading.Event(), []
+
+    def evaluate_fn(server_round, arrays):
+        started.set()
+        return {"accuracy": 0.75}
+
+    strategy = _evaluating_strategy(evaluate_fn, records)
+    strategy.run_round(_WaitingGrid(started), 1, _record(w=np.zeros(1, dtype=np.float32)))
+    assert records[0]["global_accuracy"] == 0.75 and records[0]["accuracy"] == 0.5
+
+
+def test_an_error_in_the_clouds_evaluation_reaches_the_caller():
+    import threading
+
+    started = threading.Event()
+
+    def evaluate_fn(server_round, arrays):
+        started.set()
+        raise RuntimeError("global test set unreadable")
+
+    strategy = _evaluating_strategy(evaluate_fn, [])
+    with pytest.raises(RuntimeError, match="unreadable"):
+        strategy.run_round(_WaitingGrid(started), 1, _record(w=np.zeros(1, dtype=np.float32)))

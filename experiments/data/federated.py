@@ -26,7 +26,7 @@ from experiments.data.checks import (
 from experiments.data.imagenet_c import ImageNetCData
 from experiments.data.rendering import load_source, render_in_domains, seed_rows, slot_domain
 
-DEVICE_CACHE_SIZE = 16  # devices kept rendered; a cohort of 10 (fleet.per_round) fits
+DEVICE_CACHE_SIZE = 32  # device parts (train or test) kept rendered; both parts of a cohort of 10 (fleet.per_round) fit
 BUILD_CACHE_SIZE = 4  # FederatedData objects kept per process
 IMAGE_SHAPE = (3, 32, 32)  # CHW as the models see it (digits canvas and CIFAR: 32x32 RGB)
 _TAG_PROXY, _TAG_GLOBAL_TEST, _TAG_DEVICE, _TAG_DEVICE_TEST = 31, 32, 33, 34  # seed tags
@@ -76,7 +76,7 @@ class FederatedData:
         self.pool_labels = labels[self.pool_originals]
         self._test_by_label = stream.rows_by_label(self.split.test, labels)
         self._check_test_covers_edge()
-        self._devices: OrderedDict[tuple[int, int], DeviceData] = OrderedDict()
+        self._devices: OrderedDict[tuple[str, int, int], tuple] = OrderedDict()
         self._parts: dict[tuple[int, str], tuple[np.ndarray, np.ndarray]] = {}
 
     def _check_test_covers_edge(self) -> None:
@@ -146,31 +146,50 @@ class FederatedData:
     def device(self, partition_id: int, slot: int = 0) -> DeviceData:
         """Device ``partition_id``'s data at time ``slot``: a pure function of (config,
         seed, device, slot). Recent devices are kept in an LRU; callers get copies."""
-        key = check_device(partition_id, slot, self.num_devices)
+        train_x, train_y = self.device_train(partition_id, slot)
+        test_x, test_y, domain = self.device_test(partition_id, slot)
+        return DeviceData(train_x, train_y, test_x, test_y, domain=domain)
+
+    def device_train(self, partition_id: int, slot: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """The training part of :meth:`device` alone (uint8 NHWC images, int64 labels), copies."""
+        x, y = self._cached(("train", *check_device(partition_id, slot, self.num_devices)), self._render_train)
+        return x.copy(), y.copy()
+
+    def device_test(self, partition_id: int, slot: int = 0) -> tuple[np.ndarray, np.ndarray, str]:
+        """The local test part of :meth:`device` alone (images, labels, the slot's domain), copies.
+
+        A device asked only to evaluate renders this part, not its training set.
+        """
+        x, y, domain = self._cached(("test", *check_device(partition_id, slot, self.num_devices)), self._render_test)
+        return x.copy(), y.copy(), domain
+
+    def _cached(self, key: tuple[str, int, int], render):
+        """``render(k, t)`` for ``key = (part, k, t)``, kept in an LRU of recent device parts."""
         if key in self._devices:
             self._devices.move_to_end(key)
         else:
-            self._devices[key] = self._render_device(*key)
+            self._devices[key] = render(*key[1:])
             if len(self._devices) > DEVICE_CACHE_SIZE:
                 self._devices.popitem(last=False)
-        data = self._devices[key]
-        arrays = (data.train_x, data.train_y, data.test_x, data.test_y)
-        return DeviceData(*(a.copy() for a in arrays), domain=data.domain)
+        return self._devices[key]
 
-    def _render_device(self, k: int, t: int) -> DeviceData:
-        """Render a device's plan: each training sample in the domain of the slot it was
-        drawn in, the local test set in slot ``t``'s domain."""
-        plan, tests = self.device_plan(k, t)
+    def _render_train(self, k: int, t: int) -> tuple[np.ndarray, np.ndarray]:
+        """Each training sample of device ``k``'s plan in the domain of the slot it was drawn in."""
+        plan, _ = self.device_plan(k, t)
         originals = self.pool_originals[plan.rows]
         train_seeds = seed_rows(self.seed, _TAG_DEVICE, k, plan.draws)
         train_x = self._render(
             originals, train_seeds, [slot_domain(self.scenario, int(s)) for s in plan.slots]
         )
+        return train_x, self.source.labels[originals]
+
+    def _render_test(self, k: int, t: int) -> tuple[np.ndarray, np.ndarray, str]:
+        """Device ``k``'s local test set in slot ``t``'s domain."""
+        _, tests = self.device_plan(k, t)
         domain = slot_domain(self.scenario, t)
         test_seeds = seed_rows(self.seed, _TAG_DEVICE_TEST, k, np.arange(len(tests)))
         test_x = self._render(tests, test_seeds, [domain] * len(tests))
-        labels = self.source.labels
-        return DeviceData(train_x, labels[originals], test_x, labels[tests], domain)
+        return test_x, self.source.labels[tests], domain
 
     def preflight(self) -> None:
         """Render device 0 at slot 0 (the run's door calls this before Ray starts): the

@@ -308,6 +308,14 @@ class ImageNetCData:
             "datasets cannot run on it: use algorithm=cema or an on-device TTA baseline (conf/algorithm/)"
         )
 
+    def device_train(self, partition_id: int, slot: int = 0):
+        """Not available, as :meth:`device`."""
+        return self.device(partition_id, slot)
+
+    def device_test(self, partition_id: int, slot: int = 0):
+        """Not available, as :meth:`device`."""
+        return self.device(partition_id, slot)
+
     def proxy(self) -> tuple[np.ndarray, np.ndarray]:
         """No proxy part: empty (0, crop, crop, 3) uint8 images and (0,) int64 labels."""
         return np.zeros((0, self.crop, self.crop, 3), dtype=np.uint8), np.zeros(0, dtype=np.int64)
