@@ -89,7 +89,7 @@ def feature_alignment(features: Tensor, source_mean: Tensor, source_var: Tensor)
         Needs at least 2 values per channel.
     source_mean, source_var : Tensor
         Shape (C,): the source domain's per-channel statistics (see
-        ``models.elastic_retrain.feature_statistics``).
+        ``models.elastic_features.feature_statistics``).
 
     Returns
     -------

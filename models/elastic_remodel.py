@@ -22,13 +22,13 @@ from torch import Tensor, nn
 from models.elastic_losses import entropy_loss
 from models.elastic_master import ElasticMaster
 from models.elastic_retrain import (
-    FILTER_MASS,
     RETRAIN_BATCH_SIZE,
     RETRAIN_EPOCHS,
     RETRAIN_LR,
     adapt_full,
     retrain_surrogate,
 )
+from models.elastic_scores import FILTER_MASS
 from models.fbs_bank import update_bank_and_master
 from models.fbs_surrogate import (
     SURROGATE_KEEP_FRACTION,

@@ -1,0 +1,102 @@
+"""How a model runs while ElasticDNN scores and retrains filters (seed 003, section III-B).
+
+BN mode: while scoring and retraining, BN layers normalise with the *batch* statistics (train mode)
+and every other module is in eval mode (no dropout); during retraining the BN running statistics
+follow the target batches with the layer's own momentum, as SHOT's ``netF.train()`` does, so the
+surrogate is ready for eval-mode inference afterwards. Scoring and loss evaluations leave buffers
+untouched. Running statistics are buffers, not trained parameters: they move for every channel.
+Batch statistics need at least :data:`MIN_BATCH` samples, which :func:`check_batch` enforces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+# BN in train mode cannot normalise one sample; SHOT skips batches of size 1 the same way.
+MIN_BATCH = 2
+
+
+def check_batch(x: Tensor) -> None:
+    """Require a float batch of at least :data:`MIN_BATCH` samples (BN batch statistics).
+
+    Parameters
+    ----------
+    x : Tensor
+        Model inputs, shape (N, ...).
+
+    Raises
+    ------
+    ValueError
+        If ``x`` is not a floating-point tensor of shape (N >= MIN_BATCH, ...).
+    """
+    if not isinstance(x, Tensor) or x.dim() < 2 or x.shape[0] < MIN_BATCH \
+            or not x.is_floating_point():
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"x must be a float batch of shape (N>={MIN_BATCH}, ...) (BN needs two "
+                         f"samples), got {shape}")
+
+
+@contextmanager
+def retraining_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode except BN layers, which use batch statistics; the modes are restored on exit.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The network; its modules' ``training`` flags are set inside and restored on exit.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    for module in model.modules():
+        if isinstance(module, _BatchNorm):
+            module.train()
+    try:
+        yield
+    finally:
+        for module, mode in modes:
+            module.train(mode)
+
+
+@contextmanager
+def frozen_buffers(model: nn.Module) -> Iterator[None]:
+    """Restore every buffer (BN running statistics, batch counters) on exit.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The network whose buffers are saved on entry and copied back on exit.
+    """
+    saved = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+
+
+@contextmanager
+def only_trainable(model: nn.Module, params: list[nn.Parameter]) -> Iterator[None]:
+    """Only ``params`` require grad inside; every parameter's flag is restored on exit.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The network.
+    params : list of nn.Parameter
+        Parameters of ``model`` that require grad inside the block.
+    """
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.requires_grad_(False)
+    for param in params:
+        param.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for param, flag in flags:
+            param.requires_grad_(flag)
