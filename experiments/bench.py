@@ -79,7 +79,10 @@ DEFAULT_TIMEOUT_S = 1800.0  # a hung child is killed after this (1,000 devices o
 #: modular ResNet18 on the digits proxy part took ~45 min on the busy 2-core development machine.
 DEFAULT_WARM_TIMEOUT_S = 4 * 3600.0
 POLL_S = 0.02  # how often the parent looks at a child's results.json (rounds last >= 0.1 s)
-GROUPS = ("fedavg", "plain", "floor", "eclm", "cema", "fleet")
+GROUPS = ("fedavg", "plain", "floor", "eclm", "cema", "fleet", "pump")
+#: The ``pump`` group: the project's FedAvg with Flower's own message pump and polls, the
+#: lever ``engine.fast_pump`` undone (experiments/engine_fastpath.py).
+FLOWER_PUMP = ("algorithm=fedavg", "engine.fast_pump=false")
 
 
 # --------------------------------------------------------------------------- cases
@@ -155,6 +158,7 @@ def plan_cases(
             ("fedavg_eclm_network", "project", ("algorithm=fedavg", *eclm_model)),
         ],
         "cema": [("cema", "project", ("algorithm=cema", "scenario=online"))],
+        "pump": [("fedavg_flower_pump", "project", FLOWER_PUMP)],
     }
     cases = [
         Case(f"{label}@{devices}", runner, devices, cohort, (*base, *extra, *fleet))
@@ -168,6 +172,10 @@ def plan_cases(
             for n, k in sizes
             if not (n == devices and "fedavg" in groups)
         ]
+        if "pump" in groups:  # the pump's cost grows with the fleet: also at the largest size
+            n, k = max(sizes)
+            if n != devices:
+                cases.append(Case(f"fedavg_flower_pump@{n}", "project", n, k, (*base, *FLOWER_PUMP, *_fleet(n, k))))
     return cases
 
 

@@ -93,6 +93,9 @@ def issue_targets(sizes: Sequence[tuple[int, int]]) -> list[Target]:
         Target("project peak PSS / plain loop peak PSS", "peak_pss_bytes", f"fedavg@{d}", f"floor@{d}", 1.5),
         Target("plain-Flower peak PSS / plain loop peak PSS", "peak_pss_bytes", f"plain@{d}", f"floor@{d}", None),
     ]
+    for n in sorted({d, largest}):
+        rows.append(Target(f"project FedAvg round at {n} devices, Flower's message pump / the fast pump", "round_s",
+                           f"fedavg_flower_pump@{n}", f"fedavg@{n}", None))
     if largest != d:
         rows.append(Target(f"project peak PSS at {largest} / at {d} devices", "peak_pss_bytes",
                            f"fedavg@{largest}", f"fedavg@{d}", 1.1))
