@@ -168,10 +168,20 @@ def model_from(msg: Message, device: Device, key: str = "arrays") -> nn.Module:
 
     Keys, shapes and dtypes must be the model's own (torch would silently cast dtypes).
     """
+    return load_arrays(device.build_model(), msg, key)
+
+
+def load_arrays(model: nn.Module, msg: Message, key: str) -> nn.Module:
+    """Load the message's array record ``key`` into ``model`` (strict keys, shapes and dtypes).
+
+    Raises
+    ------
+    MalformedMessage
+        The record is missing or does not fit ``model``.
+    """
     arrays = msg.content.array_records.get(key)
     if arrays is None:
         raise MalformedMessage(f"message has no array record {key!r}")
-    model = device.build_model()
     try:
         state = arrays.to_torch_state_dict()
         own = model.state_dict()
@@ -180,7 +190,7 @@ def model_from(msg: Message, device: Device, key: str = "arrays") -> nn.Module:
             raise ValueError(f"{wrong[0]} is {state[wrong[0]].dtype}, the model's is {own[wrong[0]].dtype}")
         model.load_state_dict(state, strict=True)
     except (RuntimeError, KeyError, ValueError, TypeError) as exc:
-        raise MalformedMessage(f"arrays do not fit the device's model: {exc}") from exc
+        raise MalformedMessage(f"arrays {key!r} do not fit the device's model: {exc}") from exc
     return model
 
 

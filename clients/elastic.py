@@ -8,37 +8,36 @@ labels are known to the simulator only). The master and its domain-knowledge ban
 so a later domain's surrogate starts from the master every earlier domain updated.
 
 ``Device.options["method"]`` picks ElasticDNN or a comparison method at the same model size
-(:data:`models.elastic_remodel.METHODS`): the baselines adapt a magnitude-pruned copy of the
-master continually across domains; ``full`` retrains the whole master (the slow reference).
+(:data:`models.elastic_remodel.METHODS`): the baselines adapt a same-size model continually
+across domains -- the cloud's compressed model (the master's largest filters, fine-tuned on the
+source data) when the first message carries it under ``compressed``, else the master's
+magnitude-pruned copy as it is; ``full`` retrains the whole master (the slow reference).
 """
 
 from __future__ import annotations
-
-import copy
-from typing import Any
 
 import torch
 from flwr.app import Context, Message
 from torch import nn
 
-from clients.base import ClientHandler, Device, MalformedMessage, model_from, round_of
+from clients.base import ClientHandler, Device, MalformedMessage, load_arrays, model_from, round_of
 from clients.online import batch_reply, load_blob, persist_progress, restore_progress, save_progress, stream_index
 from models.elastic_master import ElasticMaster
 from models.elastic_remodel import (
     METHODS,
     PRUNED_METHODS,
     RemodelSettings,
-    adapt_baseline,
+    adapt_to_domain,
     pruned_model,
-    remodel_for_domain,
 )
-from models.fbs_surrogate import conv_parameter_count
 
 #: Batches of its stream a device uses per domain: one to adapt on, one to evaluate.
 BATCHES_PER_ROUND = 2
 #: One forward pass costs about a third of a training step (forward + backward ~ 3 forwards;
 #: Kaplan et al. 2020), the device's ``flops_per_sample`` being measured for training.
 FORWARD_FLOP_FRACTION = 1.0 / 3.0
+#: Array record of the cloud's compressed same-size model (strategies.elastic.ElasticDNN).
+COMPRESSED_KEY = "compressed"
 #: ``Device.options`` keys that become :class:`RemodelSettings` fields.
 SETTING_KEYS = ("keep_fraction", "mass", "loss", "epochs", "lr", "batch_size")
 
@@ -46,8 +45,9 @@ SETTING_KEYS = ("keep_fraction", "mass", "loss", "epochs", "lr", "batch_size")
 class ElasticClient(ClientHandler):
     """ElasticDNN (or a same-size baseline) on the device's evolving domains, one domain a round.
 
-    The first message must carry the pre-trained master and bank in ``arrays``; later ones
-    need only the ``config`` record. Reply metrics: ``accuracy``/``correct`` after adaptation
+    The first message must carry the pre-trained master and bank in ``arrays`` (and, for a
+    same-size baseline, may carry the compressed model in ``compressed``); later ones need
+    only the ``config`` record. Reply metrics: ``accuracy``/``correct`` after adaptation
     on the held-out batch, ``accuracy_before`` (the model that would have served the domain
     unadapted), ``adapt_wall_s``, ``compute_time_s`` (virtual, on the device class),
     ``peak_memory_bytes``, ``model_fraction`` (conv weights of the serving model / master's)
@@ -80,7 +80,7 @@ class ElasticClient(ClientHandler):
                                    f"({adapt.domain}, {held_out.domain}); use an even scenario.batches_per_domain")
         elastic, small = self._restore(msg, context)
         seed = self.device.seed + server_round
-        serving, report = self._adapt(elastic, small, adapt.x, seed)
+        serving, report = adapt_to_domain(self.method, elastic, small, adapt.x, self.settings, seed)
         before = report.pop("before")
         with torch.no_grad():
             logits = _eval(serving, held_out.x)
@@ -107,22 +107,12 @@ class ElasticClient(ClientHandler):
         elastic = model_from(msg, self.device)
         if not isinstance(elastic, ElasticMaster):
             raise MalformedMessage(f"ElasticDNN needs an ElasticMaster network, the device builds {type(elastic).__name__}")
-        small = pruned_model(elastic, self.settings.keep_fraction) if self.method in PRUNED_METHODS else None
+        small = None
+        if self.method in PRUNED_METHODS:
+            small = pruned_model(elastic, self.settings.keep_fraction)
+            if COMPRESSED_KEY in msg.content.array_records:  # the cloud's fine-tuned compressed model
+                load_arrays(small, msg, COMPRESSED_KEY)
         return elastic, small
-
-    def _adapt(self, elastic: ElasticMaster, small: nn.Module | None, x: torch.Tensor,
-               seed: int) -> tuple[nn.Module, dict[str, Any]]:
-        """Run the method; returns the model serving the domain and its report (with ``before``)."""
-        if self.method == "elasticdnn":
-            surrogate, report = remodel_for_domain(elastic, x, self.settings, seed)
-            report["before"] = report.pop("surrogate_before")
-            return surrogate, report
-        serving = elastic.master if self.method == "full" else small
-        before = copy.deepcopy(serving)
-        report = adapt_baseline(serving, x, self.method, self.settings, seed)
-        report["model_fraction"] = conv_parameter_count(serving) / conv_parameter_count(elastic.master)
-        report["before"] = before
-        return serving, report
 
 
 def training_passes(method: str, epochs: int, model_fraction: float) -> float:

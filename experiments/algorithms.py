@@ -171,6 +171,7 @@ ALGORITHMS: dict[str, Algorithm] = {
             "ElasticDNN: on-device master/surrogate remodeling on evolving domains (or a same-size baseline)",
             cloud_training=elastic_setup.cloud_training,
             training_key=elastic_setup.training_key,
+            strategy_args=elastic_setup.strategy_args,
             client_options=elastic_setup.client_options,
             check_model=elastic_setup.check_model,
             default_model="elastic_fbs_resnet_cpu",

@@ -156,7 +156,7 @@ def targets(rows: Mapping[str, dict | None], multiapp_rows: Sequence[dict] | Non
     source = rows.get("source")
     if source is not None:
         lines.append(f"- the same-size baselines' model before any adaptation (`source`: the master's 20 % "
-                     f"largest-L1 filters, not fine-tuned after pruning) scores {100 * source['accuracy']:.1f} %")
+                     f"largest-L1 filters, fine-tuned on the proxy part) scores {100 * source['accuracy']:.1f} %")
     if multiapp_rows:
         gains = [r["elasticdnn"] - r["uniform"] for r in multiapp_rows]
         lines.append(f"- scheduler vs Uniform, mean over {len(gains)} (window, apps) cells: "
@@ -245,13 +245,13 @@ def multiapp_section(report: dict | None) -> list[str]:
     ]
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the preset and write the ElasticDNN section of docs/RESULTS.md."""
+def build_parser() -> argparse.ArgumentParser:
+    """The preset's command line (also the default configuration of ``experiments.elastic_tune``)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=15, help="domains per device (15 = each corruption once)")
     parser.add_argument("--severity", type=int, default=5)
-    parser.add_argument("--width", type=int, default=8, help="master width (8: the CPU setting)")
+    parser.add_argument("--width", type=int, default=16, help="master width (16: ResNet56's, the preset's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--partition", default="iid", help="how samples reach devices (iid: every class)")
     parser.add_argument("--sizes", type=float, nargs="+", default=list(elastic_multiapp.CANDIDATE_SIZES))
@@ -259,6 +259,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-multiapp", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "claims_elastic")
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "RESULTS.md")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the preset and write the ElasticDNN section of docs/RESULTS.md."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     started = time.time()
     runs = {}
@@ -280,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         f"its own order of the 15 corruptions at severity {args.severity}, 100 unlabeled samples to adapt on and "
         f"100 held-out per domain; master: the gated ResNet14 at width {args.width}, pre-trained on the clean "
         f"proxy part, global clean accuracy {'-' if pretrained is None else f'{100 * pretrained:.1f} %'}; "
-        f"same-size baselines on its 20 % magnitude-pruned copy, adapted continually). Machine: "
+        f"same-size baselines on its 20 % largest-L1 filters, fine-tuned on the proxy part by the cloud "
+        f"(`algorithm.elasticdnn.compress_epochs`), adapted continually). Machine: "
         f"{platform.machine()}, 2 cores shared with other jobs (times are slower and noisier than on a quiet "
         f"machine). Wall time: the runs' rounds {rounds_min:.1f} min (plus Ray start-up), the multi-app "
         f"measurement and comparison {multiapp_min:.1f} min; this invocation {(time.time() - started) / 60:.1f} min "

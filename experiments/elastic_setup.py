@@ -1,14 +1,31 @@
-"""What the apps hand ElasticDNN: the master's pre-training, its cache key, device options."""
+"""What the apps hand ElasticDNN: the master's pre-training, its cache key, device options.
+
+The same-size baselines (``algorithm.elasticdnn.method`` in ``source``, ``bn_adapt``, ``tent``,
+``shot``) adapt a compressed model: the paper compresses the pre-trained model "by removing
+80% filters" and trains it offline for hours before the evaluation (seed 003, IV, "Offline
+model pre-training"). :func:`compressed_baseline` keeps the master's largest-L1 filters
+(:func:`models.elastic_remodel.pruned_model`) and fine-tunes that network on the proxy part
+for ``algorithm.elasticdnn.compress_epochs`` epochs (0: pruned only, at chance on digits),
+cached beside the master's pre-training.
+"""
 
 from __future__ import annotations
 
+import logging
+
 import torch
+from flwr.app import ArrayRecord
 from torch import nn
 
-from experiments.config import RunConfig
+from experiments.config import RunConfig, config_hash
+from experiments.data import to_tensor
 from experiments.validation import ConfigError
 from models.elastic_master import ElasticMaster
+from models.elastic_remodel import PRUNED_METHODS, pruned_model
 from models.fbs_pretrain import pretrain_master
+from models.training import TrainSettings, accuracy, train_epochs
+
+logger = logging.getLogger(__name__)
 
 
 def check_model(model: nn.Module) -> None:
@@ -45,3 +62,48 @@ def client_options(cfg: RunConfig) -> dict:
         "lr": opts.lr,
         "batch_size": opts.batch_size,
     }
+
+
+def strategy_args(cfg: RunConfig, model: ElasticMaster, data) -> dict:
+    """The cloud's compressed model for a same-size baseline (nothing for ElasticDNN or ``full``)."""
+    opts = cfg.algorithm.elasticdnn
+    if opts.method not in PRUNED_METHODS or opts.compress_epochs == 0:
+        return {}
+    return {"compressed": ArrayRecord(compressed_baseline(cfg, model, data).state_dict())}
+
+
+def compressed_baseline(cfg: RunConfig, elastic: ElasticMaster, data) -> nn.Module:
+    """The master's ``keep_fraction`` largest-L1 filters, fine-tuned on the proxy part (module docstring).
+
+    Cross-entropy, Adam at ``pretrain.lr`` with the ``pretrain`` batch size and schedule, for
+    ``algorithm.elasticdnn.compress_epochs`` epochs, seeded by ``seed``; cached next to the
+    master's pre-training (:func:`compressed_cache_path`). ``elastic`` is left unchanged.
+    """
+    from experiments.pretrain import atomic_save  # the registry imports this module
+
+    opts = cfg.algorithm.elasticdnn
+    small = pruned_model(elastic, opts.keep_fraction)
+    path = compressed_cache_path(cfg)
+    if path.exists():
+        small.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        logger.info("compressed same-size model loaded from %s", path)
+        return small
+    proxy_x, proxy_y = data.proxy()
+    x, y = to_tensor(proxy_x), torch.as_tensor(proxy_y, dtype=torch.long)
+    pre = cfg.pretrain
+    settings = TrainSettings(epochs=opts.compress_epochs, lr=pre.lr, batch_size=pre.batch_size, schedule=pre.schedule)
+    train_epochs(small.train(), x, y, settings, seed=cfg.seed)
+    logger.info("compressed model (%.0f %% of the filters) fine-tuned %d epochs: proxy accuracy %.3f",
+                100 * opts.keep_fraction, opts.compress_epochs, accuracy(small, x, y))
+    atomic_save(small.state_dict(), path)
+    return small
+
+
+def compressed_cache_path(cfg: RunConfig):
+    """Where :func:`compressed_baseline` caches its model: the master's cache file, plus the compression key."""
+    from experiments.pretrain import pretrain_cache_path
+
+    opts = cfg.algorithm.elasticdnn
+    master = pretrain_cache_path(cfg)
+    key = config_hash({"keep_fraction": opts.keep_fraction, "compress_epochs": opts.compress_epochs})
+    return master.with_name(f"{master.stem}-compressed-{key}.pt")

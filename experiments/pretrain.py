@@ -60,7 +60,7 @@ def pretrained_model(cfg: RunConfig, model: nn.Module, proxy_x: torch.Tensor, pr
     if algorithm.cloud_training is not None:
         algorithm.cloud_training(cfg, model, proxy_x, proxy_y, data)
         logger.info("%s cloud training: proxy accuracy %.3f", algorithm.name, accuracy(model, proxy_x, proxy_y))
-        _atomic_save(model.state_dict(), path)
+        atomic_save(model.state_dict(), path)
         return model
     settings = TrainSettings(
         epochs=cfg.pretrain.epochs,
@@ -71,7 +71,7 @@ def pretrained_model(cfg: RunConfig, model: nn.Module, proxy_x: torch.Tensor, pr
     )
     train_epochs(model, proxy_x, proxy_y, settings, seed=cfg.seed)
     logger.info("pre-trained on %d proxy samples: proxy accuracy %.3f", len(proxy_y), accuracy(model, proxy_x, proxy_y))
-    _atomic_save(model.state_dict(), path)
+    atomic_save(model.state_dict(), path)
     return model
 
 
@@ -94,7 +94,8 @@ def checkpoint_model(cfg: RunConfig, model: nn.Module) -> nn.Module:
     return model
 
 
-def _atomic_save(state: dict, path: Path) -> None:
+def atomic_save(state: dict, path: Path) -> None:
+    """``torch.save(state, path)`` through a temporary file and one rename (a crash leaves no half file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)

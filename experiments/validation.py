@@ -211,6 +211,8 @@ def _check_elastic(cfg) -> None:
     _check(opts.epochs >= 1, "algorithm.elasticdnn.epochs", "must be >= 1", opts.epochs)
     _check(opts.lr > 0, "algorithm.elasticdnn.lr", "must be > 0", opts.lr)
     _check(opts.batch_size >= 2, "algorithm.elasticdnn.batch_size", "must be >= 2 (BatchNorm)", opts.batch_size)
+    _check(opts.compress_epochs >= 0, "algorithm.elasticdnn.compress_epochs", "must be >= 0 (0: no fine-tuning)",
+           opts.compress_epochs)
     if cfg.algorithm.name == "elasticdnn":
         scen = cfg.scenario
         _check(scen.name in ("online", "evolving"), "scenario",

@@ -153,6 +153,35 @@ def adapt_baseline(model: nn.Module, x: Tensor, method: str, settings: RemodelSe
     return {**report, "adapt_wall_s": time.perf_counter() - started}
 
 
+def adapt_to_domain(method: str, elastic: ElasticMaster, small: nn.Module | None, x: Tensor,
+                    settings: RemodelSettings, seed: int = 0) -> tuple[nn.Module, dict[str, Any]]:
+    """One domain of an evolving sequence with ``method`` (the device's step, without Flower).
+
+    ``elasticdnn`` remodels the master (:func:`remodel_for_domain`, master and bank updated in
+    place); ``full`` adapts the whole master; every other method adapts ``small`` (the
+    same-size model, :data:`PRUNED_METHODS`) in place, continually across domains.
+
+    Returns
+    -------
+    (nn.Module, dict)
+        The model serving the domain and the report of the method, with ``model_fraction``
+        (conv weights of the serving model / the master's) and ``before`` (the serving model
+        as it was before this domain's adaptation, for the accuracy it would have had).
+    """
+    if method == "elasticdnn":
+        surrogate, report = remodel_for_domain(elastic, x, settings, seed)
+        report["before"] = report.pop("surrogate_before")
+        return surrogate, report
+    if method in PRUNED_METHODS and small is None:
+        raise ValueError(f"method {method!r} adapts the same-size model: pass small (see pruned_model)")
+    serving = elastic.master if method == "full" else small
+    before = copy.deepcopy(serving)
+    report = adapt_baseline(serving, x, method, settings, seed)
+    report["model_fraction"] = conv_parameter_count(serving) / conv_parameter_count(elastic.master)
+    report["before"] = before
+    return serving, report
+
+
 @torch.no_grad()
 def reestimate_bn(model: nn.Module, x: Tensor) -> None:
     """Replace every BN layer's running statistics by those of ``x`` (cumulative average, one pass).

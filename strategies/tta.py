@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from flwr.app import Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, Message, MessageType, RecordDict
 
 from strategies.base import EdgeCloudStrategy
 
@@ -46,10 +46,15 @@ class OnlineTTA(EdgeCloudStrategy):
         def content(pid: int) -> RecordDict:
             record = RecordDict({"config": self.round_config(server_round)})
             if pid not in self.served:
-                record["arrays"] = arrays
+                for key, value in self.first_arrays(arrays).items():
+                    record[key] = value
             return record
 
         return self.messages_for(server_round, MessageType.TRAIN, content)
+
+    def first_arrays(self, arrays: ArrayRecord) -> dict[str, ArrayRecord]:
+        """The array records a device gets on its first participation: the source model as ``arrays``."""
+        return {"arrays": arrays}
 
     def aggregate_train(self, server_round, replies):
         """No aggregation; mean reply metrics plus cumulative online accuracy and this round's uploads."""

@@ -11,7 +11,10 @@ from clients.online import load_blob, stream_index
 from experiments.config import from_dict
 from experiments.validation import ConfigError, validate
 from models import build_model
+from models.elastic_remodel import pruned_model
 from models.training import TrainSettings
+from strategies.base import DeviceInfo
+from strategies.elastic import ElasticDNN
 
 torch.set_num_threads(1)
 BUDGET = {"flops_per_s": 1e9, "memory_bytes": 1e9, "uplink_bps": 1e6, "downlink_bps": 1e7}
@@ -118,3 +121,53 @@ def test_validation_needs_an_even_stream_of_domains_for_elasticdnn():
     with pytest.raises(ConfigError, match="keep_fraction"):
         validate(from_dict({**good, "algorithm": {"name": "elasticdnn", "elasticdnn": {"keep_fraction": 0}}},
                            resolve_model=True))
+
+
+# --------------------------------------------------------------------------- the compressed baseline
+def _compressed_state(master, scale=0.5):
+    """The master's 20 % largest-L1 filters with every float tensor scaled (so it differs from pruning)."""
+    small = pruned_model(master, 0.2)
+    return {k: v * scale if v.is_floating_point() else v for k, v in small.state_dict().items()}
+
+
+def test_a_baseline_adapts_the_compressed_model_the_cloud_sent_not_a_fresh_pruning():
+    client, context, master = ElasticClient(_device("source")), _context(), _model()
+    sent = _compressed_state(master)
+    msg = _message(1, ArrayRecord(master.state_dict()))
+    msg.content["compressed"] = ArrayRecord(sent)
+    reply = client.handle("train", msg, context)
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    small = load_blob(context)["small"].state_dict()
+    assert set(small) == set(sent) and all(torch.equal(small[k], sent[k]) for k in sent)
+
+
+def test_a_compressed_model_of_the_wrong_shape_is_refused_by_name():
+    client, master = ElasticClient(_device("tent")), _model()
+    wrong = {k: v[:1] if v.ndim else v for k, v in _compressed_state(master).items()}
+    msg = _message(1, ArrayRecord(master.state_dict()))
+    msg.content["compressed"] = ArrayRecord(wrong)
+    reply = client.handle("train", msg, _context())
+    assert reply.has_error() and reply.error.code == MALFORMED_MESSAGE and "compressed" in reply.error.reason
+
+
+def test_the_cloud_ships_the_compressed_model_once_beside_the_master():
+    compressed, arrays = ArrayRecord(_compressed_state(_model())), ArrayRecord(_model().state_dict())
+    strategy = ElasticDNN(compressed=compressed, per_round=2, seed=0, expected_devices=2)
+    for pid in (0, 1):
+        strategy.devices[pid] = DeviceInfo(pid, 100 + pid, 0, dict(BUDGET))
+        strategy._by_node[100 + pid] = pid
+    first = strategy.configure_train(1, arrays, ConfigRecord(), None)
+    assert all(set(m.content.array_records) == {"arrays", "compressed"} for m in first)
+    strategy.served.add(0)
+    second = {m.metadata.dst_node_id: m for m in strategy.configure_train(2, arrays, ConfigRecord(), None)}
+    assert set(second[100].content.array_records) == set()
+    assert set(second[101].content.array_records) == {"arrays", "compressed"}
+    plain = ElasticDNN(per_round=1, seed=0, expected_devices=1)
+    assert set(plain.first_arrays(arrays)) == {"arrays"}
+
+
+def test_adapt_to_domain_needs_the_same_size_model_for_a_baseline():
+    from models.elastic_remodel import RemodelSettings, adapt_to_domain
+
+    with pytest.raises(ValueError, match="small"):
+        adapt_to_domain("tent", _model(), None, _stream(0).x, RemodelSettings())
