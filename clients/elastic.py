@@ -17,7 +17,7 @@ magnitude-pruned copy as it is; ``full`` retrains the whole master (the slow ref
 from __future__ import annotations
 
 import torch
-from flwr.app import Context, Message
+from flwr.app import ArrayRecord, Context, Message
 from torch import nn
 
 from clients.base import ClientHandler, Device, MalformedMessage, load_arrays, model_from, round_of
@@ -30,6 +30,7 @@ from models.elastic_remodel import (
     adapt_to_domain,
     pruned_model,
 )
+from models.fbs_bank import bank_thetas, load_bank_thetas
 
 #: Batches of its stream a device uses per domain: one to adapt on, one to evaluate.
 BATCHES_PER_ROUND = 2
@@ -38,6 +39,9 @@ BATCHES_PER_ROUND = 2
 FORWARD_FLOP_FRACTION = 1.0 / 3.0
 #: Array record of the cloud's compressed same-size model (strategies.elastic.ElasticDNN).
 COMPRESSED_KEY = "compressed"
+#: Array record of a bank's ``theta*`` by layer: the fleet's average in, the device's own out
+#: (``algorithm.elasticdnn.bank_fedavg``; the round config then says ``share_bank``).
+BANK_KEY = "bank"
 #: ``Device.options`` keys that become :class:`RemodelSettings` fields.
 SETTING_KEYS = ("keep_fraction", "mass", "loss", "epochs", "lr", "batch_size")
 
@@ -47,7 +51,8 @@ class ElasticClient(ClientHandler):
 
     The first message must carry the pre-trained master and bank in ``arrays`` (and, for a
     same-size baseline, may carry the compressed model in ``compressed``); later ones need
-    only the ``config`` record. Reply metrics: ``accuracy``/``correct`` after adaptation
+    only the ``config`` record. A ``bank`` record (the fleet's averaged ``theta*``) is adopted
+    before the domain; with ``share_bank`` in the config the reply carries the device's own. Reply metrics: ``accuracy``/``correct`` after adaptation
     on the held-out batch, ``accuracy_before`` (the model that would have served the domain
     unadapted), ``adapt_wall_s``, ``compute_time_s`` (virtual, on the device class),
     ``peak_memory_bytes``, ``model_fraction`` (conv weights of the serving model / master's)
@@ -79,6 +84,8 @@ class ElasticClient(ClientHandler):
             raise MalformedMessage(f"batches {index} and {index + 1} come from different domains "
                                    f"({adapt.domain}, {held_out.domain}); use an even scenario.batches_per_domain")
         elastic, small = self._restore(msg, context)
+        if BANK_KEY in msg.content.array_records:
+            adopt_fleet_bank(elastic, msg)
         seed = self.device.seed + server_round
         serving, report = adapt_to_domain(self.method, elastic, small, adapt.x, self.settings, seed)
         before = report.pop("before")
@@ -95,7 +102,10 @@ class ElasticClient(ClientHandler):
             "load_factor": self.device.load_factor(server_round),
             "partition_id": self.device.partition_id,
         }
-        return batch_reply(msg, held_out, logits, metrics)
+        reply = batch_reply(msg, held_out, logits, metrics)
+        if msg.content["config"].get("share_bank", False):
+            reply.content[BANK_KEY] = ArrayRecord(bank_thetas(elastic.bank))
+        return reply
 
     def _restore(self, msg: Message, context: Context) -> tuple[ElasticMaster, nn.Module | None]:
         """The master/bank (and the baselines' pruned model) as after the previous domain."""
@@ -113,6 +123,15 @@ class ElasticClient(ClientHandler):
             if COMPRESSED_KEY in msg.content.array_records:  # the cloud's fine-tuned compressed model
                 load_arrays(small, msg, COMPRESSED_KEY)
         return elastic, small
+
+
+def adopt_fleet_bank(elastic: ElasticMaster, msg: Message) -> None:
+    """Take the fleet's averaged ``theta*`` and rebuild the master from it (eq. 4); MalformedMessage if it does not fit."""
+    try:
+        thetas = msg.content.array_records[BANK_KEY].to_torch_state_dict()
+        load_bank_thetas(elastic.master, elastic.bank, thetas)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise MalformedMessage(f"array record {BANK_KEY!r} does not fit the device's bank: {exc}") from exc
 
 
 def training_passes(method: str, epochs: int, model_fraction: float) -> float:

@@ -22,6 +22,7 @@ from experiments.data import to_tensor
 from experiments.validation import ConfigError
 from models.elastic_master import ElasticMaster
 from models.elastic_remodel import PRUNED_METHODS, pruned_model
+from models.fbs_bank import bank_thetas
 from models.fbs_pretrain import pretrain_master
 from models.training import TrainSettings, accuracy, train_epochs
 
@@ -65,8 +66,10 @@ def client_options(cfg: RunConfig) -> dict:
 
 
 def strategy_args(cfg: RunConfig, model: ElasticMaster, data) -> dict:
-    """The cloud's compressed model for a same-size baseline (nothing for ElasticDNN or ``full``)."""
+    """The compressed model for a same-size baseline; the pre-trained bank when banks are averaged."""
     opts = cfg.algorithm.elasticdnn
+    if opts.bank_fedavg:
+        return {"bank": ArrayRecord(bank_thetas(model.bank))}
     if opts.method not in PRUNED_METHODS or opts.compress_epochs == 0:
         return {}
     return {"compressed": ArrayRecord(compressed_baseline(cfg, model, data).state_dict())}

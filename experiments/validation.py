@@ -213,6 +213,8 @@ def _check_elastic(cfg) -> None:
     _check(opts.batch_size >= 2, "algorithm.elasticdnn.batch_size", "must be >= 2 (BatchNorm)", opts.batch_size)
     _check(opts.compress_epochs >= 0, "algorithm.elasticdnn.compress_epochs", "must be >= 0 (0: no fine-tuning)",
            opts.compress_epochs)
+    _check(not opts.bank_fedavg or opts.method == "elasticdnn", "algorithm.elasticdnn.bank_fedavg",
+           "averages ElasticDNN's banks: set algorithm.elasticdnn.method=elasticdnn or bank_fedavg=false", opts.method)
     if cfg.algorithm.name == "elasticdnn":
         scen = cfg.scenario
         _check(scen.name in ("online", "evolving"), "scenario",

@@ -190,3 +190,31 @@ def sync_master_to_bank(master: nn.Module, bank: DomainKnowledgeBank) -> None:
     for _, unit, theta_star, relevance in _paired_layers(master, bank):
         solved = torch.linalg.solve(relevance.double(), unit.conv.weight.flatten(1).double())
         theta_star.copy_(solved.to(theta_star.dtype).view_as(theta_star))
+
+
+def bank_thetas(bank: DomainKnowledgeBank) -> dict[str, Tensor]:
+    """``layer name -> theta*_i`` (detached copies): what a device shares when banks are averaged."""
+    return {name: bank.layer(name)[0].detach().clone() for name in bank.layer_names}
+
+
+@torch.no_grad()
+def load_bank_thetas(master: nn.Module, bank: DomainKnowledgeBank, thetas: Mapping[str, Tensor]) -> None:
+    """Set every layer's ``theta*_i`` to ``thetas[name]`` and rebuild all its filters from it (eq. 4).
+
+    The extension beyond the paper that averages devices' banks (FedAvg over ``theta*``;
+    ``W`` is the pre-trained one on every device and stays fixed, so the rebuilt filters are
+    the average of the devices' filters where their banks reproduced them). All of ``thetas``
+    is validated first (ValueError naming the layer), so a bad entry changes nothing.
+    """
+    layers = _paired_layers(master, bank)
+    names = {name for name, *_ in layers}
+    if set(thetas) != names:
+        raise ValueError(f"thetas must name exactly the bank's layers: missing {sorted(names - set(thetas))[:3]}, "
+                         f"unknown {sorted(set(thetas) - names)[:3]}")
+    for name, _, theta_star, _ in layers:
+        if tuple(thetas[name].shape) != tuple(theta_star.shape):
+            raise ValueError(f"bank layer {name!r}: theta* must have shape {tuple(theta_star.shape)}, "
+                             f"got {tuple(thetas[name].shape)}")
+    for name, unit, theta_star, relevance in layers:
+        theta_star.copy_(thetas[name].to(theta_star.dtype))
+        unit.conv.weight.copy_((relevance @ theta_star.flatten(1)).view_as(unit.conv.weight))

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from flwr.app import ArrayRecord
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord
 
+from strategies.aggregate import weighted_average
 from strategies.tta import OnlineTTA
 
 #: Array record key of the compressed same-size model (clients.elastic.COMPRESSED_KEY).
 COMPRESSED_KEY = "compressed"
+#: Array record key of a bank's ``theta*`` by layer (clients.elastic.BANK_KEY).
+BANK_KEY = "bank"
 
 
 class ElasticDNN(OnlineTTA):
@@ -32,13 +36,57 @@ class ElasticDNN(OnlineTTA):
     compressed : ArrayRecord, optional
         The same-size baselines' compressed model (the master's largest filters, fine-tuned on
         the source data by the cloud); shipped beside the master on a device's first round.
+    bank : ArrayRecord, optional
+        The pre-trained bank's ``theta*`` by layer. Given, the cloud averages the banks of the
+        round's devices (FedAvg over banks, weighted by adaptation samples: an extension beyond
+        the paper, ``algorithm.elasticdnn.bank_fedavg``): every TRAIN message carries the current
+        average under ``bank`` (the device adopts it) and asks for the device's own back
+        (``share_bank``).
     **base
         The arguments of :class:`strategies.base.EdgeCloudStrategy`.
     """
 
-    def __init__(self, compressed: ArrayRecord | None = None, **base: Any) -> None:
+    def __init__(self, compressed: ArrayRecord | None = None, bank: ArrayRecord | None = None, **base: Any) -> None:
         super().__init__(**base)
         self.compressed = compressed
+        self.bank = bank
+
+    def train_config(self, server_round: int) -> ConfigRecord:
+        """The round, and ``share_bank`` when banks are averaged."""
+        if self.bank is None:
+            return super().train_config(server_round)
+        return self.round_config(server_round, share_bank=True)
+
+    def arrays_for(self, pid: int, arrays: ArrayRecord) -> dict[str, ArrayRecord]:
+        """The first participation's records, plus the fleet's bank every round when banks are averaged."""
+        records = super().arrays_for(pid, arrays)
+        if self.bank is not None:
+            records[BANK_KEY] = self.bank
+        return records
+
+    def aggregate_train(self, server_round, replies):
+        """The base tallies; with banks averaged, the new fleet bank from the replies' banks (eq. 3's ``theta*``)."""
+        replies = list(replies)
+        new_arrays, metrics = super().aggregate_train(server_round, replies)
+        if self.bank is not None:
+            shared = [r for r in replies if BANK_KEY in r.content.array_records]
+            if shared:
+                weights = [float(r.content["metrics"]["num_examples"]) for r in shared]
+                self.bank = weighted_average([r.content.array_records[BANK_KEY] for r in shared], weights)
+            metrics["banks_averaged"] = len(shared)
+        return new_arrays, metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base state plus the fleet's bank (``None`` unless banks are averaged)."""
+        state = super().state_dict()
+        state["bank"] = None if self.bank is None else {k: v.numpy() for k, v in self.bank.items()}
+        return state
+
+    def load_state_dict(self, state) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        super().load_state_dict(state)
+        if state["bank"] is not None:
+            self.bank = ArrayRecord({k: Array(np.asarray(v)) for k, v in state["bank"].items()})
 
     def first_arrays(self, arrays: ArrayRecord) -> dict[str, ArrayRecord]:
         """Master and bank as ``arrays``, plus the compressed model when the cloud has one."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from flwr.app import ArrayRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from strategies.base import EdgeCloudStrategy
 
@@ -44,13 +44,20 @@ class OnlineTTA(EdgeCloudStrategy):
         """One TRAIN message per cohort device: the round config, plus arrays if not yet served."""
 
         def content(pid: int) -> RecordDict:
-            record = RecordDict({"config": self.round_config(server_round)})
-            if pid not in self.served:
-                for key, value in self.first_arrays(arrays).items():
-                    record[key] = value
+            record = RecordDict({"config": self.train_config(server_round)})
+            for key, value in self.arrays_for(pid, arrays).items():
+                record[key] = value
             return record
 
         return self.messages_for(server_round, MessageType.TRAIN, content)
+
+    def train_config(self, server_round: int) -> ConfigRecord:
+        """The ``config`` record of a TRAIN message (the round)."""
+        return self.round_config(server_round)
+
+    def arrays_for(self, pid: int, arrays: ArrayRecord) -> dict[str, ArrayRecord]:
+        """The array records of device ``pid``'s TRAIN message: :meth:`first_arrays` until it is served."""
+        return {} if pid in self.served else self.first_arrays(arrays)
 
     def first_arrays(self, arrays: ArrayRecord) -> dict[str, ArrayRecord]:
         """The array records a device gets on its first participation: the source model as ``arrays``."""

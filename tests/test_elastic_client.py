@@ -171,3 +171,15 @@ def test_adapt_to_domain_needs_the_same_size_model_for_a_baseline():
 
     with pytest.raises(ValueError, match="small"):
         adapt_to_domain("tent", _model(), None, _stream(0).x, RemodelSettings())
+
+
+def test_validation_lets_only_elasticdnn_average_banks():
+    good = {"algorithm": {"name": "elasticdnn", "elasticdnn": {"bank_fedavg": True}},
+            "scenario": {"name": "evolving", "batches_per_domain": 2}}
+    validate(from_dict(good, resolve_model=True))
+    bad = {**good, "algorithm": {"name": "elasticdnn", "elasticdnn": {"bank_fedavg": True, "method": "tent"}}}
+    with pytest.raises(ConfigError, match="bank_fedavg"):
+        validate(from_dict(bad, resolve_model=True))
+    with pytest.raises(ConfigError, match="compress_epochs"):
+        validate(from_dict({**good, "algorithm": {"name": "elasticdnn", "elasticdnn": {"compress_epochs": -1}}},
+                           resolve_model=True))
