@@ -62,6 +62,7 @@ def client_options(cfg: RunConfig) -> dict:
         "epochs": opts.epochs,
         "lr": opts.lr,
         "batch_size": opts.batch_size,
+        "master_update": opts.master_update,
     }
 
 

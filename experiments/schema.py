@@ -145,6 +145,7 @@ class ElasticOptions:
     lr: float = 1e-3  # SGD (searched as the paper's benchmark does, IV; SHOT's digit code: 1e-2 on thousands of samples)
     batch_size: int = 64  # SHOT digit code
     compress_epochs: int = 5  # same-size baselines: proxy fine-tuning of the pruned master (IV: compressed offline); 0 = none
+    master_update: bool = True  # write surrogates' changes back (III-B3, eq. 3-4); false = the paper's ablation (IV)
     bank_fedavg: bool = False  # extension beyond the paper: the cloud averages the devices' banks every round
 
 

@@ -215,6 +215,8 @@ def _check_elastic(cfg) -> None:
            opts.compress_epochs)
     _check(not opts.bank_fedavg or opts.method == "elasticdnn", "algorithm.elasticdnn.bank_fedavg",
            "averages ElasticDNN's banks: set algorithm.elasticdnn.method=elasticdnn or bank_fedavg=false", opts.method)
+    _check(not opts.bank_fedavg or opts.master_update, "algorithm.elasticdnn.bank_fedavg",
+           "averages banks that only master updates change: set algorithm.elasticdnn.master_update=true", False)
     if cfg.algorithm.name == "elasticdnn":
         scen = cfg.scenario
         _check(scen.name in ("online", "evolving"), "scenario",

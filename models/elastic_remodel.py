@@ -62,6 +62,10 @@ class RemodelSettings:
         Unsupervised loss of ElasticDNN and ``full``: ``im`` (default), ``tent``, ``feature_alignment``.
     epochs, lr, batch_size : int, float, int
         Passes over the domain's samples, SGD rate, mini-batch (models.elastic_retrain defaults).
+    master_update : bool
+        Write the surrogate's changes back into the master (III-B3, eq. 3-4, and the kept
+        filters' BN parameters). False is the paper's ablation "without updating" (IV): every
+        surrogate then starts from the pre-trained master.
     """
 
     keep_fraction: float = SURROGATE_KEEP_FRACTION
@@ -70,6 +74,7 @@ class RemodelSettings:
     epochs: int = RETRAIN_EPOCHS
     lr: float = RETRAIN_LR
     batch_size: int = RETRAIN_BATCH_SIZE
+    master_update: bool = True
 
 
 def remodel_for_domain(elastic: ElasticMaster, x: Tensor, settings: RemodelSettings,
@@ -79,7 +84,8 @@ def remodel_for_domain(elastic: ElasticMaster, x: Tensor, settings: RemodelSetti
     Parameters
     ----------
     elastic : ElasticMaster
-        The device's master and bank; updated in place (eq. 3-4 and the kept filters' BN).
+        The device's master and bank; updated in place (eq. 3-4 and the kept filters' BN)
+        unless ``settings.master_update`` is False.
     x : Tensor
         The domain's unlabeled samples (paper: 100).
     settings : RemodelSettings
@@ -101,9 +107,10 @@ def remodel_for_domain(elastic: ElasticMaster, x: Tensor, settings: RemodelSetti
     before = copy.deepcopy(surrogate)
     report = retrain_surrogate(surrogate, x, mass=settings.mass, loss=settings.loss, epochs=settings.epochs,
                                lr=settings.lr, batch_size=settings.batch_size, seed=seed)
-    deltas = surrogate_deltas(master, surrogate, keep)
-    updated = update_bank_and_master(master, elastic.bank, deltas)
-    write_back_bn(master, surrogate, keep)
+    updated: tuple[str, ...] = ()
+    if settings.master_update:
+        updated = update_bank_and_master(master, elastic.bank, surrogate_deltas(master, surrogate, keep))
+        write_back_bn(master, surrogate, keep)
     return surrogate, {
         "model_fraction": conv_parameter_count(surrogate) / conv_parameter_count(master),
         "trained_fraction": float(report["trained_fraction"]),

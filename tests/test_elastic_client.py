@@ -183,3 +183,16 @@ def test_validation_lets_only_elasticdnn_average_banks():
     with pytest.raises(ConfigError, match="compress_epochs"):
         validate(from_dict({**good, "algorithm": {"name": "elasticdnn", "elasticdnn": {"compress_epochs": -1}}},
                            resolve_model=True))
+
+
+def test_without_master_update_the_master_stays_the_pretrained_one():
+    client, context = ElasticClient(_device(master_update=False)), _context()
+    master = _model()
+    reply = client.handle("train", _message(1, ArrayRecord(master.state_dict())), context)
+    assert not reply.has_error() and reply.content["metrics"]["updated_layers"] == 0
+    saved = load_blob(context)["elastic"].state_dict()
+    assert all(torch.equal(v, saved[k]) for k, v in master.state_dict().items())
+    with pytest.raises(ConfigError, match="master_update"):
+        validate(from_dict({"algorithm": {"name": "elasticdnn", "elasticdnn": {"bank_fedavg": True,
+                                                                              "master_update": False}},
+                            "scenario": {"name": "evolving"}}, resolve_model=True))
