@@ -1,8 +1,10 @@
 """The only module that touches Flower's simulation API (Flower's API churns: one file absorbs it).
 
 ``simulate(cfg, run_dir)`` runs the ServerApp and ClientApp of this project on Flower's
-Ray-backed simulation engine: a local Ray by default, or an existing Ray cluster when
-``engine.ray_address`` is set (``auto`` after ``ray start --head``).
+simulation engine: with ``engine.backend=ray``, Flower's Ray backend on a local Ray, or on an
+existing Ray cluster when ``engine.ray_address`` is set (``auto`` after ``ray start --head``);
+with ``engine.backend=processes``, on local worker processes without Ray
+(:mod:`experiments.engine_processes`).
 
 A run never hangs (issue 6). What Flower 1.41's ``run_simulation`` does, measured:
 
@@ -26,6 +28,7 @@ message (:class:`EngineGrid`), to test that a sweep goes on past a crashed job.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -36,6 +39,7 @@ import experiments  # noqa: F401  (offline switches before Flower/Ray import)
 from experiments.client_app import build_client_app
 from experiments.config import RunConfig
 from experiments.engine_fastpath import faster_message_pump, quicker_grid
+from experiments.engine_processes import process_backend, stop_busy_workers, workers_for
 from experiments.server_app import build_server_app
 
 logger = logging.getLogger(__name__)
@@ -196,12 +200,12 @@ def stop_client_actors() -> int:
     return stopped
 
 
-def _watchdog(server_done: threading.Event, run_done: threading.Event, grace_s: float) -> None:
+def _watchdog(server_done: threading.Event, run_done: threading.Event, grace_s: float, backend: str) -> None:
     server_done.wait()
     if run_done.wait(grace_s):
         return
     try:
-        stopped = stop_client_actors()
+        stopped = stop_busy_workers() if backend == "processes" else stop_client_actors()
     except Exception as exc:  # Ray shutting down under us: nothing left to stop
         logger.debug("watchdog found Ray shutting down: %r", exc)
         return
@@ -222,6 +226,14 @@ def run_apps(server_app: Any, client_app: Any, *, num_supernodes: int, backend: 
                    backend_config=backend, verbose_logging=verbose)
 
 
+def client_backend(cfg: RunConfig, run_dir: Path):
+    """Where the ClientApps run: Flower's Ray backend as it ships, or :mod:`experiments.engine_processes`."""
+    if cfg.engine.backend != "processes":
+        return contextlib.nullcontext()
+    return process_backend(functools.partial(build_client_app, cfg, run_dir), workers_for(cfg.engine.num_cpus),
+                           initializer=functools.partial(quiet_flower_logs, cfg.engine.verbose))
+
+
 def simulate(cfg: RunConfig, run_dir: Path, grace_s: float = SHUTDOWN_GRACE_S) -> None:
     """Run one simulation of ``cfg``; results land in ``run_dir``; errors propagate.
 
@@ -229,11 +241,11 @@ def simulate(cfg: RunConfig, run_dir: Path, grace_s: float = SHUTDOWN_GRACE_S) -
     """
     quiet_flower_logs(cfg.engine.verbose)
     server_done, run_done = threading.Event(), threading.Event()
-    watchdog = threading.Thread(target=_watchdog, args=(server_done, run_done, grace_s), daemon=True)
+    watchdog = threading.Thread(target=_watchdog, args=(server_done, run_done, grace_s, cfg.engine.backend), daemon=True)
     watchdog.start()
     pump = faster_message_pump() if cfg.engine.fast_pump else contextlib.nullcontext()
     try:
-        with pump:
+        with pump, client_backend(cfg, Path(run_dir)):
             run_apps(
                 watched_server_app(cfg, run_dir, server_done),
                 build_client_app(cfg, Path(run_dir)),

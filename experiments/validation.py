@@ -128,6 +128,14 @@ def _validate_data(cfg: RunConfig) -> None:
 
 
 def _validate_engine(engine: EngineConfig) -> None:
+    backends = ("ray", "processes")
+    _check(engine.backend in backends, "engine.backend", f"must be one of {backends}", engine.backend)
+    if engine.backend == "processes":
+        _check(engine.ray_address is None, "engine.ray_address",
+               "needs the Ray backend (a Ray cluster): set engine.backend=ray or engine.ray_address=null",
+               engine.ray_address)
+        _check(engine.num_gpus == 0, "engine.num_gpus",
+               "is a Ray resource: set engine.backend=ray to share GPUs between ClientApps", engine.num_gpus)
     _check(engine.num_cpus > 0, "engine.num_cpus", "must be > 0", engine.num_cpus)
     _check(engine.num_gpus >= 0, "engine.num_gpus", "must be >= 0", engine.num_gpus)
     _check(engine.torch_threads >= 1, "engine.torch_threads", "must be >= 1", engine.torch_threads)

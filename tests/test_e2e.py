@@ -77,11 +77,13 @@ def ray_head():
         subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, timeout=120)
 
 
-def test_fedavg_end_to_end_is_valid_and_deterministic_locally_and_on_an_attached_ray(tmp_path, ray_head):
+def test_fedavg_end_to_end_is_valid_and_deterministic_locally_on_an_attached_ray_and_without_ray(tmp_path, ray_head):
     local = _run([f"hydra.run.dir={tmp_path / 'a'}"], tmp_path)
     assert local.returncode == 0, local.stderr[-3000:]
     attached = _run([f"hydra.run.dir={tmp_path / 'b'}", f"engine.ray_address={ray_head}"], tmp_path)
     assert attached.returncode == 0, attached.stderr[-3000:]
+    processes = _run([f"hydra.run.dir={tmp_path / 'c'}", "engine.backend=processes"], tmp_path)
+    assert processes.returncode == 0, processes.stderr[-3000:]
 
     a, b = _results(tmp_path / "a"), _results(tmp_path / "b")
     assert a["status"] == "completed"
@@ -95,6 +97,7 @@ def test_fedavg_end_to_end_is_valid_and_deterministic_locally_and_on_an_attached
     assert REQUIRED_SUMMARY_KEYS <= set(a["summary"])
     assert (tmp_path / "a" / "accuracy_per_round.png").exists()
     assert _comparable(a["rounds"]) == _comparable(b["rounds"])  # same seed, same numbers
+    assert _comparable(a["rounds"]) == _comparable(_results(tmp_path / "c")["rounds"])  # on either backend
     assert "round 2/2" in local.stdout  # progress line per round
 
 

@@ -1,0 +1,236 @@
+"""Flower's simulation runtime on local worker processes instead of Ray (issue 7), for ``experiments.engine``.
+
+Flower 1.41's Simulation Engine runs ClientApps through a ``Backend``
+(``flwr.server.superlink.fleet.vce.backend``: ``build``, ``num_workers``, ``is_worker_idle``,
+``process_message``, ``terminate``) and always builds its ``RayBackend``. On one machine Ray
+costs, measured on 2 cores (docs/PERFORMANCE.md): ~10 s of start-up (GCS, raylet, workers)
+and the memory of its own processes. :class:`ProcessBackend` implements the same interface on
+``multiprocessing``: one worker process per ClientApp slot, forked from a fork server that
+imported the ClientApp's modules once (:data:`PRELOAD`), so the workers start in
+milliseconds and share those pages; a message and its ``Context`` travel to a worker and
+back pickled over a pipe.
+
+Every worker builds the ClientApp once from a picklable factory (``build_client_app``
+with the run's config) and keeps it, as a Ray actor keeps its imports and caches. A worker
+whose ClientApp raises sends the error back (Flower turns it into an error reply); a worker
+that dies (``os._exit``, a crash, the watchdog) fails its message with
+``ClientAppException`` and is replaced by a fresh one, so one dead device never costs the
+fleet an executor. :func:`process_backend` installs the backend for the duration of one
+``run_simulation`` call (Flower imports ``RayBackend`` from its module when the runtime
+starts); :func:`stop_busy_workers` is the watchdog's way to end ClientApps that never return.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import queue
+import sys
+import threading
+import traceback
+import types
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from flwr.clientapp.client_app import ClientAppException
+from flwr.server.superlink.fleet.vce.backend import Backend
+
+#: Flower's module that holds ``RayBackend``; ``vce_api.start_vce`` imports the class from it.
+RAY_BACKEND_MODULE = "flwr.server.superlink.fleet.vce.backend.raybackend"
+#: Modules the fork server imports before forking workers: the ClientApp and what it uses
+#: (torch, flwr, the project). Workers inherit them instead of importing them each.
+PRELOAD = ("experiments.client_app",)
+#: How workers are started: ``forkserver`` (a clean single-threaded parent: safe, unlike
+#: forking the multi-threaded driver, and shared preloaded pages, unlike ``spawn``).
+START_METHOD = "forkserver"
+#: Seconds a worker gets to exit after its pipe closes before it is killed.
+EXIT_GRACE_S = 2.0
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask; ``os.cpu_count()`` where unsupported)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def workers_for(num_cpus: float, cpus: int | None = None) -> int:
+    """How many ClientApps run at once: ``cpus // num_cpus`` (>= 1), as Ray packs actors by CPUs."""
+    if not num_cpus > 0:
+        raise ValueError(f"num_cpus per ClientApp must be > 0, got {num_cpus}")
+    return max(1, int((usable_cpus() if cpus is None else cpus) // num_cpus))
+
+
+def _serve(conn, factory: Callable[[], Any], initializer: Callable[[], None] | None) -> None:
+    """A worker's loop: ``(message, context)`` in, ``("ok", reply, context)`` or ``("error", text)`` out."""
+    if initializer is not None:
+        initializer()
+    app = None
+    while True:
+        try:
+            job = conn.recv()
+        except (EOFError, OSError):  # the backend is gone
+            return
+        if job is None:
+            return
+        message, context = job
+        try:
+            if app is None:
+                app = factory()
+            reply = app(message=message, context=context)
+            conn.send(("ok", reply, context))
+        except Exception as exc:  # noqa: BLE001  (every ClientApp error goes back as a reply)
+            conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+
+
+class _Worker:
+    """One worker process and the backend's end of its pipe."""
+
+    def __init__(self, ctx, factory: Callable[[], Any], initializer: Callable[[], None] | None) -> None:
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_serve, args=(child, factory, initializer), daemon=True,
+                                   name="edgecloud-clientapp")
+        self.process.start()
+        child.close()
+
+    def stop(self) -> None:
+        """Close the pipe, give the process :data:`EXIT_GRACE_S` to end, then kill it."""
+        with contextlib.suppress(OSError):
+            self.conn.close()
+        self.process.join(EXIT_GRACE_S)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+
+
+class ProcessBackend(Backend):
+    """Flower's simulation ``Backend`` on local worker processes (module docstring).
+
+    Flower constructs it with the run's backend config; :func:`process_backend` supplies
+    the ClientApp factory, the worker count and the worker initializer beforehand (Flower
+    passes only a JSON config and an in-process ``app_fn``, which cannot cross a process).
+    """
+
+    #: Set by :func:`process_backend` for the run it wraps.
+    settings: dict[str, Any] = {}
+    #: The backend of the running simulation (for :func:`stop_busy_workers`).
+    current: ProcessBackend | None = None
+
+    def __init__(self, backend_config: dict | None = None) -> None:
+        if not self.settings:
+            raise RuntimeError("ProcessBackend runs inside experiments.engine_processes.process_backend(...)")
+        self._factory = self.settings["factory"]
+        self._initializer = self.settings.get("initializer")
+        self._size = int(self.settings["workers"])
+        self._ctx = None
+        self._idle: queue.Queue[_Worker] = queue.Queue()
+        self._busy: set[_Worker] = set()
+        self._lock = threading.Lock()
+        self._terminated = False
+
+    def build(self, app_fn: Callable[[], Any]) -> None:  # noqa: ARG002  (workers build their own ClientApp)
+        """Start the fork server and the workers."""
+        self._ctx = multiprocessing.get_context(START_METHOD)
+        self._ctx.set_forkserver_preload(list(PRELOAD))
+        for _ in range(self._size):
+            self._idle.put(self._new_worker())
+        ProcessBackend.current = self
+
+    def _new_worker(self) -> _Worker:
+        return _Worker(self._ctx, self._factory, self._initializer)
+
+    @property
+    def num_workers(self) -> int:
+        """ClientApps that run at once (one worker process each)."""
+        return self._size
+
+    def is_worker_idle(self) -> bool:
+        """Whether a worker is free."""
+        return not self._idle.empty()
+
+    def process_message(self, message, context):
+        """Run the ClientApp on ``message`` in a free worker; ``(reply, updated context)``.
+
+        Raises ``ClientAppException`` when the ClientApp raised or its process died (a new
+        worker then takes its place); Flower turns either into an error reply.
+        """
+        worker = self._idle.get()
+        with self._lock:
+            self._busy.add(worker)
+        try:
+            worker.conn.send((message, context))
+            outcome = worker.conn.recv()
+        except (EOFError, OSError) as exc:
+            worker.process.join(EXIT_GRACE_S)
+            code = worker.process.exitcode
+            worker.stop()
+            worker = None if self._terminated else self._new_worker()
+            raise ClientAppException(f"the ClientApp's worker process ended (exit code {code}) "
+                                     "while handling the message") from exc
+        finally:
+            with self._lock:
+                self._busy.discard(worker)
+            if worker is not None and not self._terminated:
+                self._idle.put(worker)
+        if outcome[0] == "error":
+            raise ClientAppException(outcome[1])
+        return outcome[1], outcome[2]
+
+    def stop_busy(self) -> int:
+        """Kill the workers still inside a ClientApp; returns how many (each is replaced)."""
+        with self._lock:
+            busy = list(self._busy)
+        for worker in busy:
+            worker.process.kill()
+        return len(busy)
+
+    def terminate(self) -> None:
+        """Stop every worker (idle ones by closing their pipe, busy ones by a kill)."""
+        self._terminated = True
+        self.stop_busy()
+        while True:
+            try:
+                self._idle.get_nowait().stop()
+            except queue.Empty:
+                break
+        if ProcessBackend.current is self:
+            ProcessBackend.current = None
+
+
+def stop_busy_workers() -> int:
+    """Kill the running simulation's workers that are inside a ClientApp (0 when none runs)."""
+    backend = ProcessBackend.current
+    return 0 if backend is None else backend.stop_busy()
+
+
+@contextlib.contextmanager
+def process_backend(factory: Callable[[], Any], workers: int,
+                    initializer: Callable[[], None] | None = None) -> Iterator[None]:
+    """Inside the block, Flower's simulation runtime runs ClientApps on :class:`ProcessBackend`.
+
+    Parameters
+    ----------
+    factory : callable
+        Picklable, no arguments, returns the ClientApp (e.g. ``functools.partial(build_client_app, cfg, run_dir)``).
+    workers : int
+        Worker processes (ClientApps at once).
+    initializer : callable, optional
+        Picklable; each worker calls it once when it starts (e.g. logging levels).
+    """
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    stand_in = types.ModuleType(RAY_BACKEND_MODULE)
+    stand_in.RayBackend = ProcessBackend
+    saved = sys.modules.get(RAY_BACKEND_MODULE)
+    sys.modules[RAY_BACKEND_MODULE] = stand_in
+    ProcessBackend.settings = {"factory": factory, "workers": workers, "initializer": initializer}
+    try:
+        yield
+    finally:
+        ProcessBackend.settings = {}
+        if saved is None:
+            sys.modules.pop(RAY_BACKEND_MODULE, None)
+        else:
+            sys.modules[RAY_BACKEND_MODULE] = saved

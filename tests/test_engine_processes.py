@@ -1,0 +1,92 @@
+"""The process backend of the simulation engine (issue 7): Flower's Backend contract on local workers."""
+
+import os
+import sys
+import threading
+import time
+
+import pytest
+from flwr.clientapp.client_app import ClientAppException
+from flwr.server.superlink.fleet.vce.backend import Backend
+
+from experiments import engine_processes as ep
+
+
+class EchoApp:
+    """A picklable stand-in ClientApp: the reply names the worker; 'raise', 'exit', 'sleep' misbehave."""
+
+    def __call__(self, message, context):
+        if message == "raise":
+            raise RuntimeError("the handler failed")
+        if message == "exit":
+            os._exit(75)
+        if message == "sleep":
+            time.sleep(600)
+        context["seen"] = context.get("seen", 0) + 1  # a ClientApp updates its context in place
+        return message, os.getpid()
+
+
+def make_echo_app():
+    return EchoApp()
+
+
+@pytest.fixture
+def backend():
+    with ep.process_backend(make_echo_app, workers=2):
+        flwr_backend = sys.modules[ep.RAY_BACKEND_MODULE].RayBackend({})
+        flwr_backend.build(lambda: None)
+        yield flwr_backend
+        flwr_backend.terminate()
+    assert ep.RAY_BACKEND_MODULE not in sys.modules or sys.modules[ep.RAY_BACKEND_MODULE].RayBackend is not ep.ProcessBackend
+
+
+def test_workers_answer_with_the_updated_context_and_keep_their_app(backend):
+    assert isinstance(backend, Backend) and backend.num_workers == 2 and backend.is_worker_idle()
+    (text, pid), context = backend.process_message("hello", {"seen": 1})
+    assert text == "hello" and context == {"seen": 2} and pid != os.getpid()
+    pids = {backend.process_message(str(i), {})[0][1] for i in range(6)}
+    assert len(pids) <= 2  # two long-lived workers served every message
+
+
+def test_an_app_error_comes_back_as_a_client_app_exception_and_the_worker_stays(backend):
+    with pytest.raises(ClientAppException, match="the handler failed"):
+        backend.process_message("raise", {})
+    assert backend.process_message("ok", {})[0][0] == "ok"
+
+
+def test_a_dead_worker_fails_its_message_and_is_replaced(backend):
+    with pytest.raises(ClientAppException, match="exit code 75"):
+        backend.process_message("exit", {})
+    answers = [backend.process_message(str(i), {})[0][0] for i in range(4)]
+    assert answers == ["0", "1", "2", "3"] and backend.num_workers == 2
+
+
+def test_stop_busy_ends_a_stalled_app_and_its_caller_gets_an_error(backend):
+    errors = []
+
+    def call():
+        try:
+            backend.process_message("sleep", {})
+        except ClientAppException as exc:
+            errors.append(str(exc))
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    deadline = time.monotonic() + 30
+    while not backend._busy and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ep.stop_busy_workers() == 1
+    caller.join(30)
+    assert not caller.is_alive() and errors and "ended" in errors[0]
+    assert backend.process_message("after", {})[0][0] == "after"
+
+
+def test_the_backend_needs_its_block_and_a_worker_count():
+    with pytest.raises(RuntimeError, match="process_backend"):
+        ep.ProcessBackend({})
+    with pytest.raises(ValueError, match="workers"):
+        with ep.process_backend(make_echo_app, workers=0):
+            pass
+    assert ep.workers_for(1.0, cpus=2) == 2 and ep.workers_for(2.0, cpus=2) == 1 and ep.workers_for(4.0, cpus=2) == 1
+    with pytest.raises(ValueError, match="num_cpus"):
+        ep.workers_for(0.0)
