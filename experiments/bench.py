@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from experiments.bench_memory import TreeMemorySampler
+from experiments.config import compose
 from experiments.bench_report import (
     GIB,
     evaluate_targets,
@@ -52,7 +53,6 @@ from experiments.bench_report import (
 
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF_DIR = ROOT / "conf"
 DEFAULT_JSON = ROOT / "docs" / "performance.json"
 DEFAULT_MARKDOWN = ROOT / "docs" / "PERFORMANCE.md"
 #: Issue 7: fleets of 100, 500 and 1,000 devices with cohorts of 10, 25 and 50.
@@ -180,17 +180,6 @@ def plan_cases(
 
 
 # --------------------------------------------------------------------------- configuration
-def compose_config(overrides: Sequence[str]):
-    """The :class:`RunConfig` ``python -m experiments.run <overrides>`` would run."""
-    from hydra import compose, initialize_config_dir
-
-    from experiments.config import from_hydra
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        raw = compose(config_name="config", overrides=[*overrides, "output_dir=null"])
-    return from_hydra(raw)
-
-
 def model_overrides(model) -> tuple[str, ...]:
     """Hydra overrides that reproduce a :class:`ModelConfig` exactly (None -> null; ``++`` adds
     the keys the selected ``model`` group file leaves out)."""
@@ -387,7 +376,7 @@ def measure(
     cases: Sequence[Case], rounds: int, reps: int, work: Path, timeout_s: float, warm_timeout_s: float
 ) -> tuple[dict, dict]:
     """Warm every configuration's caches, then run the cases, repetitions interleaved."""
-    configs = {case.name: compose_config([*case.overrides, f"rounds={rounds}"]) for case in cases}
+    configs = {case.name: compose([*case.overrides, f"rounds={rounds}"]) for case in cases}
     warmup = {}
     for case in (c for c in cases if c.runner == "project"):  # the baselines use no pre-training
         (work / f"warm-{case.name}").mkdir(parents=True, exist_ok=True)
@@ -449,7 +438,7 @@ def run_benchmark(args: argparse.Namespace, argv: Sequence[str], work: Path) -> 
     sizes = parse_sizes(args.sizes)
     base = (*(TINY_OVERRIDES if args.tiny else ()), *args.override)
     groups = [g.strip() for g in args.cases.split(",") if g.strip()]
-    eclm_model = model_overrides(compose_config([*base, "algorithm=eclm"]).model) if "eclm" in groups else ()
+    eclm_model = model_overrides(compose([*base, "algorithm=eclm"]).model) if "eclm" in groups else ()
     cases = plan_cases(sizes, groups, base, eclm_model)
     machine = machine_description()
     warmup, runs = measure(cases, args.rounds, args.reps, work, args.timeout, args.warm_timeout)

@@ -16,7 +16,8 @@ import hashlib
 import json
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from experiments.schema import (  # noqa: F401  (re-exported: the public config API)
@@ -69,6 +70,17 @@ def from_hydra(cfg: Any) -> RunConfig:
     raw = OmegaConf.to_container(cfg, resolve=True)
     raw.pop("hydra", None)
     return from_dict(raw)
+
+
+def compose(overrides: Sequence[str] = ()) -> RunConfig:
+    """The :class:`RunConfig` ``python -m experiments.run <overrides>`` runs (``conf/`` composed by Hydra)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        raw = hydra_compose(config_name="config", overrides=[*overrides, "output_dir=null"])
+    return from_hydra(raw)
 
 
 def from_flat(run_config: Mapping[str, Any]) -> RunConfig:

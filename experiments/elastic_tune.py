@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from experiments.config import compose
 from experiments.elastic_multiapp import DomainBatch, domain_batches, load_master
 from experiments.elastic_setup import compressed_baseline
 from models.elastic_master import ElasticMaster
@@ -86,19 +87,6 @@ def markdown(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def compose_config(overrides: Sequence[str]):
-    """The run configuration of ``conf/`` with ``overrides`` (as ``python -m experiments.run`` builds it)."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from experiments.config import from_dict
-    from experiments.flwr_toml import ROOT
-
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["output_dir=null", *overrides])
-    return from_dict(OmegaConf.to_container(cfg, resolve=True))
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the grid and print the table."""
     from experiments.claims_elastic import build_parser, shared_overrides
@@ -111,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", default=shared_overrides(build_parser().parse_args([])),
                         help="Hydra overrides of the run (default: the claims preset's, sharing its caches)")
     args = parser.parse_args(argv)
-    cfg = compose_config(args.overrides)
+    cfg = compose(args.overrides)
     torch.set_num_threads(cfg.engine.torch_threads)
     data, elastic = load_master(cfg)
     compressed = compressed_baseline(cfg, elastic, data) if cfg.algorithm.elasticdnn.compress_epochs else None

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from experiments.config import compose
 from experiments.bench import (
     GROUPS,
     RoundWatcher,
-    compose_config,
     main,
     model_overrides,
     parse_sizes,
@@ -81,10 +81,10 @@ def test_fleet_group_alone_still_measures_the_default_size():
 
 
 def test_fedavg_on_eclms_network_gets_exactly_eclms_network():
-    eclm = compose_config(["algorithm=eclm"])
-    fedavg = compose_config(["algorithm=fedavg", *model_overrides(eclm.model)])
+    eclm = compose(["algorithm=eclm"])
+    fedavg = compose(["algorithm=fedavg", *model_overrides(eclm.model)])
     assert fedavg.algorithm.name == "fedavg" and fedavg.model == eclm.model
-    assert fedavg.model.name != compose_config(["algorithm=fedavg"]).model.name
+    assert fedavg.model.name != compose(["algorithm=fedavg"]).model.name
 
 
 # --------------------------------------------------------------------------- arithmetic
