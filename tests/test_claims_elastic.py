@@ -244,3 +244,24 @@ def test_targets_report_the_same_size_models_starting_accuracy():
     rows["source"] = {**rows["tent"], "accuracy": 0.1}
     lines = ce.targets(rows, None)
     assert len(lines) == 3 and "scores 10.0 %" in lines[2]
+
+
+def test_targets_report_the_ablation_and_the_extension_by_hand():
+    rows = rows_with(0.70, 0.55, 0.60, 1.0)
+    rows["elasticdnn_no_update"] = {**rows["elasticdnn"], "accuracy": 0.75}
+    rows["elasticdnn_bank_fedavg"] = {**rows["elasticdnn"], "accuracy": 0.72}
+    lines = ce.targets(rows, None)
+    assert any("master updates" in line and "-5.0 points" in line for line in lines)
+    assert any("banks (extension): +2.0 points" in line for line in lines)
+
+
+def test_each_run_names_its_method_and_tuned_settings(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(ce, "run_cached", lambda run_dir, overrides: seen.setdefault(run_dir.name, overrides))
+    args = argparse.Namespace(severity=5, width=16, partition="iid", devices=4, rounds=15, seed=0, out=tmp_path)
+    for label in ce.RUNS:
+        ce.run_one(label, args)
+    assert "algorithm.elasticdnn.master_update=false" in seen["elasticdnn_no_update"]
+    assert "algorithm.elasticdnn.bank_fedavg=true" in seen["elasticdnn_bank_fedavg"]
+    assert {"algorithm.elasticdnn.method=tent", "algorithm.elasticdnn.lr=0.001"} <= set(seen["tent"])
+    assert all(any(o.startswith("algorithm.elasticdnn.method=") for o in seen[label]) for label in ce.RUNS)
