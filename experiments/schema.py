@@ -180,7 +180,7 @@ class PretrainConfig:
 class EngineConfig:
     """Flower simulation engine: where ClientApps run, their resources, and guards against hangs."""
 
-    backend: str = "ray"  # ray: Flower's Ray backend | processes: local worker processes (experiments/engine_processes.py)
+    backend: str = "auto"  # auto: processes, or ray with ray_address/num_gpus | ray | processes (docs/PERFORMANCE.md)
     ray_address: str | None = None  # None: start a local Ray; "auto": attach to `ray start --head`
     num_cpus: float = 1.0  # per ClientApp; on 2 cores two actors are fastest
     num_gpus: float = 0.0  # per ClientApp; CPU is the default

@@ -128,7 +128,7 @@ def _validate_data(cfg: RunConfig) -> None:
 
 
 def _validate_engine(engine: EngineConfig) -> None:
-    backends = ("ray", "processes")
+    backends = ("auto", "ray", "processes")
     _check(engine.backend in backends, "engine.backend", f"must be one of {backends}", engine.backend)
     if engine.backend == "processes":
         _check(engine.ray_address is None, "engine.ray_address",

@@ -77,13 +77,13 @@ def ray_head():
         subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, timeout=120)
 
 
-def test_fedavg_end_to_end_is_valid_and_deterministic_locally_on_an_attached_ray_and_without_ray(tmp_path, ray_head):
-    local = _run([f"hydra.run.dir={tmp_path / 'a'}"], tmp_path)
+def test_fedavg_end_to_end_is_valid_and_deterministic_without_ray_on_a_local_and_an_attached_ray(tmp_path, ray_head):
+    local = _run([f"hydra.run.dir={tmp_path / 'a'}"], tmp_path)  # engine.backend=auto: local processes
     assert local.returncode == 0, local.stderr[-3000:]
-    attached = _run([f"hydra.run.dir={tmp_path / 'b'}", f"engine.ray_address={ray_head}"], tmp_path)
+    attached = _run([f"hydra.run.dir={tmp_path / 'b'}", f"engine.ray_address={ray_head}"], tmp_path)  # auto: Ray
     assert attached.returncode == 0, attached.stderr[-3000:]
-    processes = _run([f"hydra.run.dir={tmp_path / 'c'}", "engine.backend=processes"], tmp_path)
-    assert processes.returncode == 0, processes.stderr[-3000:]
+    on_ray = _run([f"hydra.run.dir={tmp_path / 'c'}", "engine.backend=ray"], tmp_path)
+    assert on_ray.returncode == 0, on_ray.stderr[-3000:]
 
     a, b = _results(tmp_path / "a"), _results(tmp_path / "b")
     assert a["status"] == "completed"
@@ -98,6 +98,7 @@ def test_fedavg_end_to_end_is_valid_and_deterministic_locally_on_an_attached_ray
     assert (tmp_path / "a" / "accuracy_per_round.png").exists()
     assert _comparable(a["rounds"]) == _comparable(b["rounds"])  # same seed, same numbers
     assert _comparable(a["rounds"]) == _comparable(_results(tmp_path / "c")["rounds"])  # on either backend
+    assert "ClientAppActor" not in local.stderr and "ClientAppActor" in on_ray.stderr  # no Ray in the default run
     assert "round 2/2" in local.stdout  # progress line per round
 
 

@@ -90,3 +90,18 @@ def test_the_backend_needs_its_block_and_a_worker_count():
     assert ep.workers_for(1.0, cpus=2) == 2 and ep.workers_for(2.0, cpus=2) == 1 and ep.workers_for(4.0, cpus=2) == 1
     with pytest.raises(ValueError, match="num_cpus"):
         ep.workers_for(0.0)
+
+
+def test_auto_picks_processes_on_one_machine_and_ray_for_a_cluster_or_gpus():
+    from experiments.config import EngineConfig, from_dict
+    from experiments.engine import resolved_backend
+    from experiments.validation import ConfigError
+
+    assert resolved_backend(EngineConfig()) == "processes"
+    assert resolved_backend(EngineConfig(ray_address="auto")) == "ray"
+    assert resolved_backend(EngineConfig(num_gpus=0.5)) == "ray"
+    assert resolved_backend(EngineConfig(backend="ray")) == "ray"
+    with pytest.raises(ConfigError, match="engine.backend=ray"):
+        from_dict({"engine": {"backend": "processes", "ray_address": "auto"}})
+    with pytest.raises(ConfigError, match="engine.backend must be one of"):
+        from_dict({"engine": {"backend": "dask"}})
