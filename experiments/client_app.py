@@ -167,6 +167,14 @@ def make_device(cfg: RunConfig, partition_id: int, context: Context | None = Non
     )
 
 
+def warm_process(cfg: RunConfig) -> None:
+    """Fill this process's caches for ``cfg`` before its first message: the fleet's data source,
+    its partition into devices and the network's FLOP count (a simulation worker's start-up)."""
+    data = build_federated_data(cfg.dataset, cfg.scenario, cfg.fleet.devices, cfg.seed)
+    _ = data.partitions
+    _flops_per_sample(cfg.model, data.num_classes, data.image_shape)
+
+
 def fault_injector(cfg: RunConfig) -> FaultInjector:
     """The run's injected faults (``cfg.faults``); a ``timeout`` device stalls past the round timeout."""
     return _fault_injector(cfg.faults, cfg.seed, cfg.engine.round_timeout_s)

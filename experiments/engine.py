@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import experiments  # noqa: F401  (offline switches before Flower/Ray import)
-from experiments.client_app import build_client_app
+from experiments.client_app import build_client_app, warm_process
 from experiments.config import EngineConfig, RunConfig
 from experiments.engine_fastpath import faster_message_pump, quicker_grid
 from experiments.engine_processes import process_backend, stop_busy_workers, workers_for
@@ -91,26 +91,55 @@ class InjectedServerCrash(RuntimeError):
     """The ServerApp crash that ``faults.crash_server_round`` asks for."""
 
 
+class FleetWarmUp(threading.Thread):
+    """:func:`warm_up_fleet` in a thread started with the ServerApp; keeps the replies."""
+
+    def __init__(self, grid: Any, devices: int, timeout_s: float) -> None:
+        super().__init__(name="fleet-warm-up", daemon=True)
+        self._args = (grid, devices, timeout_s)
+        self.replies: list = []
+
+    def run(self) -> None:  # noqa: D102
+        self.replies = warm_up_fleet(*self._args)
+
+
+def is_discovery(messages: list) -> bool:
+    """Whether ``messages`` are the cloud's discovery: round-0 QUERYs carrying nothing but that config."""
+    from flwr.app import MessageType
+
+    def bare_query(msg) -> bool:
+        content = msg.content
+        config = content.config_records.get("config")
+        return (msg.metadata.message_type == MessageType.QUERY and list(content.keys()) == ["config"]
+                and config is not None and dict(config) == {"round": 0})
+
+    return bool(messages) and all(bare_query(m) for m in messages)
+
+
 class EngineGrid:
     """The Flower Grid the project's ServerApp sees in simulation.
 
-    Its first exchange waits for the fleet's warm-up (a thread started with the
-    ServerApp, so the warm-up overlaps the cloud's pre-training), and with ``crash_round``
-    set it raises :class:`InjectedServerCrash` on the first message of that round (a
-    message's round is its ``config`` record's ``round``; 0 is discovery). Every other
-    call goes to the wrapped grid.
+    Its first exchange waits for the fleet's warm-up (a thread started with the ServerApp, so
+    the warm-up overlaps the cloud's pre-training), and the cloud's discovery is answered with
+    the warm-up's replies where they have content (both are the same round-0 query; the rest
+    are asked again), so the fleet answers once. With ``crash_round`` set it raises
+    :class:`InjectedServerCrash` on the first message of that round (a message's round is its
+    ``config`` record's ``round``; 0 is discovery). Every other call goes to the wrapped grid.
     """
 
-    def __init__(self, grid: Any, warm_up: threading.Thread, crash_round: int | None = None) -> None:
+    def __init__(self, grid: Any, warm_up: FleetWarmUp, crash_round: int | None = None) -> None:
         self._grid = grid
         self._warm_up = warm_up
+        self._warm_replies: dict[int, Any] | None = None
         self.crash_round = crash_round
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
 
     def _ready(self, messages) -> list:
-        self._warm_up.join()
+        if self._warm_replies is None:
+            self._warm_up.join()
+            self._warm_replies = {r.metadata.src_node_id: r for r in self._warm_up.replies if r.has_content()}
         messages = list(messages)
         for msg in messages:
             config = msg.content.config_records.get("config")
@@ -122,7 +151,13 @@ class EngineGrid:
         return self._grid.push_messages(self._ready(messages))
 
     def send_and_receive(self, messages, *args, **kwargs):  # noqa: D102  (Grid API)
-        return self._grid.send_and_receive(self._ready(messages), *args, **kwargs)
+        messages = self._ready(messages)
+        if not (self._warm_replies and is_discovery(messages)):
+            return self._grid.send_and_receive(messages, *args, **kwargs)
+        answered, self._warm_replies = self._warm_replies, {}  # used once
+        known = [answered[m.metadata.dst_node_id] for m in messages if m.metadata.dst_node_id in answered]
+        rest = [m for m in messages if m.metadata.dst_node_id not in answered]
+        return known + (list(self._grid.send_and_receive(rest, *args, **kwargs)) if rest else [])
 
 
 def watched_server_app(cfg: RunConfig, run_dir: Path, finished: threading.Event):
@@ -135,9 +170,7 @@ def watched_server_app(cfg: RunConfig, run_dir: Path, finished: threading.Event)
     @app.main()
     def main(grid: Grid, context) -> None:
         try:
-            warm_up = threading.Thread(
-                target=warm_up_fleet, args=(grid, cfg.fleet.devices, STARTUP_WAIT_S), name="fleet-warm-up", daemon=True
-            )
+            warm_up = FleetWarmUp(grid, cfg.fleet.devices, STARTUP_WAIT_S)
             warm_up.start()
             if cfg.engine.fast_pump:
                 quicker_grid(grid)
@@ -148,14 +181,14 @@ def watched_server_app(cfg: RunConfig, run_dir: Path, finished: threading.Event)
     return app
 
 
-def warm_up_fleet(grid: Any, devices: int, timeout_s: float) -> int:
-    """Ask every simulated device once (a round-0 query, replies unused) so the cloud starts on a warm fleet.
+def warm_up_fleet(grid: Any, devices: int, timeout_s: float) -> list:
+    """Ask every simulated device once (a round-0 query) so the cloud starts on a warm fleet; the replies.
 
     Flower starts the ServerApp and Ray side by side, and each Ray actor loads the
     ClientApp (torch, the data) on its first message: measured 20-60 s on 2 busy cores,
     which would otherwise eat into the cloud's discovery timeout (``engine.round_timeout_s``).
     On real devices SuperNodes are up before a run, as the fleet is after this. Returns
-    how many devices answered within ``timeout_s``.
+    the replies (:class:`EngineGrid` answers the cloud's discovery with them).
     """
     from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
@@ -166,11 +199,11 @@ def warm_up_fleet(grid: Any, devices: int, timeout_s: float) -> int:
         node_ids = list(grid.get_node_ids())
     query = RecordDict({"config": ConfigRecord({"round": 0})})
     messages = [Message(query, dst_node_id=node, message_type=MessageType.QUERY) for node in node_ids]
-    replies = grid.send_and_receive(messages, timeout=max(deadline - time.monotonic(), 0.0))
+    replies = list(grid.send_and_receive(messages, timeout=max(deadline - time.monotonic(), 0.0)))
     answered = sum(1 for reply in replies if reply.has_content())
     if answered < devices:
         logger.warning("only %d of %d devices answered the warm-up within %.0f s", answered, devices, timeout_s)
-    return answered
+    return replies
 
 
 def _client_actors() -> dict[str, dict]:
@@ -244,7 +277,13 @@ def client_backend(cfg: RunConfig, run_dir: Path):
     if resolved_backend(cfg.engine) != "processes":
         return contextlib.nullcontext()
     return process_backend(functools.partial(build_client_app, cfg, run_dir), workers_for(cfg.engine.num_cpus),
-                           initializer=functools.partial(quiet_flower_logs, cfg.engine.verbose))
+                           initializer=functools.partial(prepare_worker, cfg))
+
+
+def prepare_worker(cfg: RunConfig) -> None:
+    """What a process-backend worker does when it starts: Flower's log level, the run's caches warm."""
+    quiet_flower_logs(cfg.engine.verbose)
+    warm_process(cfg)
 
 
 def simulate(cfg: RunConfig, run_dir: Path, grace_s: float = SHUTDOWN_GRACE_S) -> None:

@@ -15,9 +15,10 @@ with the run's config) and keeps it, as a Ray actor keeps its imports and caches
 whose ClientApp raises sends the error back (Flower turns it into an error reply); a worker
 that dies (``os._exit``, a crash, the watchdog) fails its message with
 ``ClientAppException`` and is replaced by a fresh one, so one dead device never costs the
-fleet an executor. :func:`process_backend` installs the backend for the duration of one
-``run_simulation`` call (Flower imports ``RayBackend`` from its module when the runtime
-starts); :func:`stop_busy_workers` is the watchdog's way to end ClientApps that never return.
+fleet an executor. :func:`process_backend` starts the workers and installs the backend for
+the duration of one ``run_simulation`` call (Flower imports ``RayBackend`` from its module
+when the runtime starts); :func:`stop_busy_workers` is the watchdog's way to end ClientApps
+that never return.
 """
 
 from __future__ import annotations
@@ -39,8 +40,11 @@ from flwr.server.superlink.fleet.vce.backend import Backend
 #: Flower's module that holds ``RayBackend``; ``vce_api.start_vce`` imports the class from it.
 RAY_BACKEND_MODULE = "flwr.server.superlink.fleet.vce.backend.raybackend"
 #: Modules the fork server imports before forking workers: the ClientApp and what it uses
-#: (torch, flwr, the project). Workers inherit them instead of importing them each.
-PRELOAD = ("experiments.client_app",)
+#: (torch, flwr, the project), and what a device's first messages import lazily: torch's
+#: compiler stack (the FLOP counter and the first optimizer load it; 3.6 s), scikit-learn's
+#: digits and the partitioners (flwr-datasets, HF datasets). Workers inherit them (measured
+#: with ``python -X importtime`` on 2 busy cores: 6 s of imports), sharing their pages.
+PRELOAD = ("experiments.client_app", "torch._dynamo", "sklearn.datasets", "flwr_datasets.partitioner", "datasets")
 #: How workers are started: ``forkserver`` (a clean single-threaded parent: safe, unlike
 #: forking the multi-threaded driver, and shared preloaded pages, unlike ``spawn``).
 START_METHOD = "forkserver"
@@ -64,10 +68,18 @@ def workers_for(num_cpus: float, cpus: int | None = None) -> int:
 
 
 def _serve(conn, factory: Callable[[], Any], initializer: Callable[[], None] | None) -> None:
-    """A worker's loop: ``(message, context)`` in, ``("ok", reply, context)`` or ``("error", text)`` out."""
-    if initializer is not None:
-        initializer()
-    app = None
+    """A worker's loop: ``(message, context)`` in, ``("ok", reply, context)`` or ``("error", text)`` out.
+
+    The worker runs ``initializer`` and builds its ClientApp as soon as it starts (before its
+    first message arrives); a failure there is reported on every message.
+    """
+    app, failure = None, None
+    try:
+        if initializer is not None:
+            initializer()
+        app = factory()
+    except Exception as exc:  # noqa: BLE001  (reported with the first message)
+        failure = f"the ClientApp worker could not start: {type(exc).__name__}: {exc}\n{traceback.format_exc()}"
     while True:
         try:
             job = conn.recv()
@@ -76,9 +88,10 @@ def _serve(conn, factory: Callable[[], Any], initializer: Callable[[], None] | N
         if job is None:
             return
         message, context = job
+        if failure is not None:
+            conn.send(("error", failure))
+            continue
         try:
-            if app is None:
-                app = factory()
             reply = app(message=message, context=context)
             conn.send(("ok", reply, context))
         except Exception as exc:  # noqa: BLE001  (every ClientApp error goes back as a reply)
@@ -105,56 +118,44 @@ class _Worker:
             self.process.join()
 
 
-class ProcessBackend(Backend):
-    """Flower's simulation ``Backend`` on local worker processes (module docstring).
+class WorkerPool:
+    """Worker processes (one ClientApp each), started at once, with their idle queue.
 
-    Flower constructs it with the run's backend config; :func:`process_backend` supplies
-    the ClientApp factory, the worker count and the worker initializer beforehand (Flower
-    passes only a JSON config and an in-process ``app_fn``, which cannot cross a process).
+    Parameters
+    ----------
+    factory : callable
+        Picklable, no arguments, returns the ClientApp.
+    workers : int
+        How many processes.
+    initializer : callable, optional
+        Picklable; each worker calls it once when it starts (logging, warm caches).
     """
 
-    #: Set by :func:`process_backend` for the run it wraps.
-    settings: dict[str, Any] = {}
-    #: The backend of the running simulation (for :func:`stop_busy_workers`).
-    current: ProcessBackend | None = None
-
-    def __init__(self, backend_config: dict | None = None) -> None:
-        if not self.settings:
-            raise RuntimeError("ProcessBackend runs inside experiments.engine_processes.process_backend(...)")
-        self._factory = self.settings["factory"]
-        self._initializer = self.settings.get("initializer")
-        self._size = int(self.settings["workers"])
-        self._ctx = None
+    def __init__(self, factory: Callable[[], Any], workers: int, initializer: Callable[[], None] | None = None) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self._ctx = multiprocessing.get_context(START_METHOD)
+        self._ctx.set_forkserver_preload(list(PRELOAD))
+        self._factory, self._initializer, self.size = factory, initializer, workers
         self._idle: queue.Queue[_Worker] = queue.Queue()
         self._busy: set[_Worker] = set()
         self._lock = threading.Lock()
-        self._terminated = False
-
-    def build(self, app_fn: Callable[[], Any]) -> None:  # noqa: ARG002  (workers build their own ClientApp)
-        """Start the fork server and the workers."""
-        self._ctx = multiprocessing.get_context(START_METHOD)
-        self._ctx.set_forkserver_preload(list(PRELOAD))
-        for _ in range(self._size):
+        self.closed = False
+        for _ in range(workers):
             self._idle.put(self._new_worker())
-        ProcessBackend.current = self
 
     def _new_worker(self) -> _Worker:
         return _Worker(self._ctx, self._factory, self._initializer)
 
-    @property
-    def num_workers(self) -> int:
-        """ClientApps that run at once (one worker process each)."""
-        return self._size
-
-    def is_worker_idle(self) -> bool:
+    def has_idle(self) -> bool:
         """Whether a worker is free."""
         return not self._idle.empty()
 
-    def process_message(self, message, context):
-        """Run the ClientApp on ``message`` in a free worker; ``(reply, updated context)``.
+    def run(self, message, context):
+        """The ClientApp's reply to ``message`` from a free worker: ``(reply, updated context)``.
 
         Raises ``ClientAppException`` when the ClientApp raised or its process died (a new
-        worker then takes its place); Flower turns either into an error reply.
+        worker then takes its place).
         """
         worker = self._idle.get()
         with self._lock:
@@ -166,13 +167,13 @@ class ProcessBackend(Backend):
             worker.process.join(EXIT_GRACE_S)
             code = worker.process.exitcode
             worker.stop()
-            worker = None if self._terminated else self._new_worker()
+            worker = None if self.closed else self._new_worker()
             raise ClientAppException(f"the ClientApp's worker process ended (exit code {code}) "
                                      "while handling the message") from exc
         finally:
             with self._lock:
                 self._busy.discard(worker)
-            if worker is not None and not self._terminated:
+            if worker is not None and not self.closed:
                 self._idle.put(worker)
         if outcome[0] == "error":
             raise ClientAppException(outcome[1])
@@ -186,50 +187,81 @@ class ProcessBackend(Backend):
             worker.process.kill()
         return len(busy)
 
-    def terminate(self) -> None:
+    def close(self) -> None:
         """Stop every worker (idle ones by closing their pipe, busy ones by a kill)."""
-        self._terminated = True
+        self.closed = True
         self.stop_busy()
         while True:
             try:
                 self._idle.get_nowait().stop()
             except queue.Empty:
                 break
-        if ProcessBackend.current is self:
-            ProcessBackend.current = None
+
+
+class ProcessBackend(Backend):
+    """Flower's simulation ``Backend`` on the :class:`WorkerPool` of :func:`process_backend` (module docstring).
+
+    Flower constructs it with the run's JSON backend config and hands ``build`` an in-process
+    ``app_fn``, neither of which can start a ClientApp in another process; the pool, started
+    by :func:`process_backend` before Flower's runtime (so the workers warm up while the
+    cloud starts), carries the picklable factory instead.
+    """
+
+    #: The pool of the running :func:`process_backend` block.
+    pool: WorkerPool | None = None
+
+    def __init__(self, backend_config: dict | None = None) -> None:  # noqa: ARG002  (Flower's signature)
+        if ProcessBackend.pool is None:
+            raise RuntimeError("ProcessBackend runs inside experiments.engine_processes.process_backend(...)")
+        self._pool = ProcessBackend.pool
+
+    def build(self, app_fn: Callable[[], Any]) -> None:  # noqa: ARG002  (the workers build their own ClientApp)
+        """Nothing to do: the pool's workers started with :func:`process_backend`."""
+
+    @property
+    def num_workers(self) -> int:
+        """ClientApps that run at once (one worker process each)."""
+        return self._pool.size
+
+    def is_worker_idle(self) -> bool:
+        """Whether a worker is free."""
+        return self._pool.has_idle()
+
+    def process_message(self, message, context):
+        """Run the ClientApp on ``message`` in a free worker (:meth:`WorkerPool.run`); Flower turns an
+        exception into an error reply."""
+        return self._pool.run(message, context)
+
+    def terminate(self) -> None:
+        """Stop the workers (Flower calls this when the simulation ends)."""
+        self._pool.close()
 
 
 def stop_busy_workers() -> int:
     """Kill the running simulation's workers that are inside a ClientApp (0 when none runs)."""
-    backend = ProcessBackend.current
-    return 0 if backend is None else backend.stop_busy()
+    pool = ProcessBackend.pool
+    return 0 if pool is None else pool.stop_busy()
 
 
 @contextlib.contextmanager
 def process_backend(factory: Callable[[], Any], workers: int,
-                    initializer: Callable[[], None] | None = None) -> Iterator[None]:
+                    initializer: Callable[[], None] | None = None) -> Iterator[WorkerPool]:
     """Inside the block, Flower's simulation runtime runs ClientApps on :class:`ProcessBackend`.
 
-    Parameters
-    ----------
-    factory : callable
-        Picklable, no arguments, returns the ClientApp (e.g. ``functools.partial(build_client_app, cfg, run_dir)``).
-    workers : int
-        Worker processes (ClientApps at once).
-    initializer : callable, optional
-        Picklable; each worker calls it once when it starts (e.g. logging levels).
+    The workers start on entry (the fork server first, once per driver process) and stop on
+    exit, whatever happened inside. Arguments are those of :class:`WorkerPool`.
     """
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
+    pool = WorkerPool(factory, workers, initializer)
     stand_in = types.ModuleType(RAY_BACKEND_MODULE)
     stand_in.RayBackend = ProcessBackend
     saved = sys.modules.get(RAY_BACKEND_MODULE)
     sys.modules[RAY_BACKEND_MODULE] = stand_in
-    ProcessBackend.settings = {"factory": factory, "workers": workers, "initializer": initializer}
+    ProcessBackend.pool = pool
     try:
-        yield
+        yield pool
     finally:
-        ProcessBackend.settings = {}
+        ProcessBackend.pool = None
+        pool.close()
         if saved is None:
             sys.modules.pop(RAY_BACKEND_MODULE, None)
         else:

@@ -33,11 +33,22 @@ def make_echo_app():
 @pytest.fixture
 def backend():
     with ep.process_backend(make_echo_app, workers=2):
-        flwr_backend = sys.modules[ep.RAY_BACKEND_MODULE].RayBackend({})
+        flwr_backend = sys.modules[ep.RAY_BACKEND_MODULE].RayBackend({})  # what Flower's runtime builds
         flwr_backend.build(lambda: None)
         yield flwr_backend
         flwr_backend.terminate()
     assert ep.RAY_BACKEND_MODULE not in sys.modules or sys.modules[ep.RAY_BACKEND_MODULE].RayBackend is not ep.ProcessBackend
+
+
+def broken_factory():
+    raise OSError("no data here")
+
+
+def test_a_worker_that_cannot_build_its_app_fails_every_message_by_name():
+    with ep.process_backend(broken_factory, workers=1) as pool:
+        for _ in range(2):
+            with pytest.raises(ClientAppException, match="could not start: OSError: no data here"):
+                pool.run("hello", {})
 
 
 def test_workers_answer_with_the_updated_context_and_keep_their_app(backend):
@@ -73,7 +84,7 @@ def test_stop_busy_ends_a_stalled_app_and_its_caller_gets_an_error(backend):
     caller = threading.Thread(target=call)
     caller.start()
     deadline = time.monotonic() + 30
-    while not backend._busy and time.monotonic() < deadline:
+    while not backend._pool._busy and time.monotonic() < deadline:
         time.sleep(0.05)
     assert ep.stop_busy_workers() == 1
     caller.join(30)
@@ -87,6 +98,7 @@ def test_the_backend_needs_its_block_and_a_worker_count():
     with pytest.raises(ValueError, match="workers"):
         with ep.process_backend(make_echo_app, workers=0):
             pass
+    assert ep.ProcessBackend.pool is None
     assert ep.workers_for(1.0, cpus=2) == 2 and ep.workers_for(2.0, cpus=2) == 1 and ep.workers_for(4.0, cpus=2) == 1
     with pytest.raises(ValueError, match="num_cpus"):
         ep.workers_for(0.0)
