@@ -6,8 +6,10 @@ One run measures, side by side, with repetitions and medians:
   plain-Flower FedAvg app (:mod:`experiments.bench_plain`) on the same model, data and cohort
   size, and against the same rounds in a single-process plain loop (:mod:`experiments.bench_floor`,
   the physical floor of this machine);
-* ECLM and CEMA rounds against the project's FedAvg (ECLM also against FedAvg on ECLM's own
-  network, the like-for-like ratio);
+* ECLM, CEMA and ElasticDNN rounds against the project's FedAvg (ECLM also against FedAvg on
+  ECLM's own network, the like-for-like ratio);
+* the levers undone: Flower's own message pump (``pump``) and Flower's Ray backend (``ray``)
+  instead of the project's process backend;
 * fleets of 100, 500 and 1,000 devices (cohorts 10, 25, 50): start-up to the end of round 1,
   per-round time, peak PSS and RSS of the whole process tree (Ray's processes included).
 
@@ -79,10 +81,13 @@ DEFAULT_TIMEOUT_S = 1800.0  # a hung child is killed after this (1,000 devices o
 #: modular ResNet18 on the digits proxy part took ~45 min on the busy 2-core development machine.
 DEFAULT_WARM_TIMEOUT_S = 4 * 3600.0
 POLL_S = 0.02  # how often the parent looks at a child's results.json (rounds last >= 0.1 s)
-GROUPS = ("fedavg", "plain", "floor", "eclm", "cema", "fleet", "pump")
+GROUPS = ("fedavg", "plain", "floor", "eclm", "cema", "elasticdnn", "fleet", "pump", "ray")
 #: The ``pump`` group: the project's FedAvg with Flower's own message pump and polls, the
 #: lever ``engine.fast_pump`` undone (experiments/engine_fastpath.py).
 FLOWER_PUMP = ("algorithm=fedavg", "engine.fast_pump=false")
+#: The ``ray`` group: the project's FedAvg on Flower's Ray backend, the lever
+#: ``engine.backend=processes`` (the default ``auto`` on one machine) undone.
+ON_RAY = ("algorithm=fedavg", "engine.backend=ray")
 
 
 # --------------------------------------------------------------------------- cases
@@ -158,7 +163,9 @@ def plan_cases(
             ("fedavg_eclm_network", "project", ("algorithm=fedavg", *eclm_model)),
         ],
         "cema": [("cema", "project", ("algorithm=cema", "scenario=online"))],
+        "elasticdnn": [("elasticdnn", "project", ("algorithm=elasticdnn", "scenario=evolving"))],
         "pump": [("fedavg_flower_pump", "project", FLOWER_PUMP)],
+        "ray": [("fedavg_ray", "project", ON_RAY)],
     }
     cases = [
         Case(f"{label}@{devices}", runner, devices, cohort, (*base, *extra, *fleet))
@@ -172,10 +179,10 @@ def plan_cases(
             for n, k in sizes
             if not (n == devices and "fedavg" in groups)
         ]
-        if "pump" in groups:  # the pump's cost grows with the fleet: also at the largest size
-            n, k = max(sizes)
-            if n != devices:
-                cases.append(Case(f"fedavg_flower_pump@{n}", "project", n, k, (*base, *FLOWER_PUMP, *_fleet(n, k))))
+        n, k = max(sizes)
+        for group, label, extra in (("pump", "fedavg_flower_pump", FLOWER_PUMP), ("ray", "fedavg_ray", ON_RAY)):
+            if group in groups and n != devices:  # both levers' effect grows with the fleet: also the largest
+                cases.append(Case(f"{label}@{n}", "project", n, k, (*base, *extra, *_fleet(n, k))))
     return cases
 
 

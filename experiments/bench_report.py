@@ -86,6 +86,7 @@ def issue_targets(sizes: Sequence[tuple[int, int]]) -> list[Target]:
         Target("ECLM round / project FedAvg round, same network", "round_s", f"eclm@{d}", f"fedavg_eclm_network@{d}", 1.25),
         Target("ECLM round / project FedAvg round (default CNN)", "round_s", f"eclm@{d}", f"fedavg@{d}", None),
         Target("CEMA round / project FedAvg round", "round_s", f"cema@{d}", f"fedavg@{d}", None),
+        Target("ElasticDNN round / project FedAvg round", "round_s", f"elasticdnn@{d}", f"fedavg@{d}", None),
         Target("project FedAvg round / plain loop round", "round_s", f"fedavg@{d}", f"floor@{d}", 0.75),
         Target("plain-Flower round / plain loop round", "round_s", f"plain@{d}", f"floor@{d}", None),
         Target("project start-up to end of round 1 (s)", "startup_s", f"fedavg@{d}", None, 8.0),
@@ -96,6 +97,9 @@ def issue_targets(sizes: Sequence[tuple[int, int]]) -> list[Target]:
     for n in sorted({d, largest}):
         rows.append(Target(f"project FedAvg round at {n} devices, Flower's message pump / the fast pump", "round_s",
                            f"fedavg_flower_pump@{n}", f"fedavg@{n}", None))
+        for metric, what in (("round_s", "round"), ("startup_s", "start-up"), ("peak_pss_bytes", "peak PSS")):
+            rows.append(Target(f"project FedAvg {what} at {n} devices, Ray backend / process backend", metric,
+                               f"fedavg_ray@{n}", f"fedavg@{n}", None))
     if largest != d:
         rows.append(Target(f"project peak PSS at {largest} / at {d} devices", "peak_pss_bytes",
                            f"fedavg@{largest}", f"fedavg@{d}", 1.1))

@@ -63,13 +63,16 @@ def test_cases_of_every_group_at_the_default_size_and_the_fleet_sizes():
     cases = plan_cases([(100, 10), (500, 25)], GROUPS, ("x=1",), ("++model.name=m",))
     names = [c.name for c in cases]
     assert names == ["fedavg@100", "plain@100", "floor@100", "eclm@100", "fedavg_eclm_network@100", "cema@100",
-                     "fedavg_flower_pump@100", "fedavg@500", "fedavg_flower_pump@500"]
+                     "elasticdnn@100", "fedavg_flower_pump@100", "fedavg_ray@100", "fedavg@500", "fedavg_flower_pump@500",
+                     "fedavg_ray@500"]
     by_name = {c.name: c for c in cases}
     assert by_name["plain@100"].runner == "plain" and by_name["floor@100"].runner == "floor"
     assert by_name["fedavg_eclm_network@100"].overrides == (
         "x=1", "algorithm=fedavg", "++model.name=m", "fleet.devices=100", "fleet.per_round=10")
     assert by_name["fedavg@500"].overrides[-2:] == ("fleet.devices=500", "fleet.per_round=25")
     assert "scenario=online" in by_name["cema@100"].overrides
+    assert by_name["fedavg_ray@500"].overrides[-3:] == ("engine.backend=ray", "fleet.devices=500", "fleet.per_round=25")
+    assert "scenario=evolving" in by_name["elasticdnn@100"].overrides
     assert by_name["fedavg_flower_pump@500"].overrides == (
         "x=1", "algorithm=fedavg", "engine.fast_pump=false", "fleet.devices=500", "fleet.per_round=25")
 
