@@ -27,6 +27,7 @@ import contextlib
 import multiprocessing
 import os
 import queue
+import signal
 import sys
 import threading
 import traceback
@@ -71,8 +72,10 @@ def _serve(conn, factory: Callable[[], Any], initializer: Callable[[], None] | N
     """A worker's loop: ``(message, context)`` in, ``("ok", reply, context)`` or ``("error", text)`` out.
 
     The worker runs ``initializer`` and builds its ClientApp as soon as it starts (before its
-    first message arrives); a failure there is reported on every message.
+    first message arrives); a failure there is reported on every message. Ctrl-C reaches the
+    whole process group: the worker ignores it and the driver, which owns the run, stops it.
     """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     app, failure = None, None
     try:
         if initializer is not None:
