@@ -314,10 +314,14 @@ def check_window(plan: Schedule, times: np.ndarray, t_max: float) -> None:
 
 
 def _feasible_or_fallback(plan: Schedule, before, after, times, ratios, t_max) -> tuple[Schedule, bool]:
-    """``plan`` if it satisfies eq. 11, else equal shares at the smallest size (apps that cannot finish wait)."""
+    """``plan`` if it satisfies eq. 11, else equal shares at one size for every app (apps that cannot
+    finish serve the model as it is): the size whose plan scores best on the ``before``/``after``
+    the scheduler knows (ElasticDNN: its estimates; the oracle: the measurements). Eq. 8-11 make every
+    app retrain, so a window too short for all of them has no feasible plan."""
     if plan.feasible:
         return plan, False
-    return uniform_schedule(before, after, times, ratios, t_max, int(np.argmin(ratios[0]))), True
+    fallbacks = [uniform_schedule(before, after, times, ratios, t_max, j) for j in range(ratios.shape[1])]
+    return max(fallbacks, key=lambda candidate: candidate.objective), True
 
 
 def plan_step(true: tuple[np.ndarray, ...], est: tuple[np.ndarray, ...], sizes: Sequence[float], t_max: float,
@@ -331,7 +335,7 @@ def plan_step(true: tuple[np.ndarray, ...], est: tuple[np.ndarray, ...], sizes: 
     ratios = np.tile(np.asarray(sizes, dtype=float), (before.shape[0], 1))
     base = list(sizes).index(BASELINE_SIZE)
     elastic, fell = _feasible_or_fallback(evolutionary_search(est[0], est[1], times, ratios, t_max, seed=seed),
-                                          before, after, times, ratios, t_max)
+                                          est[0], est[1], times, ratios, t_max)
     oracle, oracle_fell = _feasible_or_fallback(exhaustive_search(before, after, times, ratios, t_max),
                                                 before, after, times, ratios, t_max)
     plans = {"elasticdnn": elastic, "uniform": uniform_schedule(before, after, times, ratios, t_max, base),

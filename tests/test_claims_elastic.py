@@ -169,6 +169,19 @@ def test_simulate_falls_back_when_nothing_fits_the_window():
     assert result["elasticdnn"] == pytest.approx(0.5) and result["uniform"] == pytest.approx(0.5)
 
 
+def test_the_fallback_serves_the_size_best_before_retraining():
+    meas = synthetic()
+    meas = ma.Measurements(meas.sizes, meas.domains, np.tile([0.1, 0.7], (4, 1)), np.tile([0.2, 0.9], (4, 1)),
+                           meas.seconds, meas.flops, meas.target_means, meas.source_mean)
+    train, test = ma.split_domains(4)
+    estimator = ma.fit_estimator(meas, train, seed=0, epochs=FIT_EPOCHS)
+    result = ma.simulate(meas, estimator, train, test, apps=2, t_max=1.5, time_factor=1.0, seed=0)
+    assert result["fallbacks"] == 2 * len(test)  # nothing retrains inside 1.5 s
+    # no app retrains: each serves its size's accuracy before retraining; 0.5 beats 0.2 (Uniform's size)
+    assert result["oracle"] == pytest.approx(0.7) and result["uniform"] == pytest.approx(0.1)
+    assert result["elasticdnn"] == pytest.approx(0.7)  # its calibrated estimates rank the sizes the same way
+
+
 def test_host_rate_and_device_factors():
     meas = synthetic()
     assert ma.host_flops_per_s(meas, [0, 1]) == pytest.approx(20.0)  # 40 FLOPs / 2 s at the largest size
