@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         f"same-size baselines on its 20 % largest-L1 filters, fine-tuned on the proxy part by the cloud "
         f"(`algorithm.elasticdnn.compress_epochs`), adapted continually). Machine: "
         f"{platform.machine()}, 2 cores shared with other jobs (times are slower and noisier than on a quiet "
-        f"machine). Wall time: the runs' rounds {rounds_min:.1f} min (plus Ray start-up), the multi-app "
+        f"machine). Wall time: the runs' rounds {rounds_min:.1f} min (plus each run's start-up), the multi-app "
         f"measurement and comparison {multiapp_min:.1f} min; this invocation {(time.time() - started) / 60:.1f} min "
         f"({runs_min:.1f} min in the runs; completed runs and multiapp.json under `{_shown(args.out)}` are reused, "
         "delete them to redo; the master's pre-training is cached under `pretrain_cache` there).",
