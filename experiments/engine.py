@@ -276,8 +276,9 @@ def client_backend(cfg: RunConfig, run_dir: Path):
     """Where the ClientApps run: Flower's Ray backend as it ships, or :mod:`experiments.engine_processes`."""
     if resolved_backend(cfg.engine) != "processes":
         return contextlib.nullcontext()
+    # forked workers must not enter this process's OpenMP pool: only with one torch thread each
     return process_backend(functools.partial(build_client_app, cfg, run_dir), workers_for(cfg.engine.num_cpus),
-                           initializer=functools.partial(prepare_worker, cfg))
+                           initializer=functools.partial(prepare_worker, cfg), fork_now=cfg.engine.torch_threads == 1)
 
 
 def prepare_worker(cfg: RunConfig) -> None:
@@ -294,10 +295,10 @@ def simulate(cfg: RunConfig, run_dir: Path, grace_s: float = SHUTDOWN_GRACE_S) -
     quiet_flower_logs(cfg.engine.verbose)
     server_done, run_done = threading.Event(), threading.Event()
     watchdog = threading.Thread(target=_watchdog, args=(server_done, run_done, grace_s, resolved_backend(cfg.engine)), daemon=True)
-    watchdog.start()
     pump = faster_message_pump() if cfg.engine.fast_pump else contextlib.nullcontext()
     try:
-        with pump, client_backend(cfg, Path(run_dir)):
+        with pump, client_backend(cfg, Path(run_dir)):  # workers first: forked before any thread
+            watchdog.start()
             run_apps(
                 watched_server_app(cfg, run_dir, server_done),
                 build_client_app(cfg, Path(run_dir)),

@@ -3,12 +3,12 @@
 Flower 1.41's Simulation Engine runs ClientApps through a ``Backend``
 (``flwr.server.superlink.fleet.vce.backend``: ``build``, ``num_workers``, ``is_worker_idle``,
 ``process_message``, ``terminate``) and always builds its ``RayBackend``. On one machine Ray
-costs, measured on 2 cores (docs/PERFORMANCE.md): ~10 s of start-up (GCS, raylet, workers)
+costs, measured on 2 cores (docs/PERFORMANCE.md): seconds of start-up (GCS, raylet, workers)
 and the memory of its own processes. :class:`ProcessBackend` implements the same interface on
-``multiprocessing``: one worker process per ClientApp slot, forked from a fork server that
-imported the ClientApp's modules once (:data:`PRELOAD`), so the workers start in
-milliseconds and share those pages; a message and its ``Context`` travel to a worker and
-back pickled over a pipe.
+``multiprocessing``: one worker process per ClientApp slot, forked from the driver before
+Flower's threads start (or from a fork server that imported the ClientApp's modules once,
+:data:`PRELOAD`), so the workers start in milliseconds and share the imported pages; a
+message and its ``Context`` travel to a worker and back pickled over a pipe.
 
 Every worker builds the ClientApp once from a picklable factory (``build_client_app``
 with the run's config) and keeps it, as a Ray actor keeps its imports and caches. A worker
@@ -24,6 +24,7 @@ that never return.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import multiprocessing
 import os
 import queue
@@ -46,9 +47,9 @@ RAY_BACKEND_MODULE = "flwr.server.superlink.fleet.vce.backend.raybackend"
 #: digits and the partitioners (flwr-datasets, HF datasets). Workers inherit them (measured
 #: with ``python -X importtime`` on 2 busy cores: 6 s of imports), sharing their pages.
 PRELOAD = ("experiments.client_app", "torch._dynamo", "sklearn.datasets", "flwr_datasets.partitioner", "datasets")
-#: How workers are started: ``forkserver`` (a clean single-threaded parent: safe, unlike
-#: forking the multi-threaded driver, and shared preloaded pages, unlike ``spawn``).
-START_METHOD = "forkserver"
+#: How replacement workers start: from a fork server (a clean single-threaded parent; forking
+#: the driver once Flower's threads run is unsafe), preloaded with :data:`PRELOAD`.
+REPLACEMENT_START_METHOD = "forkserver"
 #: Seconds a worker gets to exit after its pipe closes before it is killed.
 EXIT_GRACE_S = 2.0
 
@@ -121,8 +122,20 @@ class _Worker:
             self.process.join()
 
 
+def fork_is_safe() -> bool:
+    """Whether this process may fork workers itself: POSIX fork, and no thread but this one."""
+    return "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1
+
+
 class WorkerPool:
     """Worker processes (one ClientApp each), started at once, with their idle queue.
+
+    The first workers are forked from this process when ``fork_now`` is set and that is safe
+    (:func:`fork_is_safe`; the caller vouches that the workers run torch on one thread, since a
+    forked child must not enter the parent's OpenMP pool): they share this process's imported
+    modules (torch alone is ~280 MB of private memory per process that imports it), after
+    :data:`PRELOAD` is imported here. Otherwise, and for every replacement, workers come from the
+    fork server.
 
     Parameters
     ----------
@@ -132,23 +145,36 @@ class WorkerPool:
         How many processes.
     initializer : callable, optional
         Picklable; each worker calls it once when it starts (logging, warm caches).
+    fork_now : bool
+        Fork the first workers from this process (see above).
     """
 
-    def __init__(self, factory: Callable[[], Any], workers: int, initializer: Callable[[], None] | None = None) -> None:
+    def __init__(self, factory: Callable[[], Any], workers: int, initializer: Callable[[], None] | None = None,
+                 fork_now: bool = False) -> None:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
-        self._ctx = multiprocessing.get_context(START_METHOD)
-        self._ctx.set_forkserver_preload(list(PRELOAD))
         self._factory, self._initializer, self.size = factory, initializer, workers
         self._idle: queue.Queue[_Worker] = queue.Queue()
         self._busy: set[_Worker] = set()
         self._lock = threading.Lock()
+        self._server = None
         self.closed = False
+        self.forked = fork_now and fork_is_safe()
+        first = multiprocessing.get_context("fork") if self.forked else self._fork_server()
+        if self.forked:
+            for module in PRELOAD:
+                importlib.import_module(module)
         for _ in range(workers):
-            self._idle.put(self._new_worker())
+            self._idle.put(_Worker(first, factory, initializer))
+
+    def _fork_server(self):
+        if self._server is None:
+            self._server = multiprocessing.get_context(REPLACEMENT_START_METHOD)
+            self._server.set_forkserver_preload(list(PRELOAD))
+        return self._server
 
     def _new_worker(self) -> _Worker:
-        return _Worker(self._ctx, self._factory, self._initializer)
+        return _Worker(self._fork_server(), self._factory, self._initializer)
 
     def has_idle(self) -> bool:
         """Whether a worker is free."""
@@ -247,14 +273,14 @@ def stop_busy_workers() -> int:
 
 
 @contextlib.contextmanager
-def process_backend(factory: Callable[[], Any], workers: int,
-                    initializer: Callable[[], None] | None = None) -> Iterator[WorkerPool]:
+def process_backend(factory: Callable[[], Any], workers: int, initializer: Callable[[], None] | None = None,
+                    fork_now: bool = False) -> Iterator[WorkerPool]:
     """Inside the block, Flower's simulation runtime runs ClientApps on :class:`ProcessBackend`.
 
-    The workers start on entry (the fork server first, once per driver process) and stop on
-    exit, whatever happened inside. Arguments are those of :class:`WorkerPool`.
+    The workers start on entry and stop on exit, whatever happened inside. Arguments are
+    those of :class:`WorkerPool`.
     """
-    pool = WorkerPool(factory, workers, initializer)
+    pool = WorkerPool(factory, workers, initializer, fork_now)
     stand_in = types.ModuleType(RAY_BACKEND_MODULE)
     stand_in.RayBackend = ProcessBackend
     saved = sys.modules.get(RAY_BACKEND_MODULE)

@@ -117,3 +117,26 @@ def test_auto_picks_processes_on_one_machine_and_ray_for_a_cluster_or_gpus():
         from_dict({"engine": {"backend": "processes", "ray_address": "auto"}})
     with pytest.raises(ConfigError, match="engine.backend must be one of"):
         from_dict({"engine": {"backend": "dask"}})
+
+
+def test_workers_forked_from_this_process_when_it_has_one_thread():
+    with ep.process_backend(make_echo_app, workers=2, fork_now=True) as pool:
+        assert pool.forked  # pytest runs tests on its main thread alone
+        (text, pid), _ = pool.run("hi", {})
+        assert text == "hi" and pid != os.getpid()
+        with pytest.raises(ClientAppException, match="exit code 75"):
+            pool.run("exit", {})  # its replacement comes from the fork server
+        assert sorted(pool.run(str(i), {})[0][0] for i in range(3)) == ["0", "1", "2"]
+
+
+def test_a_second_thread_makes_the_pool_use_the_fork_server():
+    stop = threading.Event()
+    helper = threading.Thread(target=stop.wait)
+    helper.start()
+    try:
+        assert not ep.fork_is_safe()
+        with ep.process_backend(make_echo_app, workers=1, fork_now=True) as pool:
+            assert not pool.forked and pool.run("x", {})[0][0] == "x"
+    finally:
+        stop.set()
+        helper.join()
