@@ -11,10 +11,10 @@ One run measures, side by side, with repetitions and medians:
 * the levers undone: Flower's own message pump (``pump``) and Flower's Ray backend (``ray``)
   instead of the project's process backend;
 * fleets of 100, 500 and 1,000 devices (cohorts 10, 25, 50): start-up to the end of round 1,
-  per-round time, peak PSS and RSS of the whole process tree (Ray's processes included).
+  per-round time, peak PSS and RSS of the whole process tree (workers and Ray's processes included).
 
-Every measurement runs in a fresh process (Ray's start-up and memory are measured as a user
-meets them) under a hard timeout, while a thread samples the tree's memory
+Every measurement runs in a fresh process (start-up and memory are measured as a user meets
+them) under a hard timeout, while a thread samples the tree's memory
 (:mod:`experiments.bench_memory`). Cloud pre-training is cached by the project; the cache is
 warmed first, in a process of its own, and that time is excluded (reported apart).
 

@@ -225,20 +225,24 @@ def markdown_report(report: dict) -> str:
         "",
         "## How it is measured",
         "",
-        "- Every run is a fresh process (a new local Ray), timed from launch; a thread samples the RSS and PSS "
-        "(`/proc/<pid>/smaps_rollup`) of the process and all its descendants every 0.2 s; peaks are of the sums.",
-        "- project: `python -m experiments.run <overrides>`; a round ends when `results.json` shows it "
-        "(its modification time). plain: Flower's built-in `FedAvg` and a minimal ClientApp "
-        "(`experiments/bench_plain.py`), same model, data partition, local training, cohort size and Ray "
-        "resources; Flower samples its cohort unseeded. floor: the same FedAvg rounds in one process "
-        "without Flower or Ray (`experiments/bench_floor.py`), torch with `engine.torch_threads` threads. "
-        "All three do the same work a round: cohort training, weighted average, the cohort's local "
-        "evaluation and the global test set. The floor uses one core; the simulations need two at once, "
-        "so other load on the machine costs them more.",
+        "- Every run is a fresh process, timed from launch; a thread samples the RSS and PSS "
+        "(`/proc/<pid>/smaps_rollup`) of the process and all its descendants (workers, Ray's processes) every "
+        "0.2 s; peaks are of the sums.",
+        "- project: `python -m experiments.run <overrides>` with the default `engine.backend=auto`, i.e. the "
+        "process backend (`experiments/engine_processes.py`: workers forked from the driver, no Ray); "
+        "`fedavg_ray` is the same run on Flower's Ray backend (`engine.backend=ray`), `fedavg_flower_pump` "
+        "with Flower's own message pump (`engine.fast_pump=false`). A round ends when `results.json` shows "
+        "it (its modification time). plain: Flower's built-in `FedAvg` and a minimal ClientApp "
+        "(`experiments/bench_plain.py`) on Flower's simulation as it ships (Ray), same model, data partition, "
+        "local training, cohort size and resources per ClientApp; Flower samples its cohort unseeded. floor: "
+        "the same FedAvg rounds in one process without Flower (`experiments/bench_floor.py`), torch with "
+        "`engine.torch_threads` threads. All three do the same work a round: cohort training, weighted "
+        "average, the cohort's local evaluation and the global test set. The floor uses one core; the "
+        "simulations need two at once, so other load on the machine costs them more.",
         "- per round: time between the ends of consecutive rounds, rounds 2 to R of every repetition pooled; "
-        "start-up: launch to the end of round 1 (Ray, actors, data, discovery, round 1).",
-        f"- Cloud pre-training is cached by the project; the caches were warmed first, without Ray, "
-        f"and excluded from every timing (warm-up took {warm_s:.1f} s).",
+        "start-up: launch to the end of round 1 (imports, data, workers or Ray, discovery, round 1).",
+        f"- Cloud pre-training is cached by the project; the caches were warmed first, in a process without "
+        f"a simulation, and excluded from every timing (warm-up took {warm_s:.1f} s).",
         "- ECLM runs its own network (`model=auto`); the like-for-like target compares it with FedAvg on that network.",
     ]
     failures = [(name, r) for name, records in report["runs"].items() for r in records if r["status"] != "ok"]
