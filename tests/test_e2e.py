@@ -103,9 +103,9 @@ def test_fedavg_end_to_end_is_valid_and_deterministic_without_ray_on_a_local_and
 
 
 def test_sweep_over_baselines_survives_a_crashed_job(tmp_path):
-    # The third job's devices cannot answer within 10 ms: its simulation crashes at discovery.
+    # Two of the four jobs crash their ServerApp when round 1 starts (faults.crash_server_round=1).
     sweep = _run(
-        ["-m", "algorithm=local,none", "engine.round_timeout_s=300,0.01", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+        ["-m", "algorithm=local,none", "faults.crash_server_round=null,1", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
         tmp_path,
         timeout=600,
     )
@@ -115,17 +115,17 @@ def test_sweep_over_baselines_survives_a_crashed_job(tmp_path):
     statuses = {}
     for job in jobs:
         results = _results(job)
-        statuses[(results["config"]["algorithm"]["name"], results["config"]["engine"]["round_timeout_s"])] = results
-    assert statuses[("local", 300.0)]["status"] == "completed"
-    assert statuses[("none", 300.0)]["status"] == "completed"
-    assert len(statuses[("none", 300.0)]["rounds"]) == 2
+        statuses[(results["config"]["algorithm"]["name"], results["config"]["faults"]["crash_server_round"])] = results
+    assert statuses[("local", None)]["status"] == "completed"
+    assert statuses[("none", None)]["status"] == "completed"
+    assert len(statuses[("none", None)]["rounds"]) == 2
     for name in ("local", "none"):
-        failed = statuses[(name, 0.01)]
-        assert failed["status"] == "failed" and "no device answered" in failed["error"]
+        failed = statuses[(name, 1)]
+        assert failed["status"] == "failed" and "injected ServerApp crash in round 1" in failed["error"]
     crashed_dirs = [job for job in jobs if (job / "error.json").exists()]
     assert len(crashed_dirs) == 2
     # LA sends nothing up but metrics; NA trains nothing
-    local_rounds = statuses[("local", 300.0)]["rounds"]
+    local_rounds = statuses[("local", None)]["rounds"]
     assert all(r["uplink_bytes"] < 2000 for r in local_rounds)
 
 
