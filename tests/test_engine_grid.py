@@ -66,3 +66,22 @@ def test_only_bare_round_zero_queries_count_as_discovery():
 def test_the_warm_up_returns_every_reply():
     replies = warm_up_fleet(CountingGrid(), devices=3, timeout_s=5)
     assert [r.has_content() for r in replies] == [True, True, False]
+
+
+class SilentGrid(CountingGrid):
+    """Every node fails every query."""
+
+    def send_and_receive(self, messages, timeout=None):
+        self.sent += [m.metadata.dst_node_id for m in messages]
+        return [Message(_error(), reply_to=m) for m in messages]
+
+
+def test_a_fleet_that_fails_warm_up_and_discovery_stops_the_run_by_name():
+    import pytest
+
+    grid = SilentGrid()
+    warm_up = FleetWarmUp(grid, devices=3, timeout_s=5)
+    warm_up.start()
+    with pytest.raises(RuntimeError, match="no device answered discovery"):
+        FedAvg(per_round=2, seed=0, expected_devices=3).discover(EngineGrid(grid, warm_up))
+    assert grid.sent == [1, 2, 3, 1, 2, 3]  # errors are asked again, once
