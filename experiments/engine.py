@@ -282,7 +282,10 @@ def client_backend(cfg: RunConfig, run_dir: Path):
 
 
 def prepare_worker(cfg: RunConfig) -> None:
-    """What a process-backend worker does when it starts: Flower's log level, the run's caches warm."""
+    """What a process-backend worker does when it starts: its torch threads, Flower's log level, warm caches."""
+    import torch
+
+    torch.set_num_threads(cfg.engine.torch_threads)
     quiet_flower_logs(cfg.engine.verbose)
     warm_process(cfg)
 

@@ -69,14 +69,21 @@ def workers_for(num_cpus: float, cpus: int | None = None) -> int:
     return max(1, int((usable_cpus() if cpus is None else cpus) // num_cpus))
 
 
-def _serve(conn, factory: Callable[[], Any], initializer: Callable[[], None] | None) -> None:
+def _serve(conn, factory: Callable[[], Any], initializer: Callable[[], None] | None, forked: bool) -> None:
     """A worker's loop: ``(message, context)`` in, ``("ok", reply, context)`` or ``("error", text)`` out.
 
     The worker runs ``initializer`` and builds its ClientApp as soon as it starts (before its
     first message arrives); a failure there is reported on every message. Ctrl-C reaches the
     whole process group: the worker ignores it and the driver, which owns the run, stops it.
+    A worker ``forked`` from the driver takes one torch thread before anything else: the OpenMP
+    pool it inherited has no threads in the child, and entering it hangs the worker (measured:
+    the FLOP count of ElasticDNN's master hung every worker after the driver built the network).
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if forked:
+        import torch
+
+        torch.set_num_threads(1)
     app, failure = None, None
     try:
         if initializer is not None:
@@ -105,9 +112,10 @@ def _serve(conn, factory: Callable[[], Any], initializer: Callable[[], None] | N
 class _Worker:
     """One worker process and the backend's end of its pipe."""
 
-    def __init__(self, ctx, factory: Callable[[], Any], initializer: Callable[[], None] | None) -> None:
+    def __init__(self, ctx, factory: Callable[[], Any], initializer: Callable[[], None] | None,
+                 forked: bool = False) -> None:
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_serve, args=(child, factory, initializer), daemon=True,
+        self.process = ctx.Process(target=_serve, args=(child, factory, initializer, forked), daemon=True,
                                    name="edgecloud-clientapp")
         self.process.start()
         child.close()
@@ -131,8 +139,8 @@ class WorkerPool:
     """Worker processes (one ClientApp each), started at once, with their idle queue.
 
     The first workers are forked from this process when ``fork_now`` is set and that is safe
-    (:func:`fork_is_safe`; the caller vouches that the workers run torch on one thread, since a
-    forked child must not enter the parent's OpenMP pool): they share this process's imported
+    (:func:`fork_is_safe`; they run torch on one thread, since a forked child must not enter the
+    parent's OpenMP pool, so the caller asks for it only when its workers want one): they share this process's imported
     modules (torch alone is ~280 MB of private memory per process that imports it), after
     :data:`PRELOAD` is imported here. Otherwise, and for every replacement, workers come from the
     fork server.
@@ -165,7 +173,7 @@ class WorkerPool:
             for module in PRELOAD:
                 importlib.import_module(module)
         for _ in range(workers):
-            self._idle.put(_Worker(first, factory, initializer))
+            self._idle.put(_Worker(first, factory, initializer, self.forked))
 
     def _fork_server(self):
         if self._server is None:

@@ -22,6 +22,11 @@ class EchoApp:
             os._exit(75)
         if message == "sleep":
             time.sleep(600)
+        if message == "matmul":  # enough work for torch to reach for its thread pool
+            import torch
+
+            a = torch.randn(1500, 1500)
+            return "matmul", float((a @ a).abs().sum() > 0)
         context["seen"] = context.get("seen", 0) + 1  # a ClientApp updates its context in place
         return message, os.getpid()
 
@@ -140,3 +145,22 @@ def test_a_second_thread_makes_the_pool_use_the_fork_server():
     finally:
         stop.set()
         helper.join()
+
+
+def test_a_forked_worker_uses_torch_after_the_driver_ran_it_on_two_threads():
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        a = torch.randn(1500, 1500)
+        assert (a @ a).abs().sum() > 0  # the driver's OpenMP pool is up
+        with ep.process_backend(make_echo_app, workers=1, fork_now=True) as pool:
+            assert pool.forked
+            outcome = []
+            caller = threading.Thread(target=lambda: outcome.append(pool.run("matmul", {})[0]))
+            caller.start()
+            caller.join(60)  # it hung forever before forked workers took one thread
+            assert outcome == [("matmul", 1.0)]
+    finally:
+        torch.set_num_threads(threads)
