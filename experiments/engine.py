@@ -116,6 +116,24 @@ def is_discovery(messages: list) -> bool:
     return bool(messages) and all(bare_query(m) for m in messages)
 
 
+def local_samples(reply: Any) -> float:
+    """A device's training samples from its discovery reply (0 when it does not say)."""
+    metrics = reply.content.metric_records.get("metrics")
+    value = None if metrics is None else metrics.get("num_examples")
+    return float(value) if isinstance(value, (int, float)) else 0.0
+
+
+def largest_first(messages: list, work: dict[int, float]) -> list:
+    """``messages`` ordered by their device's ``work``, largest first (stable for ties and unknowns).
+
+    The simulation hands messages to its ClientApp slots in the order they were pushed, so this
+    is the longest-processing-time-first rule: the device that trains longest starts first and
+    the round does not wait for a large device that started last. Replies are aggregated in
+    partition order, so results do not change.
+    """
+    return sorted(messages, key=lambda m: -work.get(m.metadata.dst_node_id, 0.0))
+
+
 class EngineGrid:
     """The Flower Grid the project's ServerApp sees in simulation.
 
@@ -124,13 +142,16 @@ class EngineGrid:
     the warm-up's replies where they have content (both are the same round-0 query; the rest
     are asked again), so the fleet answers once. With ``crash_round`` set it raises
     :class:`InjectedServerCrash` on the first message of that round (a message's round is its
-    ``config`` record's ``round``; 0 is discovery). Every other call goes to the wrapped grid.
+    ``config`` record's ``round``; 0 is discovery). Messages go out largest device first
+    (:func:`largest_first`, by the training samples each device reported). Every other call
+    goes to the wrapped grid.
     """
 
     def __init__(self, grid: Any, warm_up: FleetWarmUp, crash_round: int | None = None) -> None:
         self._grid = grid
         self._warm_up = warm_up
         self._warm_replies: dict[int, Any] | None = None
+        self._work: dict[int, float] = {}
         self.crash_round = crash_round
 
     def __getattr__(self, name: str) -> Any:
@@ -140,7 +161,8 @@ class EngineGrid:
         if self._warm_replies is None:
             self._warm_up.join()
             self._warm_replies = {r.metadata.src_node_id: r for r in self._warm_up.replies if r.has_content()}
-        messages = list(messages)
+            self._work = {node: local_samples(reply) for node, reply in self._warm_replies.items()}
+        messages = largest_first(list(messages), self._work)
         for msg in messages:
             config = msg.content.config_records.get("config")
             if self.crash_round is not None and config is not None and config.get("round") == self.crash_round:

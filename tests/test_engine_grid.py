@@ -2,7 +2,7 @@
 
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
-from experiments.engine import EngineGrid, FleetWarmUp, is_discovery, warm_up_fleet
+from experiments.engine import EngineGrid, FleetWarmUp, is_discovery, largest_first, warm_up_fleet
 from strategies.fedavg import FedAvg
 
 
@@ -85,3 +85,28 @@ def test_a_fleet_that_fails_warm_up_and_discovery_stops_the_run_by_name():
     with pytest.raises(RuntimeError, match="no device answered discovery"):
         FedAvg(per_round=2, seed=0, expected_devices=3).discover(EngineGrid(grid, warm_up))
     assert grid.sent == [1, 2, 3, 1, 2, 3]  # errors are asked again, once
+
+
+def test_messages_go_out_largest_device_first_after_the_warm_up():
+    grid = CountingGrid()
+    sizes = {1: 10, 2: 30, 3: 20}
+
+    def answer(messages, timeout=None):
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            grid.sent.append(node)
+            content = RecordDict({"metrics": MetricRecord({"partition_id": node - 1, "num_examples": sizes[node]}),
+                                  "budget": ConfigRecord({"flops_per_s": 1e9})})
+            replies.append(Message(content, reply_to=msg))
+        return replies
+
+    grid.send_and_receive = answer
+    warm_up = FleetWarmUp(grid, devices=3, timeout_s=5)
+    warm_up.start()
+    engine_grid = EngineGrid(grid, warm_up)
+    grid.sent.clear()
+    engine_grid.send_and_receive([_query(n, round_=1) for n in (1, 2, 3)])
+    assert grid.sent == [2, 3, 1]
+    unknown = Message(RecordDict({"config": ConfigRecord({"round": 1})}), dst_node_id=9, message_type=MessageType.TRAIN)
+    assert [m.metadata.dst_node_id for m in largest_first([unknown, _query(3)], {3: 20.0})] == [3, 9]
