@@ -3,7 +3,7 @@
 Both doors (``python -m experiments.run`` with Hydra, ``flwr run .`` with Flower's flat
 ``run_config``) end in the same frozen :class:`RunConfig`. Unknown keys, wrong types and
 impossible values are rejected here, with one message that names the key and the fix,
-before Ray starts.
+before the simulation starts.
 
 The schema itself lives in ``experiments/schema.py``, the semantic checks in
 ``experiments/validation.py``; this module turns raw data into the schema and back.

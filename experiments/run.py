@@ -1,7 +1,7 @@
 """``python -m experiments.run [overrides]``: one simulation (or a Hydra multirun sweep).
 
-Hydra composes ``conf/``; the config is validated into a :class:`RunConfig` before Ray
-starts; the simulation writes ``results.json`` and plots into Hydra's run directory.
+Hydra composes ``conf/``; the config is validated into a :class:`RunConfig` before the
+simulation starts; it writes ``results.json`` and plots into Hydra's run directory.
 A job that fails leaves an error record in its folder; in a multirun sweep the next
 job starts anyway, and the process exits non-zero at the end if any job failed.
 ``resume=true`` (with ``hydra.run.dir`` naming the interrupted run's folder) continues a run
@@ -47,7 +47,7 @@ def write_error_record(run_dir: Path, error: BaseException) -> Path:
 
 
 def preflight(cfg, run_dir: Path | None = None) -> None:
-    """Load the data, split the fleet and build the network now: bad settings fail before Ray.
+    """Load the data, split the fleet and build the network now: bad settings fail before the simulation.
 
     With ``resume=true`` the checkpoint in ``run_dir`` is checked too (it exists, its
     configuration matches, the algorithm's device state was saved).
