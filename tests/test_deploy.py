@@ -1,10 +1,13 @@
 """The deployment path: `flower-superlink` + `flower-supernode` + `flwr run` on 127.0.0.1 (slow).
 
-One insecure SuperLink with three SuperNodes (one per way a device gets its budget:
-sampled, declared in --node-config, profiled on the device) runs a 2-round FedAvg, a
-short ECLM run, and a FedAvg run in which a SuperNode is SIGKILLed while it trains; a
-second SuperLink uses TLS (certificates made by the test) and SuperNode authentication
-(keys registered with `flwr supernode register`). Every process is stopped by PID.
+One SuperLink with TLS (certificates made by the test) and SuperNode authentication
+(keys registered with `flwr supernode register`) and three SuperNodes (one per way a
+device gets its budget: sampled, declared in --node-config, profiled on the device) runs
+a 2-round FedAvg, a short ECLM run, and a FedAvg run in which a SuperNode is SIGKILLed
+while it trains; a fourth SuperNode whose key was never registered is refused. One
+secured deployment serves every test: each ClientApp message starts a fresh process
+(~10 s of imports on this machine), so a second SuperLink would double the module's
+time for a difference of command-line flags. Every process is stopped by PID.
 """
 
 from __future__ import annotations
@@ -88,17 +91,20 @@ def work(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def insecure(work):
-    """An insecure SuperLink (local testing only) and three SuperNodes, stopped at the end."""
-    with Deployment(work / "insecure") as deployment:
+def secured(work):
+    """A SuperLink with TLS and SuperNode authentication, and three registered SuperNodes."""
+    folder = work / "secured"
+    with Deployment(folder, tls=make_tls_files(folder / "certs"), node_auth=True) as deployment:
         deployment.start_superlink()
         for pid, extra in NODE_CONFIGS.items():
-            deployment.start_supernode(pid, len(NODE_CONFIGS), extra)
+            private, public = make_node_keys(folder / "keys", f"node{pid}")
+            deployment.register_node(public)
+            deployment.start_supernode(pid, len(NODE_CONFIGS), extra, private_key=private)
         yield deployment
 
 
-def test_fedavg_through_superlink_and_three_supernodes(insecure, work):
-    results = _run(insecure, work, "fedavg")
+def test_fedavg_through_superlink_and_three_supernodes(secured, work):
+    results = _run(secured, work, "fedavg")
     assert results["status"] == "completed"
     assert results["summary"]["devices_discovered"] == 3
     assert [r["round"] for r in results["rounds"]] == [1, 2]
@@ -107,7 +113,7 @@ def test_fedavg_through_superlink_and_three_supernodes(insecure, work):
         assert 0.0 <= record["accuracy"] <= 1.0 and 0.0 <= record["global_accuracy"] <= 1.0
         assert record["uplink_bytes"] > 0 and record["sim_time_s"] > 0
     # one fresh ClientApp process per message: query, then train + evaluate per round
-    figures = {pid: _start_up_lines(insecure, pid) for pid in NODE_CONFIGS}
+    figures = {pid: _start_up_lines(secured, pid) for pid in NODE_CONFIGS}
     assert all(len(lines) == 5 for lines in figures.values()), figures
     ages = sorted(age for lines in figures.values() for age, _ in lines)
     waits = sorted(wait for lines in figures.values() for _, wait in lines)
@@ -116,8 +122,8 @@ def test_fedavg_through_superlink_and_three_supernodes(insecure, work):
           f"since the cloud sent it median {waits[len(waits) // 2]:.2f} s (max {waits[-1]:.2f} s)")
 
 
-def test_short_eclm_run_through_the_deployment(insecure, work):
-    results = _run(insecure, work, "eclm", **ECLM)
+def test_short_eclm_run_through_the_deployment(secured, work):
+    results = _run(secured, work, "eclm", **ECLM)
     assert results["status"] == "completed"
     assert results["summary"]["devices_discovered"] == 3
     (record,) = results["rounds"]
@@ -125,6 +131,14 @@ def test_short_eclm_run_through_the_deployment(insecure, work):
     assert record["train_submodel_fraction"] > 0
     sizes = record["train_submodel_bytes_by_device"]  # each device's own sub-model, measured
     assert set(sizes) == {"0", "1", "2"} and all(size > 0 for size in sizes.values())
+
+
+def test_a_supernode_whose_key_was_never_registered_is_refused(secured, work):
+    stranger_key, _ = make_node_keys(work / "secured" / "keys", "stranger")
+    stranger_id = len(NODE_CONFIGS)  # its own log, beside the registered nodes'
+    stranger = secured.start_supernode(stranger_id, stranger_id + 1, private_key=stranger_key, wait=False)
+    assert stranger.wait(timeout=RUN_TIMEOUT_S) != 0
+    assert "Failed to activate SuperNode" in secured.node_log(stranger_id)
 
 
 def _kill_when_training(deployment: Deployment, partition_id: int, runs_before: int) -> None:
@@ -137,16 +151,16 @@ def _kill_when_training(deployment: Deployment, partition_id: int, runs_before: 
     deployment.nodes[partition_id].wait(timeout=30)
 
 
-def test_a_supernode_killed_mid_round_does_not_stop_the_run(insecure, work):
+def test_a_supernode_killed_mid_round_does_not_stop_the_run(secured, work):
     victim = 2
-    before = insecure.node_log(victim).count("Receiving: train message")
-    killer = threading.Thread(target=_kill_when_training, args=(insecure, victim, before))
+    before = secured.node_log(victim).count("Receiving: train message")
+    killer = threading.Thread(target=_kill_when_training, args=(secured, victim, before))
     killer.start()
     try:
-        results = _run(insecure, work, "killed", rounds=1, **{"engine.round_timeout_s": KILL_ROUND_TIMEOUT_S})
+        results = _run(secured, work, "killed", rounds=1, **{"engine.round_timeout_s": KILL_ROUND_TIMEOUT_S})
     finally:
         killer.join(timeout=RUN_TIMEOUT_S)
-    assert insecure.nodes[victim].poll() == -signal.SIGKILL
+    assert secured.nodes[victim].poll() == -signal.SIGKILL
     assert results["status"] == "completed"
     (record,) = results["rounds"]
     assert record["cohort"] == [0, 1, 2]
@@ -160,21 +174,3 @@ def test_a_supernode_killed_mid_round_does_not_stop_the_run(insecure, work):
         # "Node Unavailable" error reply (matched to the device by the message it answers).
         reason = failure["reason"]
         assert reason == f"no reply within {KILL_ROUND_TIMEOUT_S} s" or "Node Unavailable" in reason, failure
-
-
-def test_tls_and_supernode_authentication(work):
-    folder = work / "tls"
-    with Deployment(folder, tls=make_tls_files(folder / "certs"), node_auth=True) as deployment:
-        deployment.start_superlink()
-        for pid in (0, 1):
-            private, public = make_node_keys(folder / "keys", f"node{pid}")
-            deployment.register_node(public)
-            deployment.start_supernode(pid, 2, private_key=private)
-        stranger_key, _ = make_node_keys(folder / "keys", "stranger")  # never registered
-        stranger = deployment.start_supernode(2, 3, private_key=stranger_key, wait=False)
-        results = _run(deployment, work, "tls", rounds=1, **{"fleet.devices": 2, "fleet.per_round": 2})
-        assert stranger.wait(timeout=RUN_TIMEOUT_S) != 0  # the SuperLink refused it
-        assert "Failed to activate SuperNode" in deployment.node_log(2)
-    assert results["status"] == "completed"
-    assert results["summary"]["devices_discovered"] == 2
-    assert results["rounds"][0]["clients"] == [0, 1]

@@ -1,8 +1,9 @@
-"""End to end through the real Ray engine and the Hydra door (slow: ~1-2 min in all).
+"""End to end through the Hydra door on the real engines (slow: ~3 min in all).
 
 A handful of devices, two rounds: the run writes a valid results.json, the same seed
-gives the same cohorts and numbers (once on a local Ray, once attached to a Ray head the
-test starts and stops), and a sweep survives a job whose simulation crashes.
+gives the same cohorts and numbers (on local worker processes, on a local Ray, and
+attached to a Ray head the test starts and stops), and a sweep survives jobs whose
+simulation crashes: each leaves an error record, the next job runs (issue 6).
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ def test_sweep_over_baselines_survives_a_crashed_job(tmp_path):
         timeout=600,
     )
     assert sweep.returncode == 1, sweep.stderr[-3000:]  # a job failed, the sweep finished
+    assert "2 job(s) failed" in sweep.stderr
     jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir() and p.name.isdigit())
     assert len(jobs) == 4
     statuses = {}
@@ -122,8 +124,13 @@ def test_sweep_over_baselines_survives_a_crashed_job(tmp_path):
     for name in ("local", "none"):
         failed = statuses[(name, 1)]
         assert failed["status"] == "failed" and "injected ServerApp crash in round 1" in failed["error"]
+        assert failed["rounds"] == []
     crashed_dirs = [job for job in jobs if (job / "error.json").exists()]
     assert len(crashed_dirs) == 2
+    for job in crashed_dirs:
+        error = json.loads((job / "error.json").read_text())
+        assert error["error"].startswith("InjectedServerCrash: injected ServerApp crash in round 1")
+        assert "EngineGrid" in error["traceback"]
     # LA sends nothing up but metrics; NA trains nothing
     local_rounds = statuses[("local", None)]["rounds"]
     assert all(r["uplink_bytes"] < 2000 for r in local_rounds)
