@@ -1,4 +1,9 @@
-"""The only module that touches Flower's simulation API (Flower's API churns: one file absorbs it).
+"""The only module that calls Flower's simulation API (Flower's API churns: one place absorbs it).
+
+Two helpers of this module reach into the runtime's internals on its behalf and are used by
+nothing else: :mod:`experiments.engine_processes` (a simulation ``Backend`` on local worker
+processes) and :mod:`experiments.engine_fastpath` (the message pump). Together the three files
+are the engine; ARCHITECTURE.md's single ``engine.py`` grew into them (issue 7).
 
 ``simulate(cfg, run_dir)`` runs the ServerApp and ClientApp of this project on Flower's
 simulation engine: with ``engine.backend=processes`` (what ``auto``, the default, picks on one

@@ -139,11 +139,11 @@ class WorkerPool:
     """Worker processes (one ClientApp each), started at once, with their idle queue.
 
     The first workers are forked from this process when ``fork_now`` is set and that is safe
-    (:func:`fork_is_safe`; they run torch on one thread, since a forked child must not enter the
-    parent's OpenMP pool, so the caller asks for it only when its workers want one): they share this process's imported
-    modules (torch alone is ~280 MB of private memory per process that imports it), after
-    :data:`PRELOAD` is imported here. Otherwise, and for every replacement, workers come from the
-    fork server.
+    (:func:`fork_is_safe`; forked workers run torch on one thread, since a child must not enter
+    the parent's OpenMP pool, so the caller asks for it only when its workers want one): they
+    share this process's imported modules (torch alone is ~280 MB of private memory per process
+    that imports it), after :data:`PRELOAD` is imported here. Otherwise, and for every
+    replacement, workers come from the fork server.
 
     Parameters
     ----------
