@@ -14,8 +14,8 @@ Every worker builds the ClientApp once from a picklable factory (``build_client_
 with the run's config) and keeps it, as a Ray actor keeps its imports and caches. A worker
 whose ClientApp raises sends the error back (Flower turns it into an error reply); a worker
 that dies (``os._exit``, a crash, the watchdog) fails its message with
-``ClientAppException`` and is replaced by a fresh one, so one dead device never costs the
-fleet an executor. :func:`process_backend` starts the workers and installs the backend for
+``ClientAppException`` at once and is replaced by a fresh one started in the background,
+so one dead device never costs the fleet an executor. :func:`process_backend` starts the workers and installs the backend for
 the duration of one ``run_simulation`` call (Flower imports ``RayBackend`` from its module
 when the runtime starts); :func:`stop_busy_workers` is the watchdog's way to end ClientApps
 that never return.
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import multiprocessing
 import os
 import queue
@@ -38,6 +39,8 @@ from typing import Any
 
 from flwr.clientapp.client_app import ClientAppException
 from flwr.server.superlink.fleet.vce.backend import Backend
+
+logger = logging.getLogger(__name__)
 
 #: Flower's module that holds ``RayBackend``; ``vce_api.start_vce`` imports the class from it.
 RAY_BACKEND_MODULE = "flwr.server.superlink.fleet.vce.backend.raybackend"
@@ -164,6 +167,7 @@ class WorkerPool:
         self._factory, self._initializer, self.size = factory, initializer, workers
         self._idle: queue.Queue[_Worker] = queue.Queue()
         self._busy: set[_Worker] = set()
+        self._replacing: set[threading.Thread] = set()
         self._lock = threading.Lock()
         self._server = None
         self.closed = False
@@ -192,29 +196,61 @@ class WorkerPool:
         """The ClientApp's reply to ``message`` from a free worker: ``(reply, updated context)``.
 
         Raises ``ClientAppException`` when the ClientApp raised or its process died (a new
-        worker then takes its place).
+        worker then takes its place, started in the background: :meth:`_bury`).
         """
         worker = self._idle.get()
         with self._lock:
             self._busy.add(worker)
+        alive = True
         try:
             worker.conn.send((message, context))
             outcome = worker.conn.recv()
         except (EOFError, OSError) as exc:
-            worker.process.join(EXIT_GRACE_S)
-            code = worker.process.exitcode
-            worker.stop()
-            worker = None if self.closed else self._new_worker()
+            alive = False
+            code = self._bury(worker)
             raise ClientAppException(f"the ClientApp's worker process ended (exit code {code}) "
                                      "while handling the message") from exc
         finally:
             with self._lock:
                 self._busy.discard(worker)
-            if worker is not None and not self.closed:
+            if alive and not self.closed:
                 self._idle.put(worker)
         if outcome[0] == "error":
             raise ClientAppException(outcome[1])
         return outcome[1], outcome[2]
+
+    def _bury(self, worker: _Worker) -> int | None:
+        """Reap a dead worker and start its replacement in the background; returns the exit code.
+
+        The dead worker's message fails at once: a replacement can take seconds (the first one
+        waits for the fork server to import :data:`PRELOAD`), longer than a round's timeout on
+        a slow host, and the cloud must hear that the device is gone, not that it is late.
+        """
+        worker.process.join(EXIT_GRACE_S)
+        code = worker.process.exitcode
+        worker.stop()
+        if not self.closed:
+            replacing = threading.Thread(target=self._replace, name="edgecloud-worker-replacement", daemon=True)
+            with self._lock:
+                self._replacing.add(replacing)
+            replacing.start()
+        return code
+
+    def _replace(self) -> None:
+        """Start a new worker; it joins the idle queue unless the pool closed meanwhile."""
+        worker = None
+        try:
+            worker = self._new_worker()
+        except Exception:  # a pool one worker short still runs the fleet
+            logger.exception("could not replace a dead ClientApp worker; %d slot(s) left", self.size - 1)
+        finally:
+            with self._lock:
+                keep = worker is not None and not self.closed
+                if keep:
+                    self._idle.put(worker)
+                self._replacing.discard(threading.current_thread())
+        if worker is not None and not keep:
+            worker.stop()
 
     def stop_busy(self) -> int:
         """Kill the workers still inside a ClientApp; returns how many (each is replaced)."""
@@ -226,8 +262,12 @@ class WorkerPool:
 
     def close(self) -> None:
         """Stop every worker (idle ones by closing their pipe, busy ones by a kill)."""
-        self.closed = True
+        with self._lock:
+            self.closed = True
+            replacing = list(self._replacing)
         self.stop_busy()
+        for thread in replacing:  # a replacement that arrives now stops itself
+            thread.join()
         while True:
             try:
                 self._idle.get_nowait().stop()

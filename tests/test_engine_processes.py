@@ -1,5 +1,6 @@
 """The process backend of the simulation engine (issue 7): Flower's Backend contract on local workers."""
 
+import multiprocessing
 import os
 import sys
 import threading
@@ -75,6 +76,41 @@ def test_a_dead_worker_fails_its_message_and_is_replaced(backend):
         backend.process_message("exit", {})
     answers = [backend.process_message(str(i), {})[0][0] for i in range(4)]
     assert answers == ["0", "1", "2", "3"] and backend.num_workers == 2
+
+
+def _slow_replacements(monkeypatch, delay_s):
+    """Replacement workers take ``delay_s`` to start, as the first one waits for the fork server's imports."""
+    started = ep.WorkerPool._new_worker
+
+    def slow(pool):
+        time.sleep(delay_s)
+        return started(pool)
+
+    monkeypatch.setattr(ep.WorkerPool, "_new_worker", slow)
+
+
+def test_a_dead_worker_fails_its_message_before_its_replacement_is_up(monkeypatch):
+    _slow_replacements(monkeypatch, 4.0)
+    with ep.process_backend(make_echo_app, workers=2) as pool:
+        began = time.monotonic()
+        with pytest.raises(ClientAppException, match="exit code 75"):
+            pool.run("exit", {})
+        assert time.monotonic() - began < 3.0  # was 4 s + the exit: the cloud heard "late", not "gone"
+        assert pool.run("meanwhile", {})[0][0] == "meanwhile"  # the other worker serves
+        deadline = time.monotonic() + 60
+        while pool._idle.qsize() < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pool._idle.qsize() == 2  # the replacement joined
+
+
+def test_a_replacement_that_starts_after_the_pool_closed_is_stopped(monkeypatch):
+    _slow_replacements(monkeypatch, 1.0)
+    before = {p.pid for p in multiprocessing.active_children()}
+    with ep.process_backend(make_echo_app, workers=1) as pool, pytest.raises(ClientAppException, match="exit code 75"):
+        pool.run("exit", {})
+    assert not pool._replacing and pool._idle.empty()
+    left = [p for p in multiprocessing.active_children() if p.pid not in before]
+    assert not [p for p in left if p.name == "edgecloud-clientapp"]
 
 
 def test_stop_busy_ends_a_stalled_app_and_its_caller_gets_an_error(backend):
