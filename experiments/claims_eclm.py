@@ -54,15 +54,60 @@ def run_one(
 def run_cached(run_dir: Path, overrides: list[str]) -> dict:
     """``python -m experiments.run overrides`` into ``run_dir``, unless it already completed there.
 
+    A completed run is reused only when its stored configuration is the one ``overrides``
+    compose to now (a new option or default makes it stale); a stale run directory is moved
+    aside to ``<name>.stale-<n>``, never overwritten. Code changes with the same configuration
+    are not detected: delete the run directory to redo such a run.
+
     Returns the run's results.json, or a failure record (the run's stderr is echoed).
     """
     path = run_dir / "results.json"
-    if path.exists() and json.loads(path.read_text())["status"] == "completed":
-        return json.loads(path.read_text())
+    if path.exists():
+        stored = json.loads(path.read_text())
+        stale = config_differences(stored.get("config") or {}, composed_config(overrides))
+        if stored["status"] == "completed" and not stale:
+            return stored
+        if stale:
+            aside = _free_name(run_dir)
+            print(f"{run_dir}: the stored configuration differs at {', '.join(stale[:5])}; "
+                  f"moved to {aside.name} and re-running", file=sys.stderr)
+            run_dir.rename(aside)
     proc = subprocess.run([sys.executable, "-m", "experiments.run", *overrides], cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         print(proc.stderr[-2000:], file=sys.stderr)
     return json.loads(path.read_text()) if path.exists() else {"status": "failed", "rounds": [], "summary": {}}
+
+
+#: Keys of a stored configuration that name where a run went, not what it ran.
+WHERE_KEYS = ("output_dir",)
+
+
+def composed_config(overrides: list[str]) -> dict:
+    """The JSON configuration ``experiments.run overrides`` would store (Hydra's own keys dropped)."""
+    from experiments.config import compose
+    from experiments.results import to_json_safe
+
+    return to_json_safe(compose([o for o in overrides if not o.lstrip("+~").startswith("hydra.")]))
+
+
+def config_differences(stored: dict, wanted: dict, prefix: str = "") -> list[str]:
+    """Dotted keys where two stored configurations differ (``output_dir`` ignored), sorted."""
+    keys = sorted((set(stored) | set(wanted)) - (set(WHERE_KEYS) if not prefix else set()))
+    found: list[str] = []
+    for key in keys:
+        a, b = stored.get(key, "<missing>"), wanted.get(key, "<missing>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            found.append(f"{prefix}{key}")
+    return found
+
+
+def _free_name(run_dir: Path) -> Path:
+    n = 1
+    while run_dir.with_name(f"{run_dir.name}.stale-{n}").exists():
+        n += 1
+    return run_dir.with_name(f"{run_dir.name}.stale-{n}")
 
 
 def bytes_to_reach(rounds: list[dict], target: float | None) -> float | None:

@@ -63,6 +63,7 @@ def client_options(cfg: RunConfig) -> dict:
         "lr": opts.lr,
         "batch_size": opts.batch_size,
         "master_update": opts.master_update,
+        "write_back_bn": opts.write_back_bn,
     }
 
 

@@ -225,6 +225,8 @@ def _check_elastic(cfg) -> None:
            "averages ElasticDNN's banks: set algorithm.elasticdnn.method=elasticdnn or bank_fedavg=false", opts.method)
     _check(not opts.bank_fedavg or opts.master_update, "algorithm.elasticdnn.bank_fedavg",
            "averages banks that only master updates change: set algorithm.elasticdnn.master_update=true", False)
+    _check(not opts.write_back_bn or opts.master_update, "algorithm.elasticdnn.write_back_bn",
+           "is part of the master update: set algorithm.elasticdnn.master_update=true or write_back_bn=false", False)
     if cfg.algorithm.name == "elasticdnn":
         scen = cfg.scenario
         _check(scen.name in ("online", "evolving"), "scenario",

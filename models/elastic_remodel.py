@@ -63,9 +63,14 @@ class RemodelSettings:
     epochs, lr, batch_size : int, float, int
         Passes over the domain's samples, SGD rate, mini-batch (models.elastic_retrain defaults).
     master_update : bool
-        Write the surrogate's changes back into the master (III-B3, eq. 3-4, and the kept
-        filters' BN parameters). False is the paper's ablation "without updating" (IV): every
-        surrogate then starts from the pre-trained master.
+        Write the surrogate's changes back into the master (III-B3, eq. 3-4). False is the
+        paper's ablation "without updating" (IV): every surrogate then starts from the
+        pre-trained master.
+    write_back_bn : bool
+        With ``master_update``, also copy the kept filters' BN gamma/beta into the master
+        (:func:`models.fbs_surrogate.write_back_bn`). Eq. 1-4 update conv filters only and the
+        paper is silent on BN; off by default, as measured on digits (docs/RESULTS.md: the
+        surrogate's BN, trained with 80 % of each layer's filters gone, degraded the master).
     """
 
     keep_fraction: float = SURROGATE_KEEP_FRACTION
@@ -75,6 +80,7 @@ class RemodelSettings:
     lr: float = RETRAIN_LR
     batch_size: int = RETRAIN_BATCH_SIZE
     master_update: bool = True
+    write_back_bn: bool = False
 
 
 def remodel_for_domain(elastic: ElasticMaster, x: Tensor, settings: RemodelSettings,
@@ -84,8 +90,8 @@ def remodel_for_domain(elastic: ElasticMaster, x: Tensor, settings: RemodelSetti
     Parameters
     ----------
     elastic : ElasticMaster
-        The device's master and bank; updated in place (eq. 3-4 and the kept filters' BN)
-        unless ``settings.master_update`` is False.
+        The device's master and bank; updated in place (eq. 3-4, and the kept filters' BN
+        with ``settings.write_back_bn``) unless ``settings.master_update`` is False.
     x : Tensor
         The domain's unlabeled samples (paper: 100).
     settings : RemodelSettings
@@ -110,7 +116,8 @@ def remodel_for_domain(elastic: ElasticMaster, x: Tensor, settings: RemodelSetti
     updated: tuple[str, ...] = ()
     if settings.master_update:
         updated = update_bank_and_master(master, elastic.bank, surrogate_deltas(master, surrogate, keep))
-        write_back_bn(master, surrogate, keep)
+        if settings.write_back_bn:
+            write_back_bn(master, surrogate, keep)
     return surrogate, {
         "model_fraction": conv_parameter_count(surrogate) / conv_parameter_count(master),
         "trained_fraction": float(report["trained_fraction"]),

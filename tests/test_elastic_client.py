@@ -196,3 +196,24 @@ def test_without_master_update_the_master_stays_the_pretrained_one():
         validate(from_dict({"algorithm": {"name": "elasticdnn", "elasticdnn": {"bank_fedavg": True,
                                                                               "master_update": False}},
                             "scenario": {"name": "evolving"}}, resolve_model=True))
+
+
+def _bn_affine(module):
+    return {k: v.clone() for k, v in module.state_dict().items() if ".bn." in k and k.endswith(("weight", "bias"))}
+
+
+@pytest.mark.parametrize("write_back_bn", [False, True])
+def test_the_master_takes_the_surrogates_bn_affine_only_when_asked(write_back_bn):
+    client, context = ElasticClient(_device(write_back_bn=write_back_bn)), _context()
+    master = _model()
+    before = _bn_affine(master)
+    assert before  # the gated units carry BN
+    reply = client.handle("train", _message(1, ArrayRecord(master.state_dict())), context)
+    assert not reply.has_error() and reply.content["metrics"]["updated_layers"] > 0  # the conv filters went back
+    after = _bn_affine(load_blob(context)["elastic"])
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert bool(changed) is write_back_bn
+    with pytest.raises(ConfigError, match="write_back_bn"):
+        validate(from_dict({"algorithm": {"name": "elasticdnn", "elasticdnn": {"write_back_bn": True,
+                                                                              "master_update": False}},
+                            "scenario": {"name": "evolving"}}, resolve_model=True))

@@ -1,0 +1,66 @@
+"""The claims presets reuse a finished run only when its stored configuration is still the one asked for."""
+
+import json
+import subprocess
+
+from experiments import claims_eclm
+from experiments.claims_eclm import composed_config, config_differences, run_cached
+
+OVERRIDES = ["algorithm=fedavg", "rounds=2", "fleet.devices=4", "fleet.per_round=4"]
+
+
+def _finished_run(run_dir, config, status="completed"):
+    run_dir.mkdir(parents=True)
+    (run_dir / "results.json").write_text(json.dumps({"status": status, "config": config, "rounds": [], "summary": {}}))
+
+
+def _record_runs(monkeypatch, run_dir):
+    calls = []
+
+    def fake_run(cmd, **kwargs):  # experiments.run would take minutes; it writes results.json like this
+        calls.append(cmd)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "results.json").write_text(json.dumps({"status": "completed", "config": {}, "rounds": [1]}))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(claims_eclm.subprocess, "run", fake_run)
+    return calls
+
+
+def test_differences_are_dotted_keys_and_the_output_dir_does_not_count():
+    stored = {"output_dir": "/a", "rounds": 2, "algorithm": {"lr": 0.1, "elasticdnn": {"x": 1}}}
+    wanted = {"output_dir": "/b", "rounds": 2, "algorithm": {"lr": 0.2, "elasticdnn": {"x": 1, "new": False}}}
+    assert config_differences(stored, wanted) == ["algorithm.elasticdnn.new", "algorithm.lr"]
+    assert config_differences(wanted, wanted) == []
+
+
+def test_a_run_with_the_configuration_asked_for_is_reused(tmp_path, monkeypatch):
+    run_dir = tmp_path / "fedavg"
+    config = composed_config([*OVERRIDES, f"hydra.run.dir={run_dir}"])
+    assert config["rounds"] == 2 and config["fleet"]["devices"] == 4
+    _finished_run(run_dir, {**config, "output_dir": str(run_dir)})
+    calls = _record_runs(monkeypatch, run_dir)
+    assert run_cached(run_dir, [*OVERRIDES, f"hydra.run.dir={run_dir}"])["status"] == "completed"
+    assert calls == []
+
+
+def test_a_stale_run_is_moved_aside_and_run_again(tmp_path, monkeypatch, capsys):
+    run_dir = tmp_path / "fedavg"
+    config = composed_config(OVERRIDES)
+    del config["algorithm"]["elasticdnn"]["write_back_bn"]  # stored before the option existed
+    _finished_run(run_dir, config)
+    (tmp_path / "fedavg.stale-1").mkdir()  # an earlier stale copy stays too
+    calls = _record_runs(monkeypatch, run_dir)
+    assert run_cached(run_dir, OVERRIDES)["rounds"] == [1]
+    assert len(calls) == 1 and calls[0][-len(OVERRIDES):] == OVERRIDES
+    kept = json.loads((tmp_path / "fedavg.stale-2" / "results.json").read_text())
+    assert "write_back_bn" not in kept["config"]["algorithm"]["elasticdnn"]  # nothing already written is lost
+    assert "algorithm.elasticdnn.write_back_bn" in capsys.readouterr().err
+
+
+def test_an_unfinished_run_with_the_same_configuration_is_run_again_in_place(tmp_path, monkeypatch):
+    run_dir = tmp_path / "fedavg"
+    _finished_run(run_dir, composed_config(OVERRIDES), status="running")
+    calls = _record_runs(monkeypatch, run_dir)
+    run_cached(run_dir, OVERRIDES)
+    assert len(calls) == 1 and not (tmp_path / "fedavg.stale-1").exists()
