@@ -201,11 +201,10 @@ def warm_server(flat: dict) -> None:
     proxy part, then the algorithm's strategy arguments (CEMA pre-trains its foundation model
     there).
     """
-    import torch
 
     from experiments.algorithms import ALGORITHMS
     from experiments.config import from_flat
-    from experiments.data import build_federated_data, to_tensor
+    from experiments.data import build_federated_data
     from experiments.networks import build_run_model
     from experiments.pretrain import pretrained_model
 
@@ -214,8 +213,7 @@ def warm_server(flat: dict) -> None:
     algorithm = ALGORITHMS[cfg.algorithm.name]
     model = build_run_model(cfg.model, data.num_classes, data.image_shape[0])
     algorithm.check_model(model)
-    proxy_x, proxy_y = data.proxy()
-    model = pretrained_model(cfg, model, to_tensor(proxy_x), torch.as_tensor(proxy_y, dtype=torch.long), data)
+    model = pretrained_model(cfg, model, data)
     algorithm.strategy_args(cfg, model, data)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-import torch
 from torch import nn
 
 from experiments.config import RunConfig
@@ -30,8 +29,7 @@ def strategy_args(cfg: RunConfig, model: nn.Module, data) -> dict:
 
     fcfg = foundation_config(cfg)
     foundation = build_run_model(fcfg.model, data.num_classes, data.image_shape[0])
-    proxy_x, proxy_y = data.proxy()
-    foundation = pretrained_model(fcfg, foundation, to_tensor(proxy_x), torch.as_tensor(proxy_y, dtype=torch.long), data)
+    foundation = pretrained_model(fcfg, foundation, data)
     return {
         "foundation": foundation,
         "edge_factory": functools.partial(build_run_model, cfg.model, data.num_classes, data.image_shape[0]),

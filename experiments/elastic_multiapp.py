@@ -395,8 +395,7 @@ def load_master(cfg: RunConfig):
     model = build_run_model(cfg.model, data.num_classes, data.image_shape[0])
     if not isinstance(model, ElasticMaster):
         raise ValueError(f"model {cfg.model.name} is not an ElasticDNN master; pass an algorithm=elasticdnn run")
-    proxy_x, proxy_y = data.proxy()
-    model = pretrained_model(cfg, model, to_tensor(proxy_x), torch.as_tensor(proxy_y, dtype=torch.long), data)
+    model = pretrained_model(cfg, model, data)
     return data, model
 
 

@@ -49,7 +49,7 @@ RAY_BACKEND_MODULE = "flwr.server.superlink.fleet.vce.backend.raybackend"
 #: compiler stack (the FLOP counter and the first optimizer load it; 3.6 s), scikit-learn's
 #: digits and the partitioners (flwr-datasets, HF datasets). Workers inherit them (measured
 #: with ``python -X importtime`` on 2 busy cores: 6 s of imports), sharing their pages.
-PRELOAD = ("experiments.client_app", "torch._dynamo", "sklearn.datasets", "flwr_datasets.partitioner", "datasets")
+PRELOAD = ("experiments.client_app", "torch._dynamo", "flwr_datasets.partitioner", "datasets")
 #: How replacement workers start: from a fork server (a clean single-threaded parent; forking
 #: the driver once Flower's threads run is unsafe), preloaded with :data:`PRELOAD`.
 REPLACEMENT_START_METHOD = "forkserver"

@@ -26,6 +26,14 @@ from models.tv_resnet import load_checkpoint
 logger = logging.getLogger(__name__)
 
 
+def proxy_tensors(data) -> tuple[torch.Tensor, torch.Tensor]:
+    """The run's proxy part (``data.proxy()``) as model-ready image and label tensors."""
+    from experiments.data import to_tensor
+
+    x, y = data.proxy()
+    return to_tensor(x), torch.as_tensor(y, dtype=torch.long)
+
+
 def pretrain_cache_path(cfg: RunConfig) -> Path:
     """Where the pre-trained weights for ``cfg`` live.
 
@@ -42,12 +50,15 @@ def pretrain_cache_path(cfg: RunConfig) -> Path:
     return Path(cfg.pretrain.cache_dir).expanduser() / f"pretrain-{cfg.dataset.name}-{cfg.model.name}-{key}.pt"
 
 
-def pretrained_model(cfg: RunConfig, model: nn.Module, proxy_x: torch.Tensor, proxy_y: torch.Tensor, data) -> nn.Module:
+def pretrained_model(cfg: RunConfig, model: nn.Module, data, proxy: tuple[torch.Tensor, torch.Tensor] | None = None
+                     ) -> nn.Module:
     """Load ``model``'s pre-trained weights from the cache, training and caching them if absent.
 
     The algorithm's own cloud training runs if it has one (e.g. ECLM 4.3), else plain
     supervised training on the proxy part. With ``cfg.model.checkpoint`` set, the weights
-    come from that file instead (:func:`checkpoint_model`).
+    come from that file instead (:func:`checkpoint_model`). ``proxy`` is the proxy part as
+    tensors; by default :func:`proxy_tensors` renders it from ``data``, and only when
+    training runs (a cached model costs no rendering: issue 7, start-up).
     """
     if cfg.model.checkpoint is not None:
         return checkpoint_model(cfg, model)
@@ -56,6 +67,7 @@ def pretrained_model(cfg: RunConfig, model: nn.Module, proxy_x: torch.Tensor, pr
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         logger.info("pre-trained cloud model loaded from %s", path)
         return model
+    proxy_x, proxy_y = proxy_tensors(data) if proxy is None else proxy
     algorithm = ALGORITHMS[cfg.algorithm.name]
     if algorithm.cloud_training is not None:
         algorithm.cloud_training(cfg, model, proxy_x, proxy_y, data)

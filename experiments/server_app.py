@@ -54,8 +54,7 @@ def run_cloud(grid: Grid, cfg: RunConfig, run_dir: Path, device_dir: Path | None
         algorithm = ALGORITHMS[cfg.algorithm.name]
         model = build_run_model(cfg.model, data.num_classes, data.image_shape[0])
         algorithm.check_model(model)
-        proxy_x, proxy_y = data.proxy()
-        model = pretrained_model(cfg, model, to_tensor(proxy_x), torch.as_tensor(proxy_y, dtype=torch.long), data)
+        model = pretrained_model(cfg, model, data)
         test_x, test_y = data.global_test()
         test_x, test_y = to_tensor(test_x), torch.as_tensor(test_y, dtype=torch.long)
 

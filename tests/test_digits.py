@@ -22,6 +22,27 @@ def _seeds(n, seed=0):
     return np.stack([np.full(n, seed), np.arange(n)], axis=1)
 
 
+def test_the_data_file_read_directly_holds_load_digits_values(monkeypatch):
+    from sklearn.datasets import load_digits
+
+    images, labels = digits.read_digits()
+    reference = load_digits()
+    assert images.shape == (1797, 8, 8) and labels.dtype == np.int64
+    assert np.array_equal(images, reference.images) and np.array_equal(labels, reference.target)
+    monkeypatch.setattr(digits, "DIGITS_FILE", ("no", "such", "file.csv.gz"))  # a future layout: load_digits
+    fallback_images, fallback_labels = digits.read_digits()
+    assert np.array_equal(fallback_images, images) and np.array_equal(fallback_labels, labels)
+
+
+def test_reading_the_digits_does_not_import_scikit_learn():
+    import subprocess
+    import sys
+
+    code = "import sys; from experiments.data import digits; digits.read_digits(); print('sklearn' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
+
+
 def test_originals_are_sklearn_digits(source):
     assert source.labels.shape == (1797,)
     assert source.labels.dtype == np.int64

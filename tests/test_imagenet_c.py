@@ -290,9 +290,9 @@ def test_a_checkpoint_replaces_pre_training(tmp_path):
     raw = {"algorithm": {"name": "tent"}, "pretrain": {"cache_dir": str(tmp_path / "cache")}}
     cfg = from_dict({**raw, "model": {"name": "tv_resnet18", "checkpoint": str(tmp_path / "edge.pt")}})
     empty_x, empty_y = torch.zeros(0, 3, 32, 32), torch.zeros(0, dtype=torch.long)
-    model = pretrained_model(cfg, build_model("tv_resnet18", num_classes=10, width=16), empty_x, empty_y, None)
+    model = pretrained_model(cfg, build_model("tv_resnet18", num_classes=10, width=16), None, proxy=(empty_x, empty_y))
     assert torch.equal(model.fc.weight, saved.fc.weight)
     assert not (tmp_path / "cache").exists()  # nothing trained, nothing cached
     cfg = from_dict({**raw, "model": {"name": "tv_resnet18", "checkpoint": str(tmp_path / "gone.pt")}})
     with pytest.raises(ConfigError, match="set model.checkpoint"):
-        pretrained_model(cfg, build_model("tv_resnet18", num_classes=10, width=16), empty_x, empty_y, None)
+        pretrained_model(cfg, build_model("tv_resnet18", num_classes=10, width=16), None, proxy=(empty_x, empty_y))

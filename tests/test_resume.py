@@ -432,16 +432,15 @@ def _warm_pretrain_cache(cache: Path) -> None:
     from hydra import compose, initialize_config_dir
 
     from experiments.config import from_hydra
-    from experiments.data import build_federated_data, to_tensor
+    from experiments.data import build_federated_data
     from experiments.networks import build_run_model
     from experiments.pretrain import pretrained_model
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = from_hydra(compose(config_name="config", overrides=["output_dir=null", *SMALL, f"pretrain.cache_dir={cache}"]))
     data = build_federated_data(cfg.dataset, cfg.scenario, cfg.fleet.devices, cfg.seed)
-    x, y = data.proxy()
     model = build_run_model(cfg.model, data.num_classes, data.image_shape[0])
-    pretrained_model(cfg, model, to_tensor(x), torch.as_tensor(y, dtype=torch.long), data)
+    pretrained_model(cfg, model, data)
 
 
 def _without_host_times(results: dict) -> dict:
