@@ -15,8 +15,9 @@ One run measures, side by side, with repetitions and medians:
 
 Every measurement runs in a fresh process (start-up and memory are measured as a user meets
 them) under a hard timeout, while a thread samples the tree's memory
-(:mod:`experiments.bench_memory`). Cloud pre-training is cached by the project; the cache is
-warmed first, in a process of its own, and that time is excluded (reported apart).
+(:mod:`experiments.bench_memory`). Cloud pre-training and the fleet's device partitions are
+cached by the project; the caches are warmed first, in a process of its own, and that time is
+excluded (reported apart).
 
 Output: a JSON (``docs/performance.json`` or ``--out``) and a markdown report
 (``docs/PERFORMANCE.md``, or beside ``--out``) with the machine, the command and every ratio
@@ -195,11 +196,11 @@ def model_overrides(model) -> tuple[str, ...]:
 
 
 def warm_server(flat: dict) -> None:
-    """What the cloud does before round 1, without Ray: fills the pre-training caches.
+    """What the cloud does before round 1, without Ray: fills the pre-training and partition caches.
 
-    Mirrors ``experiments.server_app.run_cloud``: data, network, cached pre-training on the
-    proxy part, then the algorithm's strategy arguments (CEMA pre-trains its foundation model
-    there).
+    Mirrors ``experiments.server_app.run_cloud``: data (and the fleet's partition, cached under
+    ``dataset.cache_dir`` like the pre-training), network, cached pre-training on the proxy
+    part, then the algorithm's strategy arguments (CEMA pre-trains its foundation model there).
     """
 
     from experiments.algorithms import ALGORITHMS
@@ -210,6 +211,7 @@ def warm_server(flat: dict) -> None:
 
     cfg = from_flat(flat)
     data = build_federated_data(cfg.dataset, cfg.scenario, cfg.fleet.devices, cfg.seed)
+    _ = data.partitions
     algorithm = ALGORITHMS[cfg.algorithm.name]
     model = build_run_model(cfg.model, data.num_classes, data.image_shape[0])
     algorithm.check_model(model)

@@ -246,7 +246,7 @@ def markdown_report(report: dict) -> str:
         "simulations need two at once, so other load on the machine costs them more.",
         "- per round: time between the ends of consecutive rounds, rounds 2 to R of every repetition pooled; "
         "start-up: launch to the end of round 1 (imports, data, workers or Ray, discovery, round 1).",
-        f"- Cloud pre-training is cached by the project; the caches were warmed first, in a process without "
+        f"- Cloud pre-training and the device partitions are cached by the project; the caches were warmed first, in a process without "
         f"a simulation, and excluded from every timing (warm-up took {warm_s:.1f} s).",
         "- ECLM runs its own network (`model=auto`); the like-for-like target compares it with FedAvg on that network.",
     ]

@@ -44,7 +44,7 @@ STATE_FILE, CLOUD_FILE, STRATEGY_FILE = "state.json", "cloud.npz", "strategy.npz
 FORMAT_VERSION = 1
 #: Config keys a resumed run may change: they decide how and where it runs, not its numbers
 #: (``engine.*``: Ray address, resources, timeouts, logs; the pre-training cache folder).
-RESUME_FREE_KEYS = ("resume", "output_dir", "checkpoint_every", "engine", "pretrain.cache_dir")
+RESUME_FREE_KEYS = ("resume", "output_dir", "checkpoint_every", "engine", "pretrain.cache_dir", "dataset.cache_dir")
 
 
 @dataclass

@@ -78,8 +78,8 @@ def run_cached(run_dir: Path, overrides: list[str]) -> dict:
     return json.loads(path.read_text()) if path.exists() else {"status": "failed", "rounds": [], "summary": {}}
 
 
-#: Keys of a stored configuration that name where a run went, not what it ran.
-WHERE_KEYS = ("output_dir",)
+#: Keys of a stored configuration that name where a run went or kept its caches, not what it ran.
+WHERE_KEYS = ("output_dir", "dataset.cache_dir", "pretrain.cache_dir")
 
 
 def composed_config(overrides: list[str]) -> dict:
@@ -91,10 +91,11 @@ def composed_config(overrides: list[str]) -> dict:
 
 
 def config_differences(stored: dict, wanted: dict, prefix: str = "") -> list[str]:
-    """Dotted keys where two stored configurations differ (``output_dir`` ignored), sorted."""
-    keys = sorted((set(stored) | set(wanted)) - (set(WHERE_KEYS) if not prefix else set()))
+    """Dotted keys where two stored configurations differ (:data:`WHERE_KEYS` ignored), sorted."""
     found: list[str] = []
-    for key in keys:
+    for key in sorted(set(stored) | set(wanted)):
+        if f"{prefix}{key}" in WHERE_KEYS:
+            continue
         a, b = stored.get(key, "<missing>"), wanted.get(key, "<missing>")
         if isinstance(a, dict) and isinstance(b, dict):
             found += config_differences(a, b, f"{prefix}{key}.")

@@ -42,7 +42,8 @@ def pretrain_cache_path(cfg: RunConfig) -> Path:
     that shape that training.
     """
     algorithm = ALGORITHMS[cfg.algorithm.name]
-    dataset = dataclasses.replace(cfg.dataset, partition=None)  # partitions do not touch the proxy
+    dataset = to_dict(dataclasses.replace(cfg.dataset, partition=None))  # partitions do not touch the proxy
+    del dataset["cache_dir"]  # where partitions are cached changes no weight (and keeps older keys)
     model = {k: v for k, v in to_dict(cfg.model).items() if k != "checkpoint"}  # checkpoint runs skip the cache
     pretrain = dataclasses.replace(cfg.pretrain, cache_dir="")
     training = {"cloud_training": algorithm.name, **algorithm.training_key(cfg)} if algorithm.cloud_training else {}

@@ -42,6 +42,7 @@ class DatasetConfig:
     proxy_fraction: float = 0.3  # ECLM 7.2: 30 % of training data is the cloud proxy set
     proxy_samples: int = 3000  # augmented proxy samples the cloud pre-trains on
     global_test_samples: int = 1000  # augmented renders of the test originals (cloud test set)
+    cache_dir: str = "~/.cache/edgecloud"  # device partitions cached here (experiments/data/partition_cache.py); "" = none
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from experiments.config import ConfigError, DatasetConfig, ScenarioConfig
 from experiments.data import partition as part
-from experiments.data import online, stream
+from experiments.data import online, partition_cache, stream
 from experiments.data.arrays import CLEAN, DeviceData, StreamBatch
 from experiments.data.checks import (
     check_classes,
@@ -91,8 +91,8 @@ class FederatedData:
     @functools.cached_property
     def partitions(self) -> list[np.ndarray]:
         """Pool rows of every device (flwr-datasets partitioner), computed once."""
-        return part.partition_pool(
-            self.pool_labels, self.dataset.partition, self.num_devices, self.seed
+        return partition_cache.partitions(
+            self.pool_labels, self.dataset.partition, self.num_devices, self.seed, self.dataset.cache_dir
         )
 
     def proxy(self) -> tuple[np.ndarray, np.ndarray]:
