@@ -220,20 +220,21 @@ def is_due(server_round: int, every: int, num_rounds: int) -> bool:
 
 
 # --------------------------------------------------------------------------- config check
-def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """``key: saved -> current`` for every leaf that differs, outside :data:`RESUME_FREE_KEYS`."""
+def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
+                       free_keys: tuple[str, ...] = RESUME_FREE_KEYS) -> list[str]:
+    """``key: saved -> current`` for every leaf that differs, outside ``free_keys`` (and their sub-keys)."""
     old, new = _flatten(saved), _flatten(current)
     diffs = []
     for key in sorted(old.keys() | new.keys()):
-        if _is_free(key):
+        if _is_free(key, free_keys):
             continue
         if old.get(key, "<absent>") != new.get(key, "<absent>"):
             diffs.append(f"{key}: {old.get(key, '<absent>')!r} -> {new.get(key, '<absent>')!r}")
     return diffs
 
 
-def _is_free(key: str) -> bool:
-    return any(key == free or key.startswith(f"{free}.") for free in RESUME_FREE_KEYS)
+def _is_free(key: str, free_keys: tuple[str, ...]) -> bool:
+    return any(key == free or key.startswith(f"{free}.") for free in free_keys)
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from experiments.checkpoint import config_differences
 from experiments.progress import format_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,7 +65,7 @@ def run_cached(run_dir: Path, overrides: list[str]) -> dict:
     path = run_dir / "results.json"
     if path.exists():
         stored = json.loads(path.read_text())
-        stale = config_differences(stored.get("config") or {}, composed_config(overrides))
+        stale = config_differences(stored.get("config") or {}, composed_config(overrides), WHERE_KEYS)
         if stored["status"] == "completed" and not stale:
             return stored
         if stale:
@@ -88,20 +89,6 @@ def composed_config(overrides: list[str]) -> dict:
     from experiments.results import to_json_safe
 
     return to_json_safe(compose([o for o in overrides if not o.lstrip("+~").startswith("hydra.")]))
-
-
-def config_differences(stored: dict, wanted: dict, prefix: str = "") -> list[str]:
-    """Dotted keys where two stored configurations differ (:data:`WHERE_KEYS` ignored), sorted."""
-    found: list[str] = []
-    for key in sorted(set(stored) | set(wanted)):
-        if f"{prefix}{key}" in WHERE_KEYS:
-            continue
-        a, b = stored.get(key, "<missing>"), wanted.get(key, "<missing>")
-        if isinstance(a, dict) and isinstance(b, dict):
-            found += config_differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            found.append(f"{prefix}{key}")
-    return found
 
 
 def _free_name(run_dir: Path) -> Path:

@@ -243,7 +243,7 @@ class WorkerPool:
         try:
             worker = self._new_worker()
         except Exception:  # a pool one worker short still runs the fleet
-            logger.exception("could not replace a dead ClientApp worker; %d slot(s) left", self.size - 1)
+            logger.exception("could not replace a dead ClientApp worker; the pool runs one worker short")
         finally:
             with self._lock:
                 keep = worker is not None and not self.closed

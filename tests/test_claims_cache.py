@@ -4,7 +4,8 @@ import json
 import subprocess
 
 from experiments import claims_eclm
-from experiments.claims_eclm import composed_config, config_differences, run_cached
+from experiments.checkpoint import config_differences
+from experiments.claims_eclm import WHERE_KEYS, composed_config, run_cached
 
 OVERRIDES = ["algorithm=fedavg", "rounds=2", "fleet.devices=4", "fleet.per_round=4"]
 
@@ -28,11 +29,12 @@ def _record_runs(monkeypatch, run_dir):
 
 
 def test_differences_are_dotted_keys_and_the_output_dir_does_not_count():
-    stored = {"output_dir": "/a", "rounds": 2, "algorithm": {"lr": 0.1, "elasticdnn": {"x": 1}}, "dataset": {}}
+    stored = {"output_dir": "/a", "rounds": 2, "algorithm": {"lr": 0.1, "elasticdnn": {"x": 1}}, "dataset": {"name": "digits"}}
     wanted = {"output_dir": "/b", "rounds": 2, "algorithm": {"lr": 0.2, "elasticdnn": {"x": 1, "new": False}},
-              "dataset": {"cache_dir": "~/.cache"}}  # where caches live changes no result
-    assert config_differences(stored, wanted) == ["algorithm.elasticdnn.new", "algorithm.lr"]
-    assert config_differences(wanted, wanted) == []
+              "dataset": {"name": "digits", "cache_dir": "~/.cache"}}  # where caches live changes no result
+    assert config_differences(stored, wanted, WHERE_KEYS) == ["algorithm.elasticdnn.new: '<absent>' -> False",
+                                                              "algorithm.lr: 0.1 -> 0.2"]
+    assert config_differences(wanted, wanted, WHERE_KEYS) == []
 
 
 def test_a_run_with_the_configuration_asked_for_is_reused(tmp_path, monkeypatch):

@@ -68,3 +68,13 @@ def test_a_run_with_cached_partitions_imports_neither_flwr_datasets_nor_datasets
                for _ in range(2)]
     assert outputs[0] == ["20", "True", "True"]  # the first run splits with flwr-datasets
     assert outputs[1] == ["20", "False", "False"]  # the second reads the file
+
+
+def test_a_cache_that_cannot_be_written_leaves_no_partial_file_and_the_run_goes_on(tmp_path, monkeypatch, caplog):
+    def full_disk(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(pc.np, "savez", full_disk)
+    rows = pc.partitions(LABELS, SKEW, 8, 3, str(tmp_path))
+    assert len(rows) == 8 and "could not cache" in caplog.text
+    assert list((tmp_path / "partitions").iterdir()) == []

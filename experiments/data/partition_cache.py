@@ -89,12 +89,16 @@ def _read(path: Path, num_partitions: int, pool_size: int) -> list[np.ndarray] |
 
 def _write(path: Path, rows: list[np.ndarray]) -> None:
     """Write atomically (a temporary file, then a rename): a reader never sees half a file."""
+    offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
+    flat = np.concatenate(rows).astype(np.int64) if rows else np.zeros(0, dtype=np.int64)
+    tmp_name = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
-        flat = np.concatenate(rows).astype(np.int64) if rows else np.zeros(0, dtype=np.int64)
         with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as tmp:
+            tmp_name = tmp.name
             np.savez(tmp, rows=flat, offsets=offsets)
-        os.replace(tmp.name, path)
-    except OSError as exc:  # a read-only cache costs start-up time, never the run
+        os.replace(tmp_name, path)
+    except OSError as exc:  # a read-only or full cache costs start-up time, never the run
         logger.warning("could not cache device partitions in %s: %s", path.parent, exc)
+        if tmp_name is not None:
+            Path(tmp_name).unlink(missing_ok=True)
