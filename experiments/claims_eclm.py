@@ -146,7 +146,7 @@ def targets(results: dict[tuple[int, str], dict]) -> str:
     lines = [
         f"- final accuracy (2 classes): ECLM {eclm['summary']['final_accuracy']:.4f}, FedAvg {fa_final:.4f}, "
         f"HeteroFL {hfl.get('summary', {}).get('final_accuracy', float('nan')):.4f}",
-        f"- traffic for ECLM to reach FedAvg's final accuracy: "
+        "- traffic for ECLM to reach FedAvg's final accuracy: "
         + ("not reached" if reach is None else f"{format_bytes(reach)} vs FedAvg's {format_bytes(fa_bytes)} "
            f"(ratio {reach / fa_bytes:.3f}; target <= 0.2)"),
         f"- wall time per round: ECLM {eclm_round:.2f} s vs FedAvg {fa_round:.2f} s (ratio {eclm_round / fa_round:.2f}; "
