@@ -37,9 +37,9 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
+from experiments.bench_cases import GROUPS, Case, model_overrides, parse_sizes, plan_cases
 from experiments.bench_memory import TreeMemorySampler
 from experiments.config import compose
 from experiments.bench_report import (
@@ -58,8 +58,6 @@ from experiments.bench_report import (
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_JSON = ROOT / "docs" / "performance.json"
 DEFAULT_MARKDOWN = ROOT / "docs" / "PERFORMANCE.md"
-#: Issue 7: fleets of 100, 500 and 1,000 devices with cohorts of 10, 25 and 50.
-ISSUE_COHORTS = {100: 10, 500: 25, 1000: 50}
 DEFAULT_SIZES = "100,500,1000"
 DEFAULT_REPS = 3  # issue 7: repetitions and medians; 3 is the least that has a median
 DEFAULT_ROUNDS = 5  # round 1 holds the start-up; rounds 2-5 give 4 per-round samples a rep
@@ -82,117 +80,6 @@ DEFAULT_TIMEOUT_S = 1800.0  # a hung child is killed after this (1,000 devices o
 #: modular ResNet18 on the digits proxy part took ~45 min on the busy 2-core development machine.
 DEFAULT_WARM_TIMEOUT_S = 4 * 3600.0
 POLL_S = 0.02  # how often the parent looks at a child's results.json (rounds last >= 0.1 s)
-GROUPS = ("fedavg", "plain", "floor", "eclm", "cema", "elasticdnn", "fleet", "pump", "ray")
-#: The ``pump`` group: the project's FedAvg with Flower's own message pump and polls, the
-#: lever ``engine.fast_pump`` undone (experiments/engine_fastpath.py).
-FLOWER_PUMP = ("algorithm=fedavg", "engine.fast_pump=false")
-#: The ``ray`` group: the project's FedAvg on Flower's Ray backend, the lever
-#: ``engine.backend=processes`` (the default ``auto`` on one machine) undone.
-ON_RAY = ("algorithm=fedavg", "engine.backend=ray")
-
-
-# --------------------------------------------------------------------------- cases
-@dataclass(frozen=True)
-class Case:
-    """One thing to measure: a runner (project | plain | floor) on a configuration.
-
-    ``overrides`` are Hydra overrides on top of ``conf/``, the same for every runner, so
-    the project's door and the baselines read one configuration.
-    """
-
-    name: str
-    runner: str
-    devices: int
-    per_round: int
-    overrides: tuple[str, ...]
-
-
-def parse_sizes(text: str) -> list[tuple[int, int]]:
-    """``"100,500,1000"`` or ``"6:3,40:4"`` -> [(devices, cohort), ...]; the first is the default size.
-
-    A bare number takes its cohort from :data:`ISSUE_COHORTS`.
-
-    Raises
-    ------
-    ValueError
-        On an empty list, a malformed item, a cohort outside [1, devices], or a bare number
-        with no cohort in the issue's table.
-    """
-    sizes = []
-    for item in (part.strip() for part in text.split(",")):
-        devices_text, _, cohort_text = item.partition(":")
-        if not devices_text.isdigit() or (cohort_text and not cohort_text.isdigit()):
-            raise ValueError(f"size {item!r} is not N or N:K (devices:cohort), e.g. 100 or 40:4")
-        devices = int(devices_text)
-        if not cohort_text and devices not in ISSUE_COHORTS:
-            raise ValueError(f"size {devices} has no default cohort; write it as {devices}:K")
-        cohort = int(cohort_text) if cohort_text else ISSUE_COHORTS[devices]
-        if not 1 <= cohort <= devices:
-            raise ValueError(f"cohort {cohort} of size {item!r} must be in [1, {devices}]")
-        sizes.append((devices, cohort))
-    return sizes
-
-
-def _fleet(devices: int, per_round: int) -> tuple[str, ...]:
-    return (f"fleet.devices={devices}", f"fleet.per_round={per_round}")
-
-
-def plan_cases(
-    sizes: Sequence[tuple[int, int]], groups: Sequence[str], base: Sequence[str], eclm_model: Sequence[str] = ()
-) -> list[Case]:
-    """The cases of the chosen ``groups`` (see :data:`GROUPS`), default size first.
-
-    ``base`` overrides go into every case; ``eclm_model`` are the overrides that give FedAvg
-    ECLM's network (from :func:`model_overrides`).
-
-    Raises
-    ------
-    ValueError
-        On an unknown group or no sizes.
-    """
-    unknown = sorted(set(groups) - set(GROUPS))
-    if unknown or not sizes:
-        raise ValueError(f"unknown case group(s) {unknown} or no sizes; choose from {list(GROUPS)}")
-    (devices, cohort), base = sizes[0], tuple(base)
-    fleet = _fleet(devices, cohort)
-    specs = {
-        "fedavg": [("fedavg", "project", ("algorithm=fedavg",))],
-        "plain": [("plain", "plain", ("algorithm=fedavg",))],
-        "floor": [("floor", "floor", ("algorithm=fedavg",))],
-        "eclm": [
-            ("eclm", "project", ("algorithm=eclm",)),
-            ("fedavg_eclm_network", "project", ("algorithm=fedavg", *eclm_model)),
-        ],
-        "cema": [("cema", "project", ("algorithm=cema", "scenario=online"))],
-        "elasticdnn": [("elasticdnn", "project", ("algorithm=elasticdnn", "scenario=evolving"))],
-        "pump": [("fedavg_flower_pump", "project", FLOWER_PUMP)],
-        "ray": [("fedavg_ray", "project", ON_RAY)],
-    }
-    cases = [
-        Case(f"{label}@{devices}", runner, devices, cohort, (*base, *extra, *fleet))
-        for group in GROUPS
-        if group in groups and group != "fleet"
-        for label, runner, extra in specs[group]
-    ]
-    if "fleet" in groups:
-        cases += [
-            Case(f"fedavg@{n}", "project", n, k, (*base, "algorithm=fedavg", *_fleet(n, k)))
-            for n, k in sizes
-            if not (n == devices and "fedavg" in groups)
-        ]
-        n, k = max(sizes)
-        for group, label, extra in (("pump", "fedavg_flower_pump", FLOWER_PUMP), ("ray", "fedavg_ray", ON_RAY)):
-            if group in groups and n != devices:  # both levers' effect grows with the fleet: also the largest
-                cases.append(Case(f"{label}@{n}", "project", n, k, (*base, *extra, *_fleet(n, k))))
-    return cases
-
-
-# --------------------------------------------------------------------------- configuration
-def model_overrides(model) -> tuple[str, ...]:
-    """Hydra overrides that reproduce a :class:`ModelConfig` exactly (None -> null; ``++`` adds
-    the keys the selected ``model`` group file leaves out)."""
-    values = dataclasses.asdict(model)
-    return tuple(f"++model.{key}={'null' if value is None else value}" for key, value in values.items())
 
 
 def warm_server(flat: dict) -> None:

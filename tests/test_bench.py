@@ -19,16 +19,8 @@ import pytest
 import torch
 
 from experiments.config import compose
-from experiments.bench import (
-    GROUPS,
-    RoundWatcher,
-    main,
-    model_overrides,
-    parse_sizes,
-    plan_cases,
-    run_child,
-    timings,
-)
+from experiments.bench import RoundWatcher, main, run_child, timings
+from experiments.bench_cases import GROUPS, model_overrides, parse_sizes, plan_cases
 from experiments.bench_floor import COHORT_STREAM, average_states, cohort_of
 from experiments.bench_memory import TreeMemorySampler, read_pss_bytes, sample_tree
 from experiments.bench_report import (
