@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -38,6 +39,12 @@ def default_run_dir() -> Path:
     return Path("outputs") / time.strftime("%Y-%m-%d") / time.strftime("%H-%M-%S")
 
 
+def global_test_tensors(data) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cloud's clean test set as (float images, int64 labels) tensors."""
+    test_x, test_y = data.global_test()
+    return to_tensor(test_x), torch.as_tensor(test_y, dtype=torch.long)
+
+
 def run_cloud(grid: Grid, cfg: RunConfig, run_dir: Path, device_dir: Path | None = None) -> dict:
     """Pre-train, run ``cfg.rounds`` rounds of the configured strategy, write results.
 
@@ -55,14 +62,13 @@ def run_cloud(grid: Grid, cfg: RunConfig, run_dir: Path, device_dir: Path | None
         model = build_run_model(cfg.model, data.num_classes, data.image_shape[0])
         algorithm.check_model(model)
         model = pretrained_model(cfg, model, data)
-        test_x, test_y = data.global_test()
-        test_x, test_y = to_tensor(test_x), torch.as_tensor(test_y, dtype=torch.long)
+        background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cloud-test")
+        test_set = background.submit(global_test_tensors, data)
 
         def evaluate_global(server_round: int, arrays: ArrayRecord) -> dict[str, float]:
             model.load_state_dict(arrays.to_torch_state_dict())
-            return {"accuracy": accuracy(model, test_x, test_y)}
+            return {"accuracy": accuracy(model, *test_set.result())}
 
-        pretrained_accuracy = accuracy(model, test_x, test_y)
         progress = ProgressLine(cfg.rounds, seen=records)
 
         def on_round(record: dict) -> None:
@@ -79,9 +85,14 @@ def run_cloud(grid: Grid, cfg: RunConfig, run_dir: Path, device_dir: Path | None
             evaluate_fn=evaluate_global,
             on_round=on_round,
         )
+        # the cloud renders its test set and scores the pre-trained model while the devices
+        # answer discovery, instead of before it (issue 7: start-up)
+        pretrained = background.submit(lambda: accuracy(model, *test_set.result()))
+        background.shutdown(wait=False)
         started = time.perf_counter()
         strategy.discover(grid)
         discovery_s = time.perf_counter() - started
+        pretrained_accuracy = pretrained.result()
         logger.info("%d devices reported their budgets in %.1f s", len(strategy.devices), discovery_s)
         arrays, first_round = ArrayRecord(model.state_dict()), 1
         if checkpoint is not None:

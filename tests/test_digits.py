@@ -43,6 +43,25 @@ def test_reading_the_digits_does_not_import_scikit_learn():
     assert done.stdout.strip() == "False"
 
 
+def test_the_upsampling_matrix_is_scipys_spline_zoom():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 1, size=(5, 8, 8))
+    matrix = digits.spline_upsampling_matrix(8, 24)
+    assert matrix.shape == (24, 8)
+    # every row interpolates, so a constant image stays constant (the rows sum to 1)
+    assert np.allclose(matrix.sum(axis=1), 1.0)
+    assert np.allclose(matrix @ images @ matrix.T, ndimage.zoom(images, (1, 3, 3), order=3), atol=1e-12)
+    # the canvas the runs use: the originals, upsampled this way, centred and clipped
+    _, canvas = digits._load_canvas()
+    originals, _ = digits.read_digits()
+    reference = np.clip(ndimage.zoom(originals[:50].astype(np.float32) / 16, (1, 3, 3), order=3), 0, 1)
+    margin = (digits.IMAGE_SIZE - digits.DIGIT_SIZE) // 2
+    assert np.allclose(canvas[:50, margin:-margin, margin:-margin], reference, atol=1e-6)
+    assert canvas[:, :margin].max() == 0 and canvas[:, :, -margin:].max() == 0
+
+
 def test_originals_are_sklearn_digits(source):
     assert source.labels.shape == (1797,)
     assert source.labels.dtype == np.int64

@@ -97,14 +97,27 @@ class DigitsSource:
 def _load_canvas() -> tuple[np.ndarray, np.ndarray]:
     """Load the digits once per process: labels and float32 canvases in [0, 1]."""
     images, labels = read_digits()
-    factor = DIGIT_SIZE / images.shape[1]
     small = images.astype(np.float32) / DIGITS_MAX_VALUE
-    big = ndimage.zoom(small, (1, factor, factor), order=UPSAMPLE_ORDER)
+    upsample = spline_upsampling_matrix(images.shape[1], DIGIT_SIZE)
+    big = (upsample @ small.astype(np.float64) @ upsample.T).astype(np.float32)
     margin = (IMAGE_SIZE - DIGIT_SIZE) // 2
     canvas = np.zeros((len(big), IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
     canvas[:, margin : margin + DIGIT_SIZE, margin : margin + DIGIT_SIZE] = big
     np.clip(canvas, 0.0, 1.0, out=canvas)
     return labels, canvas
+
+
+def spline_upsampling_matrix(size_in: int, size_out: int, order: int = UPSAMPLE_ORDER) -> np.ndarray:
+    """The linear map of ``scipy.ndimage.zoom`` along one axis, as a ``(size_out, size_in)`` matrix.
+
+    Spline zoom is linear and separable, and with ``grid_mode=False`` every output
+    coordinate lies inside the input, so zooming an image ``X`` (``size_in`` square) to
+    ``size_out`` is ``M @ X @ M.T`` with column ``j`` of ``M`` the zoom of the unit vector
+    ``e_j``. One matrix product per image instead of a spline evaluation per pixel: the
+    1,797 digits take ~0.01 s instead of ~0.85 s of every run's start-up (issue 7), equal
+    to ``ndimage.zoom`` within float32 rounding (``tests/test_digits.py``).
+    """
+    return ndimage.zoom(np.eye(size_in), (size_out / size_in, 1.0), order=order)
 
 
 def read_digits() -> tuple[np.ndarray, np.ndarray]:
