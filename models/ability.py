@@ -23,7 +23,6 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.optimize import linprog
 
 #: Classes per sub-task. Assumption: ECLM 7.1 / Table 1 give CIFAR-10 devices m = 2 classes
 #: (Data Partition 1), so classes co-occur in pairs.
@@ -232,6 +231,8 @@ def solve_mask(H, kappa1: float | None = DEFAULT_KAPPA1, kappa2: int = DEFAULT_K
         raise ValueError(f"kappa1 must be a finite number > 0 (largest sub-tasks per module), got {kappa1!r}")
     if kappa1 * N < T:
         raise ValueError(f"kappa1 * N = {kappa1 * N} < T = {T} sub-tasks: some sub-task gets no module; raise kappa1")
+    from scipy.optimize import linprog  # 0.3-0.7 s: only runs that solve the mask pay it
+
     module_load = np.kron(np.ones((1, T)), np.eye(N))  # row n sums column n of M (row-major)
     per_subtask = np.kron(np.eye(T), np.ones((1, N)))  # row t sums row t of M
     result = linprog(

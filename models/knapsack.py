@@ -22,7 +22,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.optimize import Bounds, LinearConstraint, milp
 
 #: The three budget dimensions of ECLM 5.1, in cost-vector order, with their units.
 COST_DIMENSIONS = ("comm", "comp", "mem")
@@ -182,6 +181,8 @@ def _solve_knapsack(candidates, imp, layers, cost_of, residual, max_per_layer) -
     """Exact 0/1 multi-dimensional knapsack over ``candidates`` with ``scipy.optimize.milp``."""
     if not candidates:
         return []
+    from scipy.optimize import Bounds, LinearConstraint, milp  # 0.3-0.7 s: only runs that select modules pay it
+
     weights = np.array([imp[m] for m in candidates])
     matrix = np.array([cost_of[m] for m in candidates]).T  # (3, n)
     rows, upper = [], []
