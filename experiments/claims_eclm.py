@@ -69,7 +69,7 @@ def run_cached(run_dir: Path, overrides: list[str]) -> dict:
         if stored["status"] == "completed" and not stale:
             return stored
         if stale:
-            aside = _free_name(run_dir)
+            aside = free_name(run_dir)
             print(f"{run_dir}: the stored configuration differs at {', '.join(stale[:5])}; "
                   f"moved to {aside.name} and re-running", file=sys.stderr)
             run_dir.rename(aside)
@@ -91,8 +91,9 @@ def composed_config(overrides: list[str]) -> dict:
     return to_json_safe(compose([o for o in overrides if not o.lstrip("+~").startswith("hydra.")]))
 
 
-def _free_name(run_dir: Path) -> Path:
-    n = 1
+def free_name(path: Path) -> Path:
+    """``<path>.stale-<n>`` with the first ``n`` >= 1 that names nothing yet (a stale result's new place)."""
+    run_dir, n = path, 1
     while run_dir.with_name(f"{run_dir.name}.stale-{n}").exists():
         n += 1
     return run_dir.with_name(f"{run_dir.name}.stale-{n}")

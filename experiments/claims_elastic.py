@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from experiments import elastic_multiapp
-from experiments.claims_eclm import run_cached, write_section
+from experiments.checkpoint import config_differences
+from experiments.claims_eclm import WHERE_KEYS, free_name, run_cached, write_section
 from experiments.config import from_dict
 from experiments.plots import integer_axis_locator, new_figure
 from experiments.progress import format_bytes
@@ -230,15 +231,28 @@ def plot_curves(curves: Mapping[str, Sequence[float]], path: Path) -> Path:
 def multiapp(runs: Mapping[str, dict], args: argparse.Namespace) -> dict | None:
     """The multi-app comparison on the master the ElasticDNN run used (None if that run failed).
 
-    Cached like the runs: ``multiapp.json`` beside them is reused; delete it to measure again.
+    Cached like the runs: ``multiapp.json`` beside them is reused while it was measured on
+    the same configuration, sizes and app counts; otherwise it is moved aside to
+    ``multiapp.json.stale-<n>`` and measured again (delete it to measure again anyway).
     """
     config = runs["elasticdnn"].get("config")
     if not runs["elasticdnn"].get("rounds") or config is None:
         return None
     path = args.out / f"sev{args.severity}" / "multiapp.json"
+    asked = {"sizes": [float(s) for s in args.sizes], "apps": [int(a) for a in args.apps]}
     if path.exists():
-        return json.loads(path.read_text())
+        stored = json.loads(path.read_text())
+        stale = config_differences(stored.get("config") or {}, config, WHERE_KEYS)
+        stale += [key for key, value in asked.items() if stored.get("asked", {}).get(key) != value]
+        if not stale:
+            return stored
+        aside = free_name(path)
+        print(f"{path}: measured with other {', '.join(stale[:5])}; moved to {aside.name} and measuring again",
+              file=sys.stderr)
+        path.rename(aside)
     report = elastic_multiapp.run_multiapp(from_dict(config), args.sizes, args.apps)
+    report.update(config=config, asked=asked)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=1))
     return report
 

@@ -43,12 +43,13 @@ def cloud_training(cfg: RunConfig, model: ElasticMaster, x: torch.Tensor, y: tor
     check_model(model)
     pre = cfg.pretrain
     pretrain_master(model.master, model.bank, x, y, epochs=pre.epochs, lr=pre.lr, batch_size=pre.batch_size,
-                    seed=cfg.seed)
+                    seed=cfg.seed, sandwich=cfg.algorithm.elasticdnn.sandwich)
 
 
 def training_key(cfg: RunConfig) -> dict:
-    """Pre-training does not depend on the device-side options; the key marks the method."""
-    return {"elastic_pretrain": "fbs+bank v2: sandwich, surrogate-shaped masks"}
+    """Pre-training depends on none of the device-side options but ``sandwich``; the key marks the method."""
+    return {"elastic_pretrain": "fbs+bank v2: sandwich, surrogate-shaped masks",
+            "sandwich": cfg.algorithm.elasticdnn.sandwich}
 
 
 def client_options(cfg: RunConfig) -> dict:

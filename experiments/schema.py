@@ -148,6 +148,7 @@ class ElasticOptions:
     compress_epochs: int = 5  # same-size baselines: proxy fine-tuning of the pruned master (IV: compressed offline); 0 = none
     master_update: bool = True  # write surrogates' changes back (III-B3, eq. 3-4); false = the paper's ablation (IV)
     write_back_bn: bool = False  # also copy the kept filters' BN gamma/beta into the master; eq. 1-4 cover conv filters only (docs/RESULTS.md)
+    sandwich: str = "both"  # master pre-training: both = also the full master and the smallest share every step (sandwich rule, models/fbs_pretrain.py) | largest | none
     bank_fedavg: bool = False  # extension beyond the paper: the cloud averages the devices' banks every round
 
 

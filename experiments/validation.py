@@ -209,6 +209,7 @@ def _check(ok: bool, key: str, rule: str, value: Any) -> None:
 def _check_elastic(cfg) -> None:
     """ElasticDNN's options, and the evolving-domain stream it needs (two batches per domain)."""
     from models.elastic_remodel import METHODS  # models stay out of validation's import time
+    from models.fbs_pretrain import SANDWICH_MODES
 
     opts = cfg.algorithm.elasticdnn
     _check(opts.method in METHODS, "algorithm.elasticdnn.method", f"must be one of {METHODS}", opts.method)
@@ -219,6 +220,8 @@ def _check_elastic(cfg) -> None:
     _check(opts.epochs >= 1, "algorithm.elasticdnn.epochs", "must be >= 1", opts.epochs)
     _check(opts.lr > 0, "algorithm.elasticdnn.lr", "must be > 0", opts.lr)
     _check(opts.batch_size >= 2, "algorithm.elasticdnn.batch_size", "must be >= 2 (BatchNorm)", opts.batch_size)
+    _check(opts.sandwich in SANDWICH_MODES, "algorithm.elasticdnn.sandwich", f"must be one of {SANDWICH_MODES}",
+           opts.sandwich)
     _check(opts.compress_epochs >= 0, "algorithm.elasticdnn.compress_epochs", "must be >= 0 (0: no fine-tuning)",
            opts.compress_epochs)
     _check(not opts.bank_fedavg or opts.method == "elasticdnn", "algorithm.elasticdnn.bank_fedavg",

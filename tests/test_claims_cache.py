@@ -67,3 +67,31 @@ def test_an_unfinished_run_with_the_same_configuration_is_run_again_in_place(tmp
     calls = _record_runs(monkeypatch, run_dir)
     run_cached(run_dir, OVERRIDES)
     assert len(calls) == 1 and not (tmp_path / "fedavg.stale-1").exists()
+
+
+def test_the_multi_app_measurement_is_reused_only_for_its_master_sizes_and_apps(tmp_path, monkeypatch, capsys):
+    import argparse
+
+    from experiments import claims_elastic, elastic_multiapp
+
+    measured = []
+
+    def measure(cfg, sizes, apps):  # the real measurement takes minutes; it returns a report like this
+        measured.append((cfg.algorithm.elasticdnn.sandwich, list(sizes), list(apps)))
+        return {"rows": [], "wall_s": 1.0}
+
+    monkeypatch.setattr(elastic_multiapp, "run_multiapp", measure)
+    config = composed_config(["algorithm=elasticdnn", "scenario=evolving"])
+    runs = {"elasticdnn": {"rounds": [1], "config": config}}
+    args = argparse.Namespace(out=tmp_path, severity=5, sizes=[0.2, 0.5], apps=[2])
+    first = claims_elastic.multiapp(runs, args)
+    assert first["asked"] == {"sizes": [0.2, 0.5], "apps": [2]} and len(measured) == 1
+    assert claims_elastic.multiapp(runs, args) == first and len(measured) == 1  # reused
+    changed = composed_config(["algorithm=elasticdnn", "scenario=evolving", "algorithm.elasticdnn.sandwich=largest"])
+    claims_elastic.multiapp({"elasticdnn": {"rounds": [1], "config": changed}}, args)
+    assert measured[-1] == ("largest", [0.2, 0.5], [2])
+    assert "algorithm.elasticdnn.sandwich" in capsys.readouterr().err
+    claims_elastic.multiapp({"elasticdnn": {"rounds": [1], "config": changed}}, argparse.Namespace(**{**vars(args), "apps": [3]}))
+    assert len(measured) == 3  # other app counts: measured again
+    assert sorted(p.name for p in (tmp_path / "sev5").iterdir()) == [
+        "multiapp.json", "multiapp.json.stale-1", "multiapp.json.stale-2"]  # nothing measured is lost

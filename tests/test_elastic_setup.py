@@ -82,3 +82,15 @@ def test_the_search_table_marks_each_methods_best_point():
             {"method": "tent", "lr": 1e-3, "epochs": 10, "before": 0.5, "after": 0.7, "seconds": 1.0}]
     lines = elastic_tune.markdown(rows).splitlines()
     assert "| 60.0 |" in lines[2] and "**70.0**" in lines[3]
+
+
+def test_the_masters_sandwich_mode_keys_its_pre_training_and_is_checked(tmp_path):
+    from experiments.pretrain import pretrain_cache_path
+    from experiments.validation import ConfigError, validate
+
+    both, largest = _cfg(tmp_path), _cfg(tmp_path, sandwich="largest")
+    assert both.algorithm.elasticdnn.sandwich == "both"  # the default: the sandwich rule's both extremes
+    assert pretrain_cache_path(both) != pretrain_cache_path(largest)
+    assert pretrain_cache_path(both) == pretrain_cache_path(_cfg(tmp_path, epochs=3))  # device options do not
+    with pytest.raises(ConfigError, match="algorithm.elasticdnn.sandwich"):
+        validate(_cfg(tmp_path, sandwich="smallest"))

@@ -254,6 +254,45 @@ def test_pretraining_is_deterministic_and_ends_synced():
     assert h3["ce"] != h1["ce"]
 
 
+def test_the_sandwich_adds_the_full_master_and_the_smallest_share_to_every_step():
+    import numpy as np
+
+    from models.fbs_pretrain import SPARSITY_STREAM
+    from models.fbs_surrogate import apply_keep_masks, clear_keep_masks, gate_relevance, hardest_sample, select_filters
+
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(24, 3, 8, 8, generator=g), torch.randint(0, 5, (24,), generator=g)
+    ce = {}
+    for mode in ("none", "largest", "both"):
+        master = _cpu_master(width=4)
+        history = pretrain_master(master, build_bank(master, seed=0), x, y, epochs=1, lr=1e-2, batch_size=24,
+                                  seed=3, sandwich=mode)
+        ce[mode] = history["ce"][0]  # one step: the CEs summed are all taken before it
+
+    def masked_ce(model, keep):
+        model.set_sparsity(None)
+        with torch.no_grad():
+            relevance = gate_relevance(model, x[hardest_sample(model, x)])
+            apply_keep_masks(model, select_filters(relevance, model.channel_groups(), keep))
+            value = float(nn.functional.cross_entropy(model(x), y))
+        clear_keep_masks(model)
+        return value
+
+    # by hand, in the step's order (train-mode passes move BN's running statistics, which the
+    # eval-mode choice of the next mask reads): the drawn share, the full master, then 20 %
+    ref = _cpu_master(width=4).train()
+    drawn = float(np.random.default_rng([3, SPARSITY_STREAM]).uniform(0.2, 1.0))
+    first = masked_ce(ref, drawn)
+    with torch.no_grad():
+        full = float(nn.functional.cross_entropy(ref(x), y))
+    smallest = masked_ce(ref, 0.2)
+    assert ce["none"] == pytest.approx(first, rel=1e-5)
+    assert ce["largest"] == pytest.approx(first + full, rel=1e-5)
+    assert ce["both"] == pytest.approx(first + full + smallest, rel=1e-5)
+    with pytest.raises(ValueError, match="sandwich"):
+        pretrain_master(ref, build_bank(ref), x, y, epochs=1, lr=1e-2, batch_size=24, seed=0, sandwich="smallest")
+
+
 def test_pretraining_rejects_bad_arguments():
     master = _cpu_master(width=4)
     bank = build_bank(master)
