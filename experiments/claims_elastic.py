@@ -37,25 +37,29 @@ ROOT = Path(__file__).resolve().parents[1]
 #: paper searches every method's hyperparameters, IV; docs/RESULTS.md has the grid); ``source``
 #: and ``bn_adapt`` train nothing. ``elasticdnn_no_update`` is the paper's ablation without master
 #: updates (IV), ``elasticdnn_bn_write_back`` also writes the surrogates' BN gamma/beta back (the
-#: paper is silent; our earlier default), ``elasticdnn_bank_fedavg`` the extension that averages
-#: the devices' banks.
-TUNED_ELASTIC = ("lr=0.003", "epochs=20")
+#: paper is silent; our earlier default), ``elasticdnn_sandwich_largest`` pre-trains its own
+#: master with the full master only besides the drawn share (our earlier pre-training; the
+#: default also trains the smallest share), ``elasticdnn_bank_fedavg`` the extension that
+#: averages the devices' banks.
+TUNED_ELASTIC = ("lr=0.001", "epochs=10")
 RUNS = {
     "elasticdnn": ("method=elasticdnn", *TUNED_ELASTIC),
     "elasticdnn_no_update": ("method=elasticdnn", *TUNED_ELASTIC, "master_update=false"),
     "elasticdnn_bn_write_back": ("method=elasticdnn", *TUNED_ELASTIC, "write_back_bn=true"),
+    "elasticdnn_sandwich_largest": ("method=elasticdnn", *TUNED_ELASTIC, "sandwich=largest"),
     "elasticdnn_bank_fedavg": ("method=elasticdnn", *TUNED_ELASTIC, "bank_fedavg=true"),
     "source": ("method=source",),
     "bn_adapt": ("method=bn_adapt",),
-    "tent": ("method=tent", "lr=0.001", "epochs=20"),
+    "tent": ("method=tent", "lr=0.003", "epochs=20"),
     "shot": ("method=shot", "lr=0.001", "epochs=10"),
-    "full": ("method=full", "lr=0.001", "epochs=20"),
+    "full": ("method=full", *TUNED_ELASTIC),
 }
 #: Variants reported against ``elasticdnn``: (label, what differs, +1 when the variant has it, -1
 #: when ``elasticdnn`` has it), so every effect reads as "having it minus not having it".
 VARIANT_EFFECTS = (
     ("elasticdnn_no_update", "master updates (the paper's ablation: +11.33 / +6.62 points)", -1),
     ("elasticdnn_bn_write_back", "writing the surrogates' BN gamma/beta back too (paper silent)", +1),
+    ("elasticdnn_sandwich_largest", "the smallest share in the master's pre-training (sandwich rule)", -1),
     ("elasticdnn_bank_fedavg", "FedAvg over the devices' banks (extension)", +1),
 )
 #: Method names of the runs (models.elastic_remodel.METHODS and the ablation/extension labels).

@@ -264,10 +264,12 @@ def test_targets_report_the_ablation_and_the_extension_by_hand():
     rows["elasticdnn_no_update"] = {**rows["elasticdnn"], "accuracy": 0.75}
     rows["elasticdnn_bank_fedavg"] = {**rows["elasticdnn"], "accuracy": 0.72}
     rows["elasticdnn_bn_write_back"] = {**rows["elasticdnn"], "accuracy": 0.61}
+    rows["elasticdnn_sandwich_largest"] = {**rows["elasticdnn"], "accuracy": 0.58}
     lines = ce.targets(rows, None)
     assert any("master updates" in line and "-5.0 points" in line for line in lines)
     assert any("BN gamma/beta back too" in line and "-9.0 points" in line for line in lines)
     assert any("banks (extension): +2.0 points" in line for line in lines)
+    assert any("master's pre-training (sandwich rule): +12.0 points" in line for line in lines)
 
 
 def test_each_run_names_its_method_and_tuned_settings(tmp_path, monkeypatch):
@@ -279,5 +281,8 @@ def test_each_run_names_its_method_and_tuned_settings(tmp_path, monkeypatch):
     assert "algorithm.elasticdnn.master_update=false" in seen["elasticdnn_no_update"]
     assert "algorithm.elasticdnn.bank_fedavg=true" in seen["elasticdnn_bank_fedavg"]
     assert "algorithm.elasticdnn.write_back_bn=true" in seen["elasticdnn_bn_write_back"]
-    assert {"algorithm.elasticdnn.method=tent", "algorithm.elasticdnn.lr=0.001"} <= set(seen["tent"])
+    assert "algorithm.elasticdnn.sandwich=largest" in seen["elasticdnn_sandwich_largest"]
+    assert {"algorithm.elasticdnn.method=tent", "algorithm.elasticdnn.lr=0.003"} <= set(seen["tent"])
+    elastic = [o for o in seen["elasticdnn"] if o.split("=")[0].endswith((".lr", ".epochs"))]
+    assert len(elastic) == 2 and set(elastic) <= set(seen["full"])  # the same passes on the whole master
     assert all(any(o.startswith("algorithm.elasticdnn.method=") for o in seen[label]) for label in ce.RUNS)
