@@ -93,10 +93,10 @@ def composed_config(overrides: list[str]) -> dict:
 
 def free_name(path: Path) -> Path:
     """``<path>.stale-<n>`` with the first ``n`` >= 1 that names nothing yet (a stale result's new place)."""
-    run_dir, n = path, 1
-    while run_dir.with_name(f"{run_dir.name}.stale-{n}").exists():
+    n = 1
+    while path.with_name(f"{path.name}.stale-{n}").exists():
         n += 1
-    return run_dir.with_name(f"{run_dir.name}.stale-{n}")
+    return path.with_name(f"{path.name}.stale-{n}")
 
 
 def bytes_to_reach(rounds: list[dict], target: float | None) -> float | None:
