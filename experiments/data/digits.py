@@ -97,9 +97,8 @@ class DigitsSource:
 def _load_canvas() -> tuple[np.ndarray, np.ndarray]:
     """Load the digits once per process: labels and float32 canvases in [0, 1]."""
     images, labels = read_digits()
-    small = images.astype(np.float32) / DIGITS_MAX_VALUE
     upsample = spline_upsampling_matrix(images.shape[1], DIGIT_SIZE)
-    big = (upsample @ small.astype(np.float64) @ upsample.T).astype(np.float32)
+    big = (upsample @ (images / DIGITS_MAX_VALUE) @ upsample.T).astype(np.float32)
     margin = (IMAGE_SIZE - DIGIT_SIZE) // 2
     canvas = np.zeros((len(big), IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
     canvas[:, margin : margin + DIGIT_SIZE, margin : margin + DIGIT_SIZE] = big
