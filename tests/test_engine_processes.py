@@ -200,3 +200,13 @@ def test_a_forked_worker_uses_torch_after_the_driver_ran_it_on_two_threads():
             assert outcome == [("matmul", 1.0)]
     finally:
         torch.set_num_threads(threads)
+
+
+def test_idle_forked_workers_stop_at_once_not_after_their_grace_period():
+    with ep.process_backend(make_echo_app, workers=2, fork_now=True) as pool:
+        assert pool.forked
+        pool.run("hi", {})
+        started = time.monotonic()
+        pool.close()
+        took = time.monotonic() - started
+    assert took < ep.EXIT_GRACE_S  # the second worker held the first one's pipe open: 2 x 2 s before
