@@ -39,9 +39,15 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from experiments.bench_cases import GROUPS, Case, model_overrides, parse_sizes, plan_cases
+from experiments.aside import move_aside
+from experiments.bench_cases import (
+    GROUPS,
+    Case,
+    model_overrides,
+    parse_sizes,
+    plan_cases,
+)
 from experiments.bench_memory import TreeMemorySampler
-from experiments.config import compose
 from experiments.bench_report import (
     GIB,
     evaluate_targets,
@@ -53,7 +59,7 @@ from experiments.bench_report import (
     targets_table,
     write_report,
 )
-
+from experiments.config import compose
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_JSON = ROOT / "docs" / "performance.json"
@@ -266,6 +272,19 @@ def warm(cfg, work: Path, timeout_s: float) -> dict:
 
 
 # --------------------------------------------------------------------------- the run
+def fresh_folder(folder: Path) -> Path:
+    """An empty ``folder`` for one run; an earlier run's folder there (``--work`` reused) is moved aside.
+
+    A run timed in a used folder would see the earlier ``results.json`` first and record no
+    round at all (measured: every start-up and round time came out n/a).
+    """
+    aside = move_aside(folder)
+    if aside is not None:
+        print(f"{folder} held an earlier run: moved to {aside.name}", flush=True)
+    folder.mkdir(parents=True)
+    return folder
+
+
 def measure(
     cases: Sequence[Case], rounds: int, reps: int, work: Path, timeout_s: float, warm_timeout_s: float
 ) -> tuple[dict, dict]:
@@ -273,14 +292,13 @@ def measure(
     configs = {case.name: compose([*case.overrides, f"rounds={rounds}"]) for case in cases}
     warmup = {}
     for case in (c for c in cases if c.runner == "project"):  # the baselines use no pre-training
-        (work / f"warm-{case.name}").mkdir(parents=True, exist_ok=True)
+        fresh_folder(work / f"warm-{case.name}")
         warmup[case.name] = warm(configs[case.name], work / f"warm-{case.name}", warm_timeout_s)
         print(f"warm-up {case.name}: {warmup[case.name]['status']} in {warmup[case.name]['total_s']:.1f} s", flush=True)
     runs: dict[str, list[dict]] = {case.name: [] for case in cases}
     for rep in range(reps):
         for case in cases:
-            folder = work / f"{case.name}-rep{rep}"
-            folder.mkdir(parents=True, exist_ok=True)
+            folder = fresh_folder(work / f"{case.name}-rep{rep}")
             if warmup.get(case.name, {"status": "ok"})["status"] == "ok":
                 record = RUNNERS[case.runner](case, configs[case.name], folder, timeout_s)
             else:  # measuring it would time the pre-training the warm-up could not finish

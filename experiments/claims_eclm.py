@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from experiments.aside import free_name
 from experiments.checkpoint import config_differences
 from experiments.progress import format_bytes
 
@@ -89,14 +90,6 @@ def composed_config(overrides: list[str]) -> dict:
     from experiments.results import to_json_safe
 
     return to_json_safe(compose([o for o in overrides if not o.lstrip("+~").startswith("hydra.")]))
-
-
-def free_name(path: Path) -> Path:
-    """``<path>.stale-<n>`` with the first ``n`` >= 1 that names nothing yet (a stale result's new place)."""
-    n = 1
-    while path.with_name(f"{path.name}.stale-{n}").exists():
-        n += 1
-    return path.with_name(f"{path.name}.stale-{n}")
 
 
 def bytes_to_reach(rounds: list[dict], target: float | None) -> float | None:

@@ -25,8 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from experiments import elastic_multiapp
+from experiments.aside import free_name
 from experiments.checkpoint import config_differences
-from experiments.claims_eclm import WHERE_KEYS, free_name, run_cached, write_section
+from experiments.claims_eclm import WHERE_KEYS, run_cached, write_section
 from experiments.config import from_dict
 from experiments.plots import integer_axis_locator, new_figure
 from experiments.progress import format_bytes

@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from experiments.config import compose
-from experiments.bench import RoundWatcher, main, run_child, timings
+from experiments.bench import RoundWatcher, fresh_folder, main, run_child, timings
 from experiments.bench_cases import GROUPS, model_overrides, parse_sizes, plan_cases
 from experiments.bench_floor import COHORT_STREAM, average_states, cohort_of
 from experiments.bench_memory import TreeMemorySampler, read_pss_bytes, sample_tree
@@ -33,7 +32,7 @@ from experiments.bench_report import (
     verdict,
     write_report,
 )
-from experiments.config import RunConfig
+from experiments.config import RunConfig, compose
 
 MIB = 1024**2
 
@@ -253,6 +252,20 @@ def test_round_watcher_takes_the_file_time_when_a_round_first_appears(tmp_path):
 
 
 # --------------------------------------------------------------------------- floor and plain
+def test_a_reused_work_folder_is_moved_aside_not_timed_or_overwritten(tmp_path, capsys):
+    folder = tmp_path / "fedavg@100-rep0"
+    assert fresh_folder(folder) == folder and folder.is_dir() and not any(folder.iterdir())
+    (folder / "run").mkdir()
+    (folder / "run" / "results.json").write_text('{"rounds": [{"round": 1}, {"round": 2}]}')
+    assert fresh_folder(folder) == folder and not any(folder.iterdir())  # a clean folder to time the new run in
+    kept = tmp_path / "fedavg@100-rep0.stale-1" / "run" / "results.json"
+    assert json.loads(kept.read_text())["rounds"][1] == {"round": 2}  # the earlier run is kept
+    (folder / "child.log").write_text("second")
+    fresh_folder(folder)
+    assert (tmp_path / "fedavg@100-rep0.stale-2" / "child.log").read_text() == "second"
+    assert "moved to fedavg@100-rep0.stale-1" in capsys.readouterr().out
+
+
 def test_floor_cohorts_are_the_strategys_cohorts():
     from strategies.base import COHORT_STREAM as STRATEGY_STREAM
     from strategies.base import DeviceInfo
