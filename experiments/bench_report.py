@@ -234,7 +234,7 @@ def markdown_report(report: dict) -> str:
         "(`/proc/<pid>/smaps_rollup`) of the process and all its descendants (workers, Ray's processes) every "
         "0.2 s; peaks are of the sums.",
         "- project: `python -m experiments.run <overrides>` with the default `engine.backend=auto`, i.e. the "
-        "process backend (`experiments/engine_processes.py`: workers forked from the driver, no Ray); "
+        "process backend (`experiments/engine_processes.py`: workers from a fork server forked off the driver, no Ray); "
         "`fedavg_ray` is the same run on Flower's Ray backend (`engine.backend=ray`), `fedavg_flower_pump` "
         "with Flower's own message pump (`engine.fast_pump=false`). A round ends when `results.json` shows "
         "it (its modification time). plain: Flower's built-in `FedAvg` and a minimal ClientApp "

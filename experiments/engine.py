@@ -1,9 +1,11 @@
 """The only module that calls Flower's simulation API (Flower's API churns: one place absorbs it).
 
-Two helpers of this module reach into the runtime's internals on its behalf and are used by
+Helpers of this module reach into the runtime's internals on its behalf and are used by
 nothing else: :mod:`experiments.engine_processes` (a simulation ``Backend`` on local worker
-processes) and :mod:`experiments.engine_fastpath` (the message pump). Together the three files
-are the engine; ARCHITECTURE.md's single ``engine.py`` grew into them (issue 7).
+processes), :mod:`experiments.engine_worker` (what runs in a worker),
+:mod:`experiments.engine_forkserver` (the fork server the workers come from, forked off the
+driver) and :mod:`experiments.engine_fastpath` (the message pump). Together these files are
+the engine; ARCHITECTURE.md's single ``engine.py`` grew into them (issue 7).
 
 ``simulate(cfg, run_dir)`` runs the ServerApp and ClientApp of this project on Flower's
 simulation engine: with ``engine.backend=processes`` (what ``auto``, the default, picks on one
@@ -42,10 +44,11 @@ from pathlib import Path
 from typing import Any
 
 import experiments  # noqa: F401  (offline switches before Flower/Ray import)
-from experiments.client_app import build_client_app, warm_process
-from experiments.config import EngineConfig, RunConfig
+from experiments.client_app import build_client_app
+from experiments.config import RunConfig, resolved_backend
 from experiments.engine_fastpath import faster_message_pump, quicker_grid
 from experiments.engine_processes import process_backend, stop_busy_workers, workers_for
+from experiments.engine_worker import forks_workers, prepare_worker, quiet_flower_logs
 from experiments.server_app import build_server_app
 
 logger = logging.getLogger(__name__)
@@ -62,25 +65,6 @@ CLIENT_ACTOR_CLASS = "ClientAppActor"
 STARTUP_WAIT_S = 300.0
 #: How often the warm-up polls for registered nodes (seconds).
 STARTUP_POLL_S = 0.2
-
-#: Flower's own deprecation notice for run_simulation; the engine is the one place that
-#: knows, so users are not told to change code they did not write.
-_DEPRECATION_MARK = "run_simulation"
-
-
-class _DropDeprecation(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return _DEPRECATION_MARK not in record.getMessage()
-
-
-def quiet_flower_logs(verbose: bool) -> None:
-    """Flower logs once (no propagation to Hydra's root handler), at WARNING unless verbose."""
-    flwr_logger = logging.getLogger("flwr")
-    flwr_logger.propagate = False
-    flwr_logger.setLevel(logging.DEBUG if verbose else logging.WARNING)
-    if not any(isinstance(f, _DropDeprecation) for f in flwr_logger.filters):
-        flwr_logger.addFilter(_DropDeprecation())
-
 
 def backend_config(cfg: RunConfig) -> dict:
     """Flower's Ray backend config: resources per ClientApp and how to reach Ray."""
@@ -287,34 +271,12 @@ def run_apps(server_app: Any, client_app: Any, *, num_supernodes: int, backend: 
                    backend_config=backend, verbose_logging=verbose)
 
 
-def resolved_backend(engine: EngineConfig) -> str:
-    """``engine.backend`` with ``auto`` resolved: Ray for a Ray cluster or GPUs, else local processes.
-
-    Measured on 2 cores (docs/PERFORMANCE.md): the process backend starts faster, rounds cost
-    less and the process tree needs less memory; Ray spreads ClientApps over a cluster's nodes
-    and shares GPUs by fractions.
-    """
-    if engine.backend != "auto":
-        return engine.backend
-    return "ray" if engine.ray_address is not None or engine.num_gpus > 0 else "processes"
-
-
 def client_backend(cfg: RunConfig, run_dir: Path):
     """Where the ClientApps run: Flower's Ray backend as it ships, or :mod:`experiments.engine_processes`."""
     if resolved_backend(cfg.engine) != "processes":
         return contextlib.nullcontext()
-    # forked workers must not enter this process's OpenMP pool: only with one torch thread each
     return process_backend(functools.partial(build_client_app, cfg, run_dir), workers_for(cfg.engine.num_cpus),
-                           initializer=functools.partial(prepare_worker, cfg), fork_now=cfg.engine.torch_threads == 1)
-
-
-def prepare_worker(cfg: RunConfig) -> None:
-    """What a process-backend worker does when it starts: its torch threads, Flower's log level, warm caches."""
-    import torch
-
-    torch.set_num_threads(cfg.engine.torch_threads)
-    quiet_flower_logs(cfg.engine.verbose)
-    warm_process(cfg)
+                           initializer=functools.partial(prepare_worker, cfg), fork_now=forks_workers(cfg.engine))
 
 
 def simulate(cfg: RunConfig, run_dir: Path, grace_s: float = SHUTDOWN_GRACE_S) -> None:

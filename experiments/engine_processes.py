@@ -5,34 +5,33 @@ Flower 1.41's Simulation Engine runs ClientApps through a ``Backend``
 ``process_message``, ``terminate``) and always builds its ``RayBackend``. On one machine Ray
 costs, measured on 2 cores (docs/PERFORMANCE.md): seconds of start-up (GCS, raylet, workers)
 and the memory of its own processes. :class:`ProcessBackend` implements the same interface on
-``multiprocessing``: one worker process per ClientApp slot, forked from the driver before
-Flower's threads start (or from a fork server that imported the ClientApp's modules once,
-:data:`PRELOAD`), so the workers start in milliseconds and share the imported pages; a
-message and its ``Context`` travel to a worker and back pickled over a pipe.
+``multiprocessing``: one worker process per ClientApp slot, started by a fork server. With one
+torch thread per worker that server is forked off the driver early
+(:mod:`experiments.engine_forkserver`, started by ``experiments.run`` before its preflight), so
+the workers start in milliseconds and share the driver's imported pages; otherwise it is
+Python's own fork server, preloaded with :data:`~experiments.engine_worker.PRELOAD`. A message
+and its ``Context`` travel to a worker and back pickled over a pipe.
 
 Every worker builds the ClientApp once from a picklable factory (``build_client_app``
-with the run's config) and keeps it, as a Ray actor keeps its imports and caches. A worker
-whose ClientApp raises sends the error back (Flower turns it into an error reply); a worker
-that dies (``os._exit``, a crash, the watchdog) fails its message with
-``ClientAppException`` at once and is replaced by a fresh one started in the background,
-so one dead device never costs the fleet an executor. :func:`process_backend` starts the workers and installs the backend for
-the duration of one ``run_simulation`` call (Flower imports ``RayBackend`` from its module
-when the runtime starts); :func:`stop_busy_workers` is the watchdog's way to end ClientApps
-that never return.
+with the run's config) and keeps it, as a Ray actor keeps its imports and caches
+(:func:`experiments.engine_worker.serve`). A worker whose ClientApp raises sends the error
+back (Flower turns it into an error reply); a worker that dies (``os._exit``, a crash, the
+watchdog) fails its message with ``ClientAppException`` at once and is replaced by a fresh one
+started in the background, so one dead device never costs the fleet an executor.
+:func:`process_backend` starts the workers and installs the backend for the duration of one
+``run_simulation`` call (Flower imports ``RayBackend`` from its module when the runtime
+starts); :func:`stop_busy_workers` is the watchdog's way to end ClientApps that never return.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import multiprocessing
 import os
 import queue
-import signal
 import sys
 import threading
-import traceback
 import types
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -40,20 +39,17 @@ from typing import Any
 from flwr.clientapp.client_app import ClientAppException
 from flwr.server.superlink.fleet.vce.backend import Backend
 
+from experiments import engine_forkserver
+from experiments.engine_forkserver import fork_is_safe  # noqa: F401  (re-exported)
+from experiments.engine_worker import PRELOAD, serve
+
 logger = logging.getLogger(__name__)
 
 #: Flower's module that holds ``RayBackend``; ``vce_api.start_vce`` imports the class from it.
 RAY_BACKEND_MODULE = "flwr.server.superlink.fleet.vce.backend.raybackend"
-#: Modules the fork server imports before forking workers: the ClientApp and what it uses
-#: (torch, flwr, the project), and what a device's first messages import lazily: torch's
-#: compiler stack (the FLOP counter and the first optimizer load it; 1.5-2.3 s). Workers
-#: inherit them, sharing their pages (importing torch._dynamo in each worker instead was slower
-#: and cost 0.25 GiB more PSS, measured). scikit-learn and the partitioners are no longer
-#: imported at all on a run whose partitions are cached (experiments/data/partition_cache.py).
-PRELOAD = ("experiments.client_app", "torch._dynamo")
-#: How replacement workers start: from a fork server (a clean single-threaded parent; forking
-#: the driver once Flower's threads run is unsafe), preloaded with :data:`PRELOAD`.
-REPLACEMENT_START_METHOD = "forkserver"
+#: How workers start: from a fork server (a clean single-threaded parent; forking the driver
+#: once Flower's threads run is unsafe): the one forked off the driver, else Python's own.
+START_METHOD = "forkserver"
 #: Seconds a worker gets to exit after its pipe closes before it is killed.
 EXIT_GRACE_S = 2.0
 
@@ -73,53 +69,13 @@ def workers_for(num_cpus: float, cpus: int | None = None) -> int:
     return max(1, int((usable_cpus() if cpus is None else cpus) // num_cpus))
 
 
-def _serve(conn, factory: Callable[[], Any], initializer: Callable[[], None] | None, forked: bool) -> None:
-    """A worker's loop: ``(message, context)`` in, ``("ok", reply, context)`` or ``("error", text)`` out.
-
-    The worker runs ``initializer`` and builds its ClientApp as soon as it starts (before its
-    first message arrives); a failure there is reported on every message. Ctrl-C reaches the
-    whole process group: the worker ignores it and the driver, which owns the run, stops it.
-    A worker ``forked`` from the driver takes one torch thread before anything else: the OpenMP
-    pool it inherited has no threads in the child, and entering it hangs the worker (measured:
-    the FLOP count of ElasticDNN's master hung every worker after the driver built the network).
-    """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if forked:
-        import torch
-
-        torch.set_num_threads(1)
-    app, failure = None, None
-    try:
-        if initializer is not None:
-            initializer()
-        app = factory()
-    except Exception as exc:  # noqa: BLE001  (reported with the first message)
-        failure = f"the ClientApp worker could not start: {type(exc).__name__}: {exc}\n{traceback.format_exc()}"
-    while True:
-        try:
-            job = conn.recv()
-        except (EOFError, OSError):  # the backend is gone
-            return
-        if job is None:
-            return
-        message, context = job
-        if failure is not None:
-            conn.send(("error", failure))
-            continue
-        try:
-            reply = app(message=message, context=context)
-            conn.send(("ok", reply, context))
-        except Exception as exc:  # noqa: BLE001  (every ClientApp error goes back as a reply)
-            conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
-
-
 class _Worker:
     """One worker process and the backend's end of its pipe."""
 
     def __init__(self, ctx, factory: Callable[[], Any], initializer: Callable[[], None] | None,
                  forked: bool = False) -> None:
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_serve, args=(child, factory, initializer, forked), daemon=True,
+        self.process = ctx.Process(target=serve, args=(child, factory, initializer, forked), daemon=True,
                                    name="edgecloud-clientapp")
         self.process.start()
         child.close()
@@ -141,20 +97,17 @@ class _Worker:
             self.process.join()
 
 
-def fork_is_safe() -> bool:
-    """Whether this process may fork workers itself: POSIX fork, and no thread but this one."""
-    return "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1
-
-
 class WorkerPool:
     """Worker processes (one ClientApp each), started at once, with their idle queue.
 
-    The first workers are forked from this process when ``fork_now`` is set and that is safe
-    (:func:`fork_is_safe`; forked workers run torch on one thread, since a child must not enter
-    the parent's OpenMP pool, so the caller asks for it only when its workers want one): they
-    share this process's imported modules (torch alone is ~280 MB of private memory per process
-    that imports it), after :data:`PRELOAD` is imported here. Otherwise, and for every
-    replacement, workers come from the fork server.
+    Workers, replacements included, come from a fork server. With ``fork_now`` (set by the
+    caller when its workers run torch on one thread: a fork must not enter its parent's
+    OpenMP pool) that is the server forked off this process (:mod:`experiments.engine_forkserver`,
+    started here unless ``experiments.run`` started it already, when this process has one
+    thread: :func:`fork_is_safe`): the workers share this process's imported modules (torch
+    alone is ~280 MB of private memory per process that imports it) and what the server
+    imported and warmed. Otherwise it is Python's own fork server, preloaded with
+    :data:`PRELOAD`. :meth:`close` ends the forked server with the workers.
 
     Parameters
     ----------
@@ -165,7 +118,7 @@ class WorkerPool:
     initializer : callable, optional
         Picklable; each worker calls it once when it starts (logging, warm caches).
     fork_now : bool
-        Fork the first workers from this process (see above).
+        Take the workers from a fork server forked off this process (see above).
     """
 
     def __init__(self, factory: Callable[[], Any], workers: int, initializer: Callable[[], None] | None = None,
@@ -177,24 +130,15 @@ class WorkerPool:
         self._busy: set[_Worker] = set()
         self._replacing: set[threading.Thread] = set()
         self._lock = threading.Lock()
-        self._server = None
         self.closed = False
-        self.forked = fork_now and fork_is_safe()
-        first = multiprocessing.get_context("fork") if self.forked else self._fork_server()
-        if self.forked:
-            for module in PRELOAD:
-                importlib.import_module(module)
+        self.forked = fork_now and engine_forkserver.start(PRELOAD)
+        self._context = multiprocessing.get_context(START_METHOD)
+        self._context.set_forkserver_preload(list(PRELOAD))  # for Python's own server only
         for _ in range(workers):
-            self._idle.put(_Worker(first, factory, initializer, self.forked))
-
-    def _fork_server(self):
-        if self._server is None:
-            self._server = multiprocessing.get_context(REPLACEMENT_START_METHOD)
-            self._server.set_forkserver_preload(list(PRELOAD))
-        return self._server
+            self._idle.put(self._new_worker())
 
     def _new_worker(self) -> _Worker:
-        return _Worker(self._fork_server(), self._factory, self._initializer)
+        return _Worker(self._context, self._factory, self._initializer, self.forked)
 
     def has_idle(self) -> bool:
         """Whether a worker is free."""
@@ -281,6 +225,8 @@ class WorkerPool:
                 self._idle.get_nowait().stop()
             except queue.Empty:
                 break
+        if self.forked:
+            engine_forkserver.stop()
 
 
 class ProcessBackend(Backend):

@@ -86,7 +86,20 @@ def main(hydra_cfg: DictConfig) -> None:
     multirun = hydra_runtime.mode == RunMode.MULTIRUN
     run_dir = Path(hydra_runtime.runtime.output_dir)
     try:
+        _run_job(hydra_cfg, run_dir, multirun)
+    finally:
+        from experiments import engine_forkserver
+
+        engine_forkserver.stop()  # a job that failed before its simulation leaves no fork server behind
+
+
+def _run_job(hydra_cfg: DictConfig, run_dir: Path, multirun: bool) -> None:
+    """Validate, check and simulate one job; its failure is recorded (see :func:`main`)."""
+    try:
         cfg = from_hydra(hydra_cfg)
+        from experiments.engine_worker import start_worker_server
+
+        start_worker_server(cfg)  # the workers' imports and caches, on the other core, during the preflight
         preflight(cfg, run_dir)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)

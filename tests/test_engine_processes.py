@@ -7,9 +7,11 @@ import threading
 import time
 
 import pytest
+import torch._dynamo  # noqa: F401  (each test's fork server inherits it instead of importing it: ~2 s)
 from flwr.clientapp.client_app import ClientAppException
 from flwr.server.superlink.fleet.vce.backend import Backend
 
+from experiments import engine_forkserver
 from experiments import engine_processes as ep
 
 
@@ -23,6 +25,8 @@ class EchoApp:
             os._exit(75)
         if message == "sleep":
             time.sleep(600)
+        if message == "parent":
+            return "parent", os.getppid()
         if message == "matmul":  # enough work for torch to reach for its thread pool
             import torch
 
@@ -38,7 +42,7 @@ def make_echo_app():
 
 @pytest.fixture
 def backend():
-    with ep.process_backend(make_echo_app, workers=2):
+    with ep.process_backend(make_echo_app, workers=2, fork_now=True):  # what a default run does
         flwr_backend = sys.modules[ep.RAY_BACKEND_MODULE].RayBackend({})  # what Flower's runtime builds
         flwr_backend.build(lambda: None)
         yield flwr_backend
@@ -51,7 +55,7 @@ def broken_factory():
 
 
 def test_a_worker_that_cannot_build_its_app_fails_every_message_by_name():
-    with ep.process_backend(broken_factory, workers=1) as pool:
+    with ep.process_backend(broken_factory, workers=1, fork_now=True) as pool:
         for _ in range(2):
             with pytest.raises(ClientAppException, match="could not start: OSError: no data here"):
                 pool.run("hello", {})
@@ -91,7 +95,7 @@ def _slow_replacements(monkeypatch, delay_s):
 
 def test_a_dead_worker_fails_its_message_before_its_replacement_is_up(monkeypatch):
     _slow_replacements(monkeypatch, 4.0)
-    with ep.process_backend(make_echo_app, workers=2) as pool:
+    with ep.process_backend(make_echo_app, workers=2, fork_now=True) as pool:
         began = time.monotonic()
         with pytest.raises(ClientAppException, match="exit code 75"):
             pool.run("exit", {})
@@ -106,7 +110,7 @@ def test_a_dead_worker_fails_its_message_before_its_replacement_is_up(monkeypatc
 def test_a_replacement_that_starts_after_the_pool_closed_is_stopped(monkeypatch):
     _slow_replacements(monkeypatch, 1.0)
     before = {p.pid for p in multiprocessing.active_children()}
-    with ep.process_backend(make_echo_app, workers=1) as pool, pytest.raises(ClientAppException, match="exit code 75"):
+    with ep.process_backend(make_echo_app, workers=1, fork_now=True) as pool, pytest.raises(ClientAppException, match="exit code 75"):
         pool.run("exit", {})
     assert not pool._replacing and pool._idle.empty()
     left = [p for p in multiprocessing.active_children() if p.pid not in before]
@@ -160,14 +164,25 @@ def test_auto_picks_processes_on_one_machine_and_ray_for_a_cluster_or_gpus():
         from_dict({"engine": {"backend": "dask"}})
 
 
-def test_workers_forked_from_this_process_when_it_has_one_thread():
+def test_workers_come_from_a_fork_server_forked_off_this_process_when_it_has_one_thread():
     with ep.process_backend(make_echo_app, workers=2, fork_now=True) as pool:
-        assert pool.forked  # pytest runs tests on its main thread alone
+        assert pool.forked and engine_forkserver.running()  # pytest runs tests on its main thread alone
+        server = multiprocessing.forkserver._forkserver._forkserver_pid
         (text, pid), _ = pool.run("hi", {})
         assert text == "hi" and pid != os.getpid()
+        assert pool.run("parent", {})[0] == ("parent", server)  # a fork of the fork server ...
+        assert _parent_of(server) == os.getpid()  # ... which is a fork of this process
         with pytest.raises(ClientAppException, match="exit code 75"):
-            pool.run("exit", {})  # its replacement comes from the fork server
+            pool.run("exit", {})  # its replacement comes from the same server
         assert sorted(pool.run(str(i), {})[0][0] for i in range(3)) == ["0", "1", "2"]
+        assert {pool.run("parent", {})[0][1] for _ in range(4)} == {server}
+    assert not engine_forkserver.running() and not os.path.exists(f"/proc/{server}")  # ended and reaped
+
+
+def _parent_of(pid: int) -> int:
+    """The parent pid of ``pid`` (Linux: field 4 of /proc/<pid>/stat, after the command name)."""
+    stat = open(f"/proc/{pid}/stat").read()
+    return int(stat.rsplit(")", 1)[1].split()[1])
 
 
 def test_a_second_thread_makes_the_pool_use_the_fork_server():
