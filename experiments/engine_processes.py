@@ -83,9 +83,9 @@ class _Worker:
     def stop(self) -> None:
         """Ask the worker to end, close the pipe, give it :data:`EXIT_GRACE_S`, then kill it.
 
-        Closing the pipe alone does not end a forked worker: every worker forked after it holds
-        a copy of the driver's end, so it never sees end-of-file (measured: each stop then
-        waited the whole grace period, 2 s a worker at the end of every run).
+        Closing the pipe alone ends a worker only when no other process holds the driver's
+        end: workers forked straight from the driver held each other's (each stop then waited
+        the whole grace period: 2 s a worker at the end of every run, measured).
         """
         with contextlib.suppress(OSError, ValueError):
             self.conn.send(None)
