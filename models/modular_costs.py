@@ -28,7 +28,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+
+from models.costs import flop_counter
 
 #: Adam keeps two moment tensors per parameter (Kingma & Ba 2015, algorithm 1).
 ADAM_STATE_FACTOR = 2
@@ -128,7 +129,7 @@ def profile_part(module: nn.Module, input_shape: tuple[int, ...], input_grad: bo
             saved[ptr] = t.untyped_storage().nbytes()
         return t
 
-    counter = FlopCounterMode(display=False)
+    counter = flop_counter()
     with counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = probe(x)
         if out.requires_grad:

@@ -30,9 +30,8 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
-from models.costs import parameter_bytes, train_flops_per_sample, training_memory_bytes
+from models.costs import flop_counter, parameter_bytes, train_flops_per_sample, training_memory_bytes
 from models.modular_blocks import BasicBlock, conv_bn
 from models.registry import register_model
 
@@ -332,7 +331,7 @@ def _measure(module: nn.Module, input_shape: tuple[int, ...], batch_size: int, f
 def _forward_flops_per_sample(module: nn.Module, input_shape: tuple[int, ...]) -> float:
     """Inference FLOPs per sample, counted by torch's ``FlopCounterMode`` in eval mode."""
     was_training = module.training
-    counter = FlopCounterMode(display=False)
+    counter = flop_counter()
     with torch.no_grad(), counter:
         module.eval()(torch.zeros((1, *input_shape)))
     module.train(was_training)
