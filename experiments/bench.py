@@ -5,7 +5,8 @@ One run measures, side by side, with repetitions and medians:
 * the project's FedAvg (``python -m experiments.run algorithm=fedavg``) against a minimal
   plain-Flower FedAvg app (:mod:`experiments.bench_plain`) on the same model, data and cohort
   size, and against the same rounds in a single-process plain loop (:mod:`experiments.bench_floor`,
-  the physical floor of this machine);
+  the physical floor of this machine), and the start-up against the floor of importing the
+  stack (:mod:`experiments.bench_stack`) and doing one such round on every core;
 * ECLM, CEMA and ElasticDNN rounds against the project's FedAvg (ECLM also against FedAvg on
   ECLM's own network, the like-for-like ratio);
 * the levers undone: Flower's own message pump (``pump``) and Flower's Ray backend (``ray``)
@@ -55,6 +56,7 @@ from experiments.bench_report import (
     issue_targets,
     machine_description,
     median,
+    startup_floor,
     summarize_case,
     targets_table,
     write_report,
@@ -247,6 +249,13 @@ def run_module(module: str, cfg, work: Path, timeout_s: float) -> dict:
     return record
 
 
+def run_stack(case: Case, cfg, work: Path, timeout_s: float) -> dict:
+    """The stack's import alone (:mod:`experiments.bench_stack`) in a child; its start-up is launch to exit."""
+    record = run_child([sys.executable, "-m", "experiments.bench_stack"], work / "child.log", timeout_s)
+    record.update(startup_s=record["total_s"] if record["status"] == "ok" else None, round_s=[])
+    return record
+
+
 def skipped_record(warmup: dict) -> dict:
     """The record of a run not made because its warm-up failed."""
     return {"status": "skipped", "total_s": None, "peak_pss_bytes": None, "peak_rss_bytes": None,
@@ -257,6 +266,7 @@ RUNNERS = {
     "project": run_project,
     "plain": lambda case, cfg, work, t: run_module("experiments.bench_plain", cfg, work, t),
     "floor": lambda case, cfg, work, t: run_module("experiments.bench_floor", cfg, work, t),
+    "stack": run_stack,
 }
 
 
@@ -355,6 +365,7 @@ def run_benchmark(args: argparse.Namespace, argv: Sequence[str], work: Path) -> 
     machine = machine_description()
     warmup, runs = measure(cases, args.rounds, args.reps, work, args.timeout, args.warm_timeout)
     summary = {case.name: summarize_case(runs[case.name]) for case in cases}
+    summary.update(startup_floor(summary, sizes[0][0], machine["usable_cores"]))
     report = {
         "command": shlex.join(["python", "-m", "experiments.bench", *argv]),
         "created": time.strftime("%Y-%m-%d %H:%M:%S %Z"),

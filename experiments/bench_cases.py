@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 #: Issue 7: fleets of 100, 500 and 1,000 devices with cohorts of 10, 25 and 50.
 ISSUE_COHORTS = {100: 10, 500: 25, 1000: 50}
-GROUPS = ("fedavg", "plain", "floor", "eclm", "cema", "elasticdnn", "fleet", "pump", "ray")
+GROUPS = ("fedavg", "plain", "floor", "stack", "eclm", "cema", "elasticdnn", "fleet", "pump", "ray")
 #: The ``pump`` group: the project's FedAvg with Flower's own message pump and polls, the
 #: lever ``engine.fast_pump`` undone (experiments/engine_fastpath.py).
 FLOWER_PUMP = ("algorithm=fedavg", "engine.fast_pump=false")
@@ -24,7 +24,7 @@ ON_RAY = ("algorithm=fedavg", "engine.backend=ray")
 
 @dataclass(frozen=True)
 class Case:
-    """One thing to measure: a runner (project | plain | floor) on a configuration.
+    """One thing to measure: a runner (project | plain | floor | stack) on a configuration.
 
     ``overrides`` are Hydra overrides on top of ``conf/``, the same for every runner, so
     the project's door and the baselines read one configuration.
@@ -89,6 +89,7 @@ def plan_cases(
         "fedavg": [("fedavg", "project", ("algorithm=fedavg",))],
         "plain": [("plain", "plain", ("algorithm=fedavg",))],
         "floor": [("floor", "floor", ("algorithm=fedavg",))],
+        "stack": [("stack", "stack", ("algorithm=fedavg",))],
         "eclm": [
             ("eclm", "project", ("algorithm=eclm",)),
             ("fedavg_eclm_network", "project", ("algorithm=fedavg", *eclm_model)),

@@ -66,6 +66,21 @@ def summarize_case(records: Sequence[dict]) -> dict:
     }
 
 
+def startup_floor(summary: dict[str, dict], devices: int, cores: int) -> dict[str, dict]:
+    """The start-up floor at ``devices``: the stack's import plus the plain loop's round on ``cores`` cores.
+
+    A lower bound on any run's start-up to the end of round 1 on this machine: it must import
+    the stack (case ``stack``, :mod:`experiments.bench_stack`), then do one round's work,
+    which the plain loop (case ``floor``) does on one core, on at most ``cores`` at once;
+    data, networks, workers and messages come on top. Returns
+    ``{"startup_floor@<devices>": {"startup_s": value}}``, the value None when a part is missing.
+    """
+    stack = (summary.get(f"stack@{devices}") or {}).get("startup_s")
+    loop_round = (summary.get(f"floor@{devices}") or {}).get("round_s")
+    value = None if stack is None or loop_round is None or cores < 1 else stack + loop_round / cores
+    return {f"startup_floor@{devices}": {"startup_s": value}}
+
+
 @dataclass(frozen=True)
 class Target:
     """A ratio (or an absolute value when ``baseline`` is None) and the issue's limit for it."""
@@ -90,6 +105,10 @@ def issue_targets(sizes: Sequence[tuple[int, int]]) -> list[Target]:
         Target("project FedAvg round / plain loop round", "round_s", f"fedavg@{d}", f"floor@{d}", 0.75),
         Target("plain-Flower round / plain loop round", "round_s", f"plain@{d}", f"floor@{d}", None),
         Target("project start-up to end of round 1 (s)", "startup_s", f"fedavg@{d}", None, 8.0),
+        Target("the stack's import alone: Hydra, torch, Flower's runtime (s)", "startup_s", f"stack@{d}", None, None),
+        Target("start-up floor: the stack's import + a plain loop round / cores (s)", "startup_s",
+               f"startup_floor@{d}", None, None),
+        Target("project start-up / start-up floor", "startup_s", f"fedavg@{d}", f"startup_floor@{d}", None),
         Target("plain-Flower start-up to end of round 1 (s)", "startup_s", f"plain@{d}", None, None),
         Target("project peak PSS / plain loop peak PSS", "peak_pss_bytes", f"fedavg@{d}", f"floor@{d}", 1.5),
         Target("plain-Flower peak PSS / plain loop peak PSS", "peak_pss_bytes", f"plain@{d}", f"floor@{d}", None),
@@ -243,7 +262,10 @@ def markdown_report(report: dict) -> str:
         "the same FedAvg rounds in one process without Flower (`experiments/bench_floor.py`), torch with "
         "`engine.torch_threads` threads. All three do the same work a round: cohort training, weighted "
         "average, the cohort's local evaluation and the global test set. The floor uses one core; the "
-        "simulations need two at once, so other load on the machine costs them more.",
+        "simulations need two at once, so other load on the machine costs them more. stack: "
+        "`python -m experiments.bench_stack`, which imports Hydra, torch and Flower's app APIs and simulation "
+        "runtime and exits; the start-up floor adds a plain loop round divided by the usable cores to it (a lower "
+        "bound: data, networks, workers and messages come on top).",
         "- per round: time between the ends of consecutive rounds, rounds 2 to R of every repetition pooled; "
         "start-up: launch to the end of round 1 (imports, data, workers or Ray, discovery, round 1).",
         f"- Cloud pre-training and the device partitions are cached by the project; the caches were warmed first, in a process without "

@@ -8,6 +8,7 @@ busy one: it runs only with EDGECLOUD_BENCH_SMOKE=1.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -28,10 +29,12 @@ from experiments.bench_report import (
     markdown_report,
     median,
     ratio,
+    startup_floor,
     summarize_case,
     verdict,
     write_report,
 )
+from experiments.bench_stack import STACK
 from experiments.config import RunConfig, compose
 
 MIB = 1024**2
@@ -53,11 +56,12 @@ def test_bad_sizes_name_the_value_and_the_fix(text, fix):
 def test_cases_of_every_group_at_the_default_size_and_the_fleet_sizes():
     cases = plan_cases([(100, 10), (500, 25)], GROUPS, ("x=1",), ("++model.name=m",))
     names = [c.name for c in cases]
-    assert names == ["fedavg@100", "plain@100", "floor@100", "eclm@100", "fedavg_eclm_network@100", "cema@100",
+    assert names == ["fedavg@100", "plain@100", "floor@100", "stack@100", "eclm@100", "fedavg_eclm_network@100", "cema@100",
                      "elasticdnn@100", "fedavg_flower_pump@100", "fedavg_ray@100", "fedavg@500", "fedavg_flower_pump@500",
                      "fedavg_ray@500"]
     by_name = {c.name: c for c in cases}
     assert by_name["plain@100"].runner == "plain" and by_name["floor@100"].runner == "floor"
+    assert by_name["stack@100"].runner == "stack"
     assert by_name["fedavg_eclm_network@100"].overrides == (
         "x=1", "algorithm=fedavg", "++model.name=m", "fleet.devices=100", "fleet.per_round=10")
     assert by_name["fedavg@500"].overrides[-2:] == ("fleet.devices=500", "fleet.per_round=25")
@@ -133,6 +137,22 @@ def test_targets_compare_the_right_cases():
     assert rows["project peak PSS / plain loop peak PSS"]["verdict"] == "not met"  # 3.0 > 1.5
     assert rows["project peak PSS at 1000 / at 100 devices"]["value"] == pytest.approx(1.1)
     assert rows["ECLM round / project FedAvg round, same network"]["verdict"] == "n/a"  # not measured
+
+
+def test_startup_floor_is_the_stacks_import_plus_a_loop_round_on_every_core_by_hand():
+    summary = {"stack@100": {"startup_s": 6.0}, "floor@100": {"round_s": 4.0}, "fedavg@100": {"startup_s": 11.0}}
+    assert startup_floor(summary, 100, 2) == {"startup_floor@100": {"startup_s": 8.0}}  # 6 + 4 / 2
+    assert startup_floor(summary, 100, 1) == {"startup_floor@100": {"startup_s": 10.0}}
+    assert startup_floor({"stack@100": {"startup_s": 6.0}}, 100, 2) == {"startup_floor@100": {"startup_s": None}}
+    summary.update(startup_floor(summary, 100, 2))
+    rows = {row["label"]: row for row in evaluate_targets(issue_targets([(100, 10)]), summary)}
+    assert rows["project start-up / start-up floor"]["value"] == pytest.approx(11.0 / 8.0)
+    assert rows["start-up floor: the stack's import + a plain loop round / cores (s)"]["value"] == pytest.approx(8.0)
+
+
+def test_the_stack_the_floor_imports_is_installed():
+    missing = [name for name in STACK if importlib.util.find_spec(name) is None]
+    assert not missing, f"experiments.bench_stack.STACK names modules that are not installed: {missing}"
 
 
 # --------------------------------------------------------------------------- the report
@@ -309,7 +329,7 @@ def test_plain_app_uses_the_projects_ray_resources_and_cohort_size():
 @pytest.mark.skipif(os.environ.get("EDGECLOUD_BENCH_SMOKE") != "1", reason="Ray twice: set EDGECLOUD_BENCH_SMOKE=1")
 def test_smoke_run_at_the_tiniest_size_writes_the_report(tmp_path):
     out = tmp_path / "perf.json"
-    code = main(["--tiny", "--rounds", "2", "--reps", "1", "--cases", "fedavg,plain,floor",
+    code = main(["--tiny", "--rounds", "2", "--reps", "1", "--cases", "fedavg,plain,floor,stack",
                  "--override", f"pretrain.cache_dir={tmp_path / 'cache'}", "--out", str(out), "--timeout", "300"])
     report = json.loads(out.read_text())
     assert code == 0, report["runs"]
@@ -318,4 +338,6 @@ def test_smoke_run_at_the_tiniest_size_writes_the_report(tmp_path):
         assert summary["reps_ok"] == 1 and summary["round_s"] > 0 and summary["startup_s"] > summary["round_s"]
         assert summary["peak_pss_bytes"] > 100 * MIB
     assert report["summary"]["fedavg@6"]["max_processes"] > 1  # Ray's processes are in the tree
+    assert report["summary"]["stack@6"]["startup_s"] > 0
+    assert report["summary"]["startup_floor@6"]["startup_s"] > report["summary"]["stack@6"]["startup_s"]
     assert "| project FedAvg round / plain-Flower FedAvg round |" in out.with_suffix(".md").read_text()
