@@ -5,8 +5,8 @@ and ServerApp APIs and its simulation runtime), then exits: what the project's d
 run without, and what it must import before it does any work of its own. ``experiments.bench``
 times it from launch to exit in a fresh process, as it times every run; with the plain loop's
 round shared by the cores it gives the start-up floor of this machine
-(:func:`experiments.bench_report.startup_floor`). Measured on the 2-core machine on
-2026-12-01: 5.6-7.3 s (``/usr/bin/time python -c "import hydra, torch, flwr.simulation"``).
+(:func:`experiments.bench_report.startup_floor`). Measured on the 2-core machine by
+``python -m experiments.bench`` on 2026-12-02: 6.99 s, median of 3 (docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
