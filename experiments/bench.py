@@ -32,12 +32,10 @@ import dataclasses
 import json
 import os
 import shlex
-import signal
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from experiments.aside import move_aside
@@ -48,7 +46,6 @@ from experiments.bench_cases import (
     parse_sizes,
     plan_cases,
 )
-from experiments.bench_memory import TreeMemorySampler
 from experiments.bench_report import (
     GIB,
     evaluate_targets,
@@ -61,9 +58,9 @@ from experiments.bench_report import (
     targets_table,
     write_report,
 )
+from experiments.bench_runs import ROOT, RUNNERS, run_child, skipped_record
 from experiments.config import compose
 
-ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_JSON = ROOT / "docs" / "performance.json"
 DEFAULT_MARKDOWN = ROOT / "docs" / "PERFORMANCE.md"
 DEFAULT_SIZES = "100,500,1000"
@@ -87,7 +84,6 @@ DEFAULT_TIMEOUT_S = 1800.0  # a hung child is killed after this (1,000 devices o
 #: Pre-training happens once per configuration and may be long: ECLM's cloud training of the
 #: modular ResNet18 on the digits proxy part took ~45 min on the busy 2-core development machine.
 DEFAULT_WARM_TIMEOUT_S = 4 * 3600.0
-POLL_S = 0.02  # how often the parent looks at a child's results.json (rounds last >= 0.1 s)
 
 
 def warm_server(flat: dict) -> None:
@@ -112,162 +108,6 @@ def warm_server(flat: dict) -> None:
     algorithm.check_model(model)
     model = pretrained_model(cfg, model, data)
     algorithm.strategy_args(cfg, model, data)
-
-
-# --------------------------------------------------------------------------- child processes
-def child_env() -> dict[str, str]:
-    """The environment of a child: a fresh local Ray unless the user names one.
-
-    Without ``RAY_ADDRESS``, ``ray.init()`` attaches to the latest cluster started with
-    ``ray start`` on this machine (someone else's, on a shared host), whose memory and
-    cores are not the benchmark's.
-    """
-    return {**os.environ, "RAY_ADDRESS": os.environ.get("RAY_ADDRESS") or "local", "PYTHONUNBUFFERED": "1"}
-
-
-def _kill_group(pgid: int) -> None:
-    """SIGKILL the process group this benchmark started (the child and Ray's processes)."""
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def run_child(cmd: Sequence[str], log_path: Path, timeout_s: float, poll: Callable[[], None] | None = None) -> dict:
-    """Run ``cmd`` in a new process group, sample its tree's memory, kill it at ``timeout_s``.
-
-    ``poll()`` is called every :data:`POLL_S` while it runs and once after it exits.
-
-    Returns
-    -------
-    dict
-        ``status`` (ok | failed | timeout), ``returncode``, ``launched_unix``,
-        ``total_s`` (launch to exit), memory peaks (bytes), ``max_processes``,
-        ``load_average`` at launch, and ``error`` (the log's tail) unless ok.
-    """
-    load = os.getloadavg()[0]
-    with open(log_path, "w", encoding="utf-8") as log:
-        launched = time.time()
-        proc = subprocess.Popen(list(cmd), cwd=ROOT, env=child_env(), stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        sampler = TreeMemorySampler(proc.pid).start()
-        deadline, timed_out = time.monotonic() + timeout_s, False
-        while proc.poll() is None:
-            if poll is not None:
-                poll()
-            if time.monotonic() > deadline:
-                timed_out = True
-                _kill_group(proc.pid)
-                proc.wait()
-                break
-            time.sleep(POLL_S)
-        total = time.time() - launched
-        memory = sampler.stop()
-    _kill_group(proc.pid)  # leftovers of a child that exited (Ray normally stops its own)
-    if poll is not None:
-        poll()
-    status = "timeout" if timed_out else ("ok" if proc.returncode == 0 else "failed")
-    record = {"status": status, "returncode": proc.returncode, "launched_unix": launched, "total_s": total,
-              **dataclasses.asdict(memory), "load_average": load}
-    if status != "ok":
-        record["error"] = log_path.read_text(errors="replace")[-2000:]
-    return record
-
-
-class RoundWatcher:
-    """Watches a run's ``results.json``: the file's modification time when each round appears.
-
-    ``ResultsWriter`` rewrites the file right after every round, so the time a round first
-    shows up in it is the end of that round (to the file system's timestamp resolution).
-    When several rounds appear at one look, only the last of them gets that time (the
-    earlier ones ended before it, when, is unknown).
-    """
-
-    def __init__(self, results_path: Path) -> None:
-        self.path = results_path
-        self.round_ends: dict[int, float] = {}
-        self._seen: set[int] = set()
-        self._last_mtime: int | None = None
-        self.data: dict | None = None
-
-    def __call__(self) -> None:
-        """Look once; record the rounds that appeared since the last look."""
-        try:
-            mtime = self.path.stat().st_mtime_ns
-            if mtime == self._last_mtime:
-                return
-            data = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return  # not written yet, or replaced while being read: look again next time
-        self._last_mtime, self.data = mtime, data
-        new = [int(r["round"]) for r in data.get("rounds", []) if int(r["round"]) not in self._seen]
-        self._seen.update(new)
-        if new:
-            self.round_ends[max(new)] = mtime / 1e9
-
-
-def timings(launched: float, round_ends: dict[int, float], rounds: int) -> dict:
-    """Start-up (launch to the end of round 1) and per-round times (rounds 2.., consecutive ends).
-
-    A round whose end, or whose predecessor's end, was not seen is left out.
-    """
-    per_round = [round_ends[r] - round_ends[r - 1] for r in range(2, rounds + 1) if {r, r - 1} <= round_ends.keys()]
-    startup = round_ends[1] - launched if 1 in round_ends else None
-    return {"startup_s": startup, "round_s": per_round}
-
-
-def run_project(case: Case, cfg, work: Path, timeout_s: float) -> dict:
-    """The project's door, as a user runs it: ``python -m experiments.run <overrides>``."""
-    run_dir = work / "run"
-    cmd = [sys.executable, "-m", "experiments.run", *case.overrides, f"rounds={cfg.rounds}", f"hydra.run.dir={run_dir}"]
-    watcher = RoundWatcher(run_dir / "results.json")
-    record = run_child(cmd, work / "child.log", timeout_s, poll=watcher)
-    record.update(timings(record["launched_unix"], watcher.round_ends, cfg.rounds))
-    results = watcher.data or {}
-    record["server_round_s"] = [r.get("wall_time_s") for r in results.get("rounds", [])][1:]
-    record["discovery_s"] = (results.get("summary") or {}).get("discovery_s")
-    finished = len(results.get("rounds", []))
-    if record["status"] == "ok" and finished < cfg.rounds:
-        record.update(status="failed", error=f"results.json holds {finished} of {cfg.rounds} rounds")
-    return record
-
-
-def run_module(module: str, cfg, work: Path, timeout_s: float) -> dict:
-    """A baseline module (``experiments.bench_plain`` or ``experiments.bench_floor``) in a child."""
-    from experiments.config import to_flat
-
-    config_path, out = work / "config.json", work / "out.json"
-    config_path.write_text(json.dumps(to_flat(cfg)))
-    cmd = [sys.executable, "-m", module, "--config", str(config_path), "--out", str(out)]
-    record = run_child(cmd, work / "child.log", timeout_s)
-    if record["status"] == "ok":
-        result = json.loads(out.read_text())
-        ends = dict(enumerate(result["round_end_unix"], start=1))
-        record.update(timings(record["launched_unix"], ends, cfg.rounds))
-        if "rounds" in result:  # the floor's pure training time per round
-            record["train_s"] = [r["train_s"] for r in result["rounds"]][1:]
-    return record
-
-
-def run_stack(case: Case, cfg, work: Path, timeout_s: float) -> dict:
-    """The stack's import alone (:mod:`experiments.bench_stack`) in a child; its start-up is launch to exit."""
-    record = run_child([sys.executable, "-m", "experiments.bench_stack"], work / "child.log", timeout_s)
-    record.update(startup_s=record["total_s"] if record["status"] == "ok" else None, round_s=[])
-    return record
-
-
-def skipped_record(warmup: dict) -> dict:
-    """The record of a run not made because its warm-up failed."""
-    return {"status": "skipped", "total_s": None, "peak_pss_bytes": None, "peak_rss_bytes": None,
-            "max_processes": None, "error": f"warm-up {warmup['status']}: {warmup.get('error', '')}"}
-
-
-RUNNERS = {
-    "project": run_project,
-    "plain": lambda case, cfg, work, t: run_module("experiments.bench_plain", cfg, work, t),
-    "floor": lambda case, cfg, work, t: run_module("experiments.bench_floor", cfg, work, t),
-    "stack": run_stack,
-}
 
 
 def warm(cfg, work: Path, timeout_s: float) -> dict:

@@ -7,6 +7,8 @@ times it from launch to exit in a fresh process, as it times every run; with the
 round shared by the cores it gives the start-up floor of this machine
 (:func:`experiments.bench_report.startup_floor`). Measured on the 2-core machine by
 ``python -m experiments.bench`` on 2026-12-02: 6.99 s, median of 3 (docs/PERFORMANCE.md).
+It imports Flower's simulation module only to time the import and calls none of it (the
+simulation API stays :mod:`experiments.engine`'s).
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from experiments.bench import RoundWatcher, fresh_folder, main, run_child, timings
+from experiments.bench import fresh_folder, main
 from experiments.bench_cases import GROUPS, model_overrides, parse_sizes, plan_cases
 from experiments.bench_floor import COHORT_STREAM, average_states, cohort_of
 from experiments.bench_memory import TreeMemorySampler, read_pss_bytes, sample_tree
@@ -34,6 +34,7 @@ from experiments.bench_report import (
     verdict,
     write_report,
 )
+from experiments.bench_runs import RoundWatcher, run_child, timings
 from experiments.bench_stack import STACK
 from experiments.config import RunConfig, compose
 
