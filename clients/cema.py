@@ -1,10 +1,19 @@
 """CEMA's edge: predict each stream batch, upload only the samples the cloud can learn from.
 
-The edge never adapts (CEMA poster, "Dynamic entropy-based sample filtration";
-``/work/shared/ALGORITHMS.md``, CEMA): it runs the edge model forward on the incoming
-batch, keeps the prediction (online accuracy) and uploads the samples that pass the
-:class:`models.cema_filter.UploadFilter`. The cloud adapts the edge model and sends back
-its BatchNorm entries (or the full model, always on a device's first batch).
+The edge never trains (CEMA poster, "Dynamic entropy-based sample filtration"): it runs the
+edge model forward on the incoming batch, keeps the prediction (online accuracy) and uploads
+the samples that pass the :class:`models.cema_filter.UploadFilter`. The cloud adapts the edge
+model and sends back its BatchNorm entries (or the full model, always on a device's first
+batch).
+
+The prediction's BatchNorm follows the official ``infer`` (chenyaofo/CEMA
+``codebase/core/tta/cema.py``: ``set_bn_training_mode(edge, False)``): with TBR
+(:mod:`models.cema_tbr`, official default) the layers normalise with their TBR statistics,
+taken from the device's first test batch and replaced by the cloud's once the edge model sent
+back has statistics of its own; without TBR, with each test batch's statistics.
+
+In simulation the labels of the uploaded samples travel beside them in the oracle record
+(:data:`strategies.payload.ORACLE_RECORD`), for the cloud's teacher-accuracy metric only.
 
 The device remembers its edge model and its filter state between rounds in
 ``context.state`` (through :func:`clients.online.save_progress`).
@@ -15,7 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from flwr.app import Context, Message
+from flwr.app import ConfigRecord, Context, Message
 from torch import nn
 
 from clients.base import ClientHandler, MalformedMessage, round_of
@@ -28,8 +37,9 @@ from clients.online import (
     save_progress,
     stream_index,
 )
-from models.tta_base import use_test_batch_statistics
 from models.cema_filter import UploadFilter
+from models.cema_tbr import BATCH, TBR, bn_mode, without_unset_statistics
+from strategies.payload import ORACLE_RECORD
 
 #: Share of the training FLOPs per sample that one forward pass costs: the backward pass
 #: costs about twice the forward (Kaplan et al. 2020, "Scaling laws", C ~ 6N per token of
@@ -44,6 +54,14 @@ FILTER_OPTIONS = (
     "cosine_margin",
     "history_momentum",
 )
+#: Entry of the oracle record holding the uploads' labels, in upload order.
+UPLOAD_LABELS = "upload_labels"
+#: TBR when the device's options do not say (official conf ``is_tbr: true``).
+DEFAULT_TBR = True
+#: ``edge_bn`` choices for the prediction's BN: None as the official ``infer`` (TBR statistics
+#: with TBR on, the test batch's statistics with it off), "batch" always the test batch's,
+#: "running" plain eval mode with the model's running statistics.
+EDGE_BN_CHOICES = (None, "batch", "running")
 
 
 class CEMAClient(ClientHandler):
@@ -61,12 +79,8 @@ class CEMAClient(ClientHandler):
         restore_progress(self.device, context, server_round)
         batch = next_batch(self.device, context)
         model, upload_filter = self._restore(msg, context)
-        if self.device.options.get("edge_bn", "batch") == "batch":
-            use_test_batch_statistics(model)  # the official code's edge normalises with test batches
-        else:
-            model.eval()
-        with torch.no_grad():
-            logits = model(batch.x)
+        options = self.device.options
+        logits = edge_logits(model, batch.x, options.get("tbr", DEFAULT_TBR), options.get("edge_bn"))
         if upload_filter is None:
             upload_filter = self._new_filter(int(logits.shape[1]))
         mask = upload_filter.select(logits).numpy()
@@ -78,7 +92,11 @@ class CEMAClient(ClientHandler):
             "compute_time_s": self.compute_time_s(len(batch.y) * FORWARD_FLOP_FRACTION, server_round),
             "partition_id": self.device.partition_id,
         }
-        return batch_reply(msg, batch, logits, metrics, uploads)
+        reply = batch_reply(msg, batch, logits, metrics, uploads)
+        if len(uploads):
+            labels = [int(label) for label in batch.y[torch.from_numpy(mask)]]
+            reply.content[ORACLE_RECORD] = ConfigRecord({UPLOAD_LABELS: labels})
+        return reply
 
     # ---------------------------------------------------------------- state
     def _restore(self, msg: Message, context: Context) -> tuple[nn.Module, UploadFilter | None]:
@@ -104,8 +122,37 @@ class CEMAClient(ClientHandler):
         return UploadFilter(num_classes, **options)
 
 
+def edge_logits(model: nn.Module, x: torch.Tensor, tbr: bool, edge_bn: str | None) -> torch.Tensor:
+    """The edge model's prediction on test batch ``x`` (no gradient; BN per the module docstring).
+
+    Parameters
+    ----------
+    model : nn.Module
+        The device's edge model; with TBR, layers without statistics take them from ``x``.
+    x : Tensor
+        The test batch.
+    tbr : bool
+        ``algorithm.cema.tbr``.
+    edge_bn : {None, "batch", "running"}
+        None: as the official code (TBR statistics, or batch statistics without TBR);
+        ``"batch"``: the test batch's statistics; ``"running"``: plain eval mode.
+    """
+    if edge_bn not in EDGE_BN_CHOICES:
+        raise ValueError(f"edge_bn={edge_bn!r}; choose one of {EDGE_BN_CHOICES}")
+    with torch.no_grad():
+        if edge_bn == "running":
+            model.eval()
+            return model(x)
+        mode = BATCH if edge_bn == "batch" or not tbr else TBR
+        with bn_mode(model, mode, train=False):
+            return model(x)
+
+
 def load_edge_arrays(model: nn.Module, received: dict[str, Any], *, first: bool) -> None:
     """Load the cloud's edge entries into ``model``.
+
+    After the first batch, the statistics of BN layers whose received reset marker is 0 are
+    not loaded (:func:`models.cema_tbr.without_unset_statistics`): the device keeps its own.
 
     Parameters
     ----------
@@ -131,6 +178,9 @@ def load_edge_arrays(model: nn.Module, received: dict[str, Any], *, first: bool)
     for key, value in received.items():
         if tuple(value.shape) != tuple(own[key].shape):
             raise MalformedMessage(f"{key} has shape {tuple(value.shape)}, the edge model has {tuple(own[key].shape)}")
+    if not first:
+        received = without_unset_statistics(received, model)
+        missing = sorted(set(own) - set(received))
     try:
         model.load_state_dict(received, strict=not missing)
     except (RuntimeError, ValueError) as exc:

@@ -1,27 +1,27 @@
-"""CEMA's cloud side: replay buffer, foundation adaptation, replay-based entropy distillation.
+"""CEMA's cloud steps: replay buffer, foundation adaptation, entropy distillation.
 
-For every batch of uploaded samples the cloud (CEMA poster, "Replay-based Knowledge
-Distillation"; ``/work/shared/ALGORITHMS.md``, CEMA; official code chenyaofo/CEMA
-``codebase/core/tta/cema.py`` and ``codebase/criterion/distillation.py``):
+One cloud step on a batch of uploaded samples (CEMA poster, "Replay-based Knowledge
+Distillation"; official code chenyaofo/CEMA ``codebase/core/tta/cema.py`` ``CEMA.infer`` and
+``codebase/criterion/distillation.py``):
 
-1. adapts the foundation model by entropy minimisation weighted by ``exp(E0 - E)``
-   (:func:`adapt_foundation`);
-2. stores the samples in a FIFO :class:`ReplayBuffer` (the caller adds them);
-3. distils the edge model from the foundation model on the new samples plus three times as
-   many replayed ones once the buffer holds 256 (:func:`distill_step`, loss
-   :func:`distillation_loss`).
+1. :func:`adapt_foundation`: the foundation model minimises its entropy weighted by
+   ``exp(E0 - E)``, its BN layers in train mode;
+2. :func:`distill`: the edge model (student) learns from the foundation model (teacher, BN in
+   eval mode, no gradient) on the batch with :func:`distillation_loss`, its BN in train mode.
 
-Only BatchNorm affine parameters train (:func:`bn_affine_parameters`). Models run with
-BatchNorm in training mode during their own update (batch statistics, running statistics
-move with BatchNorm's momentum); the teacher is evaluated in eval mode without gradients.
-``E0`` is the fixed ``E_max^0 = 0.4 ln C`` (:func:`models.cema_filter.default_e_max0`), not
-the edge's dynamic threshold (official: ``E_max=self.ent_high_margin``).
+Which samples a step sees (new ones, replayed ones from the FIFO :class:`ReplayBuffer`) is
+decided per edge batch by :mod:`models.cema_edge_batch`. Only BatchNorm affine parameters
+train (:func:`bn_affine_parameters`). How BN normalises is :mod:`models.cema_tbr`'s ``bn``
+mode: TBR (official default) or batch statistics. ``E0`` is the fixed
+``E_max^0 = e_max ln C`` (official ``E_max=self.ent_high_margin``), not the edge's dynamic
+threshold.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -29,13 +29,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.cema_filter import entropy
+from models.cema_tbr import TBR, bn_mode
 
 #: Replay buffer capacity (official conf ``replay_buffer_size: 10000``).
 REPLAY_CAPACITY = 10_000
-#: Replay starts once the buffer holds this many samples (official: ``len(history) < 256``).
+#: Replay joins the new samples once the buffer holds this many (official: ``len(history) < 256``
+#: means no replay); an edge batch that fills no cloud batch distils on replayed samples alone
+#: once the buffer holds MORE than this (official ``len(self.history_buffer) > 256``).
 REPLAY_MIN_SIZE = 256
-#: Replayed samples per new sample (official: ``k=self.batch_size*3``).
+#: Replayed samples per cloud batch joining the new ones (official ``k=self.batch_size*3``).
 REPLAY_FACTOR = 3
+#: Replayed samples per cloud batch of a replay-only step (official ``k=self.batch_size*4``).
+REPLAY_ONLY_FACTOR = 4
 #: Cloud batch of uploaded samples per step (official conf ``batch_size: 32``).
 CLOUD_BATCH_SIZE = 32
 #: Foundation (teacher) SGD learning rate (official conf ``t_tta_lr: 0.00025``).
@@ -162,35 +167,34 @@ def distillation_loss(
 
 
 @contextmanager
-def _training_only(model: nn.Module, params: list[nn.Parameter]):
-    """Train mode and gradients for ``params`` only; restore modes and flags afterwards."""
-    was_training = model.training
+def _gradients_for(model: nn.Module, params: list[nn.Parameter]):
+    """Gradients for ``params`` only inside the block; restore every flag afterwards."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     chosen = {id(p) for p in params}
     for p, _ in flags:
         p.requires_grad_(id(p) in chosen)
-    model.train()
     try:
         yield
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
-        model.train(was_training)
 
 
 def _optimizer_params(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:
     return [p for group in optimizer.param_groups for p in group["params"]]
 
 
-def adapt_foundation(model: nn.Module, x: torch.Tensor, e0: float, optimizer: torch.optim.Optimizer) -> float:
+def adapt_foundation(
+    model: nn.Module, x: torch.Tensor, e0: float, optimizer: torch.optim.Optimizer, bn: str = TBR
+) -> float:
     """One weighted entropy-minimisation step of the foundation model on uploaded ``x``.
 
-    Loss ``mean(exp(E0 - E) * E)`` with the weight detached (official ``cema.py`` step 1).
-    Only the parameters of ``optimizer`` (build it with :func:`bn_sgd`, lr
-    :data:`FOUNDATION_LR`) receive gradients; batches of :data:`CLOUD_BATCH_SIZE` are the
-    caller's choice. Returns the loss value.
+    Loss ``mean(exp(E0 - E) * E)`` with the weight detached (official ``CEMA.infer`` step 1),
+    BN layers in train mode in mode ``bn`` (:func:`models.cema_tbr.bn_mode`). Only the
+    parameters of ``optimizer`` (:func:`bn_sgd`, lr :data:`FOUNDATION_LR`) receive gradients.
+    Returns the loss value.
     """
-    with _training_only(model, _optimizer_params(optimizer)):
+    with _gradients_for(model, _optimizer_params(optimizer)), bn_mode(model, bn, train=True):
         ents = entropy(model(x))
         loss = (torch.exp(e0 - ents.detach()) * ents).mean()
         optimizer.zero_grad()
@@ -199,39 +203,45 @@ def adapt_foundation(model: nn.Module, x: torch.Tensor, e0: float, optimizer: to
     return float(loss.detach())
 
 
-def distill_step(
+class Distilled(NamedTuple):
+    """What one distillation step computed.
+
+    Attributes
+    ----------
+    loss : float
+        :func:`distillation_loss` before the update.
+    teacher_logits, student_logits : Tensor, shape (B, C)
+        Both models' outputs on the step's batch (before the update, detached).
+    """
+
+    loss: float
+    teacher_logits: torch.Tensor
+    student_logits: torch.Tensor
+
+
+def distill(
     student: nn.Module,
     teacher: nn.Module,
-    new_x: torch.Tensor,
-    buffer: ReplayBuffer,
-    generator: np.random.Generator,
+    batch: torch.Tensor,
     optimizer: torch.optim.Optimizer,
     e0: float,
-    *,
-    replay_min_size: int = REPLAY_MIN_SIZE,
-    replay_factor: int = REPLAY_FACTOR,
+    bn: str = TBR,
     **loss_weights: float,
-) -> float:
-    """One distillation step of the edge model (official ``cema.py`` step 2).
+) -> Distilled:
+    """One distillation step of the edge model on ``batch`` (official ``CEMA.infer`` step 2).
 
-    Uses ``new_x`` plus ``replay_factor * len(new_x)`` samples drawn from ``buffer`` by
-    ``generator`` when the buffer holds at least ``replay_min_size``; ``new_x`` alone
-    otherwise. Add ``new_x`` to ``buffer`` first, as the official code does. The teacher runs
-    in eval mode without gradients; ``optimizer`` (:func:`bn_sgd`, lr :data:`EDGE_LR`) decides
-    which student parameters train. ``loss_weights`` go to :func:`distillation_loss`.
-    Returns the loss value.
+    The teacher runs without gradients, its BN layers in eval mode; the student's BN layers
+    run in train mode; both in BN mode ``bn`` (:func:`models.cema_tbr.bn_mode`; official
+    ``set_bn_training_mode(foundation, False)``, ``set_bn_training_mode(edge, True)``).
+    ``optimizer`` (:func:`bn_sgd`, lr :data:`EDGE_LR`) decides which student parameters
+    train; ``loss_weights`` go to :func:`distillation_loss`.
     """
-    batch = new_x
-    if len(buffer) >= replay_min_size:
-        batch = torch.cat([new_x, buffer.sample(replay_factor * len(new_x), generator)])
-    was_training = teacher.training
-    teacher.eval()
-    with torch.no_grad():
+    with torch.no_grad(), bn_mode(teacher, bn, train=False):
         teacher_logits = teacher(batch)
-    teacher.train(was_training)
-    with _training_only(student, _optimizer_params(optimizer)):
-        loss = distillation_loss(student(batch), teacher_logits, e0, **loss_weights)
+    with _gradients_for(student, _optimizer_params(optimizer)), bn_mode(student, bn, train=True):
+        student_logits = student(batch)
+        loss = distillation_loss(student_logits, teacher_logits, e0, **loss_weights)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    return float(loss.detach())
+    return Distilled(float(loss.detach()), teacher_logits, student_logits.detach())

@@ -1,14 +1,15 @@
 """CEMA's edge side: prediction entropy and the upload filter (sample selection).
 
 The edge predicts each incoming batch and uploads only the samples the cloud can learn from
-(CEMA poster, "Dynamic entropy-based sample filtration"; ``/work/shared/ALGORITHMS.md``, CEMA):
+(CEMA poster, "Dynamic entropy-based sample filtration"):
 
 * reliable: ``E(x) < E_max^t``, a threshold that follows the stream's mean entropy;
 * informative: ``E(x) > E_min``, a fixed threshold;
 * non-redundant (EATA-style, official code ``SimilarityCriterion``): ``|cos(m, p(x))| < d``
   with ``m`` a moving average of the softmaxes already uploaded.
 
-Details settled from the official code (chenyaofo/CEMA, ``codebase/core/tta/cema.py``):
+Details settled from the official code (chenyaofo/CEMA, ``codebase/core/tta/cema.py``,
+``EntropyCriterion``, ``AverageMetric``, ``SimilarityCriterion``):
 
 * The running mean entropy counts *samples* (``AverageMetric.update`` adds ``numel``), and
   the current batch is added to it *before* the batch is thresholded.
@@ -19,8 +20,13 @@ Details settled from the official code (chenyaofo/CEMA, ``codebase/core/tta/cema
   survivor is kept and the history becomes their mean softmax; afterwards the history moves
   as ``0.9 * m + 0.1 * mean(kept softmaxes)`` (unchanged when nothing is kept).
 
-The official config leaves the warm-up length unset (never dynamic); we choose
-:data:`WARMUP_SAMPLES` (documented below) so that the dynamic rule of ALGORITHMS.md applies.
+Defaults: the setting the official repository's ``tools/results.txt`` reports as chosen
+(``E_min=0.02, lambda=1.0``, uploads 51 % -> 35 % at severity 3), which is the poster's
+filter. The example ``conf/cema.conf`` the repository runs turns both of CEMA's own filter
+rules off (``ent_low_margin: null``, ``warm_up_batch_size: null``: ``E_max^t = E_max^0``
+throughout, so ``ent_high_margin_coeff: 0.6`` never applies), which leaves EATA's filter;
+pass ``e_min_fraction=None`` and ``warmup_samples=None`` for it. No warm-up length is
+published: :data:`WARMUP_SAMPLES` is ours.
 """
 
 from __future__ import annotations
@@ -33,15 +39,17 @@ import torch.nn.functional as F
 
 #: E_max^0 = 0.4 ln C (poster; official conf ``ent_high_margin: 0.4``; EATA's E0).
 E_MAX_FRACTION = 0.4
-#: E_min = e_min ln C; best published setting 0.02 (official ``tools/results.txt``).
+#: E_min = e_min ln C (official ``tools/results.txt``); None: no lower bound (``conf/cema.conf``).
 E_MIN_FRACTION = 0.02
-#: lambda of the dynamic rule; best published setting 1.0 (official ``tools/results.txt``).
+#: lambda of the dynamic rule (official ``tools/results.txt``; ``conf/cema.conf``: 0.6, which
+#: never applies there because it never warms up).
 THRESHOLD_COEFF = 1.0
-#: Samples seen before the reference mean is frozen. Our choice (the official conf leaves it
-#: unset): 10 edge batches of 64, the same 10 batches for which the official ``infer`` keeps
-#: the initial edge model before it starts using adapted copies.
+#: Samples seen before the reference mean is frozen: 10 edge batches of 64 (assumption; the
+#: official code publishes none). None: never, so the threshold stays E_max^0 (``conf/cema.conf``).
 WARMUP_SAMPLES = 640
-#: Redundancy margin on |cos(m, p)| (official conf ``d_margin: 0.05``; EATA).
+#: Redundancy margin on |cos(m, p)| for ImageNet-sized label sets (official conf
+#: ``d_margin: 0.05``; EATA ``main.py --d_margin``). 10-class data use 0.4
+#: (``experiments.cema_setup.d_margin``).
 COSINE_MARGIN = 0.05
 #: Weight of the old history in the moving average of uploaded softmaxes (official/EATA 0.9).
 HISTORY_MOMENTUM = 0.9
@@ -68,11 +76,16 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(log_p.exp() * log_p).sum(dim=-1)
 
 
-def default_e_max0(num_classes: int) -> float:
-    """``E_max^0 = 0.4 ln C`` (poster; ALGORITHMS.md CEMA), also the cloud's ``E0`` weight."""
+def default_e_max0(num_classes: int, e_max_fraction: float = E_MAX_FRACTION) -> float:
+    """``E_max^0 = e_max_fraction ln C`` (poster; official ``ent_high_margin * math.log(n_class)``).
+
+    Also the cloud's reference entropy ``E0`` of the loss weights ``exp(E0 - E)``.
+    """
     if num_classes < 2:
         raise ValueError(f"num_classes={num_classes}; entropy thresholds need at least 2 classes")
-    return E_MAX_FRACTION * math.log(num_classes)
+    if not 0 < e_max_fraction <= 1:
+        raise ValueError(f"e_max_fraction={e_max_fraction}; use a value in (0, 1] (official 0.4)")
+    return e_max_fraction * math.log(num_classes)
 
 
 class UploadFilter:
@@ -82,14 +95,18 @@ class UploadFilter:
     ----------
     num_classes : int
         C, the number of classes of the edge model's output.
-    e_max_fraction, e_min_fraction : float
-        ``E_max^0 = e_max_fraction * ln C`` and ``E_min = e_min_fraction * ln C``.
+    e_max_fraction : float
+        ``E_max^0 = e_max_fraction * ln C``, in (0, 1].
+    e_min_fraction : float or None
+        ``E_min = e_min_fraction * ln C``, in [0, e_max_fraction); None: no lower bound.
     threshold_coeff : float
-        lambda of the dynamic rule ``E_max^t = lambda E_max^0 mean / reference``.
-    warmup_samples : int
-        Samples after which the reference mean entropy is frozen.
-    cosine_margin, history_momentum : float
-        Redundancy margin on ``|cos|`` and the moving-average weight of the history.
+        lambda of the dynamic rule ``E_max^t = lambda E_max^0 mean / reference``, > 0.
+    warmup_samples : int or None
+        Samples after which the reference mean entropy is frozen (>= 1); None: never.
+    cosine_margin : float
+        Redundancy margin on ``|cos|``, > 0 (above 1 nothing is redundant).
+    history_momentum : float
+        Moving-average weight of the old history, in [0, 1).
     """
 
     def __init__(
@@ -97,16 +114,19 @@ class UploadFilter:
         num_classes: int,
         *,
         e_max_fraction: float = E_MAX_FRACTION,
-        e_min_fraction: float = E_MIN_FRACTION,
+        e_min_fraction: float | None = E_MIN_FRACTION,
         threshold_coeff: float = THRESHOLD_COEFF,
-        warmup_samples: int = WARMUP_SAMPLES,
+        warmup_samples: int | None = WARMUP_SAMPLES,
         cosine_margin: float = COSINE_MARGIN,
         history_momentum: float = HISTORY_MOMENTUM,
     ) -> None:
-        _check_settings(num_classes, e_max_fraction, e_min_fraction, threshold_coeff, warmup_samples, history_momentum)
+        check_filter_settings(
+            num_classes, e_max_fraction, e_min_fraction, threshold_coeff, warmup_samples, cosine_margin,
+            history_momentum,
+        )
         self.num_classes = num_classes
-        self.e_max0 = e_max_fraction * math.log(num_classes)
-        self.e_min = e_min_fraction * math.log(num_classes)
+        self.e_max0 = default_e_max0(num_classes, e_max_fraction)
+        self.e_min = None if e_min_fraction is None else e_min_fraction * math.log(num_classes)
         self.threshold_coeff = threshold_coeff
         self.warmup_samples = warmup_samples
         self.cosine_margin = cosine_margin
@@ -147,7 +167,9 @@ class UploadFilter:
             raise ValueError(f"logits shape {tuple(logits.shape)} does not match (batch, {self.num_classes})")
         ents = entropy(logits.detach().double())
         self._observe(ents)
-        keep = (ents < self.threshold) & (ents > self.e_min)
+        keep = ents < self.threshold
+        if self.e_min is not None:
+            keep &= ents > self.e_min
         keep[keep.clone()] = self._non_redundant(logits.detach().double()[keep].softmax(dim=-1))
         return keep
 
@@ -155,7 +177,7 @@ class UploadFilter:
         """Add a batch to the running mean; freeze the reference once warm-up is over."""
         self.samples_seen += ents.numel()
         self.entropy_sum += float(ents.sum())
-        if self.reference_mean is None and self.samples_seen >= self.warmup_samples:
+        if self.reference_mean is None and self.warmup_samples is not None and self.samples_seen >= self.warmup_samples:
             self.reference_mean = self.mean_entropy
 
     def _non_redundant(self, probs: torch.Tensor) -> torch.Tensor:
@@ -202,15 +224,31 @@ class UploadFilter:
         self.history = torch.from_numpy(history.copy()) if bool(state["has_history"]) else None
 
 
-def _check_settings(num_classes, e_max_fraction, e_min_fraction, threshold_coeff, warmup_samples, momentum) -> None:
-    """Raise ValueError naming the first bad filter setting."""
-    if num_classes < 2:
-        raise ValueError(f"num_classes={num_classes}; entropy thresholds need at least 2 classes")
-    if not 0 <= e_min_fraction < e_max_fraction:
-        raise ValueError(f"need 0 <= e_min_fraction < e_max_fraction, got {e_min_fraction} and {e_max_fraction}")
+def check_filter_settings(
+    num_classes: int,
+    e_max_fraction: float,
+    e_min_fraction: float | None,
+    threshold_coeff: float,
+    warmup_samples: int | None,
+    cosine_margin: float,
+    history_momentum: float,
+) -> None:
+    """Raise ValueError naming the first bad filter setting (the rules of :class:`UploadFilter`).
+
+    ``experiments.validation`` applies the same rules to ``algorithm.cema``, so a run the
+    validation accepts never fails on a device.
+    """
+    default_e_max0(num_classes, e_max_fraction)
+    if e_min_fraction is not None and not 0 <= e_min_fraction < e_max_fraction:
+        raise ValueError(
+            f"need 0 <= e_min_fraction < e_max_fraction, got {e_min_fraction} and {e_max_fraction} "
+            "(or e_min_fraction=None: no lower bound)"
+        )
     if threshold_coeff <= 0:
-        raise ValueError(f"threshold_coeff={threshold_coeff}; lambda must be > 0 (published 1.0)")
-    if warmup_samples < 1:
-        raise ValueError(f"warmup_samples={warmup_samples}; use at least 1 sample")
-    if not 0 <= momentum < 1:
-        raise ValueError(f"history_momentum={momentum}; use a value in [0, 1) (EATA uses 0.9)")
+        raise ValueError(f"threshold_coeff={threshold_coeff}; lambda must be > 0 (official 0.6, poster 1.0)")
+    if warmup_samples is not None and warmup_samples < 1:
+        raise ValueError(f"warmup_samples={warmup_samples}; use at least 1 sample, or None for no warm-up")
+    if cosine_margin <= 0:
+        raise ValueError(f"cosine_margin={cosine_margin}; use a margin > 0 (EATA: 0.05 ImageNet, 0.4 CIFAR-10)")
+    if not 0 <= history_momentum < 1:
+        raise ValueError(f"history_momentum={history_momentum}; use a value in [0, 1) (EATA uses 0.9)")

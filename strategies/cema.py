@@ -1,18 +1,30 @@
 """CEMA's cloud: adapt the foundation model on uploads, distil the edge model, send it back.
 
-Per batch of :data:`models.cema_cloud.CLOUD_BATCH_SIZE` uploaded samples (CEMA poster,
-"Replay-based Knowledge Distillation"; ``/work/shared/ALGORITHMS.md``, CEMA; official code
-chenyaofo/CEMA ``codebase/core/tta/cema.py``): (1) one weighted entropy-minimisation step
-of the foundation model, (2) the samples join a FIFO replay buffer, (3) one distillation
-step of the edge model on them plus replayed samples. The edge model's BatchNorm entries
+Each device's reply is one edge batch of the official loop (chenyaofo/CEMA
+``codebase/core/tta/cema.py`` ``CEMA.infer``; CEMA poster, "Replay-based Knowledge
+Distillation"): its uploads enter the replay history, every full cloud batch of
+:data:`models.cema_cloud.CLOUD_BATCH_SIZE` pending uploads gets a foundation step and a
+distillation step (with replay once the history holds 256), and an edge batch that fills no
+cloud batch distils on replayed samples alone once the history holds more than 256
+(:func:`models.cema_edge_batch.process_edge_batch`). The edge model's BatchNorm entries
 (affine parameters and running statistics) go back to the devices.
 
-Edge models (issue 4, "configurable whether each device has its own edge model"):
-``edge_models="shared"`` (default) keeps ONE edge model trained by the uploads of all devices in
-partition-id order; ``"per_device"`` keeps one edge model per device, distilled only on that
-device's uploads with its own replay buffer and optimiser, while the foundation model stays
-shared (it learns from every upload). Per-device state is created on a device's first reply
-from the initial edge model, so nothing per device is materialised up front.
+Edge models: ``edge_models="shared"`` (default) keeps ONE edge model, fed the devices' edge
+batches one after another in partition-id order, as the official loop is fed one stream;
+``"per_device"`` keeps one edge model per device, distilled only on that device's uploads
+with its own replay buffer and optimiser, while the foundation model stays shared (it learns
+from every upload). Per-device state is created on a device's first upload from the initial
+edge model, so nothing per device is materialised up front.
+
+BatchNorm (:mod:`models.cema_tbr`): with ``bn="tbr"`` (official default) the foundation model
+and every edge model start without statistics and take them from the first uploaded batch
+they see; the devices take theirs from their first test batch and keep them until the edge
+model sent back has statistics of its own (the reset marker travels with the BN entries).
+
+Teacher accuracy: devices attach their uploads' labels (known in simulation only) in the
+:data:`strategies.payload.ORACLE_RECORD`; the cloud compares them with the teacher's classes
+in each distillation step (``teacher_accuracy``). Labels never reach a training step and,
+like every oracle record, are not counted as transmitted bytes.
 """
 
 from __future__ import annotations
@@ -23,7 +35,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, MessageType, RecordDict
+from flwr.app import ArrayRecord, Message, MessageType, RecordDict
 from torch import nn
 
 from models.cema_cloud import (
@@ -33,16 +45,17 @@ from models.cema_cloud import (
     REPLAY_CAPACITY,
     SGD_MOMENTUM,
     ReplayBuffer,
-    adapt_foundation,
     bn_sgd,
-    distill_step,
 )
-from models.cema_filter import default_e_max0
+from models.cema_edge_batch import CloudSettings, Student, Teacher, process_edge_batch
+from models.cema_filter import E_MAX_FRACTION, default_e_max0
+from models.cema_tbr import BN_MODES, TBR, reset_state_statistics, reset_statistics
 from strategies.base import EdgeCloudStrategy
+from strategies.cema_tally import RoundTally, upload_labels
 
 #: What the cloud sends after a device's first batch: BN entries only, or the full model.
 SEND_MODES = ("bn", "full")
-#: One edge model for the fleet, or one per device (issue 4).
+#: One edge model for the fleet, or one per device.
 EDGE_MODES = ("shared", "per_device")
 #: Key of the single track in ``shared`` mode.
 SHARED = -1
@@ -55,7 +68,8 @@ UPLOAD_NDIM = 4
 def bn_state_keys(model: nn.Module) -> list[str]:
     """State-dict keys of every BatchNorm layer: affine parameters and running statistics.
 
-    ``num_batches_tracked`` counts as a running statistic (it moves with them).
+    ``num_batches_tracked`` counts as a running statistic (it moves with them and carries
+    TBR's reset marker).
     """
     keys = []
     for name, module in model.named_modules():
@@ -68,28 +82,17 @@ def bn_state_keys(model: nn.Module) -> list[str]:
 
 
 @dataclass
-class EdgeTrack:
-    """One edge model the cloud distils: its weights, optimiser, replay buffer and pending uploads.
+class EdgeTrack(Student):
+    """One edge model the cloud distils (:class:`models.cema_edge_batch.Student`) and its uploads' labels.
 
     Attributes
     ----------
-    model : nn.Module
-        The edge network (student).
-    optimizer : torch.optim.Optimizer
-        SGD on its BN affine parameters.
-    buffer : ReplayBuffer
-        FIFO of the samples this edge model was distilled on.
-    rng : np.random.Generator
-        Replay draws of this track.
-    pending : np.ndarray
-        Uploads that did not fill a cloud batch yet (uint8 NHWC).
+    pending_labels : np.ndarray
+        Labels of the ``pending`` uploads (:data:`strategies.cema_tally.UNKNOWN_LABEL` where
+        none came), for the teacher-accuracy metric only.
     """
 
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    buffer: ReplayBuffer
-    rng: np.random.Generator
-    pending: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 0, 0), dtype=np.uint8))
+    pending_labels: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
 class CEMA(EdgeCloudStrategy):
@@ -100,12 +103,17 @@ class CEMA(EdgeCloudStrategy):
     foundation : nn.Module
         The pre-trained bigger model (the teacher); adapted in place.
     edge_factory : callable
-        ``() -> nn.Module``: a fresh edge network; the strategy holds one and loads the
-        arrays of each round into it.
+        ``() -> nn.Module``: a fresh edge network; each edge model the cloud distils is one,
+        loaded with the initial edge state of the first round.
     preprocess : callable
         uint8 NHWC pixels -> model input tensor (the apps pass ``experiments.data.to_tensor``).
     num_classes : int
-        C; sets ``E0 = 0.4 ln C`` of the loss weights.
+        C; sets ``E0 = e_max_fraction ln C`` of the loss weights.
+    e_max_fraction : float
+        ``E_max^0 / ln C`` (official conf ``ent_high_margin: 0.4``; the edge filter's ``e_max``).
+    bn : {"tbr", "batch"}
+        BatchNorm mode of the foundation and edge models (:mod:`models.cema_tbr`; official
+        ``is_tbr: true``).
     send : {"bn", "full"}
         After a device's first participation (always the full model): the BN entries only
         (CEMA step 4) or the full edge state.
@@ -114,7 +122,7 @@ class CEMA(EdgeCloudStrategy):
     foundation_lr, edge_lr, momentum : float
         SGD settings of the two models (official 2.5e-4, 2.5e-3, 0.9).
     cloud_batch_size : int
-        Uploaded samples per cloud step (official 32); the remainder waits for the next round.
+        Uploaded samples per cloud step (official 32); the remainder waits for the next edge batch.
     edge_models : {"shared", "per_device"}
         One edge model for every device, or one per device (each with its own replay buffer
         of ``replay_capacity`` samples).
@@ -129,6 +137,8 @@ class CEMA(EdgeCloudStrategy):
         edge_factory: Callable[[], nn.Module],
         preprocess: Callable[[np.ndarray], torch.Tensor],
         num_classes: int,
+        e_max_fraction: float = E_MAX_FRACTION,
+        bn: str = TBR,
         send: str = "bn",
         replay_capacity: int = REPLAY_CAPACITY,
         foundation_lr: float = FOUNDATION_LR,
@@ -143,24 +153,38 @@ class CEMA(EdgeCloudStrategy):
             raise ValueError(f"send={send!r}; choose one of {SEND_MODES}")
         if edge_models not in EDGE_MODES:
             raise ValueError(f"edge_models={edge_models!r}; choose one of {EDGE_MODES}")
+        if bn not in BN_MODES:
+            raise ValueError(f"bn={bn!r}; choose one of {BN_MODES} (algorithm.cema.tbr true/false)")
         if cloud_batch_size < 1:
             raise ValueError(f"cloud_batch_size={cloud_batch_size}; use at least 1 sample per cloud step")
-        self.e0 = default_e_max0(num_classes)
-        self.foundation = foundation
+        e0 = default_e_max0(num_classes, e_max_fraction)
+        self.settings = CloudSettings(e0=e0, bn=bn, batch_size=cloud_batch_size)
+        self.e0 = self.settings.e0
+        self.teacher = Teacher(foundation, bn_sgd(foundation, foundation_lr, momentum))
+        if bn == TBR:
+            reset_statistics(foundation)  # official prepare_model_for_tent_tta drops the source statistics
         self.edge_factory = edge_factory
         self.preprocess = preprocess
         self.send = send
-        self.cloud_batch_size = cloud_batch_size
         self.edge_models = edge_models
         self.replay_capacity = replay_capacity
         self.edge_lr = edge_lr
         self.momentum = momentum
-        self.foundation_optimizer = bn_sgd(foundation, foundation_lr, momentum)
         self.tracks: dict[int, EdgeTrack] = {}
         self.initial_state: dict[str, torch.Tensor] | None = None
         self.bn_keys = bn_state_keys(edge_factory())
         self.served: set[int] = set()
         self.online: dict[str, list[int]] = {}
+
+    @property
+    def foundation(self) -> nn.Module:
+        """The foundation model (the teacher)."""
+        return self.teacher.model
+
+    @property
+    def foundation_optimizer(self) -> torch.optim.Optimizer:
+        """SGD on the foundation model's BN affine parameters."""
+        return self.teacher.optimizer
 
     @property
     def edge(self) -> nn.Module:
@@ -186,14 +210,23 @@ class CEMA(EdgeCloudStrategy):
 
     # ------------------------------------------------------------------ train
     def configure_train(self, server_round, arrays, config, grid):
-        """Full edge model to first-time devices, the ``send`` entries (of their edge model) to the others."""
+        """Full edge model to first-time devices, the ``send`` entries (of their edge model) to the others.
+
+        The first call records ``arrays`` as the initial edge model, with TBR's reset marker
+        (:func:`models.cema_tbr.reset_state_statistics`) when ``bn="tbr"``; afterwards the
+        cloud's own edge models are what it sends.
+        """
         if self.initial_state is None:
-            self.initial_state = arrays.to_torch_state_dict()
+            state = arrays.to_torch_state_dict()
+            tbr = self.settings.bn == TBR
+            self.initial_state = reset_state_statistics(state, self.edge_factory()) if tbr else state
         if self.edge_models == "shared":
-            self.track(SHARED).model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
-        full = RecordDict({"config": self.round_config(server_round), "arrays": arrays})
-        keys = list(arrays.keys()) if self.send == "full" else self.bn_keys
-        shared_update = self._update_record(server_round, arrays, keys)
+            current = ArrayRecord(self.track(SHARED).model.state_dict())
+        else:
+            current = ArrayRecord(self.initial_state)
+        full = RecordDict({"config": self.round_config(server_round), "arrays": current})
+        keys = list(current.keys()) if self.send == "full" else self.bn_keys
+        shared_update = self._update_record(server_round, current, keys)
 
         def content(pid: int) -> RecordDict:
             if pid not in self.served:
@@ -211,36 +244,27 @@ class CEMA(EdgeCloudStrategy):
         })
 
     def aggregate_train(self, server_round, replies):
-        """Count online accuracy, run the cloud steps on the uploads, return the edge state."""
-        replies = list(replies)
-        uploads, uploaded_bytes, by_device = {}, 0, {}
-        for reply in replies:
-            self.served.add(self.partition_of(reply))
-            self._count_online(reply)
-            record = reply.content.array_records.get("uploads")
-            if record is None:
-                continue
-            pixels = record["pixels"].numpy() if "pixels" in record else None
-            problem = _upload_problem(pixels)
-            if problem is not None:
-                self.ledger.fail(self.partition_of(reply), "train", f"rejected uploads: {problem}")
-                continue
-            uploads[self.partition_of(reply)] = pixels
-            uploaded_bytes += len(record["pixels"].data)
-            by_device[str(self.partition_of(reply))] = int(len(pixels))
+        """Count online accuracy, run each reply's edge batch through the cloud, return the edge state."""
+        replies = list(replies)  # sorted by partition id (EdgeCloudStrategy.exchange)
+        tally = RoundTally()
         started = time.perf_counter()
-        if self.edge_models == "shared":
-            steps = self._cloud_steps(self.track(SHARED), [uploads[pid] for pid in sorted(uploads)])
-        else:
-            steps = sum(self._cloud_steps(self.track(pid), [uploads[pid]]) for pid in sorted(uploads))
+        for reply in replies:
+            pid = self.partition_of(reply)
+            self.served.add(pid)
+            self._count_online(reply)
+            pixels = self._uploads_of(reply, pid)
+            if pixels is None:
+                continue
+            key = SHARED if self.edge_models == "shared" else pid
+            if len(pixels) == 0 and key not in self.tracks:
+                continue  # an edge model nobody uploaded to has no history: nothing to do
+            tally.add_upload(pid, reply, pixels)
+            self._edge_batch(self.track(key), pixels, upload_labels(reply, len(pixels)), tally)
         metrics = {
             **self.mean_metrics(replies),
             **self.online_metrics(),
-            "uploaded_samples": int(sum(len(u) for u in uploads.values())),
-            "uploaded_bytes": uploaded_bytes,
-            "uploaded_samples_by_device": by_device,
-            "cloud_steps": steps,
-            "pending_uploads": int(sum(len(t.pending) for t in self.tracks.values())),
+            **tally.metrics(),
+            "pending_uploads": int(sum(0 if t.pending is None else len(t.pending) for t in self.tracks.values())),
             "edge_models": len(self.tracks),
             "cloud_compute_s": time.perf_counter() - started,
         }
@@ -248,13 +272,39 @@ class CEMA(EdgeCloudStrategy):
             return ArrayRecord(self.edge.state_dict()), metrics
         return None, metrics
 
+    def _uploads_of(self, reply: Message, pid: int) -> np.ndarray | None:
+        """The reply's uploaded pixels (empty when it uploaded nothing); None, recorded, if unusable."""
+        record = reply.content.array_records.get("uploads")
+        if record is None:
+            return np.zeros((0, 0, 0, 0), dtype=np.uint8)
+        pixels = record["pixels"].numpy() if "pixels" in record else None
+        problem = _upload_problem(pixels)
+        if problem is not None:
+            self.ledger.fail(pid, "train", f"rejected uploads: {problem}")
+            return None
+        return pixels
+
+    def _edge_batch(self, track: EdgeTrack, pixels: np.ndarray, labels: np.ndarray, tally: RoundTally) -> None:
+        """One official edge batch on ``track``; the teacher's classes are scored against ``labels``."""
+        x = self.preprocess(pixels) if len(pixels) else torch.zeros(0)
+        steps = process_edge_batch(self.teacher, track, x, self.settings)
+        queue = np.concatenate([track.pending_labels, labels])
+        used = sum(len(p) for p in steps.teacher_predictions)
+        if used:
+            predicted = torch.cat(steps.teacher_predictions).numpy()
+            tally.add_teacher(predicted, queue[:used])
+        track.pending_labels = queue[used:]
+        tally.cloud_steps += steps.cloud_steps
+        tally.replay_steps += steps.replay_steps
+
     # ------------------------------------------------------------------ state (checkpoints)
     def state_dict(self) -> dict:
         """The base state plus everything the cloud carries between rounds.
 
         ``served``, ``online``, the ``foundation`` model and its optimizer, the initial edge
         state and every edge track (:class:`EdgeTrack`: model, optimizer momentum, replay
-        buffer, replay generator, pending uploads), keyed by partition id (or :data:`SHARED`).
+        buffer, replay generator, pending uploads and their labels), keyed by partition id
+        (or :data:`SHARED`).
         """
         state = super().state_dict()
         state.update(
@@ -270,7 +320,8 @@ class CEMA(EdgeCloudStrategy):
                     "optimizer": track.optimizer.state_dict(),
                     "buffer": track.buffer.state_dict(),
                     "rng": track.rng.bit_generator.state,
-                    "pending": track.pending.copy(),
+                    "pending": track.pending,
+                    "pending_labels": track.pending_labels.copy(),
                 }
                 for key, track in sorted(self.tracks.items())
             ],
@@ -292,7 +343,8 @@ class CEMA(EdgeCloudStrategy):
             track.optimizer.load_state_dict(saved["optimizer"])
             track.buffer.load_state_dict(saved["buffer"])
             track.rng.bit_generator.state = saved["rng"]
-            track.pending = np.asarray(saved["pending"], dtype=np.uint8)
+            track.pending = saved["pending"]
+            track.pending_labels = np.asarray(saved["pending_labels"], dtype=np.int64)
 
     # ------------------------------------------------------------------ helpers
     def _count_online(self, reply) -> None:
@@ -311,22 +363,6 @@ class CEMA(EdgeCloudStrategy):
             "online_accuracy": correct / seen if seen else None,
             "online_accuracy_by_domain": {d: c / n for d, (c, n) in sorted(self.online.items()) if n},
         }
-
-    def _cloud_steps(self, track: EdgeTrack, uploads: list[np.ndarray]) -> int:
-        """Adapt + replay + distil ``track`` per full cloud batch; keep the remainder pending."""
-        pool = [track.pending] if len(track.pending) else []
-        pool += [u for u in uploads if len(u)]
-        if not pool:
-            return 0
-        pixels = np.concatenate(pool)
-        full = len(pixels) // self.cloud_batch_size * self.cloud_batch_size
-        track.pending = pixels[full:]
-        for start in range(0, full, self.cloud_batch_size):
-            x = self.preprocess(pixels[start : start + self.cloud_batch_size])
-            adapt_foundation(self.foundation, x, self.e0, self.foundation_optimizer)
-            track.buffer.add(x)
-            distill_step(track.model, self.foundation, x, track.buffer, track.rng, track.optimizer, self.e0)
-        return full // self.cloud_batch_size
 
 
 def _upload_problem(pixels: np.ndarray | None) -> str | None:

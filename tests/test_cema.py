@@ -1,5 +1,6 @@
 """CEMA's pure-torch pieces: entropy, upload filter, replay buffer, cloud steps (values by hand)."""
 
+import copy
 import math
 
 import numpy as np
@@ -8,14 +9,17 @@ import torch
 from torch import nn
 
 from models.cema_cloud import (
+    REPLAY_MIN_SIZE,
     ReplayBuffer,
     adapt_foundation,
     bn_affine_parameters,
     bn_sgd,
-    distill_step,
+    distill,
     distillation_loss,
 )
+from models.cema_edge_batch import CloudSettings, Student, Teacher, process_edge_batch
 from models.cema_filter import UploadFilter, default_e_max0, entropy
+from models.cema_tbr import BATCH, TBR, reset_statistics
 
 torch.set_num_threads(1)
 LN2, LN4 = math.log(2), math.log(4)
@@ -60,14 +64,31 @@ def test_entropy_rejects_non_matrix():
 
 
 def test_filter_keeps_exactly_the_samples_between_the_thresholds():
-    # C = 2: E_max^0 = 0.4 ln 2 = 0.2773, E_min = 0.02 ln 2 = 0.0139.
-    f = UploadFilter(2)
+    # C = 2: E_max^0 = 0.4 ln 2 = 0.2773, E_min = 0.02 ln 2 = 0.0139 (the poster's E_min).
+    f = UploadFilter(2, e_min_fraction=0.02)
     assert f.e_max0 == pytest.approx(0.4 * LN2) and f.e_min == pytest.approx(0.02 * LN2)
     rows = [(0.5, 0.5), (0.9, 0.1), (0.95, 0.05), (0.99, 0.01), (0.999, 0.001)]
     # entropies 0.693 (too high), 0.325 (too high), 0.199 (keep), 0.056 (keep), 0.0079 (too low)
     assert [_h(*r) for r in rows] == pytest.approx([0.6931, 0.3251, 0.1985, 0.0560, 0.0079], abs=1e-4)
     keep = f.select(_probs_logits(*rows))
     assert keep.tolist() == [False, False, True, True, False]
+
+
+def test_defaults_are_the_published_setting():
+    # official tools/results.txt: "E_min=0.02, lambda=1.0"; warm-up: 10 batches of 64 (ours).
+    f = UploadFilter(2)
+    assert f.e_min == pytest.approx(0.02 * LN2) and f.threshold_coeff == 1.0 and f.warmup_samples == 640
+
+
+def test_the_repositorys_example_conf_has_no_lower_bound_and_no_warm_up():
+    # conf/cema.conf: ent_low_margin null, warm_up_batch_size null -> E_max^t = E_max^0 forever.
+    f = UploadFilter(2, e_min_fraction=None, threshold_coeff=0.6, warmup_samples=None)
+    assert f.e_min is None and f.warmup_samples is None and f.threshold_coeff == 0.6
+    rows = [(0.5, 0.5), (0.95, 0.05), (0.999, 0.001), (1.0, 0.0)]  # the last two: entropy 0.0079 and 0
+    assert f.select(_probs_logits(*rows)).tolist() == [False, True, True, True]
+    for _ in range(20):
+        f.select(torch.zeros(64, 2))
+    assert f.reference_mean is None and f.threshold == pytest.approx(0.4 * LN2)
 
 
 def test_dynamic_threshold_follows_the_rule_on_a_scripted_sequence():
@@ -89,7 +110,7 @@ def test_threshold_uses_the_current_batch_in_the_mean():
     # h(0.9, 0.1) = 0.3251 and h(0.85, 0.15) = 0.4227 -> mean (2 ln4 + 0.7478) / 4 = 0.8801,
     # E_max^t = 0.4 ln4 * 0.8801 / ln4 = 0.3520: the first is kept, the second dropped (it
     # would be kept at 0.4 ln4 = 0.5545 if the current batch were left out of the mean).
-    f = UploadFilter(4, warmup_samples=2)
+    f = UploadFilter(4, warmup_samples=2, threshold_coeff=1.0)
     assert f.select(torch.zeros(2, 4)).tolist() == [False, False]  # ln4 > E_max^0
     keep = f.select(_probs_logits((0.9, 0.1, 0.0, 0.0), (0.85, 0.15, 0.0, 0.0)))
     assert f.threshold == pytest.approx(0.4 * (2 * LN4 + _h(0.9, 0.1) + _h(0.85, 0.15)) / 4)
@@ -151,6 +172,12 @@ def test_filter_rejects_bad_settings_and_inputs():
         UploadFilter(4, threshold_coeff=0.0)
     with pytest.raises(ValueError, match="warmup_samples"):
         UploadFilter(4, warmup_samples=0)
+    with pytest.raises(ValueError, match="e_max_fraction"):
+        UploadFilter(4, e_max_fraction=1.5)
+    with pytest.raises(ValueError, match="cosine_margin"):
+        UploadFilter(4, cosine_margin=0.0)
+    with pytest.raises(ValueError, match="history_momentum"):
+        UploadFilter(4, history_momentum=1.0)
     with pytest.raises(ValueError, match="does not match"):
         UploadFilter(4).select(torch.zeros(2, 5))
     with pytest.raises(ValueError, match="same num_classes"):
@@ -248,6 +275,7 @@ def test_bn_affine_parameters_are_the_bn_weight_and_bias():
         bn_affine_parameters(nn.Linear(2, 2))
 
 
+
 def test_adapt_foundation_changes_only_bn_affine_parameters():
     net = _tiny_net().eval()
     before = {k: v.clone() for k, v in net.named_parameters()}
@@ -258,37 +286,119 @@ def test_adapt_foundation_changes_only_bn_affine_parameters():
         else:
             assert torch.equal(p, before[name]), name
             assert p.grad is None and p.requires_grad
-    assert not net.training  # mode restored
+    assert not net.training and not net[1].training  # modes restored
 
 
-def test_distill_step_replays_three_times_the_new_batch_once_buffer_is_full():
+def _source_statistics(net, mean=0.7, var=3.0):
+    """Give ``net``'s BN layer source statistics far from any batch's (a trained source model)."""
+    with torch.no_grad():
+        net[1].running_mean.fill_(mean)
+        net[1].running_var.fill_(var)
+        net[1].num_batches_tracked.fill_(100)
+    return net
+
+
+@pytest.mark.parametrize("bn", [TBR, BATCH])
+def test_the_teacher_never_normalises_with_the_source_statistics(bn):
+    # The official teacher runs with TBR statistics set from the first batch it sees (TBR) or
+    # with batch statistics; the source running statistics (mean 0.7, var 3) never enter.
+    student, teacher = _tiny_net(0), _source_statistics(_tiny_net(1))
+    if bn == TBR:
+        reset_statistics(teacher)
+    x = _images(32, 3)
+    with torch.no_grad():
+        source_view = copy.deepcopy(teacher).eval()(x)  # a plain eval-mode teacher: the source statistics
+    step = distill(student, teacher, x, bn_sgd(student, lr=2.5e-3), default_e_max0(4), bn)
+    h = teacher[0](x)
+    mean, var = h.mean(dim=(0, 2, 3), keepdim=True), h.var(dim=(0, 2, 3), keepdim=True, unbiased=bn == TBR)
+    normalised = (h - mean) / torch.sqrt(var + teacher[1].eps) * teacher[1].weight.view(1, -1, 1, 1)
+    expected = teacher[4](teacher[3](teacher[2](normalised + teacher[1].bias.view(1, -1, 1, 1))))
+    torch.testing.assert_close(step.teacher_logits, expected.detach(), atol=1e-5, rtol=1e-5)
+    assert (step.teacher_logits - source_view).abs().max() > 1e-2
+
+
+def test_batch_mode_leaves_running_statistics_untouched():
     student, teacher = _tiny_net(0), _tiny_net(1)
-    sizes = []
-    student.register_forward_hook(lambda m, inp, out: sizes.append(inp[0].shape[0]))
-    buf = ReplayBuffer()
-    opt = bn_sgd(student, lr=2.5e-3)
-    rng = np.random.default_rng([0, 1])
-    buf.add(_images(224, 2))
-    distill_step(student, teacher, _images(32, 3), buf, rng, opt, default_e_max0(4))
-    buf.add(_images(32, 3))
-    distill_step(student, teacher, _images(32, 3), buf, rng, opt, default_e_max0(4))
-    assert sizes == [32, 32 + 96]
+    _source_statistics(student)
+    state = {k: v.clone() for k, v in student.state_dict().items()}
+    distill(student, teacher, _images(32, 3), bn_sgd(student, lr=2.5e-3), default_e_max0(4), BATCH)
+    for key in ("1.running_mean", "1.running_var", "1.num_batches_tracked"):
+        assert torch.equal(student.state_dict()[key], state[key]), key
+    assert not torch.equal(student[1].weight, state["1.weight"])
 
 
-def _distill_run(seed):
-    student, teacher = _tiny_net(0), _tiny_net(1)
-    buf = ReplayBuffer()
-    buf.add(_images(300, 5))
-    opt = bn_sgd(student, lr=2.5e-3)
-    rng = np.random.default_rng([seed, 3])
-    losses = [distill_step(student, teacher, _images(32, 6 + i), buf, rng, opt, 0.5) for i in range(2)]
-    return losses, [p.detach().clone() for p in student.parameters()]
-
-
-def test_distill_step_is_deterministic_and_trains_only_student_bn():
-    (loss_a, params_a), (loss_b, params_b) = _distill_run(0), _distill_run(0)
-    assert loss_a == loss_b and all(torch.equal(x, y) for x, y in zip(params_a, params_b))
+def test_distill_trains_only_student_bn_and_is_deterministic():
+    runs = []
+    for _ in range(2):
+        student, teacher = _tiny_net(0), _tiny_net(1)
+        losses = [distill(student, teacher, _images(32, 6 + i), bn_sgd(student, lr=2.5e-3), 0.5).loss for i in range(2)]
+        runs.append((losses, [p.detach().clone() for p in student.parameters()]))
+    assert runs[0][0] == runs[1][0] and all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
     fresh = [p.detach() for p in _tiny_net(0).parameters()]
-    changed = [not torch.equal(x, y) for x, y in zip(params_a, fresh)]
-    assert changed == [False, False, True, True, False, False]
-    assert _distill_run(1)[0] != loss_a  # a different replay draw gives a different loss
+    assert [not torch.equal(a, b) for a, b in zip(runs[0][1], fresh)] == [False, False, True, True, False, False]
+
+
+# --- one edge batch in the cloud (official CEMA.infer, cloud part) ---------------------
+
+
+def _cloud(bn=TBR, history=0, seed=0):
+    student, teacher = _tiny_net(0), _tiny_net(1)
+    buffer = ReplayBuffer()
+    if history:
+        buffer.add(_images(history, 2))
+    return (Teacher(teacher, bn_sgd(teacher, lr=2.5e-4)),
+            Student(student, bn_sgd(student, lr=2.5e-3), buffer, np.random.default_rng([seed, 1])),
+            CloudSettings(e0=default_e_max0(4), bn=bn))
+
+
+def _batch_sizes(model):
+    sizes = []
+    model.register_forward_hook(lambda m, inp, out: sizes.append(inp[0].shape[0]))
+    return sizes
+
+
+@pytest.mark.parametrize(
+    ("history", "uploads", "teacher_sizes", "student_sizes", "steps", "pending"),
+    [
+        (0, 70, [32, 32, 32, 32], [32, 32], (2, 0), 6),  # no replay below 256 held
+        (186, 70, [32, 128, 32, 128], [128, 128], (2, 0), 6),  # 186 + 70 = 256 held before the steps: replay
+        (224, 20, [], [], (0, 0), 20),  # 244 held: no cloud batch, not > 256: nothing
+        (236, 20, [], [], (0, 0), 20),  # 256 held: not MORE than 256: nothing
+        (240, 20, [128], [128], (0, 1), 20),  # 260 held: the replay-only step on 4 x 32 replayed samples
+        (300, 0, [128], [128], (0, 1), None),  # an edge batch that uploaded nothing still replays
+    ],
+)
+def test_edge_batch_steps_follow_the_official_rules(history, uploads, teacher_sizes, student_sizes, steps, pending):
+    teacher, student, settings = _cloud(history=history)
+    seen_teacher, seen_student = _batch_sizes(teacher.model), _batch_sizes(student.model)
+    done = process_edge_batch(teacher, student, _images(uploads, 9), settings)
+    assert seen_teacher == teacher_sizes and seen_student == student_sizes
+    assert (done.cloud_steps, done.replay_steps) == steps
+    assert len(student.buffer) == history + uploads  # the whole edge batch entered the history first
+    assert (None if student.pending is None else len(student.pending)) == pending
+    assert len(done.teacher_predictions) == done.cloud_steps and len(done.losses) == len(student_sizes)
+
+
+def test_pending_uploads_join_the_next_edge_batch_in_order():
+    teacher, student, settings = _cloud()
+    first, second = _images(20, 4), _images(20, 5)
+    assert process_edge_batch(teacher, student, first, settings).cloud_steps == 0
+    seen = []
+    teacher.model.register_forward_hook(lambda m, inp, out: seen.append(inp[0].clone()))
+    assert process_edge_batch(teacher, student, second, settings).cloud_steps == 1
+    assert torch.equal(seen[0], torch.cat([first, second[:12]])) and torch.equal(student.pending, second[12:])
+
+
+def test_replay_draws_come_from_the_students_generator():
+    results = []
+    for seed in (0, 0, 1):
+        teacher, student, settings = _cloud(history=REPLAY_MIN_SIZE, seed=seed)
+        results.append(process_edge_batch(teacher, student, _images(32, 9), settings).losses)
+    assert results[0] == results[1] and results[0] != results[2]
+
+
+def test_cloud_settings_reject_draws_larger_than_the_history_threshold():
+    with pytest.raises(ValueError, match="replays up to"):
+        CloudSettings(e0=1.0, batch_size=80)
+    with pytest.raises(ValueError, match="bn='none'"):
+        CloudSettings(e0=1.0, bn="none")

@@ -1,24 +1,27 @@
 """CEMA on Flower messages, without Ray: the edge handler over rounds and the cloud strategy."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
 from clients.base import MALFORMED_MESSAGE, Device, StreamTensors
-from clients.cema import FORWARD_FLOP_FRACTION, CEMAClient
+from clients.cema import FORWARD_FLOP_FRACTION, UPLOAD_LABELS, CEMAClient
 from clients.online import load_blob, stream_index
 from models import build_model
 from models.cema_filter import UploadFilter, entropy
 from models.training import TrainSettings
 from strategies.base import DeviceInfo
 from strategies.cema import CEMA, SHARED, bn_state_keys
+from strategies.payload import ORACLE_RECORD, payload_bytes
 
 torch.set_num_threads(1)
 BUDGET = {"flops_per_s": 1e9, "memory_bytes": 1e9, "uplink_bps": 1e6, "downlink_bps": 1e7}
-# No redundancy test (softmaxes are non-negative, so |cos| <= 1 < 1.5) and a wide entropy window,
-# so the upload set is exactly E_min < E < E_max^0 while warm-up (640 samples) is not over.
-FILTER = {"cosine_margin": 1.5, "e_max_fraction": 0.35}
+# No redundancy test (softmaxes are non-negative, so |cos| <= 1 < 1.5), a wide entropy window and
+# no warm-up (official default), so the upload set is exactly E_min < E < E_max^0.
+FILTER = {"cosine_margin": 1.5, "e_max_fraction": 0.35, "e_min_fraction": 0.02}
 OPTIONS = {**FILTER, "edge_bn": "running"}  # eval-mode edge, so the test can recompute its logits
 BATCH = 16
 
@@ -202,7 +205,7 @@ def test_aggregate_adapts_and_distils_only_bn_entries_and_carries_the_remainder(
     header_bytes = sum(len(r.content["uploads"]["pixels"].data) for r in replies) - 70 * 32 * 32 * 3
     assert 0 <= header_bytes <= 2 * 256  # the pixels plus one .npy header per reply
     assert metrics["uploaded_samples"] == 70 and metrics["uploaded_bytes"] == 70 * 32 * 32 * 3 + header_bytes
-    assert len(strategy.tracks[SHARED].buffer) == 64 and metrics["cloud_compute_s"] > 0
+    assert len(strategy.tracks[SHARED].buffer) == 70 and metrics["cloud_compute_s"] > 0  # each edge batch whole
     old, changed = arrays.to_torch_state_dict(), new.to_torch_state_dict()
     bn = _bn_affine_and_stats(edge)
     for key in old:
@@ -215,7 +218,9 @@ def test_aggregate_adapts_and_distils_only_bn_entries_and_carries_the_remainder(
     assert any(not torch.equal(after[k], foundation_before[k]) for k in affine)
     assert not torch.equal(after["features.0.1.running_mean"], foundation_before["features.0.1.running_mean"])
     new2, metrics2 = strategy.aggregate_train(2, [_reply(strategy, 0, "fog", 0, pixels=_pixels(12, 26))])
-    assert metrics2["cloud_steps"] == 1 and metrics2["pending_uploads"] == 0 and len(strategy.tracks[SHARED].buffer) == 96
+    assert metrics2["cloud_steps"] == 1 and metrics2["pending_uploads"] == 0
+    assert len(strategy.tracks[SHARED].buffer) == 96
+    assert metrics["replay_steps"] == metrics2["replay_steps"] == 0  # 96 held: no replay yet
 
 
 def test_cumulative_online_accuracy_per_domain_by_hand():
@@ -268,7 +273,7 @@ def test_per_device_edge_models_learn_only_from_their_own_uploads():
     assert new is None  # no fleet-wide edge model in per-device mode
     # device 0: 40 uploads -> 1 step of 32, 8 pending; device 1: 20 -> 0 steps, 20 pending; device 2 uploaded nothing
     assert metrics["cloud_steps"] == 1 and metrics["pending_uploads"] == 8 + 20 and metrics["edge_models"] == 2
-    assert len(strategy.tracks[0].buffer) == 32 and len(strategy.tracks[1].buffer) == 0 and 2 not in strategy.tracks
+    assert len(strategy.tracks[0].buffer) == 40 and len(strategy.tracks[1].buffer) == 20 and 2 not in strategy.tracks
     initial = arrays.to_torch_state_dict()
     moved = [k for k in bn_state_keys(edge) if not torch.equal(strategy.tracks[0].model.state_dict()[k], initial[k])]
     assert moved and all(torch.equal(strategy.tracks[1].model.state_dict()[k], initial[k]) for k in initial)
@@ -283,3 +288,163 @@ def test_per_device_edge_models_learn_only_from_their_own_uploads():
 def test_unknown_edge_models_mode_names_the_choices():
     with pytest.raises(ValueError, match="shared"):
         _strategy(edge_models="each")
+
+
+# --------------------------------------------------------------------------- TBR across the wire
+def _trained_edge():
+    """An edge model whose BN layers carry trained source statistics (markers > 0)."""
+    model = _edge()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.fill_(0.5)
+                module.running_var.fill_(4.0)
+                module.num_batches_tracked.fill_(1000)
+    return model
+
+
+def _first_bn_input(model, x):
+    seen = []
+    layer = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    handle = layer.register_forward_hook(lambda m, inp, out: seen.append(inp[0].detach()))
+    with torch.no_grad():
+        model.eval()(x)
+    handle.remove()
+    return layer, seen[0]
+
+
+def _tbr_device():
+    return dataclasses.replace(_device(), options={**FILTER, "tbr": True})
+
+
+def _markers(state):
+    return {key: int(value) for key, value in state.items() if key.endswith("num_batches_tracked")}
+
+
+@pytest.mark.parametrize("bn", ["tbr", "batch"])
+def test_with_tbr_the_cloud_resets_the_statistics_markers_of_both_models(bn):
+    foundation = _foundation()
+    trained = _trained_edge()
+    with torch.no_grad():
+        for module in foundation.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.num_batches_tracked.fill_(1000)
+    strategy = CEMA(foundation=foundation, edge_factory=_edge, preprocess=_preprocess, num_classes=10, bn=bn,
+                    per_round=1, seed=0, expected_devices=1)
+    strategy.devices[0] = DeviceInfo(0, 100, 0, dict(BUDGET))
+    strategy._by_node[100] = 0
+    first = _by_pid(strategy, strategy.configure_train(1, ArrayRecord(trained.state_dict()), ConfigRecord(), None))
+    sent = first[0].content["arrays"].to_torch_state_dict()
+    expected = 0 if bn == "tbr" else 1000
+    assert set(_markers(sent).values()) == set(_markers(strategy.foundation.state_dict()).values()) == {expected}
+    assert torch.equal(sent["features.0.1.running_mean"], trained.state_dict()["features.0.1.running_mean"])
+
+
+def test_device_takes_tbr_statistics_from_its_first_test_batch_and_keeps_them_until_the_cloud_has_its_own():
+    client, context, edge = CEMAClient(_tbr_device()), _context(), _trained_edge()
+    reset = {k: (torch.zeros_like(v) if k.endswith("num_batches_tracked") else v) for k, v in edge.state_dict().items()}
+    client.handle("train", _train_message(1, reset), context)
+    saved = load_blob(context)["model"]
+    source_layer, h = _first_bn_input(_trained_edge(), _stream(0).x)  # the layer's input on the first test batch
+    torch.testing.assert_close(saved["features.0.1.running_mean"], h.mean(dim=(0, 2, 3)))
+    torch.testing.assert_close(saved["features.0.1.running_var"], h.var(dim=(0, 2, 3)))  # unbiased (official)
+    assert int(saved["features.0.1.num_batches_tracked"]) == 1
+    # Round 2: the cloud's student has no statistics yet (marker 0): only the affine entries load.
+    unset = {k: (torch.zeros_like(v) if k.endswith("num_batches_tracked") else v + 0.25)
+             for k, v in _bn_update(edge, 0).items()}
+    client.handle("train", _train_message(2, unset), context)
+    after = load_blob(context)["model"]
+    assert torch.equal(after["features.0.1.running_mean"], saved["features.0.1.running_mean"])
+    torch.testing.assert_close(after["features.0.1.weight"], edge.state_dict()["features.0.1.weight"] + 0.25)
+    # Round 3: the student has statistics of its own (marker > 0): they replace the device's.
+    own = {k: (v + 1 if k.endswith("num_batches_tracked") else v + 0.5) for k, v in _bn_update(edge, 0).items()}
+    client.handle("train", _train_message(3, own), context)
+    final = load_blob(context)["model"]
+    torch.testing.assert_close(final["features.0.1.running_mean"], edge.state_dict()["features.0.1.running_mean"] + 0.5)
+
+
+def test_device_prediction_uses_the_tbr_statistics_not_the_source_ones():
+    client, context, edge = CEMAClient(_tbr_device()), _context(), _trained_edge()
+    reset = {k: (torch.zeros_like(v) if k.endswith("num_batches_tracked") else v) for k, v in edge.state_dict().items()}
+    reply = client.handle("train", _train_message(1, reset), context)
+    plain = _trained_edge().eval()  # the source statistics, plain eval mode
+    tbr = build_model("cnn", num_classes=10, width=4)
+    tbr.load_state_dict(load_blob(context)["model"])  # statistics from the first batch: plain eval now equals TBR
+    with torch.no_grad():
+        tbr_logits = tbr.eval()(_stream(0).x)
+    assert reply.content["metrics"]["correct"] == int((tbr_logits.argmax(1) == _stream(0).y).sum())
+    assert not torch.allclose(tbr_logits, plain(_stream(0).x).detach(), atol=1e-2)
+
+
+# --------------------------------------------------------------------------- labels for the teacher's accuracy
+def test_device_sends_the_uploads_labels_in_the_oracle_record_which_costs_no_bytes():
+    client, context, edge = CEMAClient(_device()), _context(), _edge()
+    reply = client.handle("train", _train_message(1, edge.state_dict()), context)
+    mask = UploadFilter(10, **FILTER).select(_model_logits(edge, 0))
+    labels = list(reply.content[ORACLE_RECORD][UPLOAD_LABELS])
+    assert mask.any() and labels == _stream(0).y[mask].tolist()
+    without = RecordDict({k: v for k, v in reply.content.items() if k != ORACLE_RECORD})
+    assert payload_bytes(reply.content) == payload_bytes(without)
+
+
+def _model_logits(model, index):
+    model = build_model("cnn", num_classes=10, width=4)
+    model.load_state_dict(_edge().state_dict())
+    with torch.no_grad():
+        return model.eval()(_stream(index).x)
+
+
+def _labelled_reply(strategy, pid, pixels, labels):
+    reply = _reply(strategy, pid, "fog", 0, pixels=pixels)
+    reply.content[ORACLE_RECORD] = ConfigRecord({UPLOAD_LABELS: [int(v) for v in labels]})
+    return reply
+
+
+def _labelled_round(labels):
+    strategy = _strategy(seed=3)
+    strategy.configure_train(1, ArrayRecord(_edge().state_dict()), ConfigRecord(), None)
+    predictions = []
+    hook = strategy.foundation.register_forward_hook(lambda m, inp, out: predictions.append(out.argmax(1)))
+    _, metrics = strategy.aggregate_train(1, [_labelled_reply(strategy, 0, _pixels(10, 40), labels)])
+    hook.remove()
+    return strategy, metrics, predictions[1]  # [0]: the foundation's own step; [1]: the teacher in distillation
+
+
+def test_teacher_accuracy_scores_the_distillation_teachers_classes_and_labels_never_train():
+    labels = np.random.default_rng(5).integers(0, 10, size=40)
+    strategy, metrics, taught = _labelled_round(labels)
+    assert metrics["teacher_samples"] == 32 and metrics["cloud_steps"] == 1
+    assert metrics["teacher_accuracy"] == pytest.approx(float((taught.numpy() == labels[:32]).mean()))
+    assert strategy.tracks[SHARED].pending_labels.tolist() == labels[32:].tolist()
+    permuted, _, _ = _labelled_round(np.random.default_rng(6).permutation(labels))
+    for key, value in strategy.edge.state_dict().items():
+        assert torch.equal(value, permuted.edge.state_dict()[key]), key
+    for key, value in strategy.foundation.state_dict().items():
+        assert torch.equal(value, permuted.foundation.state_dict()[key]), key
+    unlabelled = _strategy(seed=3)
+    unlabelled.configure_train(1, ArrayRecord(_edge().state_dict()), ConfigRecord(), None)
+    _, no_labels = unlabelled.aggregate_train(1, [_reply(unlabelled, 0, "fog", 0, pixels=_pixels(10, 40))])
+    assert no_labels["teacher_accuracy"] is None and no_labels["teacher_samples"] == 0
+
+
+# --------------------------------------------------------------------------- the official edge-batch order
+def test_each_reply_is_one_edge_batch_in_partition_order_and_empty_ones_still_replay():
+    strategy = _strategy()
+    strategy.configure_train(1, ArrayRecord(_edge().state_dict()), ConfigRecord(), None)
+    strategy.aggregate_train(1, [_reply(strategy, 0, "fog", 0, pixels=_pixels(10, 270))])  # 270 held, 14 pending
+    sizes = []
+    strategy.edge.register_forward_hook(lambda m, inp, out: sizes.append(inp[0].shape[0]))
+    _, metrics = strategy.aggregate_train(2, [_reply(strategy, 0, "fog", 0), _reply(strategy, 1, "fog", 0,
+                                                                                    pixels=_pixels(11, 10))])
+    # device 0 uploaded nothing: replay-only on 128; device 1: 24 pending, no cloud batch: replay-only again
+    assert sizes == [128, 128] and metrics["replay_steps"] == 2 and metrics["cloud_steps"] == 0
+    assert metrics["pending_uploads"] == 24 and len(strategy.tracks[SHARED].buffer) == 280
+
+
+def test_cloud_loss_reference_follows_e_max():
+    strategy = CEMA(foundation=_foundation(), edge_factory=_edge, preprocess=_preprocess, num_classes=10,
+                    e_max_fraction=0.3, per_round=1, seed=0, expected_devices=1)
+    assert strategy.e0 == pytest.approx(0.3 * np.log(10))
+    with pytest.raises(ValueError, match="e_max_fraction"):
+        CEMA(foundation=_foundation(), edge_factory=_edge, preprocess=_preprocess, num_classes=10,
+             e_max_fraction=1.2, per_round=1, seed=0, expected_devices=1)

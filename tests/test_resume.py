@@ -43,6 +43,7 @@ from models import build_model
 from models.cema_cloud import ReplayBuffer
 from models.training import TrainSettings
 from strategies.cema import CEMA, SHARED
+from strategies.cema_tally import UNKNOWN_LABEL, RoundTally
 from strategies.eclm import ECLM, ModuleCatalog
 from strategies.fedavg import FedAvg
 from strategies.heterofl import FedRolex, HeteroFL
@@ -281,22 +282,29 @@ def _cema(seed_foundation: int, edge_models: str = "shared") -> CEMA:
     return strategy
 
 
+def _edge_batch(strategy: CEMA, track, pixels: np.ndarray) -> tuple[int, int]:
+    """One device's uploads as one edge batch on ``track``: the (cloud, replay-only) steps it made."""
+    tally = RoundTally()
+    strategy._edge_batch(track, pixels, np.full(len(pixels), UNKNOWN_LABEL), tally)
+    return tally.cloud_steps, tally.replay_steps
+
+
 @pytest.mark.parametrize("edge_models", ["shared", "per_device"])
 def test_cema_continues_identically_after_a_checkpoint(tmp_path, edge_models):
     uploads = np.random.default_rng(0).integers(0, 256, size=(300, 32, 32, 3), dtype=np.uint8)
     key = SHARED if edge_models == "shared" else 4
     original = _cema(seed_foundation=1, edge_models=edge_models)
     original.served, original.online = {2, 5}, {"fog": [7, 16]}
-    assert original._cloud_steps(original.track(key), [uploads[:290]]) == 9  # 288 in the buffer, 2 pending
+    assert _edge_batch(original, original.track(key), uploads[:290]) == (9, 0)  # 290 in the history, 2 pending
     restored = _cema(seed_foundation=2, edge_models=edge_models)  # another foundation: the checkpoint brings it
     restored.load_state_dict(_through_checkpoint(original.state_dict(), tmp_path))
     track, again = original.tracks[key], restored.tracks[key]
-    assert len(again.buffer) == 288 and again.pending.shape == (2, 32, 32, 3)
+    assert len(again.buffer) == 290 and again.pending.shape == (2, 3, 32, 32)
     assert restored.served == {2, 5} and restored.online == {"fog": [7, 16]}
-    # One more cloud step on both: it replays 96 buffered samples drawn by the restored generator.
-    assert original._cloud_steps(track, [uploads[290:]]) == restored._cloud_steps(again, [uploads[290:]]) == 0
+    # 10 more fill no cloud batch: both replay 128 buffered samples drawn by their (restored) generators.
+    assert _edge_batch(original, track, uploads[290:]) == _edge_batch(restored, again, uploads[290:]) == (0, 1)
     more = uploads[:30]
-    assert original._cloud_steps(track, [more]) == restored._cloud_steps(again, [more]) == 1
+    assert _edge_batch(original, track, more) == _edge_batch(restored, again, more) == (1, 0)
     for name, value in track.model.state_dict().items():
         assert torch.equal(value, again.model.state_dict()[name]), name
     for name, value in original.foundation.state_dict().items():
