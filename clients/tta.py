@@ -24,7 +24,7 @@ from clients.online import (
     save_progress,
     stream_index,
 )
-from models.tta import OnlineAdapter, adapter_names, build_adapter
+from models.tta import OnlineAdapter, adapter_names, adapter_parameters, build_adapter
 
 #: ETA whose kept samples are uploaded (CEMA's "ETA + upload" baseline).
 ETA_UPLOAD = "eta_upload"
@@ -33,6 +33,18 @@ ETA_UPLOAD = "eta_upload"
 def method_names() -> tuple[str, ...]:
     """Methods a :class:`TTAClient` accepts in ``Device.options["method"]``, sorted."""
     return tuple(sorted((*adapter_names(), ETA_UPLOAD)))
+
+
+def adapter_for(method: str) -> str:
+    """The :mod:`models.tta` adapter behind ``method`` (``eta_upload`` runs ETA)."""
+    if method not in method_names():
+        raise ValueError(f"unknown on-device TTA method {method!r}; choose one of {method_names()}")
+    return "eta" if method == ETA_UPLOAD else method
+
+
+def device_seed(device: Device) -> int:
+    """The seed of a device's random adapter draws (CoTTA's augmentations and restore masks)."""
+    return int(np.random.default_rng([device.seed, device.partition_id]).integers(2**31))
 
 
 def classes_of(model: nn.Module) -> int:
@@ -48,8 +60,10 @@ class TTAClient(ClientHandler):
     """Predict-then-adapt on the device's stream, one batch per round.
 
     ``Device.options``: ``method`` (one of :func:`method_names`), optional ``hyper`` (keyword
-    hyper-parameters of that adapter, e.g. ``{"lr": 1e-3}``) and optional ``num_classes``
-    (default: inferred from the model's last linear layer).
+    hyper-parameters of that adapter, e.g. ``{"lr": 1e-3}``; the apps pass every one, resolved for
+    the dataset's reference family; missing ones take the CIFAR family's reference values) and
+    optional ``num_classes`` (default: inferred from the model's last linear layer). An adapter
+    that draws random numbers and gets no ``seed`` is seeded by :func:`device_seed`.
 
     The first batch needs the source model in the message's ``arrays``; later batches resume
     from the model and adapter state saved in ``context.state`` (arrays, if sent, are ignored).
@@ -79,7 +93,7 @@ class TTAClient(ClientHandler):
     @property
     def adapter_name(self) -> str:
         """The :mod:`models.tta` adapter behind ``method`` (``eta_upload`` runs ETA)."""
-        return "eta" if self.method == ETA_UPLOAD else self.method
+        return adapter_for(self.method)
 
     def train(self, msg: Message, context: Context) -> Message:
         """Predict the next stream batch, adapt to it, save progress, reply with online accuracy."""
@@ -108,8 +122,11 @@ class TTAClient(ClientHandler):
         else:
             model = self.device.build_model()
         num_classes = int(self.device.options.get("num_classes", classes_of(model)))
+        hyper = dict(self.hyper)
+        if "seed" in adapter_parameters(self.adapter_name):
+            hyper.setdefault("seed", device_seed(self.device))
         try:
-            adapter = build_adapter(self.adapter_name, model, num_classes, **dict(self.hyper))
+            adapter = build_adapter(self.adapter_name, model, num_classes, **hyper)
         except ValueError as exc:
             raise MalformedMessage(f"cannot build adapter {self.adapter_name!r}: {exc}") from exc
         if blob is not None:

@@ -12,18 +12,12 @@ from typing import Any
 
 from torch import nn
 
-from models.tta_base import OnlineAdapter, linear_scaled_lr, softmax_entropy
+from models.tta_base import OnlineAdapter, softmax_entropy
 from models.tta_cotta import CoTTA
 from models.tta_lame import LAME, penultimate_features
-from models.tta_methods import (
-    BatchNormAdapt,
-    EntropyFilteredTent,
-    OnlineBatchNorm,
-    PseudoLabel,
-    SourceModel,
-    Tent,
-    eta_keep_mask,
-)
+from models.tta_methods import EntropyFilteredTent, PseudoLabel, SourceModel, Tent, eta_keep_mask
+from models.tta_norm import BatchNormAdapt, OnlineBatchNorm
+from models.tta_settings import DEFAULT_FAMILY, reference_values
 
 ADAPTERS: dict[str, type[OnlineAdapter]] = {
     "source": SourceModel,
@@ -42,7 +36,15 @@ def adapter_names() -> tuple[str, ...]:
     return tuple(sorted(ADAPTERS))
 
 
-def build_adapter(name: str, model: nn.Module, num_classes: int, **hyper: Any) -> OnlineAdapter:
+def adapter_parameters(name: str) -> set[str]:
+    """Keyword hyper-parameters the adapter ``name`` takes (besides the model and ``num_classes``)."""
+    if name not in ADAPTERS:
+        raise ValueError(f"unknown adapter {name!r}; choose one of {adapter_names()}")
+    return set(inspect.signature(ADAPTERS[name].__init__).parameters) - {"self", "model", "num_classes"}
+
+
+def build_adapter(name: str, model: nn.Module, num_classes: int, family: str = DEFAULT_FAMILY,
+                  dataset: str | None = None, **hyper: Any) -> OnlineAdapter:
     """Wrap ``model`` (changed in place) in the online adapter ``name``.
 
     Parameters
@@ -53,6 +55,9 @@ def build_adapter(name: str, model: nn.Module, num_classes: int, **hyper: Any) -
         The source classifier.
     num_classes : int
         Number of classes (used by methods whose defaults depend on it, e.g. ETA's E0 = 0.4 ln C).
+    family, dataset : str
+        The reference configuration whose values fill the dataset-dependent hyper-parameters not
+        given in ``hyper`` (:func:`models.tta_settings.reference_values`).
     **hyper
         Keyword hyper-parameters of that method's class (e.g. ``lr`` for tent).
 
@@ -60,22 +65,21 @@ def build_adapter(name: str, model: nn.Module, num_classes: int, **hyper: Any) -
     -------
     OnlineAdapter
     """
-    if name not in ADAPTERS:
-        raise ValueError(f"unknown adapter {name!r}; choose one of {adapter_names()}")
+    accepted = adapter_parameters(name)
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-    cls = ADAPTERS[name]
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "model"}
     unknown = set(hyper) - accepted
     if unknown:
         raise ValueError(f"adapter {name!r} does not take {sorted(unknown)}; it accepts {sorted(accepted)}")
-    if "num_classes" in accepted:
+    hyper = {**reference_values(name, family, dataset), **hyper}
+    cls = ADAPTERS[name]
+    if "num_classes" in inspect.signature(cls.__init__).parameters:
         hyper["num_classes"] = num_classes
     return cls(model, **hyper)
 
 
 __all__ = [
     "ADAPTERS", "BatchNormAdapt", "CoTTA", "EntropyFilteredTent", "LAME", "OnlineAdapter",
-    "OnlineBatchNorm", "PseudoLabel", "SourceModel", "Tent", "adapter_names", "build_adapter",
-    "eta_keep_mask", "linear_scaled_lr", "penultimate_features", "softmax_entropy",
+    "OnlineBatchNorm", "PseudoLabel", "SourceModel", "Tent", "adapter_names", "adapter_parameters",
+    "build_adapter", "eta_keep_mask", "penultimate_features", "softmax_entropy",
 ]

@@ -1,42 +1,34 @@
-"""What every online test-time-adaptation baseline shares: the adapter contract and BN surgery.
+"""What every online test-time-adaptation baseline shares: the adapter contract, BN surgery, optimisers.
 
-The protocol (CEMA, seed 000, "Protocol" in /work/shared/ALGORITHMS.md) is *online*: each incoming
-batch is predicted before the model adapts to it. :class:`OnlineAdapter` pins that order in one place:
-``predict_then_adapt`` returns the logits of the forward pass made before any update on the batch.
+The protocol (CEMA, seed 000, "Protocol" in ALGORITHMS.md) is *online*: each incoming batch is
+predicted before the model adapts to it. :class:`OnlineAdapter` pins that order in one place:
+``predict_then_adapt`` returns the logits of the forward pass made before any gradient update on the
+batch. Normalisation statistics are the exception the references make: BN adaptation and ONDA
+normalise a batch with statistics that include the batch itself (so do Tent, PL and ETA, whose
+forward uses the batch's statistics).
 """
 
 from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-# Tent (Wang et al., ICLR 2021), DequanWang/tent cfgs/imagenet: SGD, lr 0.00025, momentum 0.9,
-# batch 64. CEMA reuses the same optimiser for its ETA baseline (ALGORITHMS.md, "Baselines").
-BN_AFFINE_LR = 2.5e-4
-BN_AFFINE_MOMENTUM = 0.9
-BN_AFFINE_REFERENCE_BATCH = 64
+from models.tta_settings import ADAM, NESTEROV, OPTIMIZERS, SGD
 
-
-def linear_scaled_lr(batch_size: int, base_lr: float = BN_AFFINE_LR,
-                     base_batch: int = BN_AFFINE_REFERENCE_BATCH) -> float:
-    """Learning rate scaled linearly with the batch size (Goyal et al. 2017), from Tent's 2.5e-4 @ 64.
-
-    Parameters
-    ----------
-    batch_size : int
-        The test batch size actually used.
-    base_lr, base_batch : float, int
-        The reference setting (Tent, ImageNet: lr 2.5e-4 for batch 64).
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    return base_lr * batch_size / base_batch
+#: Adam's betas of the reference configurations (DequanWang/tent ``cifar10c.py``:
+#: ``betas=(cfg.OPTIM.BETA, 0.999)`` with ``OPTIM.BETA: 0.9``; qinenergy/cotta the same).
+ADAM_BETAS = (0.9, 0.999)
+#: SGD momentum of the reference configurations (mr-eggplant/EATA ``main.py``; chenyaofo/CEMA
+#: ``tent.py``; qinenergy/cotta ``conf.py`` ``OPTIM.MOMENTUM``).
+SGD_MOMENTUM = 0.9
 
 
 def softmax_entropy(logits: Tensor) -> Tensor:
@@ -64,8 +56,10 @@ def use_test_batch_statistics(model: nn.Module) -> None:
     Tent sets ``track_running_stats=False`` and drops the buffers; here the BN layers are in train mode
     with ``momentum=0``, which normalises with the batch statistics identically but leaves the running
     statistics untouched, so the state dict keeps the source model's keys (shippable as is).
-    Dropout and other layers stay in eval mode. ``num_batches_tracked`` still counts test batches, and
-    the layers keep ``momentum=0`` afterwards (the adapter owns the model).
+    Dropout and other layers stay in eval mode (as chenyaofo/CEMA ``prepare_model_for_tent_tta``; the
+    official Tent, EATA and CoTTA put the whole model in train mode, which differs only for layers such
+    as dropout). ``num_batches_tracked`` still counts test batches, and the layers keep ``momentum=0``
+    afterwards (the adapter owns the model).
     """
     model.eval()
     for layer in batch_norm_layers(model):
@@ -88,13 +82,57 @@ def train_only_bn_affine(model: nn.Module) -> list[nn.Parameter]:
     return params
 
 
-def bn_affine_sgd(params: list[nn.Parameter], lr: float, momentum: float) -> torch.optim.SGD:
-    """SGD on the BN affine parameters (Tent / EATA setting), with checked hyper-parameters."""
-    if lr <= 0:
+def make_optimizer(kind: str, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """The optimiser of a reference configuration over ``params``.
+
+    Parameters
+    ----------
+    kind : {"adam", "sgd", "nesterov"}
+        Adam with :data:`ADAM_BETAS`; SGD with momentum :data:`SGD_MOMENTUM`; the same with
+        Nesterov momentum (no weight decay or dampening in any reference configuration).
+    params : list of nn.Parameter
+        What the method adapts.
+    lr : float
+        Step size, > 0.
+    """
+    if kind not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {kind!r}; choose one of {OPTIMIZERS}")
+    if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr}")
-    if not 0 <= momentum < 1:
-        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-    return torch.optim.SGD(params, lr=lr, momentum=momentum)
+    if kind == ADAM:
+        return torch.optim.Adam(params, lr=lr, betas=ADAM_BETAS)
+    return torch.optim.SGD(params, lr=lr, momentum=SGD_MOMENTUM, nesterov=kind == NESTEROV)
+
+
+def batch_moments(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and unbiased variance of a BN input ``(N, C, ...)`` (all dimensions but 1).
+
+    chenyaofo/CEMA ``bn_utils.bn_mean_var`` (``torch.var_mean(..., unbiased=True)``), the batch
+    statistics its BN adaptation and ONDA baselines mix into the running ones.
+    """
+    dims = [d for d in range(x.dim()) if d != 1]
+    var, mean = torch.var_mean(x, dim=dims, unbiased=True)
+    return mean, var
+
+
+BnForward = Callable[[_BatchNorm, Tensor], Tensor]
+
+
+@contextmanager
+def bn_forward(model: nn.Module, forward: BnForward) -> Iterator[nn.Module]:
+    """Inside the block every BN layer of ``model`` computes ``forward(layer, x)`` instead of its own forward.
+
+    The reference baselines replace the BN forward the same way (chenyaofo/CEMA
+    ``replace_bn_forward_with``); the layers' parameters and buffers, hence state dicts, are untouched.
+    """
+    layers = batch_norm_layers(model)
+    for layer in layers:
+        layer.forward = partial(forward, layer)
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            del layer.forward
 
 
 class OnlineAdapter(ABC):
@@ -118,7 +156,7 @@ class OnlineAdapter(ABC):
         self.batches_seen = 0
 
     def predict_then_adapt(self, x: Tensor) -> Tensor:
-        """Logits for ``x`` computed before any adaptation on ``x``; then adapt to ``x``.
+        """Logits for ``x`` computed before any update on ``x`` (module docstring); then adapt to ``x``.
 
         Parameters
         ----------
@@ -177,8 +215,3 @@ def gradient_step(optimizer: torch.optim.Optimizer, loss: Tensor) -> None:
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-
-
-def soft_cross_entropy(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
-    """Per-sample ``-sum softmax(teacher) * log_softmax(student)`` (CoTTA's consistency loss)."""
-    return -(teacher_logits.softmax(1) * F.log_softmax(student_logits, 1)).sum(1)

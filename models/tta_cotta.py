@@ -1,95 +1,107 @@
 """CoTTA (Wang et al., CVPR 2022; qinenergy/cotta): continual TTA with a mean teacher.
 
-Per batch: the teacher (EMA of the student) predicts; if the source "anchor" model is not confident
-on average, the teacher's prediction is averaged over augmented copies; the student (all parameters)
-takes one step on the soft cross-entropy to the teacher; the teacher is updated by EMA; finally each
-student weight is reset to its source value with a small probability (stochastic restore).
+Per batch (``CoTTA.forward_and_adapt``): the teacher (EMA of the student) predicts; if the source
+"anchor" model's mean confidence is below the anchor threshold, the teacher's prediction is the
+average over augmented copies (:func:`models.tta_augment.cotta_augment`); the student takes one
+step on the consistency loss to the teacher; the teacher moves by EMA; finally each student weight
+and bias is reset to its source value with a small probability (stochastic restore). Every model
+normalises with the batch's statistics. The optimiser, loss, anchor threshold and restore
+probability depend on the dataset family (:mod:`models.tta_settings`).
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from models.tta_base import (
-    OnlineAdapter,
-    gradient_step,
-    require_batch_norm,
-    soft_cross_entropy,
-    use_test_batch_statistics,
-)
+from models.tta_augment import PIXEL_MEAN, PIXEL_STD, cotta_augment
+from models.tta_base import OnlineAdapter, gradient_step, make_optimizer, require_batch_norm, use_test_batch_statistics
+from models.tta_settings import COTTA_LOSSES, CROSS_ENTROPY
 
-# qinenergy/cotta cifar10 config (cfgs/cifar10/cotta.yaml + cotta.py): Adam lr 1e-3 betas (0.9, 0.999),
-# teacher EMA 0.999, restore probability 0.01, anchor confidence threshold 0.92, 32 augmentations.
-COTTA_LR = 1e-3
+# qinenergy/cotta, both families: teacher EMA 0.999 (cifar cfgs OPTIM.MT, imagenet cotta.py) and 32
+# augmented copies (forward_and_adapt's N = 32).
 COTTA_EMA = 0.999
-COTTA_RESTORE_PROB = 0.01
-COTTA_ANCHOR_THRESHOLD = 0.92
 COTTA_AUGMENTATIONS = 32
-# A reduced, tensor-only version of CoTTA's CIFAR augmentations (flip, affine translate, Gaussian noise
-# std 0.005 from get_tta_transforms); colour jitter, rotation and blur are left out.
-COTTA_MAX_SHIFT = 2
-COTTA_NOISE_STD = 0.005
+#: CoTTA trains, EMAs and restores the parameters named so (``collect_params``, stochastic restore).
+TRAINED_NAMES = ("weight", "bias")
 
 
-def augment(x: Tensor, rng: np.random.Generator, max_shift: int = COTTA_MAX_SHIFT,
-            noise_std: float = COTTA_NOISE_STD) -> Tensor:
-    """A random flip + shift (images, N x C x H x W) and Gaussian noise, drawn from ``rng``."""
-    out = x
-    if x.dim() == 4:
-        flip = torch.from_numpy(rng.random(x.shape[0]) < 0.5).to(x.device)
-        out = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        dy, dx = (int(v) for v in rng.integers(-max_shift, max_shift + 1, size=2))
-        padded = nn.functional.pad(out, (max_shift,) * 4, mode="replicate")
-        h, w = x.shape[-2:]
-        out = padded[..., max_shift + dy:max_shift + dy + h, max_shift + dx:max_shift + dx + w]
-    noise = torch.from_numpy(rng.standard_normal(x.shape)).to(x.dtype).to(x.device)
-    return out + noise_std * noise
+def consistency_loss(student_logits: Tensor, teacher_logits: Tensor, loss: str) -> Tensor:
+    """Per-sample loss of the student to the (detached) teacher.
+
+    ``"ce"``: ``-sum softmax(t) log_softmax(s)`` (qinenergy/cotta ``cifar/cotta.py``);
+    ``"symmetric"``: half that plus half ``-sum softmax(s) log_softmax(t)`` (``imagenet/cotta.py``).
+    """
+    teacher_logits = teacher_logits.detach()
+    forward = -(teacher_logits.softmax(1) * student_logits.log_softmax(1)).sum(1)
+    if loss == CROSS_ENTROPY:
+        return forward
+    return 0.5 * forward - 0.5 * (student_logits.softmax(1) * teacher_logits.log_softmax(1)).sum(1)
+
+
+def trained_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """``(qualified name, parameter)`` of every parameter named weight or bias, in module order."""
+    for module_name, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            if name in TRAINED_NAMES:
+                yield (f"{module_name}.{name}" if module_name else name), param
+
+
+def batch_generator(seed: int, index: int) -> torch.Generator:
+    """The random source of batch ``index`` of an adapter seeded ``seed`` (independent of call order)."""
+    return torch.Generator().manual_seed(int(np.random.default_rng([seed, index]).integers(2**63)))
 
 
 class CoTTA(OnlineAdapter):
-    """CoTTA: returns the teacher's (possibly augmentation-averaged) logits, computed before updates.
+    """CoTTA: returns the teacher's (possibly augmentation-averaged) logits, computed before the updates.
 
     Parameters
     ----------
     model : nn.Module
         Network with BatchNorm layers; becomes the student.
-    lr : float
-        Adam learning rate of the student (default :data:`COTTA_LR`).
-    ema, restore_prob, anchor_threshold : float
-        Teacher EMA decay, stochastic-restore probability, anchor confidence threshold.
-    n_augmentations : int
-        Augmented copies averaged when the anchor is not confident.
+    optimizer : {"adam", "sgd", "nesterov"}
+        The student's optimiser (:func:`models.tta_base.make_optimizer`).
+    lr, restore_prob, anchor_threshold : float
+        Step size, stochastic-restore probability, anchor confidence threshold.
+    loss : {"ce", "symmetric"}
+        :func:`consistency_loss`.
+    ema : float
+        Teacher EMA decay (:data:`COTTA_EMA`).
+    augmentations : int
+        Augmented copies averaged when the anchor is not confident (:data:`COTTA_AUGMENTATIONS`).
     seed : int
-        Seeds augmentations and restore masks: batch k draws from ``default_rng([seed, k])``.
+        Batch k draws its augmentations, then its restore masks, from ``batch_generator(seed, k)``.
+    pixel_mean, pixel_std : float
+        The input scaling the augmentations undo (:func:`models.tta_augment.cotta_augment`).
     """
 
-    def __init__(self, model: nn.Module, lr: float = COTTA_LR, ema: float = COTTA_EMA,
-                 restore_prob: float = COTTA_RESTORE_PROB,
-                 anchor_threshold: float = COTTA_ANCHOR_THRESHOLD,
-                 n_augmentations: int = COTTA_AUGMENTATIONS, seed: int = 0) -> None:
+    def __init__(self, model: nn.Module, optimizer: str, lr: float, restore_prob: float,
+                 anchor_threshold: float, loss: str, ema: float = COTTA_EMA,
+                 augmentations: int = COTTA_AUGMENTATIONS, seed: int = 0,
+                 pixel_mean: float = PIXEL_MEAN, pixel_std: float = PIXEL_STD) -> None:
         super().__init__(model)
-        for name, value in (("ema", ema), ("restore_prob", restore_prob),
-                            ("anchor_threshold", anchor_threshold)):
+        for name, value in (("ema", ema), ("restore_prob", restore_prob), ("anchor_threshold", anchor_threshold)):
             if not 0 <= value <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
-        if n_augmentations < 1:
-            raise ValueError(f"n_augmentations must be >= 1, got {n_augmentations}")
-        if lr <= 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
+        if loss not in COTTA_LOSSES:
+            raise ValueError(f"loss must be one of {COTTA_LOSSES}, got {loss!r}")
+        if augmentations < 1:
+            raise ValueError(f"augmentations must be >= 1, got {augmentations}")
         require_batch_norm(model, "cotta")
         use_test_batch_statistics(model)
         model.requires_grad_(True)
-        self.ema, self.restore_prob = ema, restore_prob
-        self.anchor_threshold, self.n_augmentations, self.seed = anchor_threshold, n_augmentations, seed
+        self.ema, self.restore_prob, self.anchor_threshold, self.loss = ema, restore_prob, anchor_threshold, loss
+        self.augmentations, self.seed = augmentations, seed
+        self.pixel_mean, self.pixel_std = pixel_mean, pixel_std
         self.source_state = copy.deepcopy(model.state_dict())
         self.teacher = self._frozen_copy(model)
         self.anchor = self._frozen_copy(model)
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.999))
+        self.optimizer = make_optimizer(optimizer, [p for _, p in trained_parameters(model)], lr)
 
     @staticmethod
     def _frozen_copy(model: nn.Module) -> nn.Module:
@@ -98,32 +110,41 @@ class CoTTA(OnlineAdapter):
         return twin
 
     def _predict_then_adapt(self, x: Tensor) -> Tensor:
-        rng = np.random.default_rng([self.seed, self.batches_seen])
-        teacher_logits = self._teacher_prediction(x, rng)
-        gradient_step(self.optimizer, soft_cross_entropy(self.model(x), teacher_logits).mean())
+        return self.step(x, batch_generator(self.seed, self.batches_seen))
+
+    def step(self, x: Tensor, generator: torch.Generator) -> Tensor:
+        """One CoTTA update on ``x``; returns the teacher's logits made before it.
+
+        Random numbers come from ``generator``: the augmentations (when the anchor is not
+        confident), then one uniform draw per trained parameter element for the restore masks.
+        """
+        student_logits = self.model(x)
+        teacher_logits = self._teacher_prediction(x, generator)
+        loss = consistency_loss(student_logits, teacher_logits, self.loss).mean(0)
+        gradient_step(self.optimizer, loss)
         self._update_teacher()
-        self._stochastic_restore(rng)
+        self._stochastic_restore(generator)
         return teacher_logits
 
     @torch.no_grad()
-    def _teacher_prediction(self, x: Tensor, rng: np.random.Generator) -> Tensor:
-        logits = self.teacher(x)
-        anchor_confidence = self.anchor(x).softmax(1).max(1).values.mean()
-        if anchor_confidence < self.anchor_threshold:
-            augmented = [self.teacher(augment(x, rng)) for _ in range(self.n_augmentations)]
-            logits = torch.stack(augmented).mean(0)
-        return logits
+    def _teacher_prediction(self, x: Tensor, generator: torch.Generator) -> Tensor:
+        anchor_confidence = self.anchor(x).softmax(1).max(1).values.mean(0)
+        if anchor_confidence >= self.anchor_threshold:
+            return self.teacher(x)
+        augmented = [self.teacher(cotta_augment(x, generator, self.pixel_mean, self.pixel_std))
+                     for _ in range(self.augmentations)]
+        return torch.stack(augmented).mean(0)
 
     @torch.no_grad()
     def _update_teacher(self) -> None:
         for teacher_param, param in zip(self.teacher.parameters(), self.model.parameters()):
-            teacher_param.mul_(self.ema).add_(param, alpha=1 - self.ema)
+            teacher_param.copy_(self.ema * teacher_param + (1 - self.ema) * param)
 
     @torch.no_grad()
-    def _stochastic_restore(self, rng: np.random.Generator) -> None:
-        for name, param in self.model.named_parameters():
-            mask = torch.from_numpy(rng.random(tuple(param.shape)) < self.restore_prob)
-            param.copy_(torch.where(mask.to(param.device), self.source_state[name], param))
+    def _stochastic_restore(self, generator: torch.Generator) -> None:
+        for name, param in trained_parameters(self.model):
+            mask = torch.rand(param.shape, generator=generator).to(param.device) < self.restore_prob
+            param.copy_(torch.where(mask, self.source_state[name], param))
 
     def _method_state(self) -> dict[str, Any]:
         return {"teacher": self.teacher.state_dict(), "source": self.source_state}

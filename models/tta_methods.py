@@ -1,7 +1,9 @@
-"""BN-based online test-time-adaptation baselines of CEMA: source, BN adapt, ONDA, PL, Tent, ETA.
+"""Gradient-based online TTA baselines of CEMA on the BN affine parameters: Tent, PL, ETA; and the source model.
 
 All follow the online protocol of :class:`models.tta_base.OnlineAdapter` (predict, then adapt).
-Baseline list and ETA's rule: CEMA (seed 000), "Baselines" in /work/shared/ALGORITHMS.md.
+Baseline list and ETA's rule: CEMA (seed 000), "Baselines" in ALGORITHMS.md. The optimiser and
+step size depend on the dataset family (:mod:`models.tta_settings`); the adapters take them
+explicitly and :func:`models.tta.build_adapter` fills them in for a family.
 """
 
 from __future__ import annotations
@@ -15,27 +17,27 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.tta_base import (
-    BN_AFFINE_LR,
-    BN_AFFINE_MOMENTUM,
     OnlineAdapter,
-    bn_affine_sgd,
     gradient_step,
+    make_optimizer,
     require_batch_norm,
     softmax_entropy,
     train_only_bn_affine,
     use_test_batch_statistics,
 )
+from models.tta_settings import SGD
 
-# ONDA (Mancini et al., 2018) updates BN running statistics with an exponential moving average; the
-# paper tunes it for its robot data, so this uses PyTorch's BN default momentum (house choice).
-ONDA_MOMENTUM = 0.1
-# Pseudo-labelling (Lee, 2013) trains on argmax labels; keeping only confident ones (max softmax >=
-# threshold) follows FixMatch's 0.95-style confidence masking, softened to 0.9 (house choice).
-PL_CONFIDENCE_THRESHOLD = 0.9
-# EATA (Niu et al., ICML 2022; mr-eggplant/EATA main.py): E0 = 0.4 ln C, d_margin 0.05,
-# moving average of kept softmaxes 0.9 old / 0.1 new (update_model_probs). CEMA uses them for ETA.
+# Pseudo-labelling as CEMA runs it (chenyaofo/CEMA codebase/core/tta/pl.py at 9a6ef17 and
+# conf/pl.conf): cross-entropy on every argmax label, SGD momentum 0.9, lr 1e-3, in both families
+# (no reference configures PL for CIFAR). A confidence threshold is an option (fiveai/LAME's
+# PseudoLabeller keeps max softmax > 0.9); 0 keeps every sample.
+PL_THRESHOLD = 0.0
+PL_OPTIMIZER = SGD
+PL_LR = 1e-3
+# EATA (Niu et al., ICML 2022; mr-eggplant/EATA main.py --e_margin ln(1000) * 0.40, i.e. E0 = 0.4 ln C,
+# as test-time-adaptation's EATA.MARGIN_E0); moving average of kept softmaxes 0.9 old / 0.1 new
+# (eata.py update_model_probs).
 ETA_ENTROPY_FRACTION = 0.4
-ETA_REDUNDANCY_MARGIN = 0.05
 ETA_AVERAGE_DECAY = 0.9
 
 
@@ -52,69 +54,21 @@ class SourceModel(OnlineAdapter):
         return self.model(x)
 
 
-class BatchNormAdapt(OnlineAdapter):
-    """BN adaptation (Schneider et al., NeurIPS 2020, N=0): normalise with the test batch's statistics.
-
-    No weight and no running statistic changes; only the forward pass differs from the source model.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__(model)
-        require_batch_norm(model, "bn_adapt")
-        model.requires_grad_(False)
-        use_test_batch_statistics(model)
-
-    @torch.no_grad()
-    def _predict_then_adapt(self, x: Tensor) -> Tensor:
-        return self.model(x)
-
-
-class OnlineBatchNorm(OnlineAdapter):
-    """ONDA (Mancini et al., ICRA 2018): BN running statistics updated online with a momentum.
-
-    The batch is predicted with the current running statistics (eval mode); then a second, gradient-free
-    forward in BN train mode folds the batch's statistics into them:
-    ``running = (1 - momentum) * running + momentum * batch``.
-
-    Parameters
-    ----------
-    model : nn.Module
-        Network with BatchNorm layers.
-    momentum : float
-        Weight of the new batch's statistics, in (0, 1] (default :data:`ONDA_MOMENTUM`).
-    """
-
-    def __init__(self, model: nn.Module, momentum: float = ONDA_MOMENTUM) -> None:
-        super().__init__(model)
-        if not 0 < momentum <= 1:
-            raise ValueError(f"momentum must be in (0, 1], got {momentum}")
-        self.bn_layers = require_batch_norm(model, "onda")
-        self.momentum = momentum
-        model.requires_grad_(False)
-        model.eval()
-
-    @torch.no_grad()
-    def _predict_then_adapt(self, x: Tensor) -> Tensor:
-        self.model.eval()
-        logits = self.model(x)
-        for layer in self.bn_layers:
-            layer.train()
-            layer.momentum = self.momentum
-        self.model(x)
-        self.model.eval()
-        return logits
-
-
 class _BnAffineAdapter(OnlineAdapter):
-    """Shared set-up of Tent, PL and ETA: test-batch BN statistics, SGD on the BN affine parameters."""
+    """Shared set-up of Tent, PL and ETA: test-batch BN statistics, a step on the BN affine parameters.
+
+    The reference code (DequanWang/tent ``configure_model``/``collect_params``, mr-eggplant/EATA,
+    chenyaofo/CEMA ``prepare_model_for_tent_tta``) normalises with the batch statistics in every
+    forward and optimises only the BN weights and biases.
+    """
 
     method_name = "bn_affine"
 
-    def __init__(self, model: nn.Module, lr: float, momentum: float) -> None:
+    def __init__(self, model: nn.Module, optimizer: str, lr: float) -> None:
         super().__init__(model)
         require_batch_norm(model, self.method_name)
         use_test_batch_statistics(model)
-        self.optimizer = bn_affine_sgd(train_only_bn_affine(model), lr, momentum)
+        self.optimizer = make_optimizer(optimizer, train_only_bn_affine(model), lr)
 
     def _predict_then_adapt(self, x: Tensor) -> Tensor:
         logits = self.model(x)  # the prediction: one forward, before the step below
@@ -131,59 +85,61 @@ class _BnAffineAdapter(OnlineAdapter):
 class Tent(_BnAffineAdapter):
     """Tent (Wang et al., ICLR 2021): minimise the mean prediction entropy over the BN affine parameters.
 
+    DequanWang/tent ``forward_and_adapt``: ``loss = softmax_entropy(outputs).mean(0)``, one step per batch.
+
     Parameters
     ----------
     model : nn.Module
         Network with BatchNorm layers.
-    lr, momentum : float
-        SGD settings; defaults are Tent's ImageNet setting for batch 64 (:data:`BN_AFFINE_LR`,
-        :data:`BN_AFFINE_MOMENTUM`); for another batch size b pass
-        ``lr=linear_scaled_lr(b)``.
+    optimizer : {"adam", "sgd", "nesterov"}
+        :func:`models.tta_base.make_optimizer` kind (reference per family: :mod:`models.tta_settings`).
+    lr : float
+        Step size.
     """
 
     method_name = "tent"
-
-    def __init__(self, model: nn.Module, lr: float = BN_AFFINE_LR,
-                 momentum: float = BN_AFFINE_MOMENTUM) -> None:
-        super().__init__(model, lr, momentum)
 
     def _loss(self, logits: Tensor) -> Tensor:
         return softmax_entropy(logits).mean()
 
 
 class PseudoLabel(_BnAffineAdapter):
-    """Pseudo-labelling (Lee, 2013): cross-entropy on confident argmax labels, BN affine only (as Tent).
+    """Pseudo-labelling (Lee, 2013): cross-entropy to the argmax labels, on the BN affine parameters.
+
+    chenyaofo/CEMA ``PL.infer``: ``CrossEntropyLoss()(outputs, argmax(outputs))`` over the whole batch.
+    With ``threshold > 0`` only samples whose max softmax exceeds it count (fiveai/LAME's
+    ``PseudoLabeller`` rule, ``max_prob > threshold``); no step when none does.
 
     Parameters
     ----------
     model : nn.Module
         Network with BatchNorm layers.
     threshold : float
-        Keep samples whose max softmax >= threshold, in [0, 1] (default :data:`PL_CONFIDENCE_THRESHOLD`).
-    lr, momentum : float
-        SGD settings (Tent's, see :class:`Tent`).
+        In [0, 1); default :data:`PL_THRESHOLD` (every sample).
+    optimizer, lr
+        Default :data:`PL_OPTIMIZER`, :data:`PL_LR` (chenyaofo/CEMA ``conf/pl.conf``).
     """
 
     method_name = "pl"
 
-    def __init__(self, model: nn.Module, threshold: float = PL_CONFIDENCE_THRESHOLD,
-                 lr: float = BN_AFFINE_LR, momentum: float = BN_AFFINE_MOMENTUM) -> None:
-        if not 0 <= threshold <= 1:
-            raise ValueError(f"threshold must be in [0, 1], got {threshold}")
-        super().__init__(model, lr, momentum)
+    def __init__(self, model: nn.Module, threshold: float = PL_THRESHOLD, optimizer: str = PL_OPTIMIZER,
+                 lr: float = PL_LR) -> None:
+        if not 0 <= threshold < 1:
+            raise ValueError(f"threshold must be in [0, 1), got {threshold}")
+        super().__init__(model, optimizer, lr)
         self.threshold = threshold
 
     def _loss(self, logits: Tensor) -> Tensor | None:
         confidence, labels = logits.detach().softmax(1).max(1)
-        keep = confidence >= self.threshold
+        keep = confidence > self.threshold
         if not keep.any():
             return None
         return F.cross_entropy(logits[keep], labels[keep])
 
 
 def eta_keep_mask(logits: Tensor, moving_average: Tensor | None, entropy_margin: float,
-                  redundancy_margin: float = ETA_REDUNDANCY_MARGIN) -> Tensor:
-    """ETA's sample filter: reliable (E < E0) and non-redundant (|cos(m, p)| < margin) samples.
+                  d_margin: float) -> Tensor:
+    """ETA's sample filter: reliable (E < E0) and non-redundant (|cos(m, p)| < d) samples.
 
     EATA (Niu et al., ICML 2022), eq. 6 and 8; mr-eggplant/EATA ``forward_and_adapt_eata``. Without a
     moving average yet (the first batch) only the entropy filter applies.
@@ -195,9 +151,9 @@ def eta_keep_mask(logits: Tensor, moving_average: Tensor | None, entropy_margin:
     moving_average : Tensor or None
         Moving average m of previously kept softmaxes, shape (C,).
     entropy_margin : float
-        E0 (EATA: 0.4 ln C).
-    redundancy_margin : float
-        Cosine-similarity margin (EATA's d_margin, default 0.05).
+        E0 in nats (EATA: 0.4 ln C).
+    d_margin : float
+        Cosine-similarity margin (EATA's ``d_margin``; reference per family: :mod:`models.tta_settings`).
 
     Returns
     -------
@@ -207,15 +163,16 @@ def eta_keep_mask(logits: Tensor, moving_average: Tensor | None, entropy_margin:
     keep = softmax_entropy(logits) < entropy_margin
     if moving_average is not None:
         cosine = F.cosine_similarity(moving_average.unsqueeze(0), logits.softmax(1), dim=1)
-        keep &= cosine.abs() < redundancy_margin
+        keep &= cosine.abs() < d_margin
     return keep
 
 
 class EntropyFilteredTent(_BnAffineAdapter):
     """ETA: EATA without the Fisher regulariser; weighted entropy on filtered samples, BN affine only.
 
-    Loss = mean over kept samples of ``exp(E0 - E) * E`` (weight detached), kept = :func:`eta_keep_mask`.
-    ``last_kept_mask`` holds the mask of the latest batch (CEMA's ``eta_upload`` baseline uploads those).
+    Loss = mean over kept samples of ``exp(E0 - E) * E`` (weight detached), kept = :func:`eta_keep_mask`
+    (mr-eggplant/EATA ``forward_and_adapt_eata`` with ``fishers=None``). ``last_kept_mask`` holds the
+    mask of the latest batch (CEMA's ``eta_upload`` baseline uploads those).
 
     Parameters
     ----------
@@ -223,35 +180,36 @@ class EntropyFilteredTent(_BnAffineAdapter):
         Network with BatchNorm layers.
     num_classes : int
         C, for E0 = entropy_fraction * ln C.
-    entropy_fraction, redundancy_margin, average_decay : float
-        EATA's 0.4, d_margin 0.05 and the 0.9/0.1 moving average.
-    lr, momentum : float
-        SGD settings (CEMA's ETA: lr 2.5e-4, momentum 0.9).
+    optimizer, lr
+        As :class:`Tent` (reference per family: :mod:`models.tta_settings`).
+    d_margin : float
+        Redundancy margin on |cos| (reference per family: :mod:`models.tta_settings`).
+    entropy_fraction, average_decay : float
+        EATA's 0.4 (:data:`ETA_ENTROPY_FRACTION`) and 0.9/0.1 moving average (:data:`ETA_AVERAGE_DECAY`).
     """
 
     method_name = "eta"
 
-    def __init__(self, model: nn.Module, num_classes: int,
+    def __init__(self, model: nn.Module, num_classes: int, optimizer: str, lr: float, d_margin: float,
                  entropy_fraction: float = ETA_ENTROPY_FRACTION,
-                 redundancy_margin: float = ETA_REDUNDANCY_MARGIN,
-                 average_decay: float = ETA_AVERAGE_DECAY,
-                 lr: float = BN_AFFINE_LR, momentum: float = BN_AFFINE_MOMENTUM) -> None:
+                 average_decay: float = ETA_AVERAGE_DECAY) -> None:
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
         if not 0 < entropy_fraction <= 1:
             raise ValueError(f"entropy_fraction must be in (0, 1], got {entropy_fraction}")
+        if not d_margin > 0:
+            raise ValueError(f"d_margin must be > 0, got {d_margin}")
         if not 0 <= average_decay < 1:
             raise ValueError(f"average_decay must be in [0, 1), got {average_decay}")
-        super().__init__(model, lr, momentum)
+        super().__init__(model, optimizer, lr)
         self.entropy_margin = entropy_fraction * math.log(num_classes)
-        self.redundancy_margin = redundancy_margin
+        self.d_margin = d_margin
         self.average_decay = average_decay
         self.moving_average: Tensor | None = None
         self.last_kept_mask: Tensor | None = None
 
     def _loss(self, logits: Tensor) -> Tensor | None:
-        keep = eta_keep_mask(logits.detach(), self.moving_average, self.entropy_margin,
-                             self.redundancy_margin)
+        keep = eta_keep_mask(logits.detach(), self.moving_average, self.entropy_margin, self.d_margin)
         self.last_kept_mask = keep
         if not keep.any():
             return None

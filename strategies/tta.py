@@ -1,8 +1,9 @@
 """Online test-time adaptation on the edge, nothing aggregated (CEMA's baselines, seed 000).
 
 The cloud ships the source model once per device; afterwards each device adapts on its own
-stream and only reports online accuracy (and, for ``eta_upload``, uploads samples).
-Protocol: /tmp/online_protocol.md (CEMA issue 4).
+stream and only reports online accuracy (and, for ``eta_upload``, uploads samples). Protocol:
+CEMA's online evaluation (ALGORITHMS.md, "Protocol"): each batch is predicted before the device
+adapts to it, accuracy accumulates per corruption over the run.
 """
 
 from __future__ import annotations

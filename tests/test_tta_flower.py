@@ -1,4 +1,5 @@
-"""Online TTA on Flower messages (no Ray): the device handler across rounds, the cloud's tallies."""
+"""Online TTA on Flower messages (no Ray): the device handler across rounds, the cloud's tallies, and the
+device options the apps derive from a run's config (algorithm.tta, per dataset family)."""
 
 import dataclasses
 
@@ -9,8 +10,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 
 from clients.base import MALFORMED_MESSAGE, Device, StreamTensors
 from clients.online import load_blob, stream_index
-from clients.tta import TTAClient, method_names
+from clients.tta import TTAClient, device_seed, method_names
+from experiments.algorithms import ALGORITHMS
+from experiments.config import ConfigError, compose
 from models import build_model
+from models.tta import build_adapter
 from models.training import TrainSettings
 from strategies.base import DeviceInfo
 from strategies.tta import OnlineTTA
@@ -100,29 +104,48 @@ def test_source_keeps_the_model_and_tent_changes_it_every_round():
         assert any(not torch.equal(before[k], after[k]) for k in weights)
 
 
-def _source_predictions(x):
+def _source_predictions(x, batch_statistics=False):
     model = _model()
     model.load_state_dict(_source_arrays().to_torch_state_dict())
-    model.eval()
+    model.train(batch_statistics)
     with torch.no_grad():
         return model(x).argmax(1)
 
 
-def test_online_prediction_is_made_before_adapting():
-    # ONDA with momentum 1 replaces the BN running statistics by the batch's: the source model
-    # predicts class 8 for all of batch 0, the adapted one class 2; labels = the source's predictions
+def _labelled_first_batch(method, hyper, labels):
+    """Run ``method`` on batch 0 labelled ``labels``; its reply and the model it saved."""
     first = _stream(0)
-    labelled = StreamTensors(first.x, _source_predictions(first.x), first.pixels, first.domain, 0)
-    device = _device("onda", {"momentum": 1.0})
-    device = dataclasses.replace(device, stream=lambda index: labelled)
+    labelled = StreamTensors(first.x, labels, first.pixels, first.domain, 0)
+    device = dataclasses.replace(_device(method, hyper), stream=lambda index: labelled)
     context = _context()
     reply = TTAClient(device).handle("train", _message(1, _source_arrays()), context)
+    saved = _model()
+    saved.load_state_dict(load_blob(context)["model"])
+    return reply, saved
+
+
+def test_online_prediction_is_made_before_adapting():
+    # Tent with a huge step: labels = the source's predictions with batch statistics (class 2 for
+    # all of batch 0, Tent's own forward before its step); after the step 6 of 8 turn to class 7
+    first = _stream(0)
+    labels = _source_predictions(first.x, batch_statistics=True)
+    reply, adapted = _labelled_first_batch("tent", {"optimizer": "adam", "lr": 5.0}, labels)
     assert reply.content["metrics"]["correct"] == BATCH
-    adapted = _model()
-    adapted.load_state_dict(load_blob(context)["model"])
-    adapted.eval()
     with torch.no_grad():
-        assert int((adapted(first.x).argmax(1) == labelled.y).sum()) < BATCH  # the test can fail
+        assert int((adapted.train()(first.x).argmax(1) == labels).sum()) < BATCH  # the test can fail
+
+
+def test_onda_predicts_with_the_batch_folded_in():
+    # ONDA with momentum 1 replaces the BN running statistics by the batch's before normalising it
+    # (as the references do): the source model in eval mode predicts class 8 for all of batch 0,
+    # the folded one class 2, which the reply scores
+    first = _stream(0)
+    labels = _source_predictions(first.x, batch_statistics=True)
+    assert not torch.equal(labels, _source_predictions(first.x))
+    reply, adapted = _labelled_first_batch("onda", {"momentum": 1.0}, labels)
+    assert reply.content["metrics"]["correct"] == BATCH
+    with torch.no_grad():
+        assert torch.equal(adapted.eval()(first.x).argmax(1), labels)
 
 
 def test_eta_upload_sends_exactly_the_kept_samples():
@@ -235,3 +258,58 @@ def test_rounds_on_a_fake_grid_download_the_model_once():
     assert downlink[1] < downlink[0] / 10  # round 2 carries configs only
     assert [stream_index(c) for c in grid.contexts.values()] == [2, 2]
     assert sum(n for _, n in strategy.online.values()) == 4 * BATCH
+
+
+# --------------------------------------------------------------------------- the apps' device options
+def _options(method, dataset="digits", overrides=()):
+    cfg = compose([f"algorithm={method}", "scenario=online", *overrides])
+    cfg = dataclasses.replace(cfg, dataset=dataclasses.replace(cfg.dataset, name=dataset))
+    return ALGORITHMS[method].client_options(cfg)
+
+
+def test_device_options_take_each_familys_reference_values():
+    cifar, imagenet = _options("eta")["hyper"], _options("eta", "imagenet_c")["hyper"]
+    assert cifar == {"optimizer": "adam", "lr": 1e-3, "d_margin": 0.4, "entropy_fraction": 0.4}
+    assert imagenet == {"optimizer": "sgd", "lr": 2.5e-4, "d_margin": 0.05, "entropy_fraction": 0.4}
+    assert _options("eta", "cifar100")["hyper"]["d_margin"] == 0.1
+    assert _options("eta_upload", "imagenet_c") == {"method": "eta_upload", "hyper": imagenet}
+    assert _options("tent", "imagenet_c")["hyper"] == {"optimizer": "sgd", "lr": 2.5e-4}
+    cotta = _options("cotta", "imagenet_c")["hyper"]
+    assert (cotta["optimizer"], cotta["lr"], cotta["restore_prob"], cotta["anchor_threshold"], cotta["loss"]) == \
+        ("nesterov", 0.01, 0.001, 0.1, "symmetric")
+    assert _options("cotta", "cifar100")["hyper"]["anchor_threshold"] == 0.72
+    assert _options("eta", "imagenet_c", ["algorithm.tta.eta.d_margin=0.2"])["hyper"]["d_margin"] == 0.2
+    assert _options("bn_adapt")["hyper"] == {"stats": "mixed", "momentum": 0.5}
+    assert _options("pl")["hyper"] == {"threshold": 0.0, "optimizer": "sgd", "lr": 1e-3}
+    assert _options("source") == {"method": "source", "hyper": {}}
+
+
+@pytest.mark.parametrize("method", sorted(method_names()))
+def test_every_methods_device_options_build_its_adapter(method):
+    options = _options(method)
+    adapter = TTAClient(_device(method, options["hyper"])).adapter_name
+    assert build_adapter(adapter, _model(), 10, **options["hyper"]) is not None
+
+
+@pytest.mark.parametrize("override, key", [
+    ("algorithm.tta.cotta.loss=kl", "algorithm.tta.cotta.loss"),
+    ("algorithm.tta.lame.affinity=cosine", "algorithm.tta.lame.affinity"),
+    ("algorithm.tta.pl.threshold=1.0", "algorithm.tta.pl.threshold"),
+    ("algorithm.tta.bn_adapt.stats=running", "algorithm.tta.bn_adapt.stats"),
+    ("algorithm.tta.onda.momentum=0", "algorithm.tta.onda.momentum"),
+    ("algorithm.tta.tent.optimizer=rmsprop", "algorithm.tta.tent.optimizer"),
+    ("algorithm.tta.eta.d_margin=0", "algorithm.tta.eta.d_margin"),
+    ("algorithm.tta.cotta.restore_prob=1.5", "algorithm.tta.cotta.restore_prob"),
+])
+def test_validation_names_a_bad_tta_option(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        compose(["algorithm=tent", "scenario=online", override])
+
+
+def test_cotta_is_seeded_per_device():
+    seeds = {pid: device_seed(_device("cotta", pid=pid)) for pid in (7, 8)}
+    assert seeds[7] != seeds[8]
+    client, context = TTAClient(_device("cotta", pid=7)), _context()
+    client.handle("train", _message(1, _source_arrays()), context)
+    assert client.restore_adapter(_message(2), context).seed == seeds[7]
+
