@@ -3,22 +3,30 @@
 The device rebuilds the sub-model skeleton at the rate the cloud chose, loads the cut
 arrays, trains with batch-statistics BN and HeteroFL's scaler, recomputes static BN on
 its training data (sBN, HeteroFL sec. 3.2), evaluates on its local test data and sends
-the trained sub-model (parameters and sBN statistics) back. At discovery it also reports
-what each width rate would cost it, so the cloud can pick the widest rate that fits.
+the trained sub-model (parameters and sBN statistics) back, with the classes of its
+training data (the cloud merges the classifier's rows by them, HeteroFL's
+``label_split``). When the message asks for it (``label_mask``), the logits of classes
+the device has no data of are masked in training and in the local test, and the
+gradient norm is clipped (``clip_grad_norm``), as the official clients do
+(:mod:`models.width_training`). At discovery it also reports what each width rate would
+cost it, so the cloud can pick the widest rate that fits.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
-from flwr.app import ArrayRecord, Context, Message
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from torch import nn
 
 from clients.base import ClientHandler, DeviceTensors, MalformedMessage, content_reply, derive_seed, round_of
 from models.clock import compute_time_s
-from models.training import accuracy, train_epochs
+from models.training import accuracy
 from models.width import RUNNING_MEAN, RUNNING_VAR, WIDTH_RATES, check_rate
 from models.width_layers import RateCost, costs_to_record, rate_costs, scaled_model, static_batch_norm
+from models.width_training import CLASSES_KEY, LABELS_RECORD, LabelMasked, device_classes, train_submodel
 
 #: Suffixes of the BN running statistics sent back by an sBN query (torch BatchNorm buffer names).
 BN_STATISTICS = (f".{RUNNING_MEAN}", f".{RUNNING_VAR}")
@@ -27,8 +35,30 @@ BN_STATISTICS = (f".{RUNNING_MEAN}", f".{RUNNING_VAR}")
 _COST_CACHE: dict[tuple, RateCost] = {}
 
 
-def width_config(msg: Message) -> tuple[float, int]:
-    """The ``rate`` (required) and ``offset`` (default 0) of a message's config record."""
+@dataclass(frozen=True)
+class WidthConfig:
+    """What a HeteroFL/FedRolex message asks of the device.
+
+    Attributes
+    ----------
+    rate : float
+        The sub-model's width rate (required).
+    offset : int
+        The channel window's roll (FedRolex; 0 = the prefix).
+    label_mask : bool
+        Mask absent classes' logits in training and local test (absent from the message: False).
+    clip_grad_norm : float or None
+        Clip the gradient norm to this (absent from the message: no clipping).
+    """
+
+    rate: float
+    offset: int = 0
+    label_mask: bool = False
+    clip_grad_norm: float | None = None
+
+
+def width_config(msg: Message) -> WidthConfig:
+    """The :class:`WidthConfig` of a message's config record, or MalformedMessage naming the bad entry."""
     config = msg.content.config_records.get("config")
     if config is None or "rate" not in config:
         raise MalformedMessage("config has no 'rate'; HeteroFL messages carry the sub-model's width rate")
@@ -39,14 +69,25 @@ def width_config(msg: Message) -> tuple[float, int]:
     offset = config.get("offset", 0)
     if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
         raise MalformedMessage(f"config 'offset' must be a non-negative int, got {offset!r}")
-    return rate, offset
+    label_mask = config.get("label_mask", False)
+    if not isinstance(label_mask, bool):
+        raise MalformedMessage(f"config 'label_mask' must be a bool, got {label_mask!r}")
+    clip = config.get("clip_grad_norm")
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0
+                             or not math.isfinite(clip)):
+        raise MalformedMessage(f"config 'clip_grad_norm' must be a finite number > 0, got {clip!r}")
+    return WidthConfig(rate, offset, label_mask, None if clip is None else float(clip))
 
 
 class HeteroFLClient(ClientHandler):
     """Train the width-scaled sub-model the cloud sent (HeteroFL; FedRolex sends a rolled window).
 
     The reply's ``accuracy`` is the trained sub-model's, with static BN recomputed on the
-    device's training data, on its held-out local test data.
+    device's training data, on its held-out local test data over all classes, as every other
+    method's local test; ``masked_accuracy`` is the official local test, label-masked by the
+    device's training classes when the message asks for ``label_mask`` (predictions confined
+    to those classes). The reply's ``labels`` record names the classes of the training data
+    (``classes``, a sorted list of ints; empty without data).
     """
 
     # ---------------------------------------------------------------- entry points
@@ -61,49 +102,56 @@ class HeteroFLClient(ClientHandler):
         return reply
 
     def train(self, msg: Message, context: Context) -> Message:
-        """Train the sub-model, recompute static BN, evaluate; reply with its arrays and metrics."""
+        """Train the sub-model, recompute static BN, evaluate; reply with its arrays, metrics and classes."""
         server_round = round_of(msg)
-        rate, offset = width_config(msg)
+        asked = width_config(msg)
         device = self.device
-        model = self.sub_model(msg, rate)
+        model = self.sub_model(msg, asked.rate)
         data = device.data(device.slot_of_round(server_round))
-        loss = train_epochs(
+        classes = device_classes(data.train_y)
+        loss = train_submodel(
             model, data.train_x, data.train_y, device.train,
             seed=derive_seed(device.seed, device.partition_id, server_round),
+            classes=classes if asked.label_mask else None, clip_grad_norm=asked.clip_grad_norm,
         )
         self.prepare_for_evaluation(model, data.train_x)
         samples = len(data.train_y) * device.train.epochs
-        flops = self.costs((rate,), input_shape_of(data))[rate].flops_per_sample * samples
+        flops = self.costs((asked.rate,), input_shape_of(data))[asked.rate].flops_per_sample * samples
         metrics = {
             "num_examples": len(data.train_y),
             "num_test_examples": len(data.test_y),
             "accuracy": accuracy(model, data.test_x, data.test_y),
+            "masked_accuracy": accuracy(local_scorer(model, classes, asked), data.test_x, data.test_y),
             "train_loss": loss,
             "samples_trained": samples,
             "compute_time_s": compute_time_s(flops, float(device.budget["flops_per_s"]), device.load_factor(server_round)),
             "load_factor": device.load_factor(server_round),
-            "rate": rate,
-            "offset": offset,
+            "rate": asked.rate,
+            "offset": asked.offset,
             "partition_id": device.partition_id,
         }
-        return content_reply(msg, metrics, arrays=ArrayRecord(model.state_dict()))
+        labels = ConfigRecord({CLASSES_KEY: list(classes or ())})
+        return content_reply(msg, metrics, arrays=ArrayRecord(model.state_dict()), configs={LABELS_RECORD: labels})
 
     def evaluate(self, msg: Message, context: Context) -> Message:
         """Accuracy of the received sub-model (sBN on local training data) on local test data.
 
-        With ``statistics`` true in the config, the reply also carries the BN running
-        statistics measured on the local training data (HeteroFL's sBN query, sec. 3.2).
+        ``masked_accuracy`` is label-masked by the device's training classes when the message
+        asks for ``label_mask`` (the official local test); ``accuracy`` scores all classes. With ``statistics`` true in the
+        config, the reply also carries the BN running statistics measured on the local
+        training data (HeteroFL's sBN query, sec. 3.2).
         """
         server_round = round_of(msg)
-        rate, _ = width_config(msg)
-        model = self.sub_model(msg, rate)
+        asked = width_config(msg)
+        model = self.sub_model(msg, asked.rate)
         data = self.device.data(self.device.slot_of_round(server_round))
         self.prepare_for_evaluation(model, data.train_x)
         metrics = {
             "num_examples": len(data.test_y),
             "num_train_examples": len(data.train_y),
             "accuracy": accuracy(model, data.test_x, data.test_y),
-            "rate": rate,
+            "masked_accuracy": accuracy(local_scorer(model, device_classes(data.train_y), asked), data.test_x, data.test_y),
+            "rate": asked.rate,
             "partition_id": self.device.partition_id,
         }
         stats = None
@@ -140,6 +188,14 @@ class HeteroFLClient(ClientHandler):
             for rate, cost in rate_costs(self.device.build_model, input_shape, batch_size, missing).items():
                 _COST_CACHE[(*base, rate)] = cost
         return {float(r): _COST_CACHE[(*base, float(r))] for r in rates}
+
+
+def local_scorer(model: nn.Module, classes: tuple[int, ...] | None, asked: WidthConfig) -> nn.Module:
+    """What scores the local test: ``model``, label-masked by ``classes`` if the message asks for it.
+
+    A device without training data has no classes to mask by and scores unmasked.
+    """
+    return LabelMasked(model, classes) if asked.label_mask and classes is not None else model
 
 
 def input_shape_of(data: DeviceTensors) -> tuple[int, ...]:

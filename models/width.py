@@ -2,7 +2,9 @@
 
 A sub-model at rate ``r`` keeps ``ceil(r * C)`` channels of every hidden conv/linear
 layer: the PREFIX (HeteroFL, sec. 3.1) or a window that rolls by one channel per round
-(FedRolex, sec. 3). The stem keeps every input channel, the classifier every class.
+(FedRolex, sec. 3). The stem keeps every input channel, the classifier every class; when
+the sub-models are merged, each classifier row (and bias entry) is averaged only over the
+devices that hold that class (HeteroFL's ``label_split``, :func:`covering_average`).
 
 How the channels of each tensor are identified (from the state dict alone, so the cloud,
 which holds only arrays, and the device, which holds the network, derive the same plan):
@@ -15,10 +17,13 @@ which holds only arrays, and the device, which holds the network, derive the sam
 * a 1-D tensor ``[C]`` (BatchNorm weight/bias/running stats, a conv or linear bias)
   belongs to the matrix before it and scales iff that matrix's out axis does (it must then
   have that matrix's out size, else :func:`channel_axes` refuses the network);
-* 0-D tensors (``num_batches_tracked``) never scale.
+* 0-D tensors (``num_batches_tracked``) never scale;
+* the classifier's class axis (axis 0 of the last matrix and of the 1-D tensors right
+  after it, its bias) is where the label split applies (:func:`classifier_keys`).
 
 The networks that run a sub-model (HeteroFL's scaled layers, static BN) and the measured
-cost of each rate live in :mod:`models.width_layers`; their names stay importable from here.
+cost of each rate live in :mod:`models.width_layers`; how a device trains and scores one
+(the label-masked loss, gradient clipping) in :mod:`models.width_training`.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -49,14 +55,17 @@ def kept_channels(size: int, rate: float) -> int:
 
 
 def channel_window(size: int, rate: float, offset: int = 0) -> np.ndarray:
-    """Indices of the kept channels: ``(offset + arange(kept)) mod size``.
+    """Indices of the kept channels: ``(arange(kept) - offset) mod size``.
 
-    ``offset`` 0 is HeteroFL's prefix; FedRolex rolls the window start by one per round
-    (``offset = round``), wrapping around the channel count.
+    The channel order ``arange(size)`` rolled forward by ``offset`` positions, of which
+    the first ``kept`` are kept (FedRolex ``resnet_server.py`` ``split_model``:
+    ``torch.roll(arange(size), rounds % size)[:kept]``). ``offset`` 0 is HeteroFL's prefix
+    (``fed.py`` ``split_model``); FedRolex's offset is the number of rounds before this
+    one, so round 2 keeps ``[size - 1, 0, 1, ...]`` and the window wraps around.
     """
     if size < 1:
         raise ValueError(f"a channel axis needs size >= 1, got {size}")
-    return (int(offset) + np.arange(kept_channels(size, rate))) % size
+    return (np.arange(kept_channels(size, rate)) - int(offset)) % size
 
 
 def channel_axes(shapes: Mapping[str, Sequence[int]]) -> dict[str, tuple[int, ...]]:
@@ -85,6 +94,24 @@ def channel_axes(shapes: Mapping[str, Sequence[int]]) -> dict[str, tuple[int, ..
     return axes
 
 
+def classifier_keys(shapes: Mapping[str, Sequence[int]]) -> tuple[str, ...]:
+    """The tensors whose axis 0 is the class axis: the classifier's weight and its bias.
+
+    The classifier is the last conv/linear weight (it keeps every class); its bias is a
+    1-D tensor after it with one entry per class. These are the tensors HeteroFL's
+    ``fed.py`` ``combine`` merges by ``label_split`` (``output_weight_name`` /
+    ``output_bias_name`` of its conv model, the ``linear`` keys of its ResNets).
+    """
+    keys = list(shapes)
+    matrices = [k for k in keys if len(shapes[k]) >= 2]
+    if not matrices:
+        raise ValueError("the state dict has no conv or linear weight; width scaling needs one")
+    last = matrices[-1]
+    classes = tuple(shapes[last])[0]
+    after = keys[keys.index(last) + 1:]
+    return (last, *(k for k in after if tuple(shapes[k]) == (classes,)))
+
+
 def sub_shapes(shapes: Mapping[str, Sequence[int]], rate: float) -> dict[str, tuple[int, ...]]:
     """Shape of every tensor of the sub-model at ``rate``."""
     axes = channel_axes(shapes)
@@ -94,9 +121,12 @@ def sub_shapes(shapes: Mapping[str, Sequence[int]], rate: float) -> dict[str, tu
     }
 
 
-def _index(shape: Sequence[int], axes: Iterable[int], rate: float, offset: int) -> tuple:
+def _index(shape: Sequence[int], axes: Iterable[int], rate: float, offset: int, rows: np.ndarray | None = None) -> tuple:
+    """Open-mesh index of a sub-model's elements in the full tensor (``rows``: only these of axis 0)."""
     scaled = set(axes)
     ranges = [channel_window(n, rate, offset) if a in scaled else np.arange(n) for a, n in enumerate(shape)]
+    if rows is not None:
+        ranges[0] = rows
     return np.ix_(*ranges)
 
 
@@ -122,11 +152,15 @@ class SubModelUpdate:
     rate : float
         Its width rate.
     offset : int
-        Its window offset (0 for HeteroFL's prefix).
+        Its window roll (:func:`channel_window`; 0 for HeteroFL's prefix).
     weight : float
         Its weight in the covering average (1 in HeteroFL's reference code).
     num_examples : float
         Samples its BN statistics were measured on (their weight in :func:`pooled_bn_statistics`).
+    classes : tuple of int, optional
+        The classes of the device's training data: the only classifier rows (and bias
+        entries) it contributes (HeteroFL ``fed.py`` ``combine``, ``label_split``). None:
+        every row.
     """
 
     arrays: Mapping[str, np.ndarray]
@@ -134,22 +168,48 @@ class SubModelUpdate:
     offset: int = 0
     weight: float = 1.0
     num_examples: float = 1.0
+    classes: tuple[int, ...] | None = None
 
 
-def _covered_mean(
-    value: np.ndarray, axes: Sequence[int], key: str, parts: Sequence[tuple[np.ndarray, float, int, float]]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Weighted mean over the ``(array, rate, offset, weight)`` parts covering each element, and the covered mask."""
+class _Part(NamedTuple):
+    """What one update adds to one tensor: its array, window, weight and (classifier only) rows."""
+
+    array: np.ndarray
+    rate: float
+    offset: int
+    weight: float
+    rows: np.ndarray | None = None
+
+
+def class_rows(classes: Iterable[int] | None, num_classes: int) -> np.ndarray | None:
+    """``classes`` as sorted unique row indices, or ValueError naming a class outside ``[0, num_classes)``."""
+    if classes is None:
+        return None
+    classes = list(classes)
+    odd = [c for c in classes if isinstance(c, bool) or not isinstance(c, (int, np.integer))]
+    if odd:
+        raise ValueError(f"classes must be ints, got {odd[0]!r}")
+    rows = np.unique(np.asarray(classes, dtype=np.int64))
+    bad = rows[(rows < 0) | (rows >= num_classes)]
+    if bad.size:
+        raise ValueError(f"class {int(bad[0])} is not one of the classifier's {num_classes} classes (0..{num_classes - 1})")
+    return rows
+
+
+def _covered_mean(value: np.ndarray, axes: Sequence[int], key: str, parts: Sequence[_Part]) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted mean over the parts covering each element, and the covered mask."""
     total, count = np.zeros(value.shape), np.zeros(value.shape)
-    for part, rate, offset, weight in parts:
-        if not weight > 0:
-            raise ValueError(f"{key}: covering weights must be > 0, got {weight}")
-        index = _index(value.shape, axes, rate, offset)
-        part = np.asarray(part, dtype=np.float64)
-        if part.shape != total[index].shape:
-            raise ValueError(f"{key}: update at rate {rate} has shape {part.shape}, expected {total[index].shape}")
-        total[index] += weight * part
-        count[index] += weight
+    for part in parts:
+        if not part.weight > 0:
+            raise ValueError(f"{key}: covering weights must be > 0, got {part.weight}")
+        window = _index(value.shape, axes, part.rate, part.offset)
+        array = np.asarray(part.array, dtype=np.float64)
+        if array.shape != total[window].shape:
+            raise ValueError(f"{key}: update at rate {part.rate} has shape {array.shape}, expected {total[window].shape}")
+        if part.rows is not None:
+            window, array = _index(value.shape, axes, part.rate, part.offset, part.rows), array[part.rows]
+        total[window] += part.weight * array
+        count[window] += part.weight
     covered = count > 0
     return np.where(covered, total / np.where(covered, count, 1.0), 0.0), covered
 
@@ -158,14 +218,20 @@ def covering_average(state: Mapping[str, np.ndarray], updates: Sequence[SubModel
     """Per-element weighted mean over the sub-models that cover each element.
 
     ``w[i] = sum_k a_k * w_k[i] / sum_k a_k`` over the updates k whose window holds element
-    i (HeteroFL ``fed.py`` ``combine``: ``a_k = 1``, a count); elements no update covers keep
-    their value in ``state``. Integer tensors are rounded; every dtype is kept.
+    i and, for a classifier row or bias entry (:func:`classifier_keys`), whose device holds
+    that class (HeteroFL ``fed.py`` ``combine``: ``a_k = 1``, a count; classifier rows by
+    ``label_split``). Elements no update covers keep their value in ``state``. Integer
+    tensors are rounded; every dtype is kept.
     """
-    axes = channel_axes({k: np.shape(v) for k, v in state.items()})
+    shapes = {k: np.shape(v) for k, v in state.items()}
+    axes, heads = channel_axes(shapes), set(classifier_keys(shapes))
     out = {}
     for key, value in state.items():
         value = np.asarray(value)
-        parts = [(u.arrays[key], u.rate, u.offset, u.weight) for u in updates]
+        parts = [
+            _Part(u.arrays[key], u.rate, u.offset, u.weight, class_rows(u.classes, value.shape[0]) if key in heads else None)
+            for u in updates
+        ]
         mean, covered = _covered_mean(value, axes[key], key, parts)
         merged = np.where(covered, mean, value)
         if np.issubdtype(value.dtype, np.integer):
@@ -196,10 +262,11 @@ def pooled_bn_statistics(state: Mapping[str, np.ndarray], updates: Sequence[SubM
         if not key.endswith("." + RUNNING_MEAN) or var_key not in state:
             continue
         old_mean, old_var = np.asarray(state[key]), np.asarray(state[var_key])
-        means = [(u.arrays[key], u.rate, u.offset, u.num_examples) for u in updates]
+        means = [_Part(u.arrays[key], u.rate, u.offset, u.num_examples) for u in updates]
         moments = [
-            (np.asarray(u.arrays[var_key], np.float64) + np.square(np.asarray(u.arrays[key], np.float64)), r, o, n)
-            for u, (_, r, o, n) in zip(updates, means)
+            _Part(np.asarray(u.arrays[var_key], np.float64) + np.square(np.asarray(u.arrays[key], np.float64)),
+                  u.rate, u.offset, u.num_examples)
+            for u in updates
         ]
         mean, covered = _covered_mean(old_mean, axes[key], key, means)
         second, _ = _covered_mean(old_var, axes[var_key], var_key, moments)
@@ -207,24 +274,3 @@ def pooled_bn_statistics(state: Mapping[str, np.ndarray], updates: Sequence[SubM
         out[key] = np.where(covered, mean, old_mean).astype(old_mean.dtype)
         out[var_key] = np.where(covered, var, old_var).astype(old_var.dtype)
     return out
-
-
-# --------------------------------------------------------------------------- moved names
-#: Names defined in :mod:`models.width_layers`, still importable from this module.
-_LAYER_NAMES = frozenset(
-    {"COST_PREFIX", "ModelFactory", "RateCost", "SAMPLES_KEY", "ScaledConv2d", "ScaledLinear",
-     "check_width_scalable", "cost_key", "costs_from_record", "costs_to_record", "rate_costs",
-     "scaled_model", "static_batch_norm", "use_batch_statistics"}
-)
-
-
-def __getattr__(name: str):
-    """Resolve the names that moved to :mod:`models.width_layers` (PEP 562).
-
-    Resolved on first use because that module imports this one.
-    """
-    if name in _LAYER_NAMES:
-        from models import width_layers
-
-        return getattr(width_layers, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

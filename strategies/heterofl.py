@@ -3,9 +3,13 @@
 Each cohort device gets the width-scaled sub-model of the cloud model at the widest rate
 of ``rates`` its reported budget can train in a round (:func:`select_rate`); the cloud
 averages every element over the devices whose sub-model covered it
-(:func:`models.width.covering_average`); elements nobody covered keep their value.
-HeteroFL keeps the channel prefix (sec. 3.1); FedRolex rolls the window by one channel
-per round (sec. 3, "rolling sub-model extraction").
+(:func:`models.width.covering_average`), each classifier row (and bias entry) only over
+the devices whose training data hold that class (``label_split``, as both official
+``combine`` functions do; the device names its classes in its reply); elements nobody
+covered keep their value. HeteroFL keeps the channel prefix (sec. 3.1); FedRolex rolls
+the window by one channel per round (sec. 3, "rolling sub-model extraction"). The
+messages ask devices to train as the official clients do: label-masked logits
+(``label_mask``, the official ``mask: '1'``) and a clipped gradient norm.
 
 What the round's numbers mean
 -----------------------------
@@ -15,7 +19,12 @@ What the round's numbers mean
   of the aggregated model. With ``global_sbn`` an evaluation phase sends the aggregated
   full model to the devices that trained, and ``accuracy`` is its local-test accuracy
   (each device's own sBN), as FedAvg's; the trained sub-models' number is then kept as
-  ``train_submodel_accuracy``.
+  ``train_submodel_accuracy``. ``accuracy`` scores all classes, like every other method's
+  local test, so tables compare like with like. ``masked_accuracy`` is the official local
+  test (HeteroFL ``train_classifier_fed.py`` ``test``; the official one scores the global
+  model with global sBN statistics, not each device's own): with ``label_mask`` the logits
+  of classes the device has no data of are masked, so predictions are confined to the
+  classes it trained on.
 * ``global_accuracy`` (the server's ``evaluate_fn``): the full model (rate 1) on the global
   test set, in eval mode with the BN running statistics held in the cloud arrays. The
   cloud has no training data, so it cannot recompute sBN itself (HeteroFL's reference code
@@ -25,7 +34,8 @@ What the round's numbers mean
   example-weighted, law of total variance); statistics of channels nobody covered stay
   those of the previous round (at first, of the cloud's pre-training). They were measured
   with each device's locally trained (and possibly narrower) weights, not the aggregated
-  full model, so ``global_accuracy`` is then approximate. With ``global_sbn`` they are
+  full model, so ``global_accuracy`` is then approximate. The global test is never
+  label-masked (as in both official ``test`` functions). With ``global_sbn`` they are
   pooled from the devices' sBN of the aggregated full model itself (the paper's query
   protocol), at the cost of one full-model download per trained device and round.
 """
@@ -39,8 +49,18 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, MessageType, RecordDict
 
 from models.clock import comm_time_s, compute_time_s
-from models.width import WIDTH_RATES, SubModelUpdate, covering_average, extract, pooled_bn_statistics, sub_shapes
+from models.width import (
+    WIDTH_RATES,
+    SubModelUpdate,
+    class_rows,
+    classifier_keys,
+    covering_average,
+    extract,
+    pooled_bn_statistics,
+    sub_shapes,
+)
 from models.width_layers import RateCost, costs_from_record
+from models.width_training import CLASSES_KEY, LABELS_RECORD
 from strategies.aggregate import has_non_finite, same_layout
 from strategies.base import EdgeCloudStrategy
 
@@ -49,6 +69,9 @@ from strategies.base import EdgeCloudStrategy
 #: and slower devices get narrower ones. ASSUMPTION: HeteroFL assigns levels by a preset mix of
 #: client capabilities (sec. 4, e.g. "a1-b1-c1-d1-e1": 20 % each), not by measured budgets.
 DEFAULT_BUDGET_QUANTILE = 0.5
+#: Gradient-norm clip of local training: HeteroFL ``train_classifier_fed.py`` ``Local.train`` and
+#: FedRolex ``resnet_client.py`` ``ResnetClient.step`` (``clip_grad_norm_(model.parameters(), 1)``).
+DEFAULT_CLIP_GRAD_NORM = 1.0
 
 
 def rate_time_s(cost: RateCost, samples_per_round: float, budget: Mapping[str, float | str]) -> tuple[float, float]:
@@ -114,6 +137,16 @@ class HeteroFL(EdgeCloudStrategy):
         query protocol; its bytes are counted). The round's ``accuracy`` is then the full
         model's on the devices' local test data, like FedAvg's evaluation. False (default):
         no extra phase; the trained sub-models' pooled statistics are used (module docstring).
+    label_split : bool
+        Average each classifier row and bias entry only over the devices that hold that
+        class (True, default: HeteroFL ``fed.py`` and FedRolex ``resnet_server.py``
+        ``combine``); False: over every device, like any other element.
+    label_mask : bool
+        Ask devices to mask the logits of classes they have no data of, in training and in
+        the local test (True, default: the official ``mask: '1'``, :mod:`models.width_training`).
+    clip_grad_norm : float, optional
+        Gradient-norm clip of local training (default :data:`DEFAULT_CLIP_GRAD_NORM`);
+        None: no clipping.
     **base
         :class:`EdgeCloudStrategy` arguments (per_round, seed, expected_devices,
         round_timeout_s, deadline_s, evaluate_fn, on_round).
@@ -130,6 +163,9 @@ class HeteroFL(EdgeCloudStrategy):
         budget_quantile: float = DEFAULT_BUDGET_QUANTILE,
         weight_by_examples: bool = False,
         global_sbn: bool = False,
+        label_split: bool = True,
+        label_mask: bool = True,
+        clip_grad_norm: float | None = DEFAULT_CLIP_GRAD_NORM,
         **base,
     ) -> None:
         super().__init__(**base)
@@ -140,17 +176,29 @@ class HeteroFL(EdgeCloudStrategy):
             raise ValueError(f"round_budget_s must be a finite number > 0 or None, got {round_budget_s}")
         if not 0 < budget_quantile <= 1:
             raise ValueError(f"budget_quantile must be in (0, 1], got {budget_quantile}")
+        if clip_grad_norm is not None and not (math.isfinite(clip_grad_norm) and clip_grad_norm > 0):
+            raise ValueError(f"clip_grad_norm must be a finite number > 0 or None, got {clip_grad_norm}")
         self.rates = tuple(sorted({float(r) for r in rates}, reverse=True))
         self.round_budget_s = round_budget_s
         self.budget_quantile = budget_quantile
         self.weight_by_examples = weight_by_examples
         self.global_sbn = global_sbn
+        self.label_split = label_split
+        self.label_mask = label_mask
+        self.clip_grad_norm = clip_grad_norm
         self.assigned: dict[int, float] = {}
 
     # ------------------------------------------------------------------ rates
     def window_offset(self, server_round: int) -> int:
-        """Start of the kept channel window in a round: 0 (HeteroFL's prefix)."""
+        """Roll of the kept channel window in a round (:func:`models.width.channel_window`): 0, the prefix."""
         return 0
+
+    def training_asks(self) -> dict[str, bool | float]:
+        """What every message asks of the device's training: ``label_mask`` and, if set, ``clip_grad_norm``."""
+        asks: dict[str, bool | float] = {"label_mask": self.label_mask}
+        if self.clip_grad_norm is not None:
+            asks["clip_grad_norm"] = float(self.clip_grad_norm)
+        return asks
 
     def budget_s(self) -> float:
         """The round budget in seconds (see ``round_budget_s``), fixed once computed."""
@@ -204,12 +252,13 @@ class HeteroFL(EdgeCloudStrategy):
             else:
                 self.assigned[pid] = rate
         shapes = {key: value.shape for key, value in self._state.items()}
+        self._num_classes = int(shapes[classifier_keys(shapes)[0]][0])
         self._layouts = {rate: sub_shapes(shapes, rate) for rate in set(self.assigned.values())}
         records = {
             rate: ArrayRecord({k: Array(v) for k, v in extract(self._state, rate, self._offset).items()})
             for rate in self._layouts
         }
-        extra = {"offset": self._offset} if self.rolling else {}
+        extra = {**self.training_asks(), **({"offset": self._offset} if self.rolling else {})}
 
         def content(pid: int) -> RecordDict:
             rate = self.assigned[pid]
@@ -218,12 +267,15 @@ class HeteroFL(EdgeCloudStrategy):
         return self.messages_for(server_round, MessageType.TRAIN, content, partition_ids=sorted(self.assigned))
 
     def aggregate_train(self, server_round, replies):
-        """Per-element covering average of the valid sub-models; metrics of the devices kept."""
+        """Per-element covering average of the valid sub-models (classifier rows by class); metrics of the devices kept."""
         updates = []
         for reply in replies:
             pid = self.partition_of(reply)
             arrays = reply.content.array_records.get("arrays")
             problem = self._problem(pid, arrays, reply.content["metrics"])
+            classes = None
+            if problem is None and self.label_split:
+                classes, problem = self._classes(reply)
             if problem is not None:
                 self.ledger.fail(pid, "train", f"rejected reply: {problem}")
                 self.ledger.completed.discard(pid)
@@ -231,7 +283,7 @@ class HeteroFL(EdgeCloudStrategy):
             examples = float(reply.content["metrics"].get("num_examples", 0))
             weight = examples if self.weight_by_examples else 1.0
             state = {key: arr.numpy() for key, arr in arrays.items()}
-            updates.append(SubModelUpdate(state, self.assigned[pid], self._offset, weight, max(examples, 1.0)))
+            updates.append(SubModelUpdate(state, self.assigned[pid], self._offset, weight, max(examples, 1.0), classes))
         metrics = self.mean_metrics([r for r in replies if self.partition_of(r) in self.ledger.completed])
         if "accuracy" in metrics:  # kept in the round record even when an evaluation phase reports accuracy
             metrics["submodel_accuracy"] = metrics["accuracy"]
@@ -246,7 +298,8 @@ class HeteroFL(EdgeCloudStrategy):
         self._evaluated = arrays
         if not self.global_sbn:
             return []
-        content = RecordDict({"arrays": arrays, "config": self.round_config(server_round, rate=1.0, statistics=True)})
+        config = self.round_config(server_round, rate=1.0, statistics=True, label_mask=self.label_mask)
+        content = RecordDict({"arrays": arrays, "config": config})
         trained = sorted(self.ledger.completed & set(self.assigned))
         return self.messages_for(server_round, MessageType.EVALUATE, lambda pid: content, partition_ids=trained)
 
@@ -271,6 +324,25 @@ class HeteroFL(EdgeCloudStrategy):
                 self._evaluated[key] = Array(value)  # the record evaluate_fn and the next round receive
         return self.mean_metrics(replies, "num_examples") or None
 
+    def round_record(self, server_round, train_metrics, eval_metrics, global_metrics):
+        """The base record plus ``masked_accuracy``: the same local tests as ``accuracy``, label-masked (official)."""
+        record = super().round_record(server_round, train_metrics, eval_metrics, global_metrics)
+        source = eval_metrics if eval_metrics and eval_metrics.get("accuracy") is not None else train_metrics
+        record["masked_accuracy"] = (source or {}).get("masked_accuracy")
+        return record
+
+    def _classes(self, reply) -> tuple[tuple[int, ...] | None, str | None]:
+        """The classes a training reply names (``label_split``), or (None, why the reply is unusable)."""
+        record = reply.content.config_records.get(LABELS_RECORD)
+        if record is None or CLASSES_KEY not in record:
+            return None, (f"no '{LABELS_RECORD}' record naming the device's classes; label_split needs them "
+                          "(HeteroFLClient sends them, or set algorithm.heterofl.label_split=false)")
+        try:
+            rows = class_rows(record[CLASSES_KEY], self._num_classes)
+        except (TypeError, ValueError) as exc:
+            return None, f"bad classes: {exc}"
+        return tuple(int(r) for r in rows), None
+
     def _problem(self, pid: int, arrays: ArrayRecord | None, metrics) -> str | None:
         if pid not in self.assigned:
             return "no sub-model was sent to this device"
@@ -287,15 +359,16 @@ class HeteroFL(EdgeCloudStrategy):
 class FedRolex(HeteroFL):
     """FedRolex: HeteroFL whose kept channel window rolls by one index per round.
 
-    The window of a tensor axis with ``C`` channels starts at ``(round - 1) mod C``: round
-    1 trains the prefix, as FedRolex's server (``resnet_server.py``: ``roll = rounds %
-    output_size``, rounds counted from 0), and every channel is trained in turn. The
-    reference rolls ``arange`` forward, so its window starts at ``-rounds mod C``; the
-    direction does not matter, only that the window walks over every channel.
+    In round ``t`` (counted from 1) every channel axis of size ``C`` keeps the first
+    ``ceil(rate * C)`` entries of ``arange(C)`` rolled forward by ``(t - 1) mod C``
+    (FedRolex ``resnet_server.py`` ``ResnetServerRoll.split_model``: ``roll = rounds %
+    output_size``, ``torch.roll(arange, roll)``, with its ``rounds`` counted from 0): round 1
+    trains the prefix, round 2 keeps ``[C - 1, 0, 1, ...]``, and the window walks backwards
+    over every channel, wrapping around (:func:`models.width.channel_window`).
     """
 
     rolling = True
 
     def window_offset(self, server_round: int) -> int:
-        """``server_round - 1``: the window start before reduction modulo each axis's size."""
+        """``server_round - 1``: the roll before reduction modulo each axis's size."""
         return max(server_round - 1, 0)

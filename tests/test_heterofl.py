@@ -1,5 +1,6 @@
 """HeteroFL / FedRolex: rate selection, sub-model messages, covering aggregation, the edge handler."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -9,6 +10,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 
 from clients.base import MALFORMED_MESSAGE, Device, DeviceTensors
 from clients.heterofl import HeteroFLClient
+from experiments.config import ConfigError, from_dict
 from models import build_model
 from models.training import TrainSettings
 from models.width import WIDTH_RATES, extract, sub_shapes
@@ -61,6 +63,18 @@ def test_strategy_rejects_bad_settings():
         HeteroFL(budget_quantile=1.5, **base)
 
 
+@pytest.mark.parametrize("bad, message", [
+    ({"clip_grad_norm": 0.0}, "algorithm.heterofl.clip_grad_norm must be a finite number > 0 or null"),
+    ({"clip_grad_norm": float("inf")}, "algorithm.heterofl.clip_grad_norm must be a finite number > 0 or null"),
+    ({"label_split": "yes"}, "algorithm.heterofl.label_split must be true or false"),
+])
+def test_config_rejects_bad_label_and_clip_settings(bad, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict({"algorithm": {"heterofl": bad}})
+    options = from_dict({"algorithm": {"heterofl": {"clip_grad_norm": None}}}).algorithm.heterofl
+    assert options.clip_grad_norm is None and options.label_split and options.label_mask  # official defaults
+
+
 # --------------------------------------------------------------------------- cloud, hand-built
 def _toy_state():
     return {
@@ -96,7 +110,7 @@ def test_configure_train_sends_each_device_its_prefix_submodel_and_skips_the_unf
     half = messages[1].content["arrays"]
     np.testing.assert_array_equal(half["stem.weight"].numpy(), [[0, 1], [2, 3]])  # prefix rows, all inputs
     np.testing.assert_array_equal(half["head.weight"].numpy(), np.ones((3, 2)))  # all classes
-    assert dict(messages[1].content["config"]) == {"round": 1, "rate": 0.5}
+    assert dict(messages[1].content["config"]) == {"round": 1, "rate": 0.5, "label_mask": True, "clip_grad_norm": 1.0}
     assert messages[0].content["arrays"]["bn.weight"].numpy().tolist() == [10, 20, 30, 40]
     [failure] = strategy.ledger.failures
     assert failure["partition_id"] == 2 and "no width rate fits" in failure["reason"]
@@ -110,19 +124,23 @@ def test_a_device_without_reported_costs_is_skipped_with_the_reason():
     assert any("HeteroFLClient" in f["reason"] for f in strategy.ledger.failures if f["partition_id"] == 1)
 
 
-def _reply(message, state, num_examples=10):
+def _reply(message, state, num_examples=10, classes=(0, 1, 2)):
     content = RecordDict({"arrays": _arrays(state), "metrics": MetricRecord({"num_examples": num_examples, "accuracy": 0.5})})
+    if classes is not None:
+        content["labels"] = ConfigRecord({"classes": list(classes)})
     return Message(content, reply_to=message)
 
 
-def _round(strategy, bn_by_pid, server_round=1, num_examples=None):
-    """configure, reply with sub-models whose bn.weight is given, aggregate; returns the new state."""
+def _round(strategy, bn_by_pid, server_round=1, num_examples=None, classes=None, head=None):
+    """configure, reply with sub-models whose bn.weight (and head.bias) is given, aggregate; returns the new state."""
     replies = []
     for msg in _messages(strategy, server_round):
         pid = strategy._by_node[msg.metadata.dst_node_id]
         state = {k: v.numpy() for k, v in msg.content["arrays"].items()}
         state["bn.weight"] = np.array(bn_by_pid[pid], np.float32)
-        replies.append(_reply(msg, state, (num_examples or {}).get(pid, 10)))
+        if head is not None:
+            state["head.bias"] = np.array(head[pid], np.float32)
+        replies.append(_reply(msg, state, (num_examples or {}).get(pid, 10), (classes or {}).get(pid, (0, 1, 2))))
         strategy.ledger.completed.add(pid)  # what exchange() does for a kept reply
     arrays, metrics = strategy.aggregate_train(server_round, replies)
     return {k: v.numpy() for k, v in arrays.items()}, metrics
@@ -138,6 +156,41 @@ def test_aggregate_train_is_the_plain_covering_average():
 def test_aggregate_train_can_weight_by_examples():
     state, _ = _round(_strategy(weight_by_examples=True), {0: [1, 2, 3, 4], 1: [5, 6]}, num_examples={0: 10, 1: 30})
     np.testing.assert_allclose(state["bn.weight"], [(10 + 150) / 40, (20 + 180) / 40, 3, 4])
+
+
+def test_aggregate_train_merges_classifier_rows_by_the_classes_the_devices_name():
+    bn, classes, head = {0: [1, 2, 3, 4], 1: [5, 6]}, {0: (0, 2), 1: [2]}, {0: [10, 20, 30], 1: [40, 50, 60]}
+    state, _ = _round(_strategy(), bn, classes=classes, head=head)
+    np.testing.assert_allclose(state["head.bias"], [10, 2, 45])  # class 1: nobody holds it, keeps 2
+    np.testing.assert_allclose(state["bn.weight"], [3, 4, 3, 4])  # everything else: the covering average
+    everyone, _ = _round(_strategy(label_split=False), bn, classes=classes, head=head)
+    np.testing.assert_allclose(everyone["head.bias"], [25, 35, 45])
+
+
+def test_aggregate_train_rejects_replies_without_valid_classes_when_splitting_labels():
+    strategy = _strategy()
+    [full_msg, half_msg] = _messages(strategy)
+    strategy.ledger.completed.update({0, 1})
+    half = {k: v.numpy() for k, v in half_msg.content["arrays"].items()}
+    replies = [_reply(full_msg, _toy_state(), classes=None), _reply(half_msg, half, classes=(0, 3))]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is None and strategy.ledger.completed == set()
+    reasons = {f["partition_id"]: f["reason"] for f in strategy.ledger.failures}
+    assert "no 'labels' record naming the device's classes" in reasons[0]
+    assert "bad classes: class 3 is not one of the classifier's 3 classes" in reasons[1]
+    lenient = _strategy(label_split=False)
+    [full_msg, _] = _messages(lenient)
+    lenient.ledger.completed.add(0)
+    arrays, _ = lenient.aggregate_train(1, [_reply(full_msg, _toy_state(), classes=None)])
+    assert arrays is not None and lenient.ledger.completed == {0}
+
+
+def test_messages_carry_the_training_asks_and_validate_them():
+    strategy = _strategy(label_mask=False, clip_grad_norm=None)
+    [msg, _] = _messages(strategy)
+    assert dict(msg.content["config"]) == {"round": 1, "rate": 1.0, "label_mask": False}
+    with pytest.raises(ValueError, match="clip_grad_norm"):
+        HeteroFL(per_round=1, seed=0, expected_devices=1, clip_grad_norm=0.0)
 
 
 def test_aggregate_train_rejects_a_reply_of_the_wrong_shape():
@@ -158,7 +211,7 @@ def test_global_sbn_pools_the_devices_statistics_into_the_cloud_arrays():
     strategy.assigned, strategy.ledger.completed = {0: 1.0, 1: 0.5}, {0, 1, 2}
     messages = strategy.configure_evaluate(1, cloud, ConfigRecord(), None)
     assert sorted(strategy._by_node[m.metadata.dst_node_id] for m in messages) == [0, 1]  # those that trained
-    assert dict(messages[0].content["config"]) == {"round": 1, "rate": 1.0, "statistics": True}
+    assert dict(messages[0].content["config"]) == {"round": 1, "rate": 1.0, "statistics": True, "label_mask": True}
     assert messages[0].content["arrays"]["stem.weight"].numpy().shape == (4, 2)  # the full model
     replies = []
     for msg, (mean, var, n) in zip(messages, [([0, 0, 0, 0], [1, 1, 1, 1], 10), ([4, 4, 4, 4], [1, 1, 1, 1], 30)]):
@@ -176,11 +229,12 @@ def test_global_sbn_pools_the_devices_statistics_into_the_cloud_arrays():
 def test_fedrolex_window_rolls_one_channel_per_round_and_wraps():
     budgets = {0: _budget(memory=60)}  # rate 0.5: 2 of 4 channels
     strategy = _strategy(FedRolex, budgets)
-    for server_round, kept in [(1, [0, 1]), (2, [1, 2]), (4, [3, 0]), (5, [0, 1])]:
+    # round t keeps torch.roll(arange(4), t - 1)[:2] (FedRolex split_model)
+    for server_round, kept in [(1, [0, 1]), (2, [3, 0]), (3, [2, 3]), (4, [1, 2]), (5, [0, 1])]:
         [msg] = _messages(strategy, server_round)
         assert msg.content["config"]["offset"] == server_round - 1
         assert msg.content["arrays"]["bn.weight"].numpy().tolist() == [10 * (c + 1) for c in kept]
-    state, _ = _round(_strategy(FedRolex, budgets), {0: [7, 8]}, server_round=4)
+    state, _ = _round(_strategy(FedRolex, budgets), {0: [7, 8]}, server_round=2)
     np.testing.assert_allclose(state["bn.weight"], [8, 20, 30, 7])  # window [3, 0] written back in place
 
 
@@ -243,6 +297,68 @@ def test_client_trains_the_submodel_and_replies_with_its_shapes():
     assert metrics["accuracy"] * 6 == round(metrics["accuracy"] * 6)
     # static BN: running stats were recomputed on the local data (the message carried zeros / ones)
     assert not np.allclose(reply.content["arrays"]["features.0.1.running_mean"].numpy(), 0.0)
+
+
+def test_client_reply_names_the_classes_of_its_training_data():
+    reply = HeteroFLClient(_device()).handle("train", _train_message(0.5), context=None)
+    assert reply.content["labels"]["classes"] == sorted(set(_data(0).train_y.tolist()))
+
+
+def _one_class_data(slot):
+    g = torch.Generator().manual_seed(slot)
+    return DeviceTensors(train_x=torch.randn(8, 3, 16, 16, generator=g), train_y=torch.zeros(8, dtype=torch.long),
+                         test_x=torch.randn(6, 3, 16, 16, generator=g), test_y=torch.zeros(6, dtype=torch.long))
+
+
+def _biased_message(kind, label_mask):
+    """Classifier logits = its bias [1, 0, 0, 0, 0, 100, 0, ...]: unmasked every sample is class 5."""
+    msg = _train_message(1.0, kind=kind)
+    arrays = msg.content["arrays"]
+    arrays["classifier.weight"] = Array(np.zeros((10, 4 * WIDTH), np.float32))
+    arrays["classifier.bias"] = Array(np.array([1, 0, 0, 0, 0, 100, 0, 0, 0, 0], np.float32))
+    msg.content["config"] = ConfigRecord({"round": 3, "rate": 1.0, "label_mask": label_mask})
+    return msg
+
+
+@pytest.mark.parametrize("kind, action", [(MessageType.TRAIN, "train"), (MessageType.EVALUATE, "evaluate")])
+def test_client_scores_the_local_test_label_masked_when_asked(kind, action):
+    device = dataclasses.replace(_device(), data=_one_class_data)  # trained on class 0 only
+    masked = HeteroFLClient(device).handle(action, _biased_message(kind, True), None).content["metrics"]
+    plain = HeteroFLClient(device).handle(action, _biased_message(kind, False), None).content["metrics"]
+    assert masked["masked_accuracy"] == 1.0  # class 5 masked to 0 < class 0's logit 1
+    assert plain["masked_accuracy"] == 0.0
+    assert masked["accuracy"] == plain["accuracy"] == 0.0  # all classes scored: class 5 wins, comparable to other methods
+
+
+def test_client_trains_label_masked_so_absent_classes_keep_their_rows():
+    device = dataclasses.replace(_device(), data=_one_class_data)
+    msg = _biased_message(MessageType.TRAIN, True)
+    sent = msg.content["arrays"]["classifier.bias"].numpy().copy()
+    got = HeteroFLClient(device).handle("train", msg, None).content["arrays"]["classifier.bias"].numpy()
+    np.testing.assert_array_equal(got[1:], sent[1:])  # no gradient reaches the masked classes
+    assert got[0] != sent[0]
+    unmasked = HeteroFLClient(device).handle("train", _biased_message(MessageType.TRAIN, False), None)
+    assert unmasked.content["arrays"]["classifier.bias"].numpy()[5] < sent[5]
+
+
+def test_client_clips_the_gradient_norm_when_asked():
+    one_sgd_step = TrainSettings(epochs=1, lr=1.0, batch_size=12, optimizer="sgd", momentum=0.0)
+    device = dataclasses.replace(_device(), train=one_sgd_step)
+    msg = _train_message(1.0)
+    msg.content["config"] = ConfigRecord({"round": 3, "rate": 1.0, "clip_grad_norm": 0.05})
+    sent = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+    got = HeteroFLClient(device).handle("train", msg, None).content["arrays"]
+    params = [k for k, _ in _net().named_parameters()]
+    step = np.concatenate([(got[k].numpy() - sent[k]).ravel() for k in params])
+    assert np.linalg.norm(step) == pytest.approx(0.05, rel=1e-3)  # lr 1 x the clipped gradient norm
+
+
+@pytest.mark.parametrize("entry, value", [("label_mask", 1), ("clip_grad_norm", 0.0), ("clip_grad_norm", float("inf"))])
+def test_client_rejects_bad_training_asks(entry, value):
+    msg = _train_message(0.5)
+    msg.content["config"] = ConfigRecord({"round": 3, "rate": 0.5, entry: value})
+    reply = HeteroFLClient(_device()).handle("train", msg, None)
+    assert reply.has_error() and reply.error.code == MALFORMED_MESSAGE and entry in reply.error.reason
 
 
 def test_client_training_is_deterministic():
@@ -343,3 +459,4 @@ def test_a_full_round_with_global_sbn_evaluates_the_full_model_on_the_devices():
     [record] = records
     assert record["clients"] == [0, 1] and record["failures"] == []
     assert 0 <= record["accuracy"] <= 1 and 0 <= record["train_submodel_accuracy"] <= 1
+    assert 0 <= record["masked_accuracy"] <= 1 and 0 <= record["train_masked_accuracy"] <= 1

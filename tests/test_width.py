@@ -6,12 +6,15 @@ import torch
 from torch import nn
 
 from models import build_model
+from models.training import TrainSettings
 from models.width import (
     WIDTH_RATES,
     SubModelUpdate,
     channel_axes,
     channel_window,
     check_rate,
+    class_rows,
+    classifier_keys,
     covering_average,
     extract,
     kept_channels,
@@ -30,6 +33,7 @@ from models.width_layers import (
     scaled_model,
     static_batch_norm,
 )
+from models.width_training import LabelMasked, device_classes, mask_logits, masked_cross_entropy, train_submodel
 
 torch.set_num_threads(1)
 
@@ -57,11 +61,13 @@ def test_check_rate_rejects_bad_rates(bad):
 
 
 def test_channel_window_is_prefix_then_rolls_and_wraps():
+    # FedRolex: torch.roll(arange(size), offset)[:kept]; arange(4) rolled by 1 is [3, 0, 1, 2]
     assert channel_window(8, 0.5).tolist() == [0, 1, 2, 3]
-    assert channel_window(4, 0.5, offset=1).tolist() == [1, 2]
-    assert channel_window(4, 0.5, offset=3).tolist() == [3, 0]  # wraps around
-    assert channel_window(16, 0.25, offset=14).tolist() == [14, 15, 0, 1]
+    assert channel_window(4, 0.5, offset=1).tolist() == [3, 0]  # wraps around
+    assert channel_window(4, 0.5, offset=3).tolist() == [1, 2]
+    assert channel_window(16, 0.25, offset=2).tolist() == [14, 15, 0, 1]
     assert channel_window(4, 0.5, offset=5).tolist() == channel_window(4, 0.5, offset=1).tolist()  # offset mod size
+    assert channel_window(3, 1.0, offset=1).tolist() == [2, 0, 1]  # the full width keeps all, rolled
 
 
 def test_channel_axes_of_a_hand_built_state_dict():
@@ -75,6 +81,28 @@ def test_channel_axes_of_a_hand_built_state_dict():
     }
     assert sub_shapes(shapes, 0.5)["mid.weight"] == (3, 2)
     assert sub_shapes(shapes, 0.5)["head.weight"] == (3, 3)  # all classes kept
+
+
+def test_classifier_keys_are_the_last_matrix_and_its_bias():
+    shapes = {"stem.weight": (4, 2), "bn.weight": (4,), "head.weight": (3, 4), "head.bias": (3,)}
+    assert classifier_keys(shapes) == ("head.weight", "head.bias")
+    assert classifier_keys({"a.weight": (4, 2), "head.weight": (3, 4)}) == ("head.weight",)  # no bias
+    cnn = {k: tuple(v.shape) for k, v in _factory("cnn")().state_dict().items()}
+    assert classifier_keys(cnn) == ("classifier.weight", "classifier.bias")
+    with pytest.raises(ValueError, match="no conv or linear"):
+        classifier_keys({"bn.weight": (4,)})
+
+
+def test_class_rows_sorts_and_checks_the_classes():
+    assert class_rows([2, 0, 2], 3).tolist() == [0, 2]
+    assert class_rows(None, 3) is None
+    assert class_rows([], 3).tolist() == []
+    with pytest.raises(ValueError, match="class 3 is not one of the classifier's 3 classes"):
+        class_rows([0, 3], 3)
+    with pytest.raises(ValueError, match="class -1"):
+        class_rows([-1], 3)
+    with pytest.raises(ValueError, match="classes must be ints, got 1.5"):
+        class_rows([1.5], 3)
 
 
 def test_channel_axes_refuses_a_vector_that_is_not_its_layers():
@@ -132,7 +160,7 @@ def test_extract_takes_the_prefix_values_and_rolled_windows():
     w = np.arange(16, dtype=np.float32).reshape(4, 4)
     state = {"a.weight": np.ones((4, 2), np.float32), "b.weight": w, "head.weight": np.ones((3, 4), np.float32)}
     np.testing.assert_array_equal(extract(state, 0.5)["b.weight"], w[:2, :2])
-    rolled = extract(state, 0.5, offset=3)["b.weight"]  # channels [3, 0] on both axes
+    rolled = extract(state, 0.5, offset=1)["b.weight"]  # channels [3, 0] on both axes
     np.testing.assert_array_equal(rolled, [[15, 12], [3, 0]])
     assert extract(state, 0.5)["b.weight"].dtype == np.float32
 
@@ -176,8 +204,32 @@ def test_elements_nobody_covered_keep_their_value():
 
 
 def test_covering_average_places_a_wrapped_window():
-    out = covering_average(_toy_state(), [_update(0.5, [5, 6], offset=3)])  # channels [3, 0]
+    out = covering_average(_toy_state(), [_update(0.5, [5, 6], offset=1)])  # channels [3, 0]
     np.testing.assert_allclose(out["bn.weight"], [6, 20, 30, 5])
+
+
+def _head_update(rate, weight_value, bias, classes):
+    state = extract(_toy_state(), rate)
+    state["head.weight"] = np.full_like(state["head.weight"], weight_value)
+    state["head.bias"] = np.array(bias, np.float32)
+    return SubModelUpdate(state, rate, classes=classes)
+
+
+def test_covering_average_merges_classifier_rows_only_over_the_devices_holding_the_class():
+    a = _head_update(1.0, 2.0, [10, 20, 30], classes=(0, 2))
+    b = _head_update(0.5, 4.0, [40, 50, 60], classes=(2,))
+    out = covering_average(_toy_state(), [a, b])
+    # bias: class 0 held by a only, class 1 by nobody (keeps 2), class 2 by both: (30 + 60) / 2
+    np.testing.assert_allclose(out["head.bias"], [10, 2, 45])
+    # weight rows likewise; row 2: columns 0-1 covered by both (2 + 4) / 2, columns 2-3 by a only
+    np.testing.assert_allclose(out["head.weight"], [[2, 2, 2, 2], [0, 0, 0, 0], [3, 3, 2, 2]])
+    everyone = covering_average(_toy_state(), [_head_update(1.0, 2.0, [10, 20, 30], None),
+                                               _head_update(0.5, 4.0, [40, 50, 60], None)])
+    np.testing.assert_allclose(everyone["head.bias"], [25, 35, 45])  # without label split: every row by both
+    np.testing.assert_allclose(everyone["head.weight"], [[3, 3, 2, 2]] * 3)
+    assert out["bn.weight"].tolist() == everyone["bn.weight"].tolist()  # only the classifier is split
+    with pytest.raises(ValueError, match="class 5 is not one of the classifier's 3 classes"):
+        covering_average(_toy_state(), [_head_update(1.0, 2.0, [10, 20, 30], classes=(5,))])
 
 
 def test_covering_average_rejects_wrong_shapes_and_weights():
@@ -319,10 +371,58 @@ def test_costs_from_record_names_the_missing_entry():
         costs_from_record(record, (1.0, 0.5))
 
 
-def test_layer_names_stay_importable_from_models_width():
-    from models import width, width_layers
+# --------------------------------------------------------------------------- label mask, local training
+def test_device_classes_are_the_sorted_labels_of_the_training_data():
+    assert device_classes(torch.tensor([3, 1, 3, 0])) == (0, 1, 3)
+    assert device_classes(torch.tensor([], dtype=torch.long)) is None
 
-    for name in ("scaled_model", "static_batch_norm", "rate_costs", "RateCost", "ScaledConv2d", "SAMPLES_KEY"):
-        assert getattr(width, name) is getattr(width_layers, name)
-    with pytest.raises(AttributeError, match="no_such_name"):
-        width.no_such_name  # noqa: B018
+
+def test_mask_logits_sets_absent_classes_to_zero_not_minus_infinity():
+    logits = torch.tensor([[1.0, -2.0, 3.0], [-1.0, 5.0, -4.0]])
+    masked = mask_logits(logits, [0, 2])
+    torch.testing.assert_close(masked, torch.tensor([[1.0, 0.0, 3.0], [-1.0, 0.0, -4.0]]))
+    # row 2: the absent class 1 (logit 0) now beats both held classes, as in the official local test
+    assert LabelMasked(torch.nn.Identity(), [0, 2])(logits).argmax(dim=1).tolist() == [2, 1]
+    with pytest.raises(ValueError, match="must lie in 0..2"):
+        mask_logits(logits, [0, 3])
+
+
+def test_masked_cross_entropy_by_hand_and_its_gradient_skips_absent_classes():
+    logits = torch.tensor([[1.0, -2.0, 3.0]], requires_grad=True)
+    loss = masked_cross_entropy(logits, torch.tensor([2]), classes=(0, 2))
+    expected = -3.0 + np.log(np.exp(1.0) + np.exp(0.0) + np.exp(3.0))  # masked logits [1, 0, 3]
+    assert float(loss.detach()) == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    assert float(logits.grad[0, 1]) == 0.0 and float(logits.grad[0, 0]) > 0
+    plain = masked_cross_entropy(logits.detach(), torch.tensor([2]), classes=None)
+    assert float(plain) == pytest.approx(-3.0 + np.log(np.exp(1.0) + np.exp(-2.0) + np.exp(3.0)), rel=1e-6)
+
+
+def _head_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+
+
+def test_label_masked_training_never_moves_the_rows_of_absent_classes():
+    x, y = torch.randn(8, 4), torch.tensor([0, 2] * 4)
+    settings = TrainSettings(epochs=2, lr=0.1, batch_size=4)
+    masked, plain = _head_net(), _head_net()
+    before = masked[1].weight.detach().clone(), masked[1].bias.detach().clone()
+    train_submodel(masked, x, y, settings, seed=0, classes=(0, 2))
+    train_submodel(plain, x, y, settings, seed=0, classes=None)
+    torch.testing.assert_close(masked[1].weight[1], before[0][1])  # class 1: no gradient, Adam does not move it
+    assert float(masked[1].bias.detach()[1]) == float(before[1][1])
+    assert not torch.equal(masked[1].weight[0], before[0][0])
+    assert not torch.equal(plain[1].weight[1], before[0][1])  # unmasked, class 1 is pushed down
+
+
+def test_train_submodel_clips_the_gradient_norm():
+    x, y = torch.randn(8, 4) * 100, torch.tensor([0, 1] * 4)
+    sgd = TrainSettings(epochs=1, lr=1.0, batch_size=8, optimizer="sgd", momentum=0.0)  # one plain step
+    net = _head_net()
+    before = torch.cat([p.detach().flatten().clone() for p in net.parameters()])
+    train_submodel(net, x, y, sgd, seed=0, clip_grad_norm=0.05)
+    after = torch.cat([p.detach().flatten() for p in net.parameters()])
+    assert float((after - before).norm()) == pytest.approx(0.05, rel=1e-3)  # lr x the clipped norm
+    with pytest.raises(ValueError, match="clip_grad_norm must be > 0"):
+        train_submodel(net, x, y, sgd, seed=0, clip_grad_norm=0.0)
