@@ -3,8 +3,8 @@
 Two messages a round: a profiling query carrying the unified module selector, answered
 with each module's importance on local data (mean gate, ECLM 5.1); then a train message
 carrying exactly this device's sub-model. Before training, a device whose co-running apps
-slow it down drops its least important modules until the sub-model fits its current
-compute budget (ECLM 3/5.1: devices adjust their module set locally).
+slow it down keeps the most important subset of its modules that fits its current compute
+budget (ECLM 3/5.1: devices adjust their module set locally).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord
 
 from clients.base import ClientHandler, MalformedMessage, content_reply, derive_seed, round_of
-from models.knapsack import InfeasibleBudget, Selection, fit_to_load
+from models.knapsack import InfeasibleBudget, Selection, fit_to_load, forced_modules
 from models.modular import ModularNet, parse_module_id
 from models.training import accuracy, train_epochs
 
@@ -79,12 +79,17 @@ class ECLMClient(ClientHandler):
     @staticmethod
     @torch.no_grad()
     def importance(model: ModularNet, x: torch.Tensor) -> dict[str, float]:
-        """ECLM 5.1: ``Importance(i | D_k) = mean_j g(x_j)_i`` over the device's samples."""
+        """ECLM 5.1: ``Importance(i | D_k) = mean_j g(x_j)_i`` over the device's samples.
+
+        ``g`` is the selector's softmax over all N_l modules of a layer, also on a sub-model:
+        its held modules get exactly the values the cloud's profiling query returned, so a
+        device adjusting its sub-model ranks and forces modules as the cloud did.
+        """
         model.eval()
         sums = [torch.zeros(n) for n in model.layer_sizes()]
         for start in range(0, len(x), PROFILE_BATCH):
-            for layer, probs in enumerate(model.gate_probs(x[start : start + PROFILE_BATCH])):
-                sums[layer] += probs.sum(dim=0)
+            for layer, logits in enumerate(model.selector(x[start : start + PROFILE_BATCH])):
+                sums[layer] += torch.softmax(logits, dim=1).sum(dim=0)
         count = max(len(x), 1)
         return {f"l{l}.m{i}": float(s[i]) / count for l, s in enumerate(sums) for i in range(len(s))}
 
@@ -178,7 +183,11 @@ class ECLMClient(ClientHandler):
         return shared[2] + sum(costs[mid][2] for mid in ids)
 
     def _adjust(self, model: ModularNet, ids: tuple[str, ...], samples: int, server_round: int) -> tuple[str, ...]:
-        """Drop the least important modules until the sub-model's compute fits this round's load."""
+        """The best subset of the held modules whose compute fits this round's load (ECLM 3, 5.1).
+
+        The forced module of every layer is the cloud's (same importance, same tie order:
+        :func:`models.knapsack.forced_modules`), so it is never dropped.
+        """
         costs, shared, layer_of = self._costs()
         load = self.device.load_factor(server_round)
         epochs = max(self.device.train.epochs, 1)
@@ -188,7 +197,7 @@ class ECLMClient(ClientHandler):
         importance = self._local_importance(model, ids, samples, server_round)
         chosen = {mid: costs[mid] for mid in ids}
         layers = {mid: layer_of[mid] for mid in ids}
-        selection = Selection(ids=tuple(ids), forced=self._forced(importance, layers), importance=0.0, cost=None)
+        selection = Selection(ids=tuple(ids), forced=forced_modules(importance, layers), importance=0.0, cost=None)
         try:
             fitted = fit_to_load(selection, importance, layers, chosen, shared, budget)
         except InfeasibleBudget:
@@ -199,12 +208,3 @@ class ECLMClient(ClientHandler):
         data = self.device.data(self.device.slot_of_round(server_round))
         scores = self.importance(model, data.train_x)
         return {mid: scores[mid] for mid in ids}
-
-    @staticmethod
-    def _forced(importance: Mapping[str, float], layer_of: Mapping[str, int]) -> tuple[str, ...]:
-        best: dict[int, str] = {}
-        for mid, value in sorted(importance.items()):
-            layer = layer_of[mid]
-            if layer not in best or value > importance[best[layer]]:
-                best[layer] = mid
-        return tuple(sorted(best.values()))

@@ -21,8 +21,15 @@ from models.modular import ModularNet, parse_module_id
 from models.training import TrainSettings
 from strategies.eclm import ModuleCatalog
 
+#: The ability-enhancing fine-tuning runs at the pre-training rate divided by this (assumption:
+#: ECLM 4.3 gives no rate; a fine-tuning step is gentler than the end-to-end training).
+ABILITY_LR_DIVISOR = 3
+
 #: ECLM options that change the cloud's pre-trained model (the pre-training cache key).
-TRAINING_OPTIONS = ("load_balance_weight", "ability_epochs", "subtasks", "subtask_size", "kappa1", "kappa2", "kl_weight")
+TRAINING_OPTIONS = (
+    "load_balance_weight", "ability_epochs", "subtasks", "subtask_size", "kappa1", "kappa2", "kl_weight",
+    "ability_load_balance",
+)
 
 
 def check_model(model: nn.Module) -> None:
@@ -70,8 +77,10 @@ def cloud_training(cfg: RunConfig, model: ModularNet, x: torch.Tensor, y: torch.
     train_end_to_end(model, x, y, settings, cfg.seed)
     if options.ability_epochs > 0:
         subtasks = subtasks_for(cfg, data, data.num_classes)
-        ability = AbilitySettings(options.ability_epochs, options.kappa1, options.kappa2, options.kl_weight)
-        fine = TrainSettings(options.ability_epochs, pre.lr / 3, pre.batch_size, "adam")
+        ability = AbilitySettings(
+            options.ability_epochs, options.kappa1, options.kappa2, options.kl_weight, options.ability_load_balance
+        )
+        fine = TrainSettings(options.ability_epochs, pre.lr / ABILITY_LR_DIVISOR, pre.batch_size, "adam")
         train_ability(model, x, y, subtasks, data.num_classes, fine, ability, cfg.seed)
 
 

@@ -5,9 +5,10 @@ Three steps, each a function here:
 1. Define sub-tasks: groups of classes that co-occur on devices (:func:`define_subtasks`), or
    fixed consecutive groups (:func:`fixed_subtasks`).
 2. Measure the sub-task -> module mapping ``H`` (T x N, one module layer; each row the
-   normalised routing mass of the sub-task's samples, :func:`load_matrix`) and solve the
-   linear program for the mask ``M`` (:func:`solve_mask`); ``P = H * M`` row-normalised is
-   the recommended routing ``g_label`` of each sub-task (:func:`target_gates`).
+   sub-task's normalised total load, i.e. how many of its samples the top-k routing sends
+   to each module, :func:`load_matrix`) and solve the linear program for the mask ``M``
+   (:func:`solve_mask`); ``P = H * M`` row-normalised is the recommended routing
+   ``g_label`` of each sub-task (:func:`target_gates`).
 3. Fine-tune with ``CE + lambda * KL`` between selector gates and ``g_label``
    (:func:`ability_loss`).
 
@@ -138,18 +139,22 @@ def subtask_of_class(subtasks: Sequence[Sequence[int]], num_classes: int) -> np.
     return index
 
 
-def load_matrix(gates_per_sample, subtask_of_sample, num_subtasks: int) -> np.ndarray:
-    """H (T x N): normalised routing mass of each sub-task over one layer's modules (ECLM 4.3 step 1).
+def load_matrix(routing, subtask_of_sample, num_subtasks: int) -> np.ndarray:
+    """H (T x N): each sub-task's normalised total load over one layer's modules (ECLM 4.3 step 1).
 
-    ``h_tn`` = total gate value module n receives from sub-task t's samples, divided by the
-    sub-task's total, so each row sums to 1 ("the probability of mapping sub-task t to
-    module n").
+    ECLM 4.3 calls a module's load "the amount of data samples routed to" it, and ``h_tn``
+    "the normalized total load for module n from all the data samples in sub-task t",
+    "the probability of mapping sub-task t to module n". So ``h_tn`` counts the samples of
+    sub-task t whose routing includes module n (a nonzero top-k gate; Shazeer et al.'s
+    "true load", ``_gates_to_load``), divided by the row's total, so each row sums to 1.
+    With top-k routing that total is ``k * |t|``; normalising by ``|t|`` alone would scale
+    every row by the same k and change neither the mask LP's optimum nor ``g_label``.
 
     Parameters
     ----------
-    gates_per_sample : np.ndarray or torch.Tensor
-        (S, N) non-negative gates of one module layer (top-k routing gates, or dense gate
-        probabilities).
+    routing : np.ndarray or torch.Tensor
+        (S, N) top-k gates of one module layer (a sample is routed to the modules with a
+        nonzero gate) or a boolean routing mask. Gate values beyond "nonzero" do not count.
     subtask_of_sample : np.ndarray or torch.Tensor
         (S,) sub-task index of every sample, in ``[0, num_subtasks)``.
     num_subtasks : int
@@ -158,25 +163,26 @@ def load_matrix(gates_per_sample, subtask_of_sample, num_subtasks: int) -> np.nd
     Raises
     ------
     ValueError
-        On mismatched shapes, negative gates, bad indices, or a sub-task with no routing
-        mass (no samples): give the cloud proxy data at least one sample per sub-task.
+        On mismatched shapes, negative gates, bad indices, or a sub-task none of whose
+        samples is routed anywhere (no samples): give the cloud proxy data at least one
+        sample per sub-task.
     """
-    gates = _as_numpy(gates_per_sample)
+    gates = _as_numpy(routing)
     owner = _as_numpy(subtask_of_sample).astype(int)
     _check_positive_int(num_subtasks, "num_subtasks")
     if gates.ndim != 2 or owner.shape != (gates.shape[0],):
-        raise ValueError(f"need gates (S, N) and subtask_of_sample (S,), got {gates.shape} and {owner.shape}")
+        raise ValueError(f"need routing (S, N) and subtask_of_sample (S,), got {gates.shape} and {owner.shape}")
     if not np.isfinite(gates).all() or (gates < 0).any():
-        raise ValueError("gates_per_sample must be finite and >= 0")
+        raise ValueError("routing must be finite and >= 0 (top-k gates or a boolean routing mask)")
     if owner.size and (owner.min() < 0 or owner.max() >= num_subtasks):
         raise ValueError(f"subtask_of_sample must lie in [0, {num_subtasks}), got range [{owner.min()}, {owner.max()}]")
-    mass = np.zeros((num_subtasks, gates.shape[1]))
-    np.add.at(mass, owner, gates)
-    totals = mass.sum(axis=1, keepdims=True)
+    load = np.zeros((num_subtasks, gates.shape[1]))
+    np.add.at(load, owner, (gates > 0).astype(float))
+    totals = load.sum(axis=1, keepdims=True)
     empty = np.flatnonzero(totals[:, 0] <= 0)
     if empty.size:
-        raise ValueError(f"sub-tasks {empty.tolist()} have no routing mass (no samples); give each sub-task samples")
-    return mass / totals
+        raise ValueError(f"sub-tasks {empty.tolist()} route no sample (they have none); give each sub-task samples")
+    return load / totals
 
 
 def balanced_kappa1(num_subtasks: int, num_modules: int, kappa2: int = DEFAULT_KAPPA2) -> int:
@@ -310,7 +316,9 @@ def ability_loss(
     -------
     Tensor
         Scalar: mean CE over the batch + lam * (KL summed over modules, averaged over the
-        batch, then averaged over layers so lam means the same at any depth).
+        batch, then averaged over layers). The paper writes one KL between the unified
+        selector's output and ``g_label`` without saying how layers combine; the mean
+        over layers keeps lam's meaning independent of the number of module layers.
     """
     if len(gate_probs_per_layer) != len(target_per_layer) or not gate_probs_per_layer:
         raise ValueError(

@@ -124,8 +124,10 @@ def _smooth_load(logits, noisy, std, top_values, k, active) -> torch.Tensor:
 def cv_squared(values: torch.Tensor) -> torch.Tensor:
     """Squared coefficient of variation ``var / mean^2`` (population variance); 0 for < 2 values.
 
-    Shazeer et al.'s code uses torch's unbiased variance; the population variance used
-    here is the textbook CV and differs by the constant factor N / (N - 1).
+    The population variance is what the authors' own code uses (tensor2tensor,
+    ``tensor2tensor/utils/expert_utils.py``, ``cv_squared``: sum of squared deviations / size);
+    the PyTorch port (davidmrau/mixture-of-experts) uses torch's unbiased variance, larger by
+    the constant factor N / (N - 1).
     """
     values = values.float()
     if values.numel() < 2:

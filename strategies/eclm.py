@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
-from models.knapsack import InfeasibleBudget, select_modules
+from models.knapsack import InfeasibleBudget, module_order, select_modules
 from models.modular import module_of_key, parse_module_id
 from strategies.aggregate import has_non_finite, update_divergence, weighted_average
 from strategies.base import EdgeCloudStrategy
@@ -186,7 +186,8 @@ class ECLM(EdgeCloudStrategy):
                 self.ledger.fail(pid, "profile", "importance record missing or not one value per module")
                 self.ledger.completed.discard(pid)
                 continue
-            bad = sorted(k for k, v in record.items() if not isinstance(v, (int, float)) or not 0 <= v < np.inf)
+            bad = [k for k, v in record.items() if not isinstance(v, (int, float)) or not 0 <= v < np.inf]
+            bad.sort(key=module_order)
             if bad:  # the knapsack would raise on these and end the round for everyone
                 self.ledger.fail(pid, "profile", f"importance of {bad} is not a finite number >= 0")
                 self.ledger.completed.discard(pid)

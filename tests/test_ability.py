@@ -63,18 +63,22 @@ def test_subtask_of_class():
         subtask_of_class([(0, 1)], 3)
 
 
-def test_load_matrix_hand_computed():
-    gates = np.array([[0.5, 0.5, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+def test_load_matrix_counts_routed_samples_hand_computed():
+    # top-2 gates: a sample counts once for every module it is routed to, whatever the gate value
+    gates = np.array([[0.9, 0.1, 0.0], [0.0, 0.6, 0.4], [0.0, 0.3, 0.7]])
     owner = np.array([0, 0, 1])
     H = load_matrix(gates, owner, 2)
-    np.testing.assert_allclose(H, [[0.25, 0.75, 0.0], [0.0, 0.0, 1.0]])  # row 0: [0.5, 1.5, 0] / 2
+    np.testing.assert_allclose(H, [[0.25, 0.5, 0.25], [0.0, 0.5, 0.5]])  # row 0: [1, 2, 1] / 4
     np.testing.assert_allclose(load_matrix(torch.tensor(gates), torch.tensor(owner), 2), H)
+    np.testing.assert_allclose(load_matrix(gates > 0, owner, 2), H)  # a boolean routing mask works too
     with pytest.raises(ValueError, match=r"sub-tasks \[2\]"):
         load_matrix(gates, owner, 3)
     with pytest.raises(ValueError, match="subtask_of_sample"):
         load_matrix(gates, np.array([0, 0, 5]), 2)
     with pytest.raises(ValueError, match=">= 0"):
         load_matrix(-gates, owner, 2)
+    with pytest.raises(ValueError, match=r"routing \(S, N\)"):
+        load_matrix(gates[0], owner, 2)
 
 
 def test_solve_mask_hand_worked_2x3():

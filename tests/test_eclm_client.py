@@ -107,16 +107,19 @@ def test_profiling_query_returns_mean_softmax_gates_of_the_sent_selector():
     assert metrics["num_examples"] == PROFILE_SAMPLES and metrics["partition_id"] == 3
 
 
-def test_importance_of_a_sub_model_spreads_over_its_held_modules_only():
-    sub = _cloud().extract(IDS)
+def test_importance_of_a_sub_model_is_the_full_selector_softmax_the_cloud_profiled():
+    # ECLM 5.1's g(x) is the selector's distribution over all N modules: a sub-model's held modules
+    # get exactly the values the full model (the cloud's profiling) gives them
+    cloud = _cloud()
+    sub = cloud.extract(IDS)
     x = _data(0).train_x
-    importance = ECLMClient.importance(sub, x)
-    assert importance["l0.m1"] == 0.0 and importance["l2.m3"] == 0.0
+    importance, full = ECLMClient.importance(sub, x), ECLMClient.importance(cloud, x)
+    assert importance == full
     with torch.no_grad():
-        logits = sub.selector(x)[1]
-    expected = torch.softmax(logits[:, [1, 3]], dim=1).mean(0)  # layer 1 holds m1 and m3
-    np.testing.assert_allclose([importance["l1.m1"], importance["l1.m3"]], expected.numpy(), rtol=1e-5)
-    assert importance["l2.m0"] == pytest.approx(1.0)  # the only module of layer 2
+        logits = cloud.selector(x)[1]
+    expected = torch.softmax(logits, dim=1).mean(0)  # over all 4 modules of layer 1
+    np.testing.assert_allclose([importance[f"l1.m{i}"] for i in range(4)], expected.numpy(), rtol=1e-5)
+    assert importance["l2.m0"] < 1.0  # the only held module of layer 2 still has its own share
 
 
 def test_discovery_query_without_selector_reports_the_budget():
@@ -173,7 +176,7 @@ def _tight_options(load):
     forced = []
     for layer, lg in enumerate(logits):
         held = [int(m[4:]) for m in IDS if m.startswith(f"l{layer}.")]
-        scores = torch.softmax(lg[:, held], dim=1).mean(0)
+        scores = torch.softmax(lg, dim=1).mean(0)[held]  # the full selector softmax, as the cloud profiles it
         forced.append(f"l{layer}.m{held[int(scores.argmax())]}")
     cheapest = min(c[1] for c in costs.values() if c[1] > 0)
     comp = shared[1] + sum(costs[m][1] for m in forced) + cheapest / 2
