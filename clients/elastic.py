@@ -43,7 +43,8 @@ COMPRESSED_KEY = "compressed"
 #: (``algorithm.elasticdnn.bank_fedavg``; the round config then says ``share_bank``).
 BANK_KEY = "bank"
 #: ``Device.options`` keys that become :class:`RemodelSettings` fields.
-SETTING_KEYS = ("keep_fraction", "mass", "loss", "epochs", "lr", "batch_size", "master_update", "write_back_bn")
+SETTING_KEYS = ("keep_fraction", "mass", "loss", "epochs", "lr", "batch_size", "master_update", "write_back_bn",
+                "shot_labels")
 
 
 class ElasticClient(ClientHandler):

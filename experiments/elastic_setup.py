@@ -65,6 +65,7 @@ def client_options(cfg: RunConfig) -> dict:
         "batch_size": opts.batch_size,
         "master_update": opts.master_update,
         "write_back_bn": opts.write_back_bn,
+        "shot_labels": opts.shot_labels,
     }
 
 

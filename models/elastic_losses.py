@@ -19,6 +19,9 @@ SHOT_PSEUDO_LABEL_WEIGHT = 0.3
 SHOT_REFINEMENT_ROUNDS = 1
 # SHOT obtain_label divides centroid sums by ``1e-8 + weight sum`` (guards an empty cluster).
 SHOT_CENTROID_EPSILON = 1e-8
+# SHOT object/image_target.py obtain_label: a class is a candidate label only if more than
+# ``--threshold`` (default 0) samples carry it (``labelset``; argmax labels in the soft round).
+SHOT_LABELSET_THRESHOLD = 0
 
 
 def _check_logits(logits: Tensor) -> None:
@@ -57,6 +60,9 @@ def information_maximisation(logits: Tensor) -> Tensor:
     ``L = -(1/v) sum_i sum_c p_ic log p_ic + sum_c pbar_c log pbar_c`` with ``pbar = mean_i p_i``.
     Minimising it makes each prediction confident (first term) and the batch's predictions diverse
     (second term). Its minimum is ``-ln C`` (confident one-hot predictions, classes balanced).
+    The entropies are exact (``0 log 0 = 0``); tim-learn/SHOT takes ``log(p + 1e-5)``, which
+    moves the value by at most ``C * 1e-5`` (``p log(1 + eps/p) <= eps``) and the gradient by
+    far less (measured against SHOT's ``train_target``: tests/golden/test_shot.py).
 
     Parameters
     ----------
@@ -128,16 +134,21 @@ def channel_statistics(features: Tensor) -> tuple[Tensor, Tensor]:
     return per_channel.mean(1), per_channel.var(1, unbiased=True)
 
 
-def shot_pseudo_labels(features: Tensor, logits: Tensor,
-                       rounds: int = SHOT_REFINEMENT_ROUNDS) -> Tensor:
+def shot_pseudo_labels(features: Tensor, logits: Tensor, rounds: int = SHOT_REFINEMENT_ROUNDS,
+                       threshold: int = SHOT_LABELSET_THRESHOLD) -> Tensor:
     """SHOT's self-supervised pseudo-labels: weighted k-means-style centroids, cosine distance.
 
-    SHOT (Liang et al. 2020, eq. 4-6; tim-learn/SHOT ``obtain_label``): append a constant 1 to every
-    feature and L2-normalise it; class centroids ``c_k = sum_i p_ik f_i / sum_i p_ik`` (softmax
-    weights); label = the nearest centroid by cosine distance; then ``rounds`` refinements with
-    centroids from the hard labels. A class left without samples is dropped from the candidates in
-    the refinement (SHOT's ``labelset``, threshold 0), so an empty cluster never attracts a sample.
-    Ties go to the lower class index (``argmin``).
+    SHOT (Liang et al. 2020, eq. 4-6; tim-learn/SHOT ``object/image_target.py`` ``obtain_label``):
+    append a constant 1 to every feature and L2-normalise it; class centroids
+    ``c_k = sum_i p_ik f_i / (1e-8 + sum_i p_ik)`` (softmax weights); label = the nearest centroid
+    by cosine distance; then ``rounds`` refinements with centroids from the hard labels. Only the
+    classes held by more than ``threshold`` samples are candidates (SHOT's ``labelset``): in the
+    soft round the classes of the samples' argmax predictions, in each refinement the classes
+    of the previous labels, so an empty cluster never attracts a sample. Ties go to the lower
+    class index (``argmin``). ``digit/uda_digit.py``'s ``obtain_label`` has no ``labelset``; it
+    gives the same labels whenever every class is some sample's argmax and still holds a sample
+    after the soft round (otherwise its empty centroid is 0, the cosine distances to it NaN, and
+    numpy's ``argmin`` sends every sample to that class).
 
     Parameters
     ----------
@@ -147,6 +158,8 @@ def shot_pseudo_labels(features: Tensor, logits: Tensor,
         Shape (N, C): the head's outputs for the same samples.
     rounds : int
         Hard-label refinement rounds (SHOT: 1).
+    threshold : int
+        A class needs more than this many samples to be a candidate (SHOT: 0).
 
     Returns
     -------
@@ -161,16 +174,27 @@ def shot_pseudo_labels(features: Tensor, logits: Tensor,
                          f"got {shape}")
     if rounds < 0:
         raise ValueError(f"rounds must be >= 0, got {rounds}")
+    if threshold < 0:
+        raise ValueError(f"threshold must be >= 0, got {threshold}")
     with torch.no_grad():
         ones = torch.ones(features.shape[0], 1, dtype=features.dtype)
         unit = F.normalize(torch.cat([features.detach(), ones], 1), dim=1)
         weights = logits.detach().softmax(1).to(unit.dtype)
-        candidates = torch.ones(logits.shape[1], dtype=torch.bool)
-        labels = _nearest_centroid(unit, weights, candidates)
-        for _ in range(rounds):
-            hard = F.one_hot(labels, logits.shape[1]).to(unit.dtype)
-            labels = _nearest_centroid(unit, hard, hard.sum(0) > 0)
+        labels = logits.detach().argmax(1)
+        for _ in range(rounds + 1):
+            candidates = _labelset(labels, logits.shape[1], threshold)
+            labels = _nearest_centroid(unit, weights, candidates)
+            weights = F.one_hot(labels, logits.shape[1]).to(unit.dtype)
     return labels
+
+
+def _labelset(labels: Tensor, classes: int, threshold: int) -> Tensor:
+    """Mask of the classes held by more than ``threshold`` of ``labels`` (SHOT's ``labelset``)."""
+    candidates = torch.bincount(labels, minlength=classes) > threshold
+    if not candidates.any():
+        raise ValueError(f"no class holds more than threshold={threshold} of the {len(labels)} "
+                         "samples; lower the threshold")
+    return candidates
 
 
 def _nearest_centroid(unit: Tensor, weights: Tensor, candidates: Tensor) -> Tensor:

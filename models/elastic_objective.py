@@ -21,7 +21,7 @@ from models.elastic_losses import (
     shot_loss,
     shot_pseudo_labels,
 )
-from models.elastic_modes import frozen_buffers
+from models.elastic_modes import SHOT_LABEL_MODE, check_label_mode, frozen_buffers, labelling_mode
 
 # Loss names accepted by retrain_selected / adapt_full / filter_scores (paper: IM default).
 LOSSES = ("im", "tent", "feature_alignment", "shot")
@@ -41,11 +41,17 @@ class RetrainingObjective:
         ``"feature_alignment"`` (see :func:`models.elastic_features.feature_statistics`).
     feature_module : str, optional
         Name of the module whose *input* is the feature vector; default: the last ``nn.Linear``.
+    label_mode : str
+        How SHOT's pseudo-labels normalise, one of
+        :data:`~models.elastic_modes.SHOT_LABEL_MODES` (default ``"eval"``, as SHOT).
     """
 
     def __init__(self, model: nn.Module, loss: str | Callable[[Tensor], Tensor],
-                 source_stats: dict[str, Tensor] | None, feature_module: str | None) -> None:
+                 source_stats: dict[str, Tensor] | None, feature_module: str | None,
+                 label_mode: str = SHOT_LABEL_MODE) -> None:
+        check_label_mode(label_mode)
         self.model = model
+        self.label_mode = label_mode
         self.logits_loss = loss if callable(loss) else None
         self.name = getattr(loss, "__name__", "custom") if callable(loss) else loss
         if self.logits_loss is None and loss not in LOSSES:
@@ -57,10 +63,15 @@ class RetrainingObjective:
         self.pseudo_labels: Tensor | None = None
 
     def refresh(self, x: Tensor) -> None:
-        """Recompute SHOT's pseudo-labels for all of ``x`` (buffers untouched); no-op otherwise."""
+        """Recompute SHOT's pseudo-labels for all of ``x``; no-op for other losses.
+
+        The network runs in :attr:`label_mode` (:func:`~models.elastic_modes.labelling_mode`;
+        ``"eval"`` as SHOT's ``train_target``); modes and buffers are as they were afterwards.
+        """
         if self.name != "shot" or self.logits_loss is not None:
             return
-        with torch.no_grad(), frozen_buffers(self.model):
+        with torch.no_grad(), frozen_buffers(self.model), \
+                labelling_mode(self.model, self.label_mode):
             features, logits = forward_with_features(self.model, self.feature_layer, x)
         self.pseudo_labels = shot_pseudo_labels(features, logits)
 

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from models.elastic_losses import entropy_loss
 from models.elastic_master import ElasticMaster
+from models.elastic_modes import SHOT_LABEL_MODE
 from models.elastic_retrain import (
     RETRAIN_BATCH_SIZE,
     RETRAIN_EPOCHS,
@@ -71,6 +72,9 @@ class RemodelSettings:
         (:func:`models.fbs_surrogate.write_back_bn`). Eq. 1-4 update conv filters only and the
         paper is silent on BN; off by default, as measured on digits (docs/RESULTS.md: the
         surrogate's BN, trained with 80 % of each layer's filters gone, degraded the master).
+    shot_labels : str
+        How the ``shot`` baseline computes its pseudo-labels
+        (:data:`~models.elastic_modes.SHOT_LABEL_MODES`; ``"eval"`` as SHOT).
     """
 
     keep_fraction: float = SURROGATE_KEEP_FRACTION
@@ -81,6 +85,7 @@ class RemodelSettings:
     batch_size: int = RETRAIN_BATCH_SIZE
     master_update: bool = True
     write_back_bn: bool = False
+    shot_labels: str = SHOT_LABEL_MODE
 
 
 def remodel_for_domain(elastic: ElasticMaster, x: Tensor, settings: RemodelSettings,
@@ -161,7 +166,7 @@ def adapt_baseline(model: nn.Module, x: Tensor, method: str, settings: RemodelSe
     elif method in ("shot", "full"):
         loss = "shot" if method == "shot" else settings.loss
         trained = adapt_full(model, x, loss=loss, epochs=settings.epochs, lr=settings.lr,
-                             batch_size=settings.batch_size, seed=seed)
+                             batch_size=settings.batch_size, seed=seed, shot_labels=settings.shot_labels)
         report = {"trained_fraction": float(trained["trained_fraction"]),
                   "peak_memory_bytes": int(trained["peak_memory_bytes"])}
     return {**report, "adapt_wall_s": time.perf_counter() - started}

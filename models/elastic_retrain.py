@@ -12,7 +12,8 @@ scores and selection in :mod:`models.elastic_scores`, the loss of a batch in
 :mod:`models.elastic_objective`, source feature statistics in :mod:`models.elastic_features`,
 trained rows and gradient masking in :mod:`models.elastic_masks`, the BN modes in
 :mod:`models.elastic_modes` (BN on batch statistics; running statistics follow the target batches
-during retraining, as SHOT's ``netF.train()`` does).
+during retraining, as SHOT's ``netF.train()`` does; SHOT's pseudo-labels come from the network in
+eval mode by default, as SHOT calls its ``obtain_label``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from torch import Tensor, nn
 from models.elastic_masks import TrainedTensor, checked_masks, mask_gradients, trained_tensors
 from models.elastic_modes import (
     MIN_BATCH,
+    SHOT_LABEL_MODE,
     check_batch,
     frozen_buffers,
     only_trainable,
@@ -58,7 +60,8 @@ def retrain_selected(model: nn.Module, x: Tensor, *, masks: dict[str, Tensor], l
                      batch_size: int = RETRAIN_BATCH_SIZE, seed: int = 0,
                      source_stats: dict[str, Tensor] | None = None,
                      feature_module: str | None = None,
-                     train_other_parameters: bool = False) -> dict[str, Any]:
+                     train_other_parameters: bool = False,
+                     shot_labels: str = SHOT_LABEL_MODE) -> dict[str, Any]:
     """Train only the selected filters of ``model``, in place, with an unsupervised loss (III-B).
 
     Trained: for each selected filter, its conv weight row (and bias entry) and its BN gamma/beta.
@@ -85,8 +88,9 @@ def retrain_selected(model: nn.Module, x: Tensor, *, masks: dict[str, Tensor], l
     loss : str
         One of :data:`~models.elastic_objective.LOSSES`: ``"im"`` (SHOT information
         maximisation, the paper's default), ``"tent"`` (entropy), ``"feature_alignment"`` (needs
-        ``source_stats``), ``"shot"`` (IM + 0.3 * CE on SHOT pseudo-labels, refreshed at the start
-        of every epoch as in SHOT).
+        ``source_stats``), ``"shot"`` (IM + 0.3 * CE on SHOT pseudo-labels of all of ``x``,
+        recomputed in ``shot_labels`` mode at the start of every epoch, as SHOT's
+        ``train_target`` does every ``len(loader)`` iterations).
     epochs, lr, momentum, weight_decay, batch_size : int, float, float, float, int
         Passes over ``x`` and SGD settings (defaults: module constants, with sources).
     seed : int
@@ -98,6 +102,10 @@ def retrain_selected(model: nn.Module, x: Tensor, *, masks: dict[str, Tensor], l
         Name of the module whose *input* is the feature vector; default: the last ``nn.Linear``.
     train_other_parameters : bool
         Also train every parameter outside the conv-BN pairs, whole.
+    shot_labels : str
+        How loss ``"shot"`` computes its pseudo-labels, one of
+        :data:`~models.elastic_modes.SHOT_LABEL_MODES`: ``"eval"`` (running statistics, as SHOT)
+        or ``"batch"`` (the statistics of all of ``x``).
 
     Returns
     -------
@@ -112,7 +120,7 @@ def retrain_selected(model: nn.Module, x: Tensor, *, masks: dict[str, Tensor], l
     _check_training(epochs, lr, momentum, weight_decay, batch_size)
     masks = checked_masks(masks, pairs)
     trained = trained_tensors(model, pairs, masks, train_other_parameters)
-    objective = RetrainingObjective(model, loss, source_stats, feature_module)
+    objective = RetrainingObjective(model, loss, source_stats, feature_module, shot_labels)
     with retraining_mode(model), only_trainable(model, [t.param for t in trained]):
         initial = _full_batch_loss(objective, x)
         start = time.perf_counter()

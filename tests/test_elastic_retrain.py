@@ -12,7 +12,7 @@ import torch
 from scipy.spatial.distance import cdist
 from torch import nn
 
-from models.elastic_features import feature_statistics
+from models.elastic_features import feature_layer, feature_statistics, forward_with_features
 from models.elastic_losses import (
     entropy_loss,
     feature_alignment,
@@ -20,6 +20,8 @@ from models.elastic_losses import (
     shot_loss,
     shot_pseudo_labels,
 )
+from models.elastic_modes import labelling_mode, retraining_mode
+from models.elastic_objective import RetrainingObjective
 from models.elastic_retrain import adapt_full, retrain_selected, retrain_surrogate
 from models.elastic_scores import conv_bn_pairs, filter_scores, top_mass_filters
 
@@ -161,6 +163,99 @@ def test_shot_pseudo_labels_match_shots_numpy_recipe():
     assert got.tolist() == label.tolist()
 
 
+def test_shot_pseudo_labels_exclude_classes_no_sample_predicts():
+    # Class 2 is no sample's argmax, but sample 2 gives it 0.398 (the others 0.0066 each), so
+    # class 2's soft centroid is 96 % sample 2 and would claim it. SHOT's labelset (classes of
+    # the argmax predictions, image_target.py obtain_label) leaves only 0 and 1; sample 2 goes to
+    # class 0, whose centroid holds 0.44 of it (class 1's: 0.16), and stays there when refined.
+    features = torch.tensor([[10.0, 0.0], [0.0, 10.0], [-10.0, -10.0]])
+    logits = torch.tensor([[5.0, 0.0, 0.0], [0.0, 5.0, 0.0], [1.0, 0.0, 0.9]])
+    assert shot_pseudo_labels(features, logits).tolist() == [0, 1, 0]
+
+
+def test_shot_pseudo_labels_threshold_drops_rare_classes():
+    # Argmax classes 0, 0, 1: with threshold 1 only class 0 (2 samples) is a candidate.
+    features = torch.tensor([[10.0, 0.0], [9.0, 1.0], [0.0, 10.0]])
+    logits = torch.tensor([[5.0, 0.0], [5.0, 0.0], [0.0, 5.0]])
+    assert shot_pseudo_labels(features, logits).tolist() == [0, 0, 1]
+    assert shot_pseudo_labels(features, logits, threshold=1).tolist() == [0, 0, 0]
+    with pytest.raises(ValueError, match="lower the threshold"):
+        shot_pseudo_labels(features, logits, threshold=2)
+    with pytest.raises(ValueError, match="threshold must be >= 0"):
+        shot_pseudo_labels(features, logits, threshold=-1)
+
+
+# ----------------------------------------------------------------------------- SHOT label modes
+def running_statistics_net():
+    """PlainNet whose BN running statistics are far from any target batch's own statistics."""
+    model = confident(make(PlainNet))
+    with torch.no_grad():
+        for bn in (model.bn1, model.bn2):
+            bn.running_mean.uniform_(-0.5, 0.5, generator=torch.Generator().manual_seed(6))
+            bn.running_var.uniform_(0.5, 2.0, generator=torch.Generator().manual_seed(56))
+    return model
+
+
+def labels_in_mode(model, x, train):
+    """SHOT labels of ``x`` by a copy of ``model`` in train or eval mode (``model`` untouched)."""
+    twin = copy.deepcopy(model).train(train)
+    with torch.no_grad():
+        features, logits = forward_with_features(twin, feature_layer(twin, None), x)
+    return shot_pseudo_labels(features, logits)
+
+
+def test_shot_labels_come_from_running_statistics_and_leave_the_model_as_it_was():
+    model, x = running_statistics_net(), shifted_batch(32)
+    expected, batch_labels = labels_in_mode(model, x, False), labels_in_mode(model, x, True)
+    assert len(set(expected.tolist())) >= 2  # not one class for all (measured: 2; 9 of 32 differ)
+    assert not torch.equal(expected, batch_labels)  # the two BN modes label this batch apart
+    buffers = [b.clone() for b in model.buffers()]
+    objective = RetrainingObjective(model, "shot", None, None)
+    with retraining_mode(model):  # as in the retraining loop
+        objective.refresh(x)
+        assert model.bn1.training and not model.fc.training
+    assert torch.equal(objective.pseudo_labels, expected)
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
+
+
+def test_batch_label_mode_labels_with_the_samples_own_statistics():
+    model, x = running_statistics_net(), shifted_batch(32)
+    objective = RetrainingObjective(model, "shot", None, None, label_mode="batch")
+    with retraining_mode(model):
+        objective.refresh(x)
+    assert torch.equal(objective.pseudo_labels, labels_in_mode(model, x, True))
+    with pytest.raises(ValueError, match="label mode"):
+        RetrainingObjective(model, "shot", None, None, label_mode="running")
+
+
+def test_labelling_mode_is_eval_mode_and_restores_every_flag():
+    model = make(PlainNet)
+    model.bn1.train()
+    model.bn2.eval()
+    with labelling_mode(model):
+        assert not any(m.training for m in model.modules())
+    assert model.bn1.training and not model.bn2.training
+    with labelling_mode(model, "batch"):
+        assert model.bn1.training and model.bn2.training and not model.fc.training
+    assert model.bn1.training and not model.bn2.training
+
+
+def test_shot_labels_are_recomputed_at_the_start_of_every_epoch(monkeypatch):
+    refreshed = []
+    original = RetrainingObjective.refresh
+
+    def counting_refresh(self, x):
+        refreshed.append(len(x))
+        original(self, x)
+
+    monkeypatch.setattr(RetrainingObjective, "refresh", counting_refresh)
+    result = adapt_full(make(PlainNet), shifted_batch(), loss="shot", epochs=3)
+    # SHOT relabels every len(loader) iterations: once per epoch (3), plus the loss reports
+    # before and after training (2); always on all 100 samples.
+    assert refreshed == [100] * 5
+    assert result["steps"] == 3 * 2
+
+
 # ----------------------------------------------------------------------------- masked retraining
 def test_unselected_rows_stay_bit_identical_and_selected_rows_change():
     model, x = make(TinyResNet), shifted_batch()
@@ -267,6 +362,7 @@ def test_bn_running_statistics_follow_the_target_batches():
     ({"epochs": 0}, "epochs"), ({"lr": 0.0}, "lr"), ({"momentum": 1.0}, "momentum"),
     ({"batch_size": 1}, "batch_size"), ({"weight_decay": -1.0}, "weight_decay"),
     ({"feature_module": "nope", "loss": "shot"}, "feature_module"),
+    ({"loss": "shot", "shot_labels": "running"}, "label mode"),
 ])
 def test_bad_retraining_arguments_raise(kwargs, fragment):
     arguments = {"masks": {"conv1": torch.tensor([True, False, False, False])}, **kwargs}

@@ -94,3 +94,16 @@ def test_the_masters_sandwich_mode_keys_its_pre_training_and_is_checked(tmp_path
     assert pretrain_cache_path(both) == pretrain_cache_path(_cfg(tmp_path, epochs=3))  # device options do not
     with pytest.raises(ConfigError, match="algorithm.elasticdnn.sandwich"):
         validate(_cfg(tmp_path, sandwich="smallest"))
+
+
+def test_the_shot_label_mode_reaches_the_device_settings_and_is_checked(tmp_path):
+    from experiments.elastic_setup import client_options
+    from experiments.validation import ConfigError
+    from clients.elastic import SETTING_KEYS
+
+    assert _cfg(tmp_path).algorithm.elasticdnn.shot_labels == "eval"  # tim-learn/SHOT: netF.eval() before obtain_label
+    options = client_options(_cfg(tmp_path, method="shot", shot_labels="batch"))
+    settings = RemodelSettings(**{k: options[k] for k in SETTING_KEYS if k in options})
+    assert settings.shot_labels == "batch"
+    with pytest.raises(ConfigError, match="algorithm.elasticdnn.shot_labels"):
+        _cfg(tmp_path, shot_labels="train")
