@@ -100,6 +100,7 @@ class EclmOptions:
     kappa1: float | None = None  # module load cap; None = ceil(T * kappa2 / N), balanced (models/ability.py)
     kappa2: int = 2  # modules per sub-task (assumption: equals top-k)
     kl_weight: float = 1.0  # lambda of CE + lambda * KL(g, g_label) (assumption)
+    ability_load_balance: bool = False  # also add the load-balancing term to that loss (not in ECLM 4.3's fine-tuning loss)
     size_cap: float = 0.25  # largest sub-model / cloud model bytes (ECLM 7.5: 20 % sub-models lose little)
     round_budget_s: float = 60.0  # time a round may take on a device, compute and communication
     local_adjust: bool = True  # devices drop modules under co-running load (ECLM 3, 5.1)
@@ -115,6 +116,9 @@ class HeteroflOptions:
     weight_by_examples: bool = False  # both reference codes average covering clients by count
     global_sbn: bool = True  # evaluate the aggregated full model on devices (HeteroFL 3.2), comparable to FedAvg
     multirate_epochs: int = 2  # cloud passes over every width so the pre-trained model can be cut (assumption)
+    label_split: bool = True  # classifier rows averaged over the devices holding the class (HeteroFL/FedRolex combine)
+    label_mask: bool = True  # mask absent classes' logits in local training and test (official `mask: '1'`)
+    clip_grad_norm: float | None = 1.0  # local gradient-norm clip (HeteroFL Local.train, FedRolex client step)
 
 
 @dataclass(frozen=True)
@@ -125,13 +129,15 @@ class CemaOptions:
     foundation_width: int = 16  # its width (narrow CPU variant; the poster uses ResNet-50/101)
     foundation_checkpoint: str | None = None  # its state dict file instead of pre-training (required for imagenet_c)
     send: str = "bn"  # bn: BN affine + running statistics back to devices (official code) | full
-    replay_capacity: int = 10_000  # FIFO replay buffer (ALGORITHMS.md)
-    e_max: float = 0.4  # E_max^0 = e_max * ln C (ALGORITHMS.md)
-    e_min: float = 0.02  # E_min = e_min * ln C (best published setting, official code results)
-    threshold_coeff: float = 1.0  # lambda of the dynamic E_max rule (best published setting)
-    warmup_samples: int = 640  # samples before the dynamic rule starts (10 batches of 64; assumption)
-    edge_models: str = "shared"  # shared: one edge model for the fleet | per_device: one per device (issue 4)
-    edge_bn: str = "batch"  # batch: the edge normalises with each test batch (official code, as Tent/EATA) | running
+    replay_capacity: int = 10_000  # FIFO replay buffer (official conf/cema.conf replay_buffer_size)
+    e_max: float = 0.4  # E_max^0 = e_max * ln C, also the cloud's loss reference (official conf ent_high_margin)
+    e_min: float | None = 0.02  # E_min = e_min * ln C, the setting behind the poster's upload figures (official tools/results.txt); None: no lower bound (conf/cema.conf)
+    threshold_coeff: float = 1.0  # lambda of the dynamic E_max rule (official tools/results.txt; conf/cema.conf 0.6, unused without warm-up)
+    warmup_samples: int | None = 640  # samples before the dynamic rule starts (assumption: 10 batches of 64, none published); None: never (conf/cema.conf)
+    d_margin: float | None = None  # redundancy margin on |cos|; None: 0.4 CIFAR-10 family, 0.1 CIFAR-100, 0.05 ImageNet (experiments/cema_setup.py)
+    tbr: bool = True  # BN: Test-time Batch Renormalization (official conf is_tbr: true) | false: batch statistics
+    edge_models: str = "shared"  # shared: one edge model for the fleet | per_device: one per device
+    edge_bn: str | None = None  # edge prediction's BN: None = as tbr (official infer) | batch | running (plain eval mode)
 
 
 @dataclass(frozen=True)
@@ -150,6 +156,84 @@ class ElasticOptions:
     write_back_bn: bool = False  # also copy the kept filters' BN gamma/beta into the master; eq. 1-4 cover conv filters only (docs/RESULTS.md)
     sandwich: str = "both"  # master pre-training: both = also the full master and the smallest share every step (sandwich rule, models/fbs_pretrain.py) | largest | none
     bank_fedavg: bool = False  # extension beyond the paper: the cloud averages the devices' banks every round
+    shot_labels: str = "eval"  # method=shot: pseudo-labels from running statistics (tim-learn/SHOT train_target: netF.eval() before obtain_label) | batch
+
+
+@dataclass(frozen=True)
+class BnAdaptOptions:
+    """BN adaptation (models/tta_norm.py)."""
+
+    stats: str = "mixed"  # mixed: (1 - m) source + m batch statistics (chenyaofo/CEMA BNAdaptation) | batch (Tent norm.py)
+    momentum: float = 0.5  # m of the mixed statistics (chenyaofo/CEMA conf/bn_adapt.conf)
+
+
+@dataclass(frozen=True)
+class OndaOptions:
+    """ONDA: BN running statistics as a moving average of the test batches (models/tta_norm.py)."""
+
+    momentum: float = 0.1  # weight of each new batch (chenyaofo/CEMA conf/tema.conf)
+    update: str = "layerwise"  # layerwise: fold, then normalise, per layer (CEMA TEMA) | two_pass (test-time-adaptation EMABatchNorm)
+
+
+@dataclass(frozen=True)
+class PlOptions:
+    """Pseudo-labelling (models/tta_methods.py); one reference setting for every dataset."""
+
+    threshold: float = 0.0  # keep samples whose max softmax exceeds it; 0: every argmax (CEMA pl.py; fiveai/LAME: 0.9)
+    optimizer: str = "sgd"  # adam | sgd | nesterov (CEMA pl.py: SGD momentum 0.9)
+    lr: float = 1e-3  # CEMA conf/pl.conf tta_lr
+
+
+@dataclass(frozen=True)
+class TentOptions:
+    """Tent (models/tta_methods.py); None: the dataset family's reference value (models/tta_settings.py)."""
+
+    optimizer: str | None = None  # adam | sgd | nesterov; None: CIFAR adam (Tent cfgs/tent.yaml), ImageNet sgd (EATA main.py)
+    lr: float | None = None  # None: CIFAR 1e-3, ImageNet 2.5e-4 (same sources)
+
+
+@dataclass(frozen=True)
+class EtaOptions:
+    """ETA and eta_upload (models/tta_methods.py); None: the dataset family's reference value."""
+
+    optimizer: str | None = None  # None: CIFAR adam (test-time-adaptation cfgs/cifar10_c/eta.yaml), ImageNet sgd (EATA main.py)
+    lr: float | None = None  # None: CIFAR 1e-3, ImageNet 2.5e-4 (same sources)
+    d_margin: float | None = None  # redundancy margin on |cos|; None: CIFAR-10 0.4, CIFAR-100 0.1, ImageNet 0.05
+    entropy_fraction: float = 0.4  # E0 = entropy_fraction * ln C (EATA main.py --e_margin)
+
+
+@dataclass(frozen=True)
+class CottaOptions:
+    """CoTTA (models/tta_cotta.py); None: the dataset family's reference value (qinenergy/cotta configs)."""
+
+    optimizer: str | None = None  # None: CIFAR adam, ImageNet nesterov (SGD momentum 0.9)
+    lr: float | None = None  # None: CIFAR 1e-3, ImageNet 0.01
+    restore_prob: float | None = None  # stochastic restore; None: CIFAR 0.01, ImageNet 0.001
+    anchor_threshold: float | None = None  # augment below it; None: CIFAR-10 0.92, CIFAR-100 0.72, ImageNet 0.1
+    loss: str | None = None  # ce | symmetric; None: CIFAR ce, ImageNet symmetric
+    ema: float = 0.999  # teacher EMA (both configurations)
+    augmentations: int = 32  # augmented copies averaged (both configurations)
+
+
+@dataclass(frozen=True)
+class LameOptions:
+    """LAME (models/tta_lame.py)."""
+
+    affinity: str = "knn"  # knn | rbf | linear (CEMA conf/lame.conf and lame.py: knn; fiveai/LAME defaults.py: rbf)
+    knn: int = 5  # fiveai/LAME overall_best.yaml LAME_KNN
+
+
+@dataclass(frozen=True)
+class TtaOptions:
+    """The on-device TTA baselines' settings, one group per adapter (eta_upload uses eta's)."""
+
+    bn_adapt: BnAdaptOptions = field(default_factory=BnAdaptOptions)
+    onda: OndaOptions = field(default_factory=OndaOptions)
+    pl: PlOptions = field(default_factory=PlOptions)
+    tent: TentOptions = field(default_factory=TentOptions)
+    eta: EtaOptions = field(default_factory=EtaOptions)
+    cotta: CottaOptions = field(default_factory=CottaOptions)
+    lame: LameOptions = field(default_factory=LameOptions)
 
 
 @dataclass(frozen=True)
@@ -166,6 +250,7 @@ class AlgorithmConfig:
     heterofl: HeteroflOptions = field(default_factory=HeteroflOptions)
     cema: CemaOptions = field(default_factory=CemaOptions)
     elasticdnn: ElasticOptions = field(default_factory=ElasticOptions)
+    tta: TtaOptions = field(default_factory=TtaOptions)
 
 
 @dataclass(frozen=True)

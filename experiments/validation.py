@@ -72,17 +72,11 @@ def _validate_training(cfg: RunConfig) -> None:
         _check(hfl.round_budget_s > 0, "algorithm.heterofl.round_budget_s", "must be > 0 or null", hfl.round_budget_s)
     _check(0 < hfl.budget_quantile <= 1, "algorithm.heterofl.budget_quantile", "must be in (0, 1]", hfl.budget_quantile)
     _check(hfl.multirate_epochs >= 0, "algorithm.heterofl.multirate_epochs", "must be >= 0", hfl.multirate_epochs)
-    cema = algo.cema
-    _check(cema.send in ("bn", "full"), "algorithm.cema.send", "must be 'bn' or 'full'", cema.send)
-    _check(cema.edge_models in ("shared", "per_device"), "algorithm.cema.edge_models",
-           "must be 'shared' or 'per_device'", cema.edge_models)
-    _check(cema.edge_bn in ("batch", "running"), "algorithm.cema.edge_bn", "must be 'batch' or 'running'", cema.edge_bn)
-    _check(cema.replay_capacity >= 1, "algorithm.cema.replay_capacity", "must be >= 1", cema.replay_capacity)
-    _check(0 <= cema.e_min < cema.e_max <= 1, "algorithm.cema.e_min/e_max", "must satisfy 0 <= e_min < e_max <= 1",
-           (cema.e_min, cema.e_max))
-    _check(cema.threshold_coeff > 0, "algorithm.cema.threshold_coeff", "must be > 0", cema.threshold_coeff)
-    _check(cema.warmup_samples >= 0, "algorithm.cema.warmup_samples", "must be >= 0", cema.warmup_samples)
-    _check(cema.foundation_width >= 1, "algorithm.cema.foundation_width", "must be >= 1", cema.foundation_width)
+    if hfl.clip_grad_norm is not None:
+        _check(0 < hfl.clip_grad_norm < float("inf"), "algorithm.heterofl.clip_grad_norm",
+               "must be a finite number > 0 or null", hfl.clip_grad_norm)
+    _check_cema(cfg)
+    _check_tta(cfg)
     _check_elastic(cfg)
     pre = cfg.pretrain
     _check(pre.epochs >= 0, "pretrain.epochs", "must be >= 0", pre.epochs)
@@ -206,9 +200,80 @@ def _check(ok: bool, key: str, rule: str, value: Any) -> None:
         raise ConfigError(f"{key} {rule}, got {value!r}")
 
 
+def _check_cema(cfg) -> None:
+    """CEMA's options, with the rules its code applies (models/cema_filter.py check_filter_settings,
+    strategies/cema.py, clients/cema.py), so a run validation accepts never fails on a device."""
+    from clients.cema import EDGE_BN_CHOICES  # models stay out of validation's import time
+    from models import model_names
+    from strategies.cema import EDGE_MODES, SEND_MODES
+
+    cema = cfg.algorithm.cema
+    _check(cema.foundation_model in model_names(), "algorithm.cema.foundation_model",
+           f"must be one of {list(model_names())}", cema.foundation_model)
+    _check(cema.foundation_width >= 1, "algorithm.cema.foundation_width", "must be >= 1", cema.foundation_width)
+    _check(cema.send in SEND_MODES, "algorithm.cema.send", f"must be one of {SEND_MODES}", cema.send)
+    _check(cema.replay_capacity >= 1, "algorithm.cema.replay_capacity", "must be >= 1", cema.replay_capacity)
+    _check(0 < cema.e_max <= 1, "algorithm.cema.e_max", "must be in (0, 1]", cema.e_max)
+    if cema.e_min is not None:
+        _check(0 <= cema.e_min < cema.e_max, "algorithm.cema.e_min",
+               f"must satisfy 0 <= e_min < e_max={cema.e_max}, or be null (no lower bound)", cema.e_min)
+    _check(cema.threshold_coeff > 0, "algorithm.cema.threshold_coeff", "must be > 0", cema.threshold_coeff)
+    if cema.warmup_samples is not None:
+        _check(cema.warmup_samples >= 1, "algorithm.cema.warmup_samples", "must be >= 1, or null (no warm-up)",
+               cema.warmup_samples)
+    if cema.d_margin is not None:
+        _check(cema.d_margin > 0, "algorithm.cema.d_margin", "must be > 0, or null (the dataset's reference value)",
+               cema.d_margin)
+    _check(cema.edge_models in EDGE_MODES, "algorithm.cema.edge_models", f"must be one of {EDGE_MODES}", cema.edge_models)
+    _check(cema.edge_bn in EDGE_BN_CHOICES, "algorithm.cema.edge_bn",
+           "must be null (as algorithm.cema.tbr), 'batch' or 'running'", cema.edge_bn)
+
+
+def _check_tta(cfg) -> None:
+    """The on-device TTA baselines' options (algorithm.tta), with the rules their adapters apply
+    (models/tta*.py), so a run validation accepts never fails on a device; null = the reference value."""
+    from models.tta_lame import AFFINITIES  # models stay out of validation's import time
+    from models.tta_norm import BN_STATS, ONDA_UPDATES
+    from models.tta_settings import COTTA_LOSSES, OPTIMIZERS
+
+    tta = cfg.algorithm.tta
+    _check(tta.bn_adapt.stats in BN_STATS, "algorithm.tta.bn_adapt.stats", f"must be one of {BN_STATS}",
+           tta.bn_adapt.stats)
+    for key, value in (("bn_adapt.momentum", tta.bn_adapt.momentum), ("onda.momentum", tta.onda.momentum),
+                       ("eta.entropy_fraction", tta.eta.entropy_fraction)):
+        _check(0 < value <= 1, f"algorithm.tta.{key}", "must be in (0, 1]", value)
+    _check(tta.onda.update in ONDA_UPDATES, "algorithm.tta.onda.update", f"must be one of {ONDA_UPDATES}",
+           tta.onda.update)
+    _check(0 <= tta.pl.threshold < 1, "algorithm.tta.pl.threshold", "must be in [0, 1)", tta.pl.threshold)
+    for method in ("pl", "tent", "eta", "cotta"):
+        options = getattr(tta, method)
+        if options.optimizer is not None:
+            _check(options.optimizer in OPTIMIZERS, f"algorithm.tta.{method}.optimizer",
+                   f"must be one of {OPTIMIZERS}, or null (the dataset's reference)", options.optimizer)
+        if options.lr is not None:
+            _check(options.lr > 0, f"algorithm.tta.{method}.lr", "must be > 0, or null (the dataset's reference)",
+                   options.lr)
+    if tta.eta.d_margin is not None:
+        _check(tta.eta.d_margin > 0, "algorithm.tta.eta.d_margin", "must be > 0, or null (the dataset's reference)",
+               tta.eta.d_margin)
+    cotta = tta.cotta
+    for key in ("restore_prob", "anchor_threshold", "ema"):
+        value = getattr(cotta, key)
+        if value is not None:
+            _check(0 <= value <= 1, f"algorithm.tta.cotta.{key}", "must be in [0, 1]", value)
+    if cotta.loss is not None:
+        _check(cotta.loss in COTTA_LOSSES, "algorithm.tta.cotta.loss",
+               f"must be one of {COTTA_LOSSES}, or null (the dataset's reference)", cotta.loss)
+    _check(cotta.augmentations >= 1, "algorithm.tta.cotta.augmentations", "must be >= 1", cotta.augmentations)
+    _check(tta.lame.affinity in AFFINITIES, "algorithm.tta.lame.affinity", f"must be one of {AFFINITIES}",
+           tta.lame.affinity)
+    _check(tta.lame.knn >= 1, "algorithm.tta.lame.knn", "must be >= 1", tta.lame.knn)
+
+
 def _check_elastic(cfg) -> None:
     """ElasticDNN's options, and the evolving-domain stream it needs (two batches per domain)."""
     from models.elastic_remodel import METHODS  # models stay out of validation's import time
+    from models.elastic_modes import SHOT_LABEL_MODES
     from models.fbs_pretrain import SANDWICH_MODES
 
     opts = cfg.algorithm.elasticdnn
@@ -224,6 +289,8 @@ def _check_elastic(cfg) -> None:
            opts.sandwich)
     _check(opts.compress_epochs >= 0, "algorithm.elasticdnn.compress_epochs", "must be >= 0 (0: no fine-tuning)",
            opts.compress_epochs)
+    _check(opts.shot_labels in SHOT_LABEL_MODES, "algorithm.elasticdnn.shot_labels",
+           f"must be one of {SHOT_LABEL_MODES}", opts.shot_labels)
     _check(not opts.bank_fedavg or opts.method == "elasticdnn", "algorithm.elasticdnn.bank_fedavg",
            "averages ElasticDNN's banks: set algorithm.elasticdnn.method=elasticdnn or bank_fedavg=false", opts.method)
     _check(not opts.bank_fedavg or opts.master_update, "algorithm.elasticdnn.bank_fedavg",

@@ -23,6 +23,7 @@ the ``test_*`` files only read fixtures, so the suite needs no reference install
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,6 +88,7 @@ def save(name: str, arrays: dict[str, np.ndarray], source: dict) -> Path:
     missing = [key for key in SOURCE_KEYS if key not in source]
     if missing:
         raise ValueError(f"source lacks {missing}; name {SOURCE_KEYS}")
+    source = {**source, "produced_by": portable_command(source["produced_by"], source["repository"])}
     if SOURCE_ENTRY in arrays:
         raise ValueError(f"{SOURCE_ENTRY} is reserved for the source")
     FIXTURES.mkdir(parents=True, exist_ok=True)
@@ -94,6 +96,14 @@ def save(name: str, arrays: dict[str, np.ndarray], source: dict) -> Path:
     payload = {key: np.asarray(value) for key, value in arrays.items()}
     np.savez_compressed(path, **payload, **{SOURCE_ENTRY: np.asarray(json.dumps(source, sort_keys=True))})
     return path
+
+
+def portable_command(command: str, repository: str) -> str:
+    """``command`` with the local path after ``--reference`` replaced by ``<clone of repository>``.
+
+    A fixture records how to regenerate it on any machine, not where one machine kept the reference.
+    """
+    return re.sub(r"--reference\s+\S+", f"--reference <clone of {repository}>", command)
 
 
 def max_abs_diff(actual, expected) -> float:

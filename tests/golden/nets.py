@@ -54,8 +54,8 @@ def seeded_net(seed: int, channels: int = 4, num_classes: int = 5) -> TinyBNNet:
 
 
 def state_arrays(net: nn.Module, prefix: str) -> dict[str, np.ndarray]:
-    """``net``'s state dict as fixture arrays named ``prefix/key``."""
-    return {f"{prefix}/{key}": value.detach().cpu().numpy() for key, value in net.state_dict().items()}
+    """``net``'s state dict as fixture arrays named ``prefix/key`` (copies: later training leaves them alone)."""
+    return {f"{prefix}/{key}": value.detach().cpu().numpy().copy() for key, value in net.state_dict().items()}
 
 
 def load_state(net: nn.Module, arrays: dict[str, np.ndarray], prefix: str) -> nn.Module:
