@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from models.tta_settings import ADAM, NESTEROV, OPTIMIZERS, SGD
+from models.tta_settings import ADAM, NESTEROV, OPTIMIZERS
 
 #: Adam's betas of the reference configurations (DequanWang/tent ``cifar10c.py``:
 #: ``betas=(cfg.OPTIM.BETA, 0.999)`` with ``OPTIM.BETA: 0.9``; qinenergy/cotta the same).

@@ -11,11 +11,11 @@ layers are averaged by data size. Modules nobody trained keep their weights.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, MessageType, RecordDict
 
 from models.knapsack import InfeasibleBudget, module_order, select_modules
 from models.modular import module_of_key, parse_module_id

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, MessageType, RecordDict
+from flwr.app import MessageType, RecordDict
 
 from strategies.aggregate import has_non_finite, same_layout, update_divergence, weighted_average
 from strategies.base import EdgeCloudStrategy

@@ -1,12 +1,10 @@
 """One schema, two doors: Hydra config and Flower run_config give the same RunConfig."""
 
-import os
 import tomllib
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from experiments.config import ConfigError, RunConfig, config_hash, from_dict, from_flat, from_hydra, to_flat
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from experiments import checkpoint, results
+from experiments import checkpoint
 from experiments.config import RunConfig
 from experiments.results import (
     ProgressLine,

@@ -46,7 +46,6 @@ from tests.golden.tta_harness import (
     load_module,
     net,
     parameters,
-    source,
 )
 
 REPOSITORY = "qinenergy/cotta"

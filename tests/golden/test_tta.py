@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models import build_model, model_names
 from models.tta import build_adapter
 from models.tta_augment import cotta_augment
-from models.tta_lame import affinity_matrix, laplacian_assignment
+from models.tta_lame import affinity_matrix, laplacian_assignment, penultimate_features
 from models.tta_methods import eta_keep_mask
 from models.tta_settings import CIFAR, IMAGENET
 from tests.golden.fixture import Fixture, check, exact, load
@@ -169,3 +170,18 @@ def test_lame_reads_the_last_linear_input_as_cemas_baseline():
     adapter = build_adapter("lame", _net(fixture), CLASSES, affinity="knn")
     log_y = adapter.predict_then_adapt(_x(fixture)[0])
     check(fixture, log_y.exp(), "assignment", "LAME on a network (kNN, last-Linear features): Y")
+
+
+@pytest.mark.parametrize("name", model_names())
+def test_lame_runs_on_every_registered_network(name):
+    """LAME reads the last Linear's input, as CEMA's baseline does, so it runs on every network (tv_resnet18 too)."""
+    torch.manual_seed(0)
+    classes = 10
+    model = build_model(name, num_classes=classes, width=8)
+    x = torch.from_numpy(np.random.default_rng([14, 7]).standard_normal((6, 3, 32, 32))).float()
+    with torch.no_grad():
+        feats, logits = penultimate_features(model.eval(), x)
+        torch.testing.assert_close(logits, model(x))  # the hook does not change the forward
+    assert feats.dim() == 2 and feats.shape[0] == 6
+    log_y = build_adapter("lame", model, classes).predict_then_adapt(x)
+    assert log_y.shape == (6, classes) and torch.isfinite(log_y).all()
