@@ -1,6 +1,6 @@
 """AN, AdaptiveNet (Wen et al., MobiCom 2023) as ECLM 7.1 runs it: on-device path choice, no collaboration.
 
-The device receives the cloud's pre-trained multi-branch supernet (``models/multibranch.py``)
+The device receives the cloud's pre-trained multi-branch supernet (``models/multibranch/net.py``)
 and, alone:
 
 1. keeps the paths (one branch per stage) that fit its budget: training memory at its batch
@@ -49,8 +49,8 @@ from clients.base import (
 )
 from models.clock import compute_time_s
 from models.costs import parameter_bytes
-from models.multibranch import BranchPath, MultiBranchNet
-from models.multibranch_training import recalibrate_batchnorm
+from models.multibranch.net import BranchPath, MultiBranchNet
+from models.multibranch.training import recalibrate_batchnorm
 from models.training import accuracy, train_epochs
 
 #: Share of the local training data held out to rank candidate paths (assumption: the

@@ -61,7 +61,7 @@ class StreamTensors:
 
 
 class ProgressStore(Protocol):
-    """Durable copy of an online device's progress (the ClientApp provides one; see ``experiments/device_state.py``)."""
+    """Durable copy of an online device's progress (the ClientApp provides one; see ``experiments/resume/device_state.py``)."""
 
     def save(self, server_round: int, index: int, blob: bytes | None) -> None:
         """Keep the stream ``index`` and the method's serialised state after ``server_round``."""

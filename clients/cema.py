@@ -2,13 +2,13 @@
 
 The edge never trains (CEMA poster, "Dynamic entropy-based sample filtration"): it runs the
 edge model forward on the incoming batch, keeps the prediction (online accuracy) and uploads
-the samples that pass the :class:`models.cema_filter.UploadFilter`. The cloud adapts the edge
+the samples that pass the :class:`models.cema.filter.UploadFilter`. The cloud adapts the edge
 model and sends back its BatchNorm entries (or the full model, always on a device's first
 batch).
 
 The prediction's BatchNorm follows the official ``infer`` (chenyaofo/CEMA
 ``codebase/core/tta/cema.py``: ``set_bn_training_mode(edge, False)``): with TBR
-(:mod:`models.cema_tbr`, official default) the layers normalise with their TBR statistics,
+(:mod:`models.cema.tbr`, official default) the layers normalise with their TBR statistics,
 taken from the device's first test batch and replaced by the cloud's once the edge model sent
 back has statistics of its own; without TBR, with each test batch's statistics.
 
@@ -37,8 +37,8 @@ from clients.online import (
     save_progress,
     stream_index,
 )
-from models.cema_filter import UploadFilter
-from models.cema_tbr import BATCH, TBR, bn_mode, without_unset_statistics
+from models.cema.filter import UploadFilter
+from models.cema.tbr import BATCH, TBR, bn_mode, without_unset_statistics
 from strategies.payload import ORACLE_RECORD
 
 #: Share of the training FLOPs per sample that one forward pass costs: the backward pass
@@ -152,7 +152,7 @@ def load_edge_arrays(model: nn.Module, received: dict[str, Any], *, first: bool)
     """Load the cloud's edge entries into ``model``.
 
     After the first batch, the statistics of BN layers whose received reset marker is 0 are
-    not loaded (:func:`models.cema_tbr.without_unset_statistics`): the device keeps its own.
+    not loaded (:func:`models.cema.tbr.without_unset_statistics`): the device keeps its own.
 
     Parameters
     ----------

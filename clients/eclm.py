@@ -16,8 +16,8 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord
 
 from clients.base import ClientHandler, MalformedMessage, content_reply, derive_seed, round_of
-from models.knapsack import InfeasibleBudget, Selection, fit_to_load, forced_modules
-from models.modular import ModularNet, parse_module_id
+from models.eclm.knapsack import InfeasibleBudget, Selection, fit_to_load, forced_modules
+from models.eclm.modular import ModularNet, parse_module_id
 from models.training import accuracy, train_epochs
 
 #: Samples per forward pass while profiling importance (memory bound, not a tuning knob).
@@ -186,7 +186,7 @@ class ECLMClient(ClientHandler):
         """The best subset of the held modules whose compute fits this round's load (ECLM 3, 5.1).
 
         The forced module of every layer is the cloud's (same importance, same tie order:
-        :func:`models.knapsack.forced_modules`), so it is never dropped.
+        :func:`models.eclm.knapsack.forced_modules`), so it is never dropped.
         """
         costs, shared, layer_of = self._costs()
         load = self.device.load_factor(server_round)

@@ -8,7 +8,7 @@ labels are known to the simulator only). The master and its domain-knowledge ban
 so a later domain's surrogate starts from the master every earlier domain updated.
 
 ``Device.options["method"]`` picks ElasticDNN or a comparison method at the same model size
-(:data:`models.elastic_remodel.METHODS`): the baselines adapt a same-size model continually
+(:data:`models.elastic.remodel.METHODS`): the baselines adapt a same-size model continually
 across domains -- the cloud's compressed model (the master's largest filters, fine-tuned on the
 source data) when the first message carries it under ``compressed``, else the master's
 magnitude-pruned copy as it is; ``full`` retrains the whole master (the slow reference).
@@ -22,15 +22,15 @@ from torch import nn
 
 from clients.base import ClientHandler, Device, MalformedMessage, load_arrays, model_from, round_of
 from clients.online import batch_reply, load_blob, persist_progress, restore_progress, save_progress, stream_index
-from models.elastic_master import ElasticMaster
-from models.elastic_remodel import (
+from models.elastic.master import ElasticMaster
+from models.elastic.remodel import (
     METHODS,
     PRUNED_METHODS,
     RemodelSettings,
     adapt_to_domain,
     pruned_model,
 )
-from models.fbs_bank import bank_thetas, load_bank_thetas
+from models.elastic.bank import bank_thetas, load_bank_thetas
 
 #: Batches of its stream a device uses per domain: one to adapt on, one to evaluate.
 BATCHES_PER_ROUND = 2

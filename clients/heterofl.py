@@ -8,7 +8,7 @@ training data (the cloud merges the classifier's rows by them, HeteroFL's
 ``label_split``). When the message asks for it (``label_mask``), the logits of classes
 the device has no data of are masked in training and in the local test, and the
 gradient norm is clipped (``clip_grad_norm``), as the official clients do
-(:mod:`models.width_training`). At discovery it also reports what each width rate would
+(:mod:`models.width.training`). At discovery it also reports what each width rate would
 cost it, so the cloud can pick the widest rate that fits.
 """
 
@@ -24,9 +24,9 @@ from torch import nn
 from clients.base import ClientHandler, DeviceTensors, MalformedMessage, content_reply, derive_seed, round_of
 from models.clock import compute_time_s
 from models.training import accuracy
-from models.width import RUNNING_MEAN, RUNNING_VAR, WIDTH_RATES, check_rate
-from models.width_layers import RateCost, costs_to_record, rate_costs, scaled_model, static_batch_norm
-from models.width_training import CLASSES_KEY, LABELS_RECORD, LabelMasked, device_classes, train_submodel
+from models.width.submodel import RUNNING_MEAN, RUNNING_VAR, WIDTH_RATES, check_rate
+from models.width.layers import RateCost, costs_to_record, rate_costs, scaled_model, static_batch_norm
+from models.width.training import CLASSES_KEY, LABELS_RECORD, LabelMasked, device_classes, train_submodel
 
 #: Suffixes of the BN running statistics sent back by an sBN query (torch BatchNorm buffer names).
 BN_STATISTICS = (f".{RUNNING_MEAN}", f".{RUNNING_VAR}")

@@ -1,7 +1,7 @@
 """Edge handler of the online test-time-adaptation baselines (CEMA, seed 000, "Baselines").
 
 Each round the device predicts its next stream batch, then adapts to it with one of the
-adapters of :mod:`models.tta`; the model and the adapter's state persist in ``context.state``.
+adapters of :mod:`models.tta.registry`; the model and the adapter's state persist in ``context.state``.
 ``eta_upload`` is ETA whose kept (reliable, non-redundant) samples go up to the cloud, the
 upload rule CEMA compares against (ALGORITHMS.md, CEMA part).
 """
@@ -24,7 +24,7 @@ from clients.online import (
     save_progress,
     stream_index,
 )
-from models.tta import OnlineAdapter, adapter_names, adapter_parameters, build_adapter
+from models.tta.registry import OnlineAdapter, adapter_names, adapter_parameters, build_adapter
 
 #: ETA whose kept samples are uploaded (CEMA's "ETA + upload" baseline).
 ETA_UPLOAD = "eta_upload"
@@ -36,7 +36,7 @@ def method_names() -> tuple[str, ...]:
 
 
 def adapter_for(method: str) -> str:
-    """The :mod:`models.tta` adapter behind ``method`` (``eta_upload`` runs ETA)."""
+    """The :mod:`models.tta.registry` adapter behind ``method`` (``eta_upload`` runs ETA)."""
     if method not in method_names():
         raise ValueError(f"unknown on-device TTA method {method!r}; choose one of {method_names()}")
     return "eta" if method == ETA_UPLOAD else method
@@ -92,7 +92,7 @@ class TTAClient(ClientHandler):
 
     @property
     def adapter_name(self) -> str:
-        """The :mod:`models.tta` adapter behind ``method`` (``eta_upload`` runs ETA)."""
+        """The :mod:`models.tta.registry` adapter behind ``method`` (``eta_upload`` runs ETA)."""
         return adapter_for(self.method)
 
     def train(self, msg: Message, context: Context) -> Message:

@@ -55,7 +55,7 @@ def resolve_auto_model(cfg: RunConfig) -> RunConfig:
     """``model.name=auto`` becomes the algorithm's own network (e.g. ECLM's modular ResNet18)."""
     if cfg.model.name != "auto":
         return cfg
-    from experiments.algorithms import ALGORITHMS
+    from experiments.algorithms.registry import ALGORITHMS
 
     algorithm = ALGORITHMS.get(cfg.algorithm.name)
     if algorithm is None:

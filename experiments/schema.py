@@ -80,9 +80,9 @@ class FleetConfig:
 class ModelConfig:
     """The network the cloud pre-trains and devices adapt."""
 
-    name: str = "auto"  # auto: the algorithm's own network (experiments/algorithms.py); or a registered name
+    name: str = "auto"  # auto: the algorithm's own network (experiments/algorithms/registry.py); or a registered name
     width: int = 16  # channels of the first conv stage / hidden units (cnn: ~24k parameters)
-    # Modular families only (ECLM 4.1-4.2); None keeps the family's default (models/modular_families.py).
+    # Modular families only (ECLM 4.1-4.2); None keeps the family's default (models/eclm/families.py).
     top_k: int | None = None  # modules active per sample and layer
     modules_per_layer: int | None = None  # N (paper: 16, or 32 for VGG16/ResNet34)
     shrink: float | None = None  # inner width of a shrunk module relative to the block
@@ -97,7 +97,7 @@ class EclmOptions:
     ability_epochs: int = 3  # module ability-enhancing fine-tuning epochs (assumption: paper gives none)
     subtasks: str = "cooccurrence"  # cooccurrence (classes sharing devices, 4.3 step 1) | fixed
     subtask_size: int = 2  # classes per sub-task (label skew m of Table 1)
-    kappa1: float | None = None  # module load cap; None = ceil(T * kappa2 / N), balanced (models/ability.py)
+    kappa1: float | None = None  # module load cap; None = ceil(T * kappa2 / N), balanced (models/eclm/ability.py)
     kappa2: int = 2  # modules per sub-task (assumption: equals top-k)
     kl_weight: float = 1.0  # lambda of CE + lambda * KL(g, g_label) (assumption)
     ability_load_balance: bool = False  # also add the load-balancing term to that loss (not in ECLM 4.3's fine-tuning loss)
@@ -134,7 +134,7 @@ class CemaOptions:
     e_min: float | None = 0.02  # E_min = e_min * ln C, the setting behind the poster's upload figures (official tools/results.txt); None: no lower bound (conf/cema.conf)
     threshold_coeff: float = 1.0  # lambda of the dynamic E_max rule (official tools/results.txt; conf/cema.conf 0.6, unused without warm-up)
     warmup_samples: int | None = 640  # samples before the dynamic rule starts (assumption: 10 batches of 64, none published); None: never (conf/cema.conf)
-    d_margin: float | None = None  # redundancy margin on |cos|; None: 0.4 CIFAR-10 family, 0.1 CIFAR-100, 0.05 ImageNet (experiments/cema_setup.py)
+    d_margin: float | None = None  # redundancy margin on |cos|; None: 0.4 CIFAR-10 family, 0.1 CIFAR-100, 0.05 ImageNet (experiments/algorithms/cema.py)
     tbr: bool = True  # BN: Test-time Batch Renormalization (official conf is_tbr: true) | false: batch statistics
     edge_models: str = "shared"  # shared: one edge model for the fleet | per_device: one per device
     edge_bn: str | None = None  # edge prediction's BN: None = as tbr (official infer) | batch | running (plain eval mode)
@@ -142,26 +142,26 @@ class CemaOptions:
 
 @dataclass(frozen=True)
 class ElasticOptions:
-    """ElasticDNN's own settings (seed 003, III-B and IV; ALGORITHMS.md; models/elastic_remodel.py)."""
+    """ElasticDNN's own settings (seed 003, III-B and IV; ALGORITHMS.md; models/elastic/remodel.py)."""
 
     method: str = "elasticdnn"  # elasticdnn | source | bn_adapt | tent | shot (same size) | full (whole master)
     keep_fraction: float = 0.2  # surrogate / pruned-baseline share of filters (IV: 80 % of filters removed)
     mass: float = 0.8  # trained filters cover this share of the BN-gradient scores (III-B)
     loss: str = "im"  # im (information maximisation, III-B default) | tent | feature_alignment
-    epochs: int = 20  # passes over the domain's 100 samples (searched, python -m experiments.elastic_tune; docs/RESULTS.md)
+    epochs: int = 20  # passes over the domain's 100 samples (searched, python -m experiments.claims.elastic_tune; docs/RESULTS.md)
     lr: float = 1e-3  # SGD (searched as the paper's benchmark does, IV; SHOT's digit code: 1e-2 on thousands of samples)
     batch_size: int = 64  # SHOT digit code
     compress_epochs: int = 5  # same-size baselines: proxy fine-tuning of the pruned master (IV: compressed offline); 0 = none
     master_update: bool = True  # write surrogates' changes back (III-B3, eq. 3-4); false = the paper's ablation (IV)
     write_back_bn: bool = False  # also copy the kept filters' BN gamma/beta into the master; eq. 1-4 cover conv filters only (docs/RESULTS.md)
-    sandwich: str = "both"  # master pre-training: both = also the full master and the smallest share every step (sandwich rule, models/fbs_pretrain.py) | largest | none
+    sandwich: str = "both"  # master pre-training: both = also the full master and the smallest share every step (sandwich rule, models/elastic/pretrain.py) | largest | none
     bank_fedavg: bool = False  # extension beyond the paper: the cloud averages the devices' banks every round
     shot_labels: str = "eval"  # method=shot: pseudo-labels from running statistics (tim-learn/SHOT train_target: netF.eval() before obtain_label) | batch
 
 
 @dataclass(frozen=True)
 class BnAdaptOptions:
-    """BN adaptation (models/tta_norm.py)."""
+    """BN adaptation (models/tta/norm.py)."""
 
     stats: str = "mixed"  # mixed: (1 - m) source + m batch statistics (chenyaofo/CEMA BNAdaptation) | batch (Tent norm.py)
     momentum: float = 0.5  # m of the mixed statistics (chenyaofo/CEMA conf/bn_adapt.conf)
@@ -169,7 +169,7 @@ class BnAdaptOptions:
 
 @dataclass(frozen=True)
 class OndaOptions:
-    """ONDA: BN running statistics as a moving average of the test batches (models/tta_norm.py)."""
+    """ONDA: BN running statistics as a moving average of the test batches (models/tta/norm.py)."""
 
     momentum: float = 0.1  # weight of each new batch (chenyaofo/CEMA conf/tema.conf)
     update: str = "layerwise"  # layerwise: fold, then normalise, per layer (CEMA TEMA) | two_pass (test-time-adaptation EMABatchNorm)
@@ -177,7 +177,7 @@ class OndaOptions:
 
 @dataclass(frozen=True)
 class PlOptions:
-    """Pseudo-labelling (models/tta_methods.py); one reference setting for every dataset."""
+    """Pseudo-labelling (models/tta/methods.py); one reference setting for every dataset."""
 
     threshold: float = 0.0  # keep samples whose max softmax exceeds it; 0: every argmax (CEMA pl.py; fiveai/LAME: 0.9)
     optimizer: str = "sgd"  # adam | sgd | nesterov (CEMA pl.py: SGD momentum 0.9)
@@ -186,7 +186,7 @@ class PlOptions:
 
 @dataclass(frozen=True)
 class TentOptions:
-    """Tent (models/tta_methods.py); None: the dataset family's reference value (models/tta_settings.py)."""
+    """Tent (models/tta/methods.py); None: the dataset family's reference value (models/tta/settings.py)."""
 
     optimizer: str | None = None  # adam | sgd | nesterov; None: CIFAR adam (Tent cfgs/tent.yaml), ImageNet sgd (EATA main.py)
     lr: float | None = None  # None: CIFAR 1e-3, ImageNet 2.5e-4 (same sources)
@@ -194,7 +194,7 @@ class TentOptions:
 
 @dataclass(frozen=True)
 class EtaOptions:
-    """ETA and eta_upload (models/tta_methods.py); None: the dataset family's reference value."""
+    """ETA and eta_upload (models/tta/methods.py); None: the dataset family's reference value."""
 
     optimizer: str | None = None  # None: CIFAR adam (test-time-adaptation cfgs/cifar10_c/eta.yaml), ImageNet sgd (EATA main.py)
     lr: float | None = None  # None: CIFAR 1e-3, ImageNet 2.5e-4 (same sources)
@@ -204,7 +204,7 @@ class EtaOptions:
 
 @dataclass(frozen=True)
 class CottaOptions:
-    """CoTTA (models/tta_cotta.py); None: the dataset family's reference value (qinenergy/cotta configs)."""
+    """CoTTA (models/tta/cotta.py); None: the dataset family's reference value (qinenergy/cotta configs)."""
 
     optimizer: str | None = None  # None: CIFAR adam, ImageNet nesterov (SGD momentum 0.9)
     lr: float | None = None  # None: CIFAR 1e-3, ImageNet 0.01
@@ -217,7 +217,7 @@ class CottaOptions:
 
 @dataclass(frozen=True)
 class LameOptions:
-    """LAME (models/tta_lame.py)."""
+    """LAME (models/tta/lame.py)."""
 
     affinity: str = "knn"  # knn | rbf | linear (CEMA conf/lame.conf and lame.py: knn; fiveai/LAME defaults.py: rbf)
     knn: int = 5  # fiveai/LAME overall_best.yaml LAME_KNN
@@ -240,7 +240,7 @@ class TtaOptions:
 class AlgorithmConfig:
     """The adaptation algorithm and its local-training settings."""
 
-    name: str = "eclm"  # registered in experiments/algorithms.py; ECLM is the project's default
+    name: str = "eclm"  # registered in experiments/algorithms/registry.py; ECLM is the project's default
     local_epochs: int = 3  # ECLM 7.1: 3 local epochs per round
     lr: float = 1e-3  # ECLM 7.1
     batch_size: int = 16  # ECLM 7.1
@@ -275,7 +275,7 @@ class EngineConfig:
     torch_threads: int = 1  # torch threads inside each ClientApp
     round_timeout_s: float = 300.0  # a reply later than this counts as a failure
     verbose: bool = False  # Flower's own INFO logs
-    fast_pump: bool = True  # one-pass message pump, 10 ms polls (experiments/engine_fastpath.py); false: Flower's own
+    fast_pump: bool = True  # one-pass message pump, 10 ms polls (experiments/engine/fastpath.py); false: Flower's own
 
 
 @dataclass(frozen=True)
@@ -283,12 +283,12 @@ class FaultsConfig:
     """Injected faults (issue 6): devices that misbehave, a ServerApp that crashes; off by default.
 
     Each round every device is faulty with probability ``fraction``, drawn from (seed,
-    round, partition id) (clients/faults.py); a faulty device does one of ``kinds``, drawn
+    round, partition id) (experiments/fleet/faults.py); a faulty device does one of ``kinds``, drawn
     uniformly from the same generator (repeat a kind to weight it, e.g. [nan, nan, raise]).
     """
 
     fraction: float = 0.0  # chance that a device misbehaves in a round; 0 = no faults
-    kinds: tuple[str, ...] = ("raise",)  # raise | timeout | vanish | wrong_shape | nan_values (clients/faults.py)
+    kinds: tuple[str, ...] = ("raise",)  # raise | timeout | vanish | wrong_shape | nan_values (experiments/fleet/faults.py)
     actions: tuple[str, ...] = ("train",)  # messages a faulty device mishandles: train | evaluate | query
     crash_server_round: int | None = None  # the ServerApp raises on sending round r (0: discovery); null = never
 

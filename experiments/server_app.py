@@ -5,7 +5,7 @@ configured strategy with a global-test evaluation and a results sink, and runs i
 Whatever happens, ``results.json`` keeps every finished round and ends with a status.
 Every ``checkpoint_every`` rounds the cloud model, the strategy's state and the round
 records are checkpointed; ``resume=true`` continues from the newest checkpoint
-(``experiments/resume.py``).
+(``experiments/resume/checkpointer.py``).
 """
 
 from __future__ import annotations
@@ -19,14 +19,14 @@ import torch
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from experiments.algorithms import ALGORITHMS
+from experiments.algorithms.registry import ALGORITHMS
 from experiments.config import RunConfig, from_flat, to_dict
 from experiments.data import build_federated_data, to_tensor
-from experiments.device_state import device_state_dir
-from experiments.networks import build_run_model
-from experiments.pretrain import pretrained_model
-from experiments.results import ProgressLine, ResultsWriter
-from experiments.resume import DEVICE_STATE_SAVED, Checkpointer, devices_saved, start_or_resume
+from experiments.resume.device_state import device_state_dir
+from experiments.pretrain.networks import build_run_model
+from experiments.pretrain.cache import pretrained_model
+from experiments.results.writer import ProgressLine, ResultsWriter
+from experiments.resume.checkpointer import DEVICE_STATE_SAVED, Checkpointer, devices_saved, start_or_resume
 from models.training import accuracy
 
 logger = logging.getLogger(__name__)

@@ -137,7 +137,7 @@ def _validate_engine(engine: EngineConfig) -> None:
 
 
 def _validate_faults(faults: FaultsConfig) -> None:
-    from clients.faults import FAULT_ACTIONS, FAULT_KINDS
+    from experiments.fleet.faults import FAULT_ACTIONS, FAULT_KINDS
 
     _check(0.0 <= faults.fraction <= 1.0, "faults.fraction", "must be in [0, 1]", faults.fraction)
     _check(
@@ -154,8 +154,8 @@ def _validate_faults(faults: FaultsConfig) -> None:
 
 def _validate_names(cfg: RunConfig) -> None:
     """Names that must exist in a registry (imported lazily: they pull in torch)."""
-    from experiments.algorithms import ALGORITHMS
-    from models import model_names
+    from experiments.algorithms.registry import ALGORITHMS
+    from models.catalog import model_names
 
     if cfg.algorithm.name not in ALGORITHMS:
         raise ConfigError(f"unknown algorithm.name {cfg.algorithm.name!r}; choose one of {sorted(ALGORITHMS)}")
@@ -201,10 +201,10 @@ def _check(ok: bool, key: str, rule: str, value: Any) -> None:
 
 
 def _check_cema(cfg) -> None:
-    """CEMA's options, with the rules its code applies (models/cema_filter.py check_filter_settings,
+    """CEMA's options, with the rules its code applies (models/cema/filter.py check_filter_settings,
     strategies/cema.py, clients/cema.py), so a run validation accepts never fails on a device."""
     from clients.cema import EDGE_BN_CHOICES  # models stay out of validation's import time
-    from models import model_names
+    from models.catalog import model_names
     from strategies.cema import EDGE_MODES, SEND_MODES
 
     cema = cfg.algorithm.cema
@@ -232,9 +232,9 @@ def _check_cema(cfg) -> None:
 def _check_tta(cfg) -> None:
     """The on-device TTA baselines' options (algorithm.tta), with the rules their adapters apply
     (models/tta*.py), so a run validation accepts never fails on a device; null = the reference value."""
-    from models.tta_lame import AFFINITIES  # models stay out of validation's import time
-    from models.tta_norm import BN_STATS, ONDA_UPDATES
-    from models.tta_settings import COTTA_LOSSES, OPTIMIZERS
+    from models.tta.lame import AFFINITIES  # models stay out of validation's import time
+    from models.tta.norm import BN_STATS, ONDA_UPDATES
+    from models.tta.settings import COTTA_LOSSES, OPTIMIZERS
 
     tta = cfg.algorithm.tta
     _check(tta.bn_adapt.stats in BN_STATS, "algorithm.tta.bn_adapt.stats", f"must be one of {BN_STATS}",
@@ -272,9 +272,9 @@ def _check_tta(cfg) -> None:
 
 def _check_elastic(cfg) -> None:
     """ElasticDNN's options, and the evolving-domain stream it needs (two batches per domain)."""
-    from models.elastic_remodel import METHODS  # models stay out of validation's import time
-    from models.elastic_modes import SHOT_LABEL_MODES
-    from models.fbs_pretrain import SANDWICH_MODES
+    from models.elastic.remodel import METHODS  # models stay out of validation's import time
+    from models.elastic.modes import SHOT_LABEL_MODES
+    from models.elastic.pretrain import SANDWICH_MODES
 
     opts = cfg.algorithm.elasticdnn
     _check(opts.method in METHODS, "algorithm.elasticdnn.method", f"must be one of {METHODS}", opts.method)

@@ -1,6 +1,6 @@
 """AN, AdaptiveNet (Wen et al., MobiCom 2023) as an ECLM 7.1 baseline: the cloud only ships the supernet.
 
-The cloud pre-trains a multi-branch supernet (``models.multibranch_training.train_supernet``) and
+The cloud pre-trains a multi-branch supernet (``models.multibranch.training.train_supernet``) and
 sends it, unchanged, to every cohort device; each device picks and fine-tunes its own path
 (``clients/an.py``). Nothing is aggregated, like LA (``strategies/local.py``).
 """

@@ -3,10 +3,10 @@
 Each device's reply is one edge batch of the official loop (chenyaofo/CEMA
 ``codebase/core/tta/cema.py`` ``CEMA.infer``; CEMA poster, "Replay-based Knowledge
 Distillation"): its uploads enter the replay history, every full cloud batch of
-:data:`models.cema_cloud.CLOUD_BATCH_SIZE` pending uploads gets a foundation step and a
+:data:`models.cema.cloud.CLOUD_BATCH_SIZE` pending uploads gets a foundation step and a
 distillation step (with replay once the history holds 256), and an edge batch that fills no
 cloud batch distils on replayed samples alone once the history holds more than 256
-(:func:`models.cema_edge_batch.process_edge_batch`). The edge model's BatchNorm entries
+(:func:`models.cema.edge_batch.process_edge_batch`). The edge model's BatchNorm entries
 (affine parameters and running statistics) go back to the devices.
 
 Edge models: ``edge_models="shared"`` (default) keeps ONE edge model, fed the devices' edge
@@ -16,7 +16,7 @@ with its own replay buffer and optimiser, while the foundation model stays share
 from every upload). Per-device state is created on a device's first upload from the initial
 edge model, so nothing per device is materialised up front.
 
-BatchNorm (:mod:`models.cema_tbr`): with ``bn="tbr"`` (official default) the foundation model
+BatchNorm (:mod:`models.cema.tbr`): with ``bn="tbr"`` (official default) the foundation model
 and every edge model start without statistics and take them from the first uploaded batch
 they see; the devices take theirs from their first test batch and keep them until the edge
 model sent back has statistics of its own (the reset marker travels with the BN entries).
@@ -38,7 +38,7 @@ import torch
 from flwr.app import ArrayRecord, Message, MessageType, RecordDict
 from torch import nn
 
-from models.cema_cloud import (
+from models.cema.cloud import (
     CLOUD_BATCH_SIZE,
     EDGE_LR,
     FOUNDATION_LR,
@@ -47,9 +47,9 @@ from models.cema_cloud import (
     ReplayBuffer,
     bn_sgd,
 )
-from models.cema_edge_batch import CloudSettings, Student, Teacher, process_edge_batch
-from models.cema_filter import E_MAX_FRACTION, default_e_max0
-from models.cema_tbr import BN_MODES, TBR, reset_state_statistics, reset_statistics
+from models.cema.edge_batch import CloudSettings, Student, Teacher, process_edge_batch
+from models.cema.filter import E_MAX_FRACTION, default_e_max0
+from models.cema.tbr import BN_MODES, TBR, reset_state_statistics, reset_statistics
 from strategies.base import EdgeCloudStrategy
 from strategies.cema_tally import RoundTally, upload_labels
 
@@ -83,7 +83,7 @@ def bn_state_keys(model: nn.Module) -> list[str]:
 
 @dataclass
 class EdgeTrack(Student):
-    """One edge model the cloud distils (:class:`models.cema_edge_batch.Student`) and its uploads' labels.
+    """One edge model the cloud distils (:class:`models.cema.edge_batch.Student`) and its uploads' labels.
 
     Attributes
     ----------
@@ -112,7 +112,7 @@ class CEMA(EdgeCloudStrategy):
     e_max_fraction : float
         ``E_max^0 / ln C`` (official conf ``ent_high_margin: 0.4``; the edge filter's ``e_max``).
     bn : {"tbr", "batch"}
-        BatchNorm mode of the foundation and edge models (:mod:`models.cema_tbr`; official
+        BatchNorm mode of the foundation and edge models (:mod:`models.cema.tbr`; official
         ``is_tbr: true``).
     send : {"bn", "full"}
         After a device's first participation (always the full model): the BN entries only
@@ -213,7 +213,7 @@ class CEMA(EdgeCloudStrategy):
         """Full edge model to first-time devices, the ``send`` entries (of their edge model) to the others.
 
         The first call records ``arrays`` as the initial edge model, with TBR's reset marker
-        (:func:`models.cema_tbr.reset_state_statistics`) when ``bn="tbr"``; afterwards the
+        (:func:`models.cema.tbr.reset_state_statistics`) when ``bn="tbr"``; afterwards the
         cloud's own edge models are what it sends.
         """
         if self.initial_state is None:

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import Array, ArrayRecord, MessageType, RecordDict
 
-from models.knapsack import InfeasibleBudget, module_order, select_modules
-from models.modular import module_of_key, parse_module_id
+from models.eclm.knapsack import InfeasibleBudget, module_order, select_modules
+from models.eclm.modular import module_of_key, parse_module_id
 from strategies.aggregate import has_non_finite, update_divergence, weighted_average
 from strategies.base import EdgeCloudStrategy
 
@@ -76,7 +76,7 @@ def device_budget(
 def submodel_arrays(full: ArrayRecord, ids: Sequence[str], layer_sizes: Sequence[int]) -> ArrayRecord:
     """The sub-model's state: shared keys, the chosen modules' keys and ``active`` masks.
 
-    Keys are the cloud model's own (the model contract in models/modular.py), so a device
+    Keys are the cloud model's own (the model contract in models/eclm/modular.py), so a device
     rebuilds the skeleton with ``extract(ids)`` and loads these arrays strictly.
     """
     chosen = set(ids)

@@ -3,7 +3,7 @@
 Each cohort device gets the width-scaled sub-model of the cloud model at the widest rate
 of ``rates`` its reported budget can train in a round (:func:`select_rate`); the cloud
 averages every element over the devices whose sub-model covered it
-(:func:`models.width.covering_average`), each classifier row (and bias entry) only over
+(:func:`models.width.submodel.covering_average`), each classifier row (and bias entry) only over
 the devices whose training data hold that class (``label_split``, as both official
 ``combine`` functions do; the device names its classes in its reply); elements nobody
 covered keep their value. HeteroFL keeps the channel prefix (sec. 3.1); FedRolex rolls
@@ -30,7 +30,7 @@ What the round's numbers mean
   cloud has no training data, so it cannot recompute sBN itself (HeteroFL's reference code
   does that on the server's copy of the training set; the paper's protocol queries the
   clients). By default those statistics are pooled from the trained sub-models' sBN
-  statistics that travel in the training replies (:func:`models.width.pooled_bn_statistics`:
+  statistics that travel in the training replies (:func:`models.width.submodel.pooled_bn_statistics`:
   example-weighted, law of total variance); statistics of channels nobody covered stay
   those of the previous round (at first, of the cloud's pre-training). They were measured
   with each device's locally trained (and possibly narrower) weights, not the aggregated
@@ -49,7 +49,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, MessageType, RecordDict
 
 from models.clock import comm_time_s, compute_time_s
-from models.width import (
+from models.width.submodel import (
     WIDTH_RATES,
     SubModelUpdate,
     class_rows,
@@ -59,8 +59,8 @@ from models.width import (
     pooled_bn_statistics,
     sub_shapes,
 )
-from models.width_layers import RateCost, costs_from_record
-from models.width_training import CLASSES_KEY, LABELS_RECORD
+from models.width.layers import RateCost, costs_from_record
+from models.width.training import CLASSES_KEY, LABELS_RECORD
 from strategies.aggregate import has_non_finite, same_layout
 from strategies.base import EdgeCloudStrategy
 
@@ -120,7 +120,7 @@ class HeteroFL(EdgeCloudStrategy):
     Parameters
     ----------
     rates : sequence of float
-        Width rates a device may get, a subset of :data:`models.width.WIDTH_RATES`
+        Width rates a device may get, a subset of :data:`models.width.submodel.WIDTH_RATES`
         (HeteroFL's levels 1, 1/2, 1/4, 1/8, 1/16).
     round_budget_s : float, optional
         Seconds a device may spend on a round's compute, and on its transfers. None: the
@@ -143,7 +143,7 @@ class HeteroFL(EdgeCloudStrategy):
         ``combine``); False: over every device, like any other element.
     label_mask : bool
         Ask devices to mask the logits of classes they have no data of, in training and in
-        the local test (True, default: the official ``mask: '1'``, :mod:`models.width_training`).
+        the local test (True, default: the official ``mask: '1'``, :mod:`models.width.training`).
     clip_grad_norm : float, optional
         Gradient-norm clip of local training (default :data:`DEFAULT_CLIP_GRAD_NORM`);
         None: no clipping.
@@ -190,7 +190,7 @@ class HeteroFL(EdgeCloudStrategy):
 
     # ------------------------------------------------------------------ rates
     def window_offset(self, server_round: int) -> int:
-        """Roll of the kept channel window in a round (:func:`models.width.channel_window`): 0, the prefix."""
+        """Roll of the kept channel window in a round (:func:`models.width.submodel.channel_window`): 0, the prefix."""
         return 0
 
     def training_asks(self) -> dict[str, bool | float]:
@@ -364,7 +364,7 @@ class FedRolex(HeteroFL):
     (FedRolex ``resnet_server.py`` ``ResnetServerRoll.split_model``: ``roll = rounds %
     output_size``, ``torch.roll(arange, roll)``, with its ``rounds`` counted from 0): round 1
     trains the prefix, round 2 keeps ``[C - 1, 0, 1, ...]``, and the window walks backwards
-    over every channel, wrapping around (:func:`models.width.channel_window`).
+    over every channel, wrapping around (:func:`models.width.submodel.channel_window`).
     """
 
     rolling = True

@@ -9,7 +9,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from clients.an import AdaptiveNetClient, pick_candidates, validation_split
 from clients.base import DEVICE_DECLINED, MALFORMED_MESSAGE, Device, DeviceTensors
-from models import build_model
+from models.catalog import build_model
 from models.costs import parameter_bytes
 from models.training import TrainSettings
 from strategies.an import AdaptiveNet

@@ -8,8 +8,8 @@ from torch import nn
 
 from clients.base import MALFORMED_MESSAGE
 from clients.elastic import BANK_KEY, ElasticClient
-from models.fbs import GatedConvBN
-from models.fbs_bank import bank_thetas, build_bank, load_bank_thetas
+from models.elastic.fbs import GatedConvBN
+from models.elastic.bank import bank_thetas, build_bank, load_bank_thetas
 from strategies.base import DeviceInfo
 from strategies.elastic import ElasticDNN
 from tests.test_elastic_client import BUDGET, _context, _device, _message, _model

@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from experiments.bench import fresh_folder, main
-from experiments.bench_cases import GROUPS, model_overrides, parse_sizes, plan_cases
-from experiments.bench_floor import COHORT_STREAM, average_states, cohort_of
-from experiments.bench_memory import TreeMemorySampler, read_pss_bytes, sample_tree
-from experiments.bench_report import (
+from experiments.bench.cli import fresh_folder, main
+from experiments.bench.cases import GROUPS, model_overrides, parse_sizes, plan_cases
+from experiments.bench.floor import COHORT_STREAM, average_states, cohort_of
+from experiments.bench.memory import TreeMemorySampler, read_pss_bytes, sample_tree
+from experiments.bench.report import (
     evaluate_targets,
     issue_targets,
     markdown_report,
@@ -34,8 +34,8 @@ from experiments.bench_report import (
     verdict,
     write_report,
 )
-from experiments.bench_runs import RoundWatcher, run_child, timings
-from experiments.bench_stack import STACK
+from experiments.bench.runs import RoundWatcher, run_child, timings
+from experiments.bench.stack import STACK
 from experiments.config import RunConfig, compose
 
 MIB = 1024**2
@@ -153,7 +153,7 @@ def test_startup_floor_is_the_stacks_import_plus_a_loop_round_on_every_core_by_h
 
 def test_the_stack_the_floor_imports_is_installed():
     missing = [name for name in STACK if importlib.util.find_spec(name) is None]
-    assert not missing, f"experiments.bench_stack.STACK names modules that are not installed: {missing}"
+    assert not missing, f"experiments.bench.stack.STACK names modules that are not installed: {missing}"
 
 
 # --------------------------------------------------------------------------- the report
@@ -314,9 +314,9 @@ def test_floor_averages_weights_by_data_size_by_hand():
 
 
 def test_plain_app_uses_the_projects_ray_resources_and_cohort_size():
-    from experiments.bench_plain import plain_backend_config, plain_strategy
+    from experiments.bench.plain import plain_backend_config, plain_strategy
     from experiments.config import from_flat
-    from experiments.engine import backend_config
+    from experiments.engine.simulation import backend_config
 
     cfg = from_flat({"fleet.devices": 500, "fleet.per_round": 25, "engine.num_cpus": 0.5})
     assert plain_backend_config(cfg) == backend_config(cfg)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from models.cema_cloud import (
+from models.cema.cloud import (
     REPLAY_MIN_SIZE,
     ReplayBuffer,
     adapt_foundation,
@@ -17,9 +17,9 @@ from models.cema_cloud import (
     distill,
     distillation_loss,
 )
-from models.cema_edge_batch import CloudSettings, Student, Teacher, process_edge_batch
-from models.cema_filter import UploadFilter, default_e_max0, entropy
-from models.cema_tbr import BATCH, TBR, reset_statistics
+from models.cema.edge_batch import CloudSettings, Student, Teacher, process_edge_batch
+from models.cema.filter import UploadFilter, default_e_max0, entropy
+from models.cema.tbr import BATCH, TBR, reset_statistics
 
 torch.set_num_threads(1)
 LN2, LN4 = math.log(2), math.log(4)

@@ -10,8 +10,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from clients.base import MALFORMED_MESSAGE, Device, StreamTensors
 from clients.cema import FORWARD_FLOP_FRACTION, UPLOAD_LABELS, CEMAClient
 from clients.online import load_blob, stream_index
-from models import build_model
-from models.cema_filter import UploadFilter, entropy
+from models.catalog import build_model
+from models.cema.filter import UploadFilter, entropy
 from models.training import TrainSettings
 from strategies.base import DeviceInfo
 from strategies.cema import CEMA, SHARED, bn_state_keys

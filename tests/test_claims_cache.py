@@ -3,9 +3,9 @@
 import json
 import subprocess
 
-from experiments import claims_eclm
-from experiments.checkpoint import config_differences
-from experiments.claims_eclm import WHERE_KEYS, composed_config, run_cached
+from experiments.claims import eclm as claims_eclm
+from experiments.resume.checkpoint import config_differences
+from experiments.claims.eclm import WHERE_KEYS, composed_config, run_cached
 
 OVERRIDES = ["algorithm=fedavg", "rounds=2", "fleet.devices=4", "fleet.per_round=4"]
 
@@ -72,8 +72,7 @@ def test_an_unfinished_run_with_the_same_configuration_is_run_again_in_place(tmp
 def test_the_multi_app_measurement_is_reused_only_for_its_master_sizes_and_apps(tmp_path, monkeypatch, capsys):
     import argparse
 
-    from experiments import claims_elastic, elastic_multiapp
-
+    from experiments.claims import elastic as claims_elastic, elastic_multiapp
     measured = []
 
     def measure(cfg, sizes, apps):  # the real measurement takes minutes; it returns a report like this

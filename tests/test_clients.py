@@ -5,7 +5,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from clients.base import DEVICE_DECLINED, MALFORMED_MESSAGE, ClientHandler, Device, DeviceTensors
 from clients.local import LocalOnlyClient, LocalTrainingClient
-from models import build_model
+from models.catalog import build_model
 from models.training import TrainSettings
 
 torch.set_num_threads(1)

@@ -12,8 +12,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Rec
 
 from clients.base import MALFORMED_MESSAGE, Device, DeviceTensors
 from clients.eclm import PROFILE_BATCH, ECLMClient, catalog_of
-from models import build_model
-from models.modular import build_modular, module_of_key
+from models.catalog import build_model
+from models.eclm.modular import build_modular, module_of_key
 from models.training import TrainSettings
 from strategies.eclm import submodel_arrays
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
-from models.modular import build_modular, module_of_key
+from models.eclm.modular import build_modular, module_of_key
 from strategies.base import DeviceInfo
 from strategies.eclm import ECLM, ModuleCatalog, device_budget, modulewise_average, submodel_arrays
 

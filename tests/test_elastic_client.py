@@ -10,8 +10,8 @@ from clients.elastic import BATCHES_PER_ROUND, ElasticClient
 from clients.online import load_blob, stream_index
 from experiments.config import from_dict
 from experiments.validation import ConfigError, validate
-from models import build_model
-from models.elastic_remodel import pruned_model
+from models.catalog import build_model
+from models.elastic.remodel import pruned_model
 from models.training import TrainSettings
 from strategies.base import DeviceInfo
 from strategies.elastic import ElasticDNN
@@ -167,7 +167,7 @@ def test_the_cloud_ships_the_compressed_model_once_beside_the_master():
 
 
 def test_adapt_to_domain_needs_the_same_size_model_for_a_baseline():
-    from models.elastic_remodel import RemodelSettings, adapt_to_domain
+    from models.elastic.remodel import RemodelSettings, adapt_to_domain
 
     with pytest.raises(ValueError, match="small"):
         adapt_to_domain("tent", _model(), None, _stream(0).x, RemodelSettings())

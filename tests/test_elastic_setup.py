@@ -5,13 +5,13 @@ import copy
 import pytest
 import torch
 
-from experiments import elastic_tune
+from experiments.claims import elastic_tune
 from experiments.config import from_dict
 from experiments.data import build_federated_data, to_tensor
-from experiments.elastic_multiapp import DomainBatch
-from experiments.elastic_setup import compressed_baseline, compressed_cache_path, strategy_args
-from models.elastic_master import elastic_fbs_resnet_cpu
-from models.elastic_remodel import RemodelSettings, pruned_model
+from experiments.claims.elastic_multiapp import DomainBatch
+from experiments.algorithms.elasticdnn import compressed_baseline, compressed_cache_path, strategy_args
+from models.elastic.master import elastic_fbs_resnet_cpu
+from models.elastic.remodel import RemodelSettings, pruned_model
 from models.training import accuracy
 
 torch.set_num_threads(1)
@@ -85,7 +85,7 @@ def test_the_search_table_marks_each_methods_best_point():
 
 
 def test_the_masters_sandwich_mode_keys_its_pre_training_and_is_checked(tmp_path):
-    from experiments.pretrain import pretrain_cache_path
+    from experiments.pretrain.cache import pretrain_cache_path
     from experiments.validation import ConfigError, validate
 
     both, largest = _cfg(tmp_path), _cfg(tmp_path, sandwich="largest")
@@ -97,7 +97,7 @@ def test_the_masters_sandwich_mode_keys_its_pre_training_and_is_checked(tmp_path
 
 
 def test_the_shot_label_mode_reaches_the_device_settings_and_is_checked(tmp_path):
-    from experiments.elastic_setup import client_options
+    from experiments.algorithms.elasticdnn import client_options
     from experiments.validation import ConfigError
     from clients.elastic import SETTING_KEYS
 

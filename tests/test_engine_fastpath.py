@@ -1,4 +1,4 @@
-"""The one-pass message pump (experiments/engine_fastpath.py) on Flower 1.41's real in-memory link state.
+"""The one-pass message pump (experiments/engine/fastpath.py) on Flower 1.41's real in-memory link state.
 
 The state, run and nodes are set up as ``flwr.simulation.run_simulation`` sets them up; the
 cloud's messages are pushed through Flower's real ``InMemoryGrid``. The pump must hand out
@@ -25,7 +25,7 @@ from flwr.supercore.object_store import ObjectStoreFactory
 from flwr.supercore.run import Run
 from flwr.superlink.grid import InMemoryGrid
 
-from experiments.engine_fastpath import (
+from experiments.engine.fastpath import (
     GRID_PULL_S,
     faster_message_pump,
     pump_messages,

@@ -2,7 +2,7 @@
 
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
-from experiments.engine import EngineGrid, FleetWarmUp, is_discovery, largest_first, warm_up_fleet
+from experiments.engine.simulation import EngineGrid, FleetWarmUp, is_discovery, largest_first, warm_up_fleet
 from strategies.fedavg import FedAvg
 
 

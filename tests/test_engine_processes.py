@@ -11,10 +11,8 @@ import torch._dynamo  # noqa: F401  (each test's fork server inherits it instead
 from flwr.clientapp.client_app import ClientAppException
 from flwr.server.superlink.fleet.vce.backend import Backend
 
-from experiments import engine_forkserver
-from experiments import engine_processes as ep
-
-
+from experiments.engine import forkserver as engine_forkserver
+from experiments.engine import processes as ep
 class EchoApp:
     """A picklable stand-in ClientApp: the reply names the worker; 'raise', 'exit', 'sleep' misbehave."""
 
@@ -151,7 +149,7 @@ def test_the_backend_needs_its_block_and_a_worker_count():
 
 def test_auto_picks_processes_on_one_machine_and_ray_for_a_cluster_or_gpus():
     from experiments.config import EngineConfig, from_dict
-    from experiments.engine import resolved_backend
+    from experiments.engine.simulation import resolved_backend
     from experiments.validation import ConfigError
 
     assert resolved_backend(EngineConfig()) == "processes"

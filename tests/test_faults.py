@@ -24,7 +24,7 @@ from clients.an import AdaptiveNetClient
 from clients.base import HANDLER_FAILED, MALFORMED_MESSAGE, ClientHandler, Device, DeviceTensors, StreamTensors
 from clients.cema import CEMAClient
 from clients.eclm import ECLMClient
-from clients.faults import (
+from experiments.fleet.faults import (
     FAULT_KINDS,
     VANISH_EXIT_CODE,
     FaultInjector,
@@ -36,10 +36,10 @@ from clients.faults import (
 from clients.heterofl import HeteroFLClient
 from clients.local import LocalOnlyClient, LocalTrainingClient
 from clients.tta import TTAClient
-from models import build_model
-from models.modular import build_modular
+from models.catalog import build_model
+from models.eclm.modular import build_modular
 from models.training import TrainSettings
-from models.width import extract
+from models.width.submodel import extract
 from strategies.base import DeviceInfo
 from strategies.eclm import submodel_arrays
 from strategies.fedavg import FedAvg
@@ -290,7 +290,7 @@ def test_raise_and_vanish_stop_before_the_handler_runs():
 
 
 def test_a_vanishing_device_process_exits_at_once():
-    code = "from clients.faults import vanish_process; vanish_process(); print('still here')"
+    code = "from experiments.fleet.faults import vanish_process; vanish_process(); print('still here')"
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == VANISH_EXIT_CODE and "still here" not in done.stdout
 
@@ -528,7 +528,7 @@ E2E = [
 ]
 
 
-#: Under Ray a vanishing device stalls its actor (clients/faults.py); a worker process of the
+#: Under Ray a vanishing device stalls its actor (experiments/fleet/faults.py); a worker process of the
 #: process backend exits, and its message fails at once.
 VANISH_REASON = {"ray": "no reply within 10.0 s", "processes": "exit code 75"}
 

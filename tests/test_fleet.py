@@ -1,4 +1,4 @@
-"""Tests for experiments/fleet.py: device table, seeded budgets, fluctuation, virtual clock."""
+"""Tests for experiments/fleet/budgets.py: device table, seeded budgets, fluctuation, virtual clock."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from experiments.config import FleetConfig
-from experiments.fleet import (
+from experiments.fleet.budgets import (
     DEVICE_CLASSES,
     GIB,
     DeviceBudget,

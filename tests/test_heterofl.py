@@ -11,10 +11,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from clients.base import MALFORMED_MESSAGE, Device, DeviceTensors
 from clients.heterofl import HeteroFLClient
 from experiments.config import ConfigError, from_dict
-from models import build_model
+from models.catalog import build_model
 from models.training import TrainSettings
-from models.width import WIDTH_RATES, extract, sub_shapes
-from models.width_layers import RateCost, cost_key, costs_to_record, rate_costs
+from models.width.submodel import WIDTH_RATES, extract, sub_shapes
+from models.width.layers import RateCost, cost_key, costs_to_record, rate_costs
 from strategies.base import DeviceInfo
 from strategies.heterofl import FedRolex, HeteroFL, select_rate
 

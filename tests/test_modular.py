@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from models.costs import parameter_bytes
-from models.modular import ModularNet, ModuleCost, build_modular, module_of_key, parse_module_id
-from models.registry import build_model
+from models.eclm.modular import ModularNet, ModuleCost, build_modular, module_of_key, parse_module_id
+from models.catalog import build_model
 
 torch.set_num_threads(1)
 

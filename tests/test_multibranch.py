@@ -5,10 +5,10 @@ import pytest
 import torch
 from torch import nn
 
-from models import build_model
+from models.catalog import build_model
 from models.costs import parameter_bytes, train_flops_per_sample, training_memory_bytes
-from models.multibranch import MultiBranchNet, StageSpec, SupernetSpec
-from models.multibranch_training import recalibrate_batchnorm, sandwich_paths, train_supernet
+from models.multibranch.net import MultiBranchNet, StageSpec, SupernetSpec
+from models.multibranch.training import recalibrate_batchnorm, sandwich_paths, train_supernet
 from models.training import TrainSettings
 
 torch.set_num_threads(1)
@@ -192,8 +192,7 @@ def test_recalibrate_batchnorm_sets_running_stats_to_the_data_statistics():
 
 
 def test_training_names_stay_importable_from_models_multibranch():
-    from models import multibranch, multibranch_training
-
+    from models.multibranch import net as multibranch, training as multibranch_training
     for name in ("train_supernet", "recalibrate_batchnorm", "sandwich_paths", "SANDWICH_RANDOM_PATHS"):
         assert getattr(multibranch, name) is getattr(multibranch_training, name)
     with pytest.raises(AttributeError, match="no_such_name"):

@@ -1,4 +1,4 @@
-"""Tests for experiments/results.py: results.json, summary, plots, progress line, byte units."""
+"""Tests for experiments/results/writer.py: results.json, summary, plots, progress line, byte units."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from experiments import checkpoint
+from experiments.resume import checkpoint
 from experiments.config import RunConfig
-from experiments.results import (
+from experiments.results.writer import (
     ProgressLine,
     ResultsWriter,
     format_bytes,
@@ -314,7 +314,7 @@ def test_format_bytes_rejects_impossible_counts(count):
 
 # --------------------------------------------------------------------------- import cost
 def test_importing_results_does_not_import_matplotlib():
-    code = "import sys, experiments.results; print('matplotlib' in sys.modules)"
+    code = "import sys, experiments.results.writer; print('matplotlib' in sys.modules)"
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert output.stdout.strip() == "False"

@@ -25,7 +25,7 @@ from clients.base import Device, StreamTensors
 from clients.cema import CEMAClient
 from clients.online import STATE_KEY, load_blob
 from clients.tta import TTAClient
-from experiments.checkpoint import (
+from experiments.resume.checkpoint import (
     Checkpoint,
     checkpoint_folder,
     config_differences,
@@ -35,12 +35,12 @@ from experiments.checkpoint import (
     write_atomically,
 )
 from experiments.config import ConfigError, from_dict, to_dict
-from experiments.device_state import DeviceStateStore, device_state_dir, discard_after
-from experiments.results import ResultsWriter
-from experiments.resume import DEVICE_STATE_SAVED, resumable_checkpoint, start_or_resume
-from experiments.state_codec import MARK, decode_state, encode_state
-from models import build_model
-from models.cema_cloud import ReplayBuffer
+from experiments.resume.device_state import DeviceStateStore, device_state_dir, discard_after
+from experiments.results.writer import ResultsWriter
+from experiments.resume.checkpointer import DEVICE_STATE_SAVED, resumable_checkpoint, start_or_resume
+from experiments.resume.state_codec import MARK, decode_state, encode_state
+from models.catalog import build_model
+from models.cema.cloud import ReplayBuffer
 from models.training import TrainSettings
 from strategies.cema import CEMA, SHARED
 from strategies.cema_tally import UNKNOWN_LABEL, RoundTally
@@ -441,8 +441,8 @@ def _warm_pretrain_cache(cache: Path) -> None:
 
     from experiments.config import from_hydra
     from experiments.data import build_federated_data
-    from experiments.networks import build_run_model
-    from experiments.pretrain import pretrained_model
+    from experiments.pretrain.networks import build_run_model
+    from experiments.pretrain.cache import pretrained_model
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = from_hydra(compose(config_name="config", overrides=["output_dir=null", *SMALL, f"pretrain.cache_dir={cache}"]))

@@ -15,16 +15,16 @@ import torch
 from torch import nn
 
 from experiments.data.arrays import PIXEL_MEAN, PIXEL_STD
-from experiments.reference_family import FAMILY_OF_DATASET
-from models import build_model
-from models.tta import adapter_names, build_adapter, penultimate_features
-from models.tta_augment import PIXEL_MEAN as COTTA_PIXEL_MEAN
-from models.tta_augment import PIXEL_STD as COTTA_PIXEL_STD
-from models.tta_augment import cotta_augment
-from models.tta_base import make_optimizer, softmax_entropy
-from models.tta_lame import affinity_matrix, knn_affinity, laplacian_assignment, rbf_affinity
-from models.tta_methods import eta_keep_mask
-from models.tta_settings import CIFAR, FAMILIES, IMAGENET, reference_values, resolve
+from experiments.data.reference_family import FAMILY_OF_DATASET
+from models.catalog import build_model
+from models.tta.registry import adapter_names, build_adapter, penultimate_features
+from models.tta.augment import PIXEL_MEAN as COTTA_PIXEL_MEAN
+from models.tta.augment import PIXEL_STD as COTTA_PIXEL_STD
+from models.tta.augment import cotta_augment
+from models.tta.base import make_optimizer, softmax_entropy
+from models.tta.lame import affinity_matrix, knn_affinity, laplacian_assignment, rbf_affinity
+from models.tta.methods import eta_keep_mask
+from models.tta.settings import CIFAR, FAMILIES, IMAGENET, reference_values, resolve
 
 torch.set_num_threads(1)
 

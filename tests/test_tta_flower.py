@@ -11,10 +11,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from clients.base import MALFORMED_MESSAGE, Device, StreamTensors
 from clients.online import load_blob, stream_index
 from clients.tta import TTAClient, device_seed, method_names
-from experiments.algorithms import ALGORITHMS
+from experiments.algorithms.registry import ALGORITHMS
 from experiments.config import ConfigError, compose
-from models import build_model
-from models.tta import build_adapter
+from models.catalog import build_model
+from models.tta.registry import build_adapter
 from models.training import TrainSettings
 from strategies.base import DeviceInfo
 from strategies.tta import OnlineTTA

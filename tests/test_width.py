@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from models import build_model
+from models.catalog import build_model
 from models.training import TrainSettings
-from models.width import (
+from models.width.submodel import (
     WIDTH_RATES,
     SubModelUpdate,
     channel_axes,
@@ -21,7 +21,7 @@ from models.width import (
     pooled_bn_statistics,
     sub_shapes,
 )
-from models.width_layers import (
+from models.width.layers import (
     SAMPLES_KEY,
     RateCost,
     ScaledConv2d,
@@ -33,7 +33,7 @@ from models.width_layers import (
     scaled_model,
     static_batch_norm,
 )
-from models.width_training import LabelMasked, device_classes, mask_logits, masked_cross_entropy, train_submodel
+from models.width.training import LabelMasked, device_classes, mask_logits, masked_cross_entropy, train_submodel
 
 torch.set_num_threads(1)
 

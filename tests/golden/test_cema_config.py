@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from clients.cema import FILTER_OPTIONS, edge_logits
-from experiments import cema_setup
+from experiments.algorithms import cema as cema_setup
 from experiments.config import ConfigError, from_dict
-from models import build_model
-from models.cema_cloud import ReplayBuffer
-from models.cema_filter import UploadFilter
+from models.catalog import build_model
+from models.cema.cloud import ReplayBuffer
+from models.cema.filter import UploadFilter
 from strategies.cema import CEMA
 
 

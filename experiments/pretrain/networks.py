@@ -1,0 +1,23 @@
+"""The run's network, built the same way by the cloud and by every device."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from experiments.schema import ModelConfig
+from models.catalog import build_model
+
+#: ModelConfig fields that are family options, and the factory keyword each maps to.
+FAMILY_OPTIONS = {"top_k": "k", "modules_per_layer": "modules_per_layer", "shrink": "shrink"}
+
+
+def model_options(model: ModelConfig) -> dict:
+    """Family options that are set (None keeps the family's own default)."""
+    return {kw: getattr(model, field) for field, kw in FAMILY_OPTIONS.items() if getattr(model, field) is not None}
+
+
+def build_run_model(model: ModelConfig, num_classes: int, in_channels: int) -> nn.Module:
+    """A fresh instance of the configured network."""
+    return build_model(
+        model.name, num_classes=num_classes, width=model.width, in_channels=in_channels, **model_options(model)
+    )
