@@ -22,15 +22,17 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from clients.base import Device, StreamTensors
-from experiments.fleet.faults import TIMEOUT_OVERSHOOT, FaultInjector
-from experiments.fleet import budgets as fleet, startup
-from experiments.algorithms.registry import ALGORITHMS
-from experiments.config import FaultsConfig, ModelConfig, RunConfig, config_hash, from_flat
+from experiments.algorithms import ALGORITHMS
+from experiments.config import from_flat
 from experiments.data import build_federated_data, to_tensor
-from experiments.resume.device_state import DeviceStateStore, device_state_dir
-from experiments.pretrain.networks import build_run_model
+from experiments.fleet import budgets as fleet
+from experiments.fleet import startup
+from experiments.fleet.faults import TIMEOUT_OVERSHOOT, FaultInjector
 from experiments.fleet.node_budget import device_budget
 from experiments.fleet.node_memory import FLOPS_RECORD, remembered_number
+from experiments.pretrain.networks import build_run_model
+from experiments.resume.device_state import DeviceStateStore, device_state_dir
+from experiments.schema import FaultsConfig, ModelConfig, RunConfig, config_hash
 from models.costs import train_flops_per_sample
 from models.training import TrainSettings
 
@@ -52,7 +54,7 @@ class DeviceParts:
     """A device's :class:`~clients.base.DeviceTensors` for one slot, each part rendered on first use.
 
     A device asked to evaluate reads only ``test_x``/``test_y`` and so renders only its local
-    test set, not its training set (issue 7: in simulation the evaluating actor is often not
+    test set, not its training set (in simulation the evaluating actor is often not
     the one that trained the device, so its cache misses). Same values as rendering both.
     """
 

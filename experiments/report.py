@@ -29,8 +29,8 @@ import numpy as np
 
 from experiments.results.plots import bytes_axis_formatter, cumulative_bytes, integer_axis_locator, new_figure
 from experiments.results.progress import format_bytes
-from experiments.results.writer import RESULTS_FILENAME, load_results
 from experiments.results.summary import summarize
+from experiments.results.writer import RESULTS_FILENAME, load_results
 
 REPORT_MARKDOWN = "report.md"
 REPORT_PLOT = "report.png"

@@ -22,7 +22,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 import experiments  # noqa: F401  (offline switches first)
-from experiments.config import ConfigError, from_hydra
+from experiments.config import from_hydra
+from experiments.schema import ConfigError
 
 logger = logging.getLogger(__name__)
 #: Libraries that log set-up chatter at INFO through Hydra's root handler.
@@ -52,7 +53,7 @@ def preflight(cfg, run_dir: Path | None = None) -> None:
     With ``resume=true`` the checkpoint in ``run_dir`` is checked too (it exists, its
     configuration matches, the algorithm's device state was saved).
     """
-    from experiments.algorithms.registry import ALGORITHMS
+    from experiments.algorithms import ALGORITHMS
     from experiments.data import build_federated_data
     from experiments.pretrain.networks import build_run_model
 
@@ -64,8 +65,8 @@ def preflight(cfg, run_dir: Path | None = None) -> None:
         raise ConfigError(str(exc)) from exc
     ALGORITHMS[cfg.algorithm.name].check_model(model)
     if cfg.resume and run_dir is not None:
-        from experiments.resume.device_state import device_state_dir
         from experiments.resume.checkpointer import resumable_checkpoint
+        from experiments.resume.device_state import device_state_dir
 
         resumable_checkpoint(cfg, run_dir, device_state_dir(cfg, run_dir))
 

@@ -22,7 +22,7 @@ they see; the devices take theirs from their first test batch and keep them unti
 model sent back has statistics of its own (the reset marker travels with the BN entries).
 
 Teacher accuracy: devices attach their uploads' labels (known in simulation only) in the
-:data:`strategies.payload.ORACLE_RECORD`; the cloud compares them with the teacher's classes
+:data:`strategies.protocol.ORACLE_RECORD`; the cloud compares them with the teacher's classes
 in each distillation step (``teacher_accuracy``). Labels never reach a training step and,
 like every oracle record, are not counted as transmitted bytes.
 """
@@ -30,12 +30,13 @@ like every oracle record, are not counted as transmitted bytes.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
 from torch import nn
 
 from models.cema.cloud import (
@@ -52,6 +53,18 @@ from models.cema.filter import E_MAX_FRACTION, default_e_max0
 from models.cema.tbr import BN_MODES, TBR, reset_state_statistics, reset_statistics
 from strategies.base import EdgeCloudStrategy
 from strategies.cema_tally import RoundTally, upload_labels
+from strategies.metrics import metric_record
+from strategies.protocol import (
+    ARRAYS_RECORD,
+    CONFIG_RECORD,
+    CORRECT_KEY,
+    DOMAIN_KEY,
+    METRICS_RECORD,
+    PIXELS_KEY,
+    STREAM_RECORD,
+    UPLOADS_RECORD,
+    WEIGHT_KEY,
+)
 
 #: What the cloud sends after a device's first batch: BN entries only, or the full model.
 SEND_MODES = ("bn", "full")
@@ -61,7 +74,7 @@ EDGE_MODES = ("shared", "per_device")
 SHARED = -1
 #: Stream tag that separates the replay draws from every other use of the run seed.
 REPLAY_STREAM = 0xCE
-#: The image shape every upload must have (uint8 NHWC, protocol "uploads" record).
+#: Dimensions of every upload (uint8 NHWC images in the ``uploads`` record).
 UPLOAD_NDIM = 4
 
 
@@ -209,7 +222,9 @@ class CEMA(EdgeCloudStrategy):
         return self.tracks[key]
 
     # ------------------------------------------------------------------ train
-    def configure_train(self, server_round, arrays, config, grid):
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """Full edge model to first-time devices, the ``send`` entries (of their edge model) to the others.
 
         The first call records ``arrays`` as the initial edge model, with TBR's reset marker
@@ -224,7 +239,7 @@ class CEMA(EdgeCloudStrategy):
             current = ArrayRecord(self.track(SHARED).model.state_dict())
         else:
             current = ArrayRecord(self.initial_state)
-        full = RecordDict({"config": self.round_config(server_round), "arrays": current})
+        full = RecordDict({CONFIG_RECORD: self.round_config(server_round), ARRAYS_RECORD: current})
         keys = list(current.keys()) if self.send == "full" else self.bn_keys
         shared_update = self._update_record(server_round, current, keys)
 
@@ -239,11 +254,13 @@ class CEMA(EdgeCloudStrategy):
 
     def _update_record(self, server_round: int, arrays: ArrayRecord, keys: list[str]) -> RecordDict:
         return RecordDict({
-            "config": self.round_config(server_round),
-            "arrays": ArrayRecord({key: arrays[key] for key in keys}),
+            CONFIG_RECORD: self.round_config(server_round),
+            ARRAYS_RECORD: ArrayRecord({key: arrays[key] for key in keys}),
         })
 
-    def aggregate_train(self, server_round, replies):
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Count online accuracy, run each reply's edge batch through the cloud, return the edge state."""
         replies = list(replies)  # sorted by partition id (EdgeCloudStrategy.exchange)
         tally = RoundTally()
@@ -269,15 +286,15 @@ class CEMA(EdgeCloudStrategy):
             "cloud_compute_s": time.perf_counter() - started,
         }
         if self.edge_models == "shared":
-            return ArrayRecord(self.edge.state_dict()), metrics
-        return None, metrics
+            return ArrayRecord(self.edge.state_dict()), metric_record(metrics)
+        return None, metric_record(metrics)
 
     def _uploads_of(self, reply: Message, pid: int) -> np.ndarray | None:
         """The reply's uploaded pixels (empty when it uploaded nothing); None, recorded, if unusable."""
-        record = reply.content.array_records.get("uploads")
+        record = reply.content.array_records.get(UPLOADS_RECORD)
         if record is None:
             return np.zeros((0, 0, 0, 0), dtype=np.uint8)
-        pixels = record["pixels"].numpy() if "pixels" in record else None
+        pixels = record[PIXELS_KEY].numpy() if PIXELS_KEY in record else None
         problem = _upload_problem(pixels)
         if problem is not None:
             self.ledger.fail(pid, "train", f"rejected uploads: {problem}")
@@ -349,11 +366,11 @@ class CEMA(EdgeCloudStrategy):
     # ------------------------------------------------------------------ helpers
     def _count_online(self, reply) -> None:
         """Add a reply's prediction counts to its domain's cumulative tally."""
-        domain = str(reply.content["stream"]["domain"])
-        metrics = reply.content["metrics"]
+        domain = str(reply.content[STREAM_RECORD][DOMAIN_KEY])
+        metrics = reply.content[METRICS_RECORD]
         tally = self.online.setdefault(domain, [0, 0])
-        tally[0] += int(metrics["correct"])
-        tally[1] += int(metrics["num_examples"])
+        tally[0] += int(metrics[CORRECT_KEY])
+        tally[1] += int(metrics[WEIGHT_KEY])
 
     def online_metrics(self) -> dict:
         """Cumulative online accuracy over all domains and per domain (protocol keys)."""

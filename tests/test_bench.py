@@ -1,4 +1,4 @@
-"""The benchmark's pieces (issue 7): sizes and cases, medians and ratios, the memory sampler on
+"""The benchmark's pieces: sizes and cases, medians and ratios, the memory sampler on
 real child processes, child timeouts, round timing from results.json, the floor's FedAvg
 arithmetic and cohorts, the plain-Flower app's settings, and the markdown report.
 
@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from experiments.bench.cli import fresh_folder, main
 from experiments.bench.cases import GROUPS, model_overrides, parse_sizes, plan_cases
+from experiments.bench.cli import fresh_folder, main
 from experiments.bench.floor import COHORT_STREAM, average_states, cohort_of
 from experiments.bench.memory import TreeMemorySampler, read_pss_bytes, sample_tree
 from experiments.bench.report import (
@@ -36,7 +36,8 @@ from experiments.bench.report import (
 )
 from experiments.bench.runs import RoundWatcher, run_child, timings
 from experiments.bench.stack import STACK
-from experiments.config import RunConfig, compose
+from experiments.config import compose
+from experiments.schema import RunConfig
 
 MIB = 1024**2
 
@@ -200,7 +201,7 @@ def test_write_report_writes_json_and_markdown(tmp_path):
     report = _report(tmp_path)
     write_report(report, tmp_path / "out" / "p.json", tmp_path / "out" / "P.md")
     assert json.loads((tmp_path / "out" / "p.json").read_text())["summary"]["fedavg@100"]["round_s"] == 1.5
-    assert (tmp_path / "out" / "P.md").read_text().startswith("# Performance (issue 7)")
+    assert (tmp_path / "out" / "P.md").read_text().startswith("# Performance")
 
 
 # --------------------------------------------------------------------------- memory and children

@@ -18,7 +18,6 @@ from models.elastic.master import elastic_fbs_resnet_cpu
 from models.elastic.remodel import RemodelSettings
 from models.elastic.scheduler import Schedule
 
-
 #: Enough full-batch Adam steps to rank two sizes on these tiny tables (the default 500 is for real runs).
 FIT_EPOCHS = 100
 

@@ -14,7 +14,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 
 from clients.base import Device, DeviceTensors
 from clients.eclm import ECLMClient
-from models.eclm.modular import build_modular, module_of_key
+from models.eclm.families import build_modular
+from models.eclm.layer import module_of_key
 from models.training import TrainSettings
 from strategies.base import DeviceInfo
 from strategies.eclm import ECLM, submodel_arrays
@@ -77,7 +78,7 @@ def test_check_reply_rejects_missing_arrays_and_unknown_devices():
 def _train_reply(strategy, pid, arrays, num_examples=10):
     msg = Message(RecordDict({"config": ConfigRecord({"round": 1})}), dst_node_id=strategy.devices[pid].node_id,
                   message_type=MessageType.TRAIN)
-    content = RecordDict({"metrics": MetricRecord({"num_examples": num_examples, "accuracy": 0.5})})
+    content = RecordDict({"metrics": MetricRecord({"num-examples": num_examples, "accuracy": 0.5})})
     if arrays is not None:
         content["arrays"] = arrays
     return Message(content, reply_to=msg)

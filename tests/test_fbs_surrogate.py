@@ -4,8 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from models.elastic.fbs import ChannelGroup
+from models.catalog import build_model
 from models.elastic.bank import build_bank, update_bank_and_master
+from models.elastic.fbs import ChannelGroup
 from models.elastic.surrogate import (
     apply_keep_masks,
     conv_parameter_count,
@@ -20,7 +21,6 @@ from models.elastic.surrogate import (
     surrogate_deltas,
     write_back_bn,
 )
-from models.catalog import build_model
 
 torch.set_num_threads(1)
 

@@ -7,7 +7,6 @@ import dataclasses
 import numpy as np
 import pytest
 
-from experiments.config import FleetConfig
 from experiments.fleet.budgets import (
     DEVICE_CLASSES,
     GIB,
@@ -18,6 +17,7 @@ from experiments.fleet.budgets import (
     load_factor,
     sample_budget,
 )
+from experiments.schema import FleetConfig
 
 PIDS = range(400)
 

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from experiments.algorithms.cema import foundation_config
-from experiments.config import ConfigError, DatasetConfig, ScenarioConfig, from_dict
+from experiments.config import from_dict
 from experiments.data import build_federated_data, to_tensor
 from experiments.data.imagenet_c import (
     LAYOUT,
@@ -26,6 +26,7 @@ from experiments.data.imagenet_c import (
     index_folder,
 )
 from experiments.pretrain.cache import pretrained_model
+from experiments.schema import ConfigError, DatasetConfig, ScenarioConfig
 from models.catalog import build_model
 from models.tv_resnet import IMAGENET_MEAN, IMAGENET_STD, load_checkpoint
 

@@ -4,8 +4,8 @@ import torch
 
 from experiments.config import from_dict
 from experiments.data import build_federated_data
-from experiments.pretrain.networks import build_run_model
 from experiments.pretrain.cache import pretrain_cache_path, pretrained_model
+from experiments.pretrain.networks import build_run_model
 
 SMALL = {"dataset": {"proxy_samples": 64, "global_test_samples": 32}, "pretrain": {"epochs": 1},
          "model": {"name": "cnn", "width": 4}, "algorithm": {"name": "fedavg"}, "fleet": {"devices": 4, "per_round": 2}}

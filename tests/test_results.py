@@ -12,15 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from experiments.results.progress import ProgressLine, format_bytes
+from experiments.results.summary import summarize
+from experiments.results.writer import ResultsWriter, load_results
 from experiments.resume import checkpoint
-from experiments.config import RunConfig
-from experiments.results.writer import (
-    ProgressLine,
-    ResultsWriter,
-    format_bytes,
-    load_results,
-    summarize,
-)
+from experiments.schema import RunConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -1,14 +1,18 @@
-"""What the apps hand the AN baseline (AdaptiveNet-style): supernet training and a model check."""
+"""AN (ECLM 7.1, AdaptiveNet-style): a multi-branch supernet pre-trained in the cloud; each device picks
+the best branch combination that fits its budget and fine-tunes it, with no aggregation."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from experiments.config import ConfigError, RunConfig
+from clients.an import AdaptiveNetClient
+from experiments.algorithms.plugin import Algorithm
+from experiments.schema import ConfigError, RunConfig
 from models.multibranch.net import MultiBranchNet
 from models.multibranch.training import train_supernet
 from models.training import TrainSettings
+from strategies.an import AdaptiveNet
 
 
 def check_model(model: nn.Module) -> None:
@@ -27,3 +31,17 @@ def cloud_training(cfg: RunConfig, model: MultiBranchNet, x: torch.Tensor, y: to
 def strategy_args(cfg: RunConfig, model: nn.Module, data) -> dict:
     """The per-round compute allowance devices choose their path within (the round deadline)."""
     return {"compute_budget_s": cfg.fleet.deadline_s}
+
+
+ALGORITHMS = (
+    Algorithm(
+        "an",
+        "AN: AdaptiveNet-style supernet, on-device branch choice, no aggregation (ECLM 7.1)",
+        AdaptiveNet,
+        AdaptiveNetClient,
+        default_model="multibranch_cnn",
+        cloud_training=cloud_training,
+        strategy_args=strategy_args,
+        check_model=check_model,
+    ),
+)

@@ -1,4 +1,4 @@
-"""The benchmark's cases (issue 7): which runs ``python -m experiments.bench`` makes, on which fleets.
+"""The benchmark's cases: which runs ``python -m experiments.bench`` makes, on which fleets.
 
 A case is a runner (the project's door, the plain-Flower app or the plain loop) on Hydra
 overrides; :func:`plan_cases` expands the chosen groups over the fleet sizes of
@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-#: Issue 7: fleets of 100, 500 and 1,000 devices with cohorts of 10, 25 and 50.
+#: Fleets of 100, 500 and 1,000 devices with cohorts of 10, 25 and 50.
 ISSUE_COHORTS = {100: 10, 500: 25, 1000: 50}
 GROUPS = ("fedavg", "plain", "floor", "stack", "eclm", "cema", "elasticdnn", "fleet", "pump", "ray")
 #: The ``pump`` group: the project's FedAvg with Flower's own message pump and polls, the

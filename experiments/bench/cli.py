@@ -1,4 +1,4 @@
-"""``python -m experiments.bench``: what the platform costs beyond the training itself (issue 7).
+"""``python -m experiments.bench``: what the platform costs beyond the training itself.
 
 One run measures, side by side, with repetitions and medians:
 
@@ -38,7 +38,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from experiments.results.aside import move_aside
 from experiments.bench.cases import (
     GROUPS,
     Case,
@@ -60,11 +59,12 @@ from experiments.bench.report import (
 )
 from experiments.bench.runs import ROOT, RUNNERS, run_child, skipped_record
 from experiments.config import compose
+from experiments.results.aside import move_aside
 
 DEFAULT_JSON = ROOT / "docs" / "performance.json"
 DEFAULT_MARKDOWN = ROOT / "docs" / "PERFORMANCE.md"
 DEFAULT_SIZES = "100,500,1000"
-DEFAULT_REPS = 3  # issue 7: repetitions and medians; 3 is the least that has a median
+DEFAULT_REPS = 3  # repetitions and medians; 3 is the least that has a median
 DEFAULT_ROUNDS = 5  # round 1 holds the start-up; rounds 2-5 give 4 per-round samples a rep
 #: --quick: one repetition, 3 rounds, the default fleet only (a smoke run, not a measurement).
 QUICK = {"reps": 1, "rounds": 3, "sizes": "100"}
@@ -94,11 +94,11 @@ def warm_server(flat: dict) -> None:
     part, then the algorithm's strategy arguments (CEMA pre-trains its foundation model there).
     """
 
-    from experiments.algorithms.registry import ALGORITHMS
+    from experiments.algorithms import ALGORITHMS
     from experiments.config import from_flat
     from experiments.data import build_federated_data
-    from experiments.pretrain.networks import build_run_model
     from experiments.pretrain.cache import pretrained_model
+    from experiments.pretrain.networks import build_run_model
 
     cfg = from_flat(flat)
     data = build_federated_data(cfg.dataset, cfg.scenario, cfg.fleet.devices, cfg.seed)
@@ -106,7 +106,7 @@ def warm_server(flat: dict) -> None:
     algorithm = ALGORITHMS[cfg.algorithm.name]
     model = build_run_model(cfg.model, data.num_classes, data.image_shape[0])
     algorithm.check_model(model)
-    model = pretrained_model(cfg, model, data)
+    model = pretrained_model(cfg, model, data, algorithm.pretraining(cfg))
     algorithm.strategy_args(cfg, model, data)
 
 

@@ -23,9 +23,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from experiments.config import RunConfig, from_flat
+from experiments.config import from_flat
 from experiments.data import build_federated_data, to_tensor
 from experiments.pretrain.networks import build_run_model
+from experiments.schema import RunConfig
 from models.training import TrainSettings, accuracy, train_epochs
 
 #: The stream tag of cohort draws: equal to ``strategies.base.COHORT_STREAM`` (kept here so

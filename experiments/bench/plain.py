@@ -31,9 +31,10 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
-from experiments.config import RunConfig, from_flat
+from experiments.config import from_flat
 from experiments.data import build_federated_data, to_tensor
 from experiments.pretrain.networks import build_run_model
+from experiments.schema import RunConfig
 from models.training import TrainSettings, accuracy, train_epochs
 
 #: node_config key Flower's simulation sets on every virtual SuperNode.

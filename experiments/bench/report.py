@@ -1,4 +1,4 @@
-"""The benchmark's arithmetic and its report: medians, ratios against issue 7's targets,
+"""The benchmark's arithmetic and its report: medians, ratios against the performance targets,
 the machine description and ``docs/PERFORMANCE.md`` (used by :mod:`experiments.bench.cli`).
 """
 
@@ -93,7 +93,7 @@ class Target:
 
 
 def issue_targets(sizes: Sequence[tuple[int, int]]) -> list[Target]:
-    """Issue 7's targets (limit set) and the reference ratios beside them (limit None)."""
+    """The performance targets (limit set) and the reference ratios beside them (limit None)."""
     d = sizes[0][0]
     largest = max(n for n, _ in sizes)
     rows = [
@@ -226,7 +226,7 @@ def markdown_report(report: dict) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in machine["versions"].items())
     warm_s = sum(w["total_s"] for w in report["warmup"].values())
     lines = [
-        "# Performance (issue 7)",
+        "# Performance",
         "",
         f"Written by `{report['command']}` on {report['created']} (ratios and medians: `{report['json']}`).",
         "",

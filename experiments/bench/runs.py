@@ -1,4 +1,4 @@
-"""How the benchmark makes and times one run (issue 7): a child process per run, its memory sampled.
+"""How the benchmark makes and times one run: a child process per run, its memory sampled.
 
 :func:`run_child` starts a command in a process group of its own, samples the memory of its
 whole tree (:mod:`experiments.bench.memory`) and kills the group at a hard timeout;

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 from experiments.results.aside import free_name
-from experiments.resume.checkpoint import config_differences
 from experiments.results.progress import format_bytes
+from experiments.resume.checkpoint import config_differences
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Method -> (label, overrides). Baselines use the plain CIFAR ResNet18 the modular one
@@ -88,8 +88,9 @@ def composed_config(overrides: list[str]) -> dict:
     """The JSON configuration ``experiments.run overrides`` would store (Hydra's own keys dropped)."""
     from experiments.config import compose
     from experiments.results.writer import to_json_safe
+    from experiments.schema import to_dict
 
-    return to_json_safe(compose([o for o in overrides if not o.lstrip("+~").startswith("hydra.")]))
+    return to_json_safe(to_dict(compose([o for o in overrides if not o.lstrip("+~").startswith("hydra.")])))
 
 
 def bytes_to_reach(rounds: list[dict], target: float | None) -> float | None:

@@ -25,12 +25,12 @@ from pathlib import Path
 import numpy as np
 
 from experiments.claims import elastic_multiapp
-from experiments.results.aside import free_name
-from experiments.resume.checkpoint import config_differences
 from experiments.claims.eclm import WHERE_KEYS, run_cached, write_section
 from experiments.config import from_dict
+from experiments.results.aside import free_name
 from experiments.results.plots import integer_axis_locator, new_figure
 from experiments.results.progress import format_bytes
+from experiments.resume.checkpoint import config_differences
 
 ROOT = Path(__file__).resolve().parents[1]
 #: The runs in table order: label -> overrides of ``algorithm.elasticdnn``. Each method retrains
@@ -66,10 +66,10 @@ VARIANT_EFFECTS = (
 #: Method names of the runs (models.elastic.remodel.METHODS and the ablation/extension labels).
 METHODS = tuple(RUNS)
 BEGIN, END = "<!-- elastic-claims:begin -->", "<!-- elastic-claims:end -->"
-#: Issue 5 targets: +10 accuracy points over the same-size Tent/SHOT, >= 5x faster than ``full``.
+#: The paper's claims as targets: +10 accuracy points over the same-size Tent/SHOT, >= 5x faster than ``full``.
 ACCURACY_GAIN_TARGET = 0.10
 SPEEDUP_TARGET = 5.0
-#: Same-size methods the accuracy target compares against (issue 5).
+#: Same-size methods the accuracy target compares against.
 TARGET_BASELINES = ("tent", "shot")
 #: Float slack of the target comparisons (0.70 - 0.60 is 0.0999... in binary).
 TARGET_SLACK = 1e-9
@@ -269,7 +269,7 @@ def multiapp_section(report: dict | None) -> list[str]:
     mae = report["estimator_mae"]
     classes = ", ".join(sorted({d["device_class"] for d in report["devices"]}))
     return [
-        "### Co-running apps (issue 5 item 6; `experiments/claims/elastic_multiapp.py`)",
+        "### Co-running apps (`experiments/claims/elastic_multiapp.py`)",
         "",
         f"Measured on the pre-trained master: {len(report['domains'])} domains (device 0's order) x sizes "
         f"{report['sizes']}, each from the pre-trained master (before/after on the held-out batch, host seconds):",

@@ -1,6 +1,6 @@
 """ElasticDNN's multi-application comparison, scored with measured runs (seed 003, III-C, IV-C).
 
-Issue 5 item 6. Three stages:
+Three stages:
 
 1. **Measure.** On the run's pre-trained master (loaded from the pre-training cache the runs
    used), for every domain of one device's evolving sequence and every candidate surrogate size
@@ -54,11 +54,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from experiments.config import RunConfig, from_dict
+from experiments.algorithms import ALGORITHMS
+from experiments.config import from_dict
 from experiments.data import build_federated_data, to_tensor
 from experiments.fleet.budgets import sample_budget
-from experiments.pretrain.networks import build_run_model
 from experiments.pretrain.cache import pretrained_model
+from experiments.pretrain.networks import build_run_model
+from experiments.schema import RunConfig
 from models.catalog import build_model
 from models.costs import train_flops_per_sample
 from models.elastic.estimator import (
@@ -82,11 +84,11 @@ from models.elastic.scheduler import (
 )
 from models.training import accuracy
 
-#: Candidate surrogate sizes (keep fractions; issue 5 item 6's example set).
+#: Candidate surrogate sizes (keep fractions).
 CANDIDATE_SIZES = (0.1, 0.2, 0.3, 0.5)
 #: Co-running applications (paper IV-C: 2 to 4).
 APP_COUNTS = (2, 3, 4)
-#: Uniform's and Ekya-like's fixed size: the default surrogate size (issue 5, 20 %).
+#: Uniform's and Ekya-like's fixed size: the default surrogate size (20 %).
 BASELINE_SIZE = 0.2
 #: Share of the domains the estimator is fitted on (the first ones of the device's order).
 TRAIN_DOMAIN_SHARE = 0.5
@@ -395,7 +397,7 @@ def load_master(cfg: RunConfig):
     model = build_run_model(cfg.model, data.num_classes, data.image_shape[0])
     if not isinstance(model, ElasticMaster):
         raise ValueError(f"model {cfg.model.name} is not an ElasticDNN master; pass an algorithm=elasticdnn run")
-    model = pretrained_model(cfg, model, data)
+    model = pretrained_model(cfg, model, data, ALGORITHMS[cfg.algorithm.name].pretraining(cfg))
     return data, model
 
 
@@ -410,7 +412,7 @@ def run_multiapp(cfg: RunConfig, sizes: Sequence[float] = CANDIDATE_SIZES, app_c
     torch.set_num_threads(cfg.engine.torch_threads)
     started = time.perf_counter()
     data, elastic = load_master(cfg)
-    opts = cfg.algorithm.elasticdnn
+    opts = cfg.algorithm.options
     settings = RemodelSettings(mass=opts.mass, loss=opts.loss, epochs=opts.epochs, lr=opts.lr,
                                batch_size=opts.batch_size)
     source_x = to_tensor(data.proxy()[0][:SOURCE_SAMPLES])

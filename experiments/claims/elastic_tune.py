@@ -24,9 +24,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from experiments.config import compose
-from experiments.claims.elastic_multiapp import DomainBatch, domain_batches, load_master
 from experiments.algorithms.elasticdnn import compressed_baseline
+from experiments.claims.elastic_multiapp import DomainBatch, domain_batches, load_master
+from experiments.config import compose
 from models.elastic.master import ElasticMaster
 from models.elastic.remodel import METHODS, PRUNED_METHODS, RemodelSettings, adapt_to_domain, pruned_model
 from models.training import accuracy
@@ -102,9 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = compose(args.overrides)
     torch.set_num_threads(cfg.engine.torch_threads)
     data, elastic = load_master(cfg)
-    compressed = compressed_baseline(cfg, elastic, data) if cfg.algorithm.elasticdnn.compress_epochs else None
+    compressed = compressed_baseline(cfg, elastic, data) if cfg.algorithm.options.compress_epochs else None
     batches = domain_batches(data, args.partition)
-    opts = cfg.algorithm.elasticdnn
+    opts = cfg.algorithm.options
     base = RemodelSettings(keep_fraction=opts.keep_fraction, mass=opts.mass, loss=opts.loss, batch_size=opts.batch_size)
     started, rows = time.perf_counter(), []
     for method, lr, epochs in grid(args.methods, args.lrs, args.epochs):

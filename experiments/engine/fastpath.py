@@ -1,4 +1,4 @@
-"""A faster message pump for Flower 1.41's simulation runtime (issue 7), used by ``experiments.engine.simulation``.
+"""A faster message pump for Flower 1.41's simulation runtime, used by ``experiments.engine.simulation``.
 
 Flower's simulation hands messages to the Ray actors through one thread,
 ``flwr.server.superlink.fleet.vce.vce_api.add_messages_to_queue``: every 0.1 s it calls
@@ -16,7 +16,9 @@ all samples of the cloud process, and it grows with the fleet. A message also wa
 :func:`faster_message_pump` installs it for the duration of a simulation. It reads the
 in-memory link state's own fields (``lock``, ``message_ins_store``,
 ``_check_stored_messages``), which Flower does not promise to keep: :func:`supports`
-checks for them, and a state without them is pumped by Flower's own function, unchanged.
+checks for them, and a state without them is pumped by Flower's own function, unchanged (with
+a warning). :func:`faster_message_pump` reports whether Flower called the pump at all, so a run
+can fail by name when Flower stops looking it up (:mod:`experiments.engine.guards`).
 Only the project's runs use it; the plain-Flower baseline of the benchmark
 (``experiments/bench/plain.py``) runs Flower as it ships.
 """
@@ -24,10 +26,16 @@ Only the project's runs use it; the plain-Flower baseline of the benchmark
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from queue import Queue
 from typing import Any
+
+from flwr.server.superlink.fleet.vce import vce_api
+from flwr.supercore.date import now
+
+logger = logging.getLogger(__name__)
 
 #: Seconds between two sweeps of the pump (Flower 1.41's own: 0.1 s). One sweep is one pass
 #: over the messages in flight (at most a cohort), microseconds each; 10 ms bounds a
@@ -64,8 +72,6 @@ def take_undelivered(state: Any, node_ids: set[int]) -> list:
     list of Message
         At most one per node, in the order the messages were stored.
     """
-    from flwr.supercore.date import now
-
     picked: dict[int, Any] = {}
     with state.lock:
         state._check_stored_messages(set(state.message_ins_store))
@@ -90,29 +96,34 @@ def pump_messages(state: Any, queue: Queue, nodes_mapping: Mapping[int, int], f_
         f_stop.wait(interval_s)
 
 
-def _pump_or_flower(flower_pump):
+def _pump_or_flower(flower_pump: Callable[..., None], called: threading.Event) -> Callable[..., None]:
+    """The pump Flower's runtime calls: :func:`pump_messages`, or ``flower_pump`` for another link state."""
+
     def pump(state, queue, nodes_mapping, f_stop) -> None:
+        called.set()
         if supports(state):
             pump_messages(state, queue, nodes_mapping, f_stop)
-        else:  # another link state: Flower's own pump
-            flower_pump(state, queue, nodes_mapping, f_stop)
+            return
+        logger.warning("Flower's link state (%s) lacks %s: its messages go through Flower's own pump, "
+                       "the one-pass pump is off for this run", type(state).__name__, ", ".join(STATE_FIELDS))
+        flower_pump(state, queue, nodes_mapping, f_stop)
 
     return pump
 
 
 @contextlib.contextmanager
-def faster_message_pump() -> Iterator[None]:
+def faster_message_pump() -> Iterator[threading.Event]:
     """Inside the block, Flower's simulation runtime pumps messages with :func:`pump_messages`.
 
-    Replaces ``vce_api.add_messages_to_queue`` (``run_api`` looks it up when it starts its
-    thread) and restores Flower's function on exit, even on error.
+    Replaces ``vce_api.add_messages_to_queue`` (Flower 1.41's ``run_api`` looks it up when it
+    starts its thread) and restores Flower's function on exit, even on error. Yields an event
+    that is set once Flower has called the pump (tests/test_engine_guards.py checks that it does).
     """
-    from flwr.server.superlink.fleet.vce import vce_api
-
+    called = threading.Event()
     flower_pump = vce_api.add_messages_to_queue
-    vce_api.add_messages_to_queue = _pump_or_flower(flower_pump)
+    vce_api.add_messages_to_queue = _pump_or_flower(flower_pump, called)
     try:
-        yield
+        yield called
     finally:
         vce_api.add_messages_to_queue = flower_pump
 

@@ -1,10 +1,10 @@
-"""A fork server forked from the driver, started early, for :mod:`experiments.engine.processes` (issue 7).
+"""A fork server forked from the driver, started early, for :mod:`experiments.engine.processes`.
 
 The process backend's workers must share the driver's imported pages (torch alone is ~280 MB
 of private memory per process that imports it) and must not be forked once Flower's threads
-run. Forking them from the driver itself (what the backend did first) puts everything they
-need on the driver's path: torch's compiler stack, which the first optimizer imports (1.7-2.5 s
-measured), then the data and FLOP-count caches, and only then Flower's start.
+run. Forking them from the driver itself would put everything they need on the driver's
+path: torch's compiler stack, which the first optimizer imports (1.7-2.5 s measured), then the
+data and FLOP-count caches, and only then Flower's start.
 
 This module forks a *fork server* off the driver as soon as the run's configuration is known,
 while the driver is still single-threaded: it shares every page the driver has imported so
@@ -35,9 +35,11 @@ import time
 from collections.abc import Callable, Sequence
 from multiprocessing import connection, forkserver, util
 
+import torch
+
 logger = logging.getLogger(__name__)
 
-#: The parameters of ``multiprocessing.forkserver.main`` this module knows how to call (3.10-3.12).
+#: The parameters of ``multiprocessing.forkserver.main`` this module knows how to call (Python 3.11-3.12).
 KNOWN_MAIN_PARAMETERS = ("listener_fd", "alive_r", "preload", "main_path", "sys_path")
 #: Seconds the server gets to exit after its alive pipe closes before it is killed.
 STOP_GRACE_S = 2.0
@@ -136,10 +138,7 @@ def _serve_forever(listener_fd: int, alive_r: int, alive_w: int, preload: list[s
     try:
         os.close(alive_w)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's; the alive pipe ends us
-        # a fork must not enter the parent's OpenMP pool: one torch thread before any torch work
-        import torch
-
-        torch.set_num_threads(1)
+        torch.set_num_threads(1)  # a fork must not enter the parent's OpenMP pool: one thread before any torch work
         for module in preload:
             __import__(module)
         if warm is not None:

@@ -1,4 +1,4 @@
-"""Flower's simulation runtime on local worker processes instead of Ray (issue 7), for ``experiments.engine.simulation``.
+"""Flower's simulation runtime on local worker processes instead of Ray, for ``experiments.engine.simulation``.
 
 Flower 1.41's Simulation Engine runs ClientApps through a ``Backend``
 (``flwr.server.superlink.fleet.vce.backend``: ``build``, ``num_workers``, ``is_worker_idle``,
@@ -18,9 +18,14 @@ with the run's config) and keeps it, as a Ray actor keeps its imports and caches
 back (Flower turns it into an error reply); a worker that dies (``os._exit``, a crash, the
 watchdog) fails its message with ``ClientAppException`` at once and is replaced by a fresh one
 started in the background, so one dead device never costs the fleet an executor.
+
 :func:`process_backend` starts the workers and installs the backend for the duration of one
-``run_simulation`` call (Flower imports ``RayBackend`` from its module when the runtime
-starts); :func:`stop_busy_workers` is the watchdog's way to end ClientApps that never return.
+``run_simulation`` call (:func:`installed_backend`: Flower's ``vce_api.start_vce`` imports
+``RayBackend`` from :data:`RAY_BACKEND_MODULE` when the runtime starts, so a stand-in module
+there is what it builds); :func:`stop_busy_workers` is the watchdog's way to end ClientApps
+that never return. The pool counts the messages it handled (:attr:`WorkerPool.handled`): that
+count, not the configuration, is how a run knows the process backend really ran its ClientApps
+(:mod:`experiments.engine.guards`).
 """
 
 from __future__ import annotations
@@ -40,7 +45,6 @@ from flwr.clientapp.client_app import ClientAppException
 from flwr.server.superlink.fleet.vce.backend import Backend
 
 from experiments.engine import forkserver as engine_forkserver
-from experiments.engine.forkserver import fork_is_safe  # noqa: F401  (re-exported)
 from experiments.engine.worker import PRELOAD, serve
 
 logger = logging.getLogger(__name__)
@@ -104,9 +108,9 @@ class WorkerPool:
     caller when its workers run torch on one thread: a fork must not enter its parent's
     OpenMP pool) that is the server forked off this process (:mod:`experiments.engine.forkserver`,
     started here unless ``experiments.run`` started it already, when this process has one
-    thread: :func:`fork_is_safe`): the workers share this process's imported modules (torch
-    alone is ~280 MB of private memory per process that imports it) and what the server
-    imported and warmed. Otherwise it is Python's own fork server, preloaded with
+    thread: :func:`~experiments.engine.forkserver.fork_is_safe`): the workers share this
+    process's imported modules (torch alone is ~280 MB of private memory per process that
+    imports it) and what the server imported and warmed. Otherwise it is Python's own fork server, preloaded with
     :data:`PRELOAD`. :meth:`close` ends the forked server with the workers.
 
     Parameters
@@ -119,6 +123,11 @@ class WorkerPool:
         Picklable; each worker calls it once when it starts (logging, warm caches).
     fork_now : bool
         Take the workers from a fork server forked off this process (see above).
+
+    Attributes
+    ----------
+    handled : int
+        Messages handed to a worker so far (whatever the ClientApp then did with them).
     """
 
     def __init__(self, factory: Callable[[], Any], workers: int, initializer: Callable[[], None] | None = None,
@@ -131,6 +140,7 @@ class WorkerPool:
         self._replacing: set[threading.Thread] = set()
         self._lock = threading.Lock()
         self.closed = False
+        self.handled = 0
         self.forked = fork_now and engine_forkserver.start(PRELOAD)
         self._context = multiprocessing.get_context(START_METHOD)
         self._context.set_forkserver_preload(list(PRELOAD))  # for Python's own server only
@@ -153,6 +163,7 @@ class WorkerPool:
         worker = self._idle.get()
         with self._lock:
             self._busy.add(worker)
+            self.handled += 1
         alive = True
         try:
             worker.conn.send((message, context))
@@ -275,6 +286,28 @@ def stop_busy_workers() -> int:
 
 
 @contextlib.contextmanager
+def installed_backend(backend_class: type[Backend]) -> Iterator[None]:
+    """Inside the block, Flower's simulation runtime builds ``backend_class`` where it builds ``RayBackend``.
+
+    Flower 1.41's ``vce_api.start_vce`` runs ``from .backend.raybackend import RayBackend``
+    each time the runtime starts; a stand-in module under :data:`RAY_BACKEND_MODULE` in
+    ``sys.modules`` answers that import. The module that was there (or none) is restored on exit.
+    tests/test_engine_guards.py checks that Flower still builds its backend this way.
+    """
+    stand_in = types.ModuleType(RAY_BACKEND_MODULE)
+    stand_in.RayBackend = backend_class
+    saved = sys.modules.get(RAY_BACKEND_MODULE)
+    sys.modules[RAY_BACKEND_MODULE] = stand_in
+    try:
+        yield
+    finally:
+        if saved is None:
+            sys.modules.pop(RAY_BACKEND_MODULE, None)
+        else:
+            sys.modules[RAY_BACKEND_MODULE] = saved
+
+
+@contextlib.contextmanager
 def process_backend(factory: Callable[[], Any], workers: int, initializer: Callable[[], None] | None = None,
                     fork_now: bool = False) -> Iterator[WorkerPool]:
     """Inside the block, Flower's simulation runtime runs ClientApps on :class:`ProcessBackend`.
@@ -283,17 +316,10 @@ def process_backend(factory: Callable[[], Any], workers: int, initializer: Calla
     those of :class:`WorkerPool`.
     """
     pool = WorkerPool(factory, workers, initializer, fork_now)
-    stand_in = types.ModuleType(RAY_BACKEND_MODULE)
-    stand_in.RayBackend = ProcessBackend
-    saved = sys.modules.get(RAY_BACKEND_MODULE)
-    sys.modules[RAY_BACKEND_MODULE] = stand_in
     ProcessBackend.pool = pool
     try:
-        yield pool
+        with installed_backend(ProcessBackend):
+            yield pool
     finally:
         ProcessBackend.pool = None
         pool.close()
-        if saved is None:
-            sys.modules.pop(RAY_BACKEND_MODULE, None)
-        else:
-            sys.modules[RAY_BACKEND_MODULE] = saved

@@ -4,8 +4,11 @@ Helpers of this module reach into the runtime's internals on its behalf and are 
 nothing else: :mod:`experiments.engine.processes` (a simulation ``Backend`` on local worker
 processes), :mod:`experiments.engine.worker` (what runs in a worker),
 :mod:`experiments.engine.forkserver` (the fork server the workers come from, forked off the
-driver) and :mod:`experiments.engine.fastpath` (the message pump). Together these files are
-the engine; ARCHITECTURE.md's single ``engine.py`` grew into them (issue 7).
+driver), :mod:`experiments.engine.fastpath` (the message pump),
+:mod:`experiments.engine.watchdog` (ends ClientApps that outlive the ServerApp) and
+:mod:`experiments.engine.guards` (checks, while a run runs, that Flower used what the engine
+installed, and records the backend that ran the ClientApps). docs/ENGINE.md lists every
+Flower and Ray internal the engine relies on and the test that guards it.
 
 ``simulate(cfg, run_dir)`` runs the ServerApp and ClientApp of this project on Flower's
 simulation engine: with ``engine.backend=processes`` (what ``auto``, the default, picks on one
@@ -14,20 +17,24 @@ machine) on local worker processes without Ray (:mod:`experiments.engine.process
 ``engine.ray_address`` is set (``auto`` after ``ray start --head``; the backend ``auto`` then
 picks Ray).
 
-A run never hangs (issue 6). What Flower 1.41's ``run_simulation`` does, measured:
+A run never hangs. What Flower 1.41's ``run_simulation`` does, measured:
 
 * the ServerApp raises: ``run_simulation`` re-raises it once the runtime has stopped;
 * every ClientApp raises (or its Ray actor dies): each message gets an error reply, so the
   ServerApp's waits end (discovery then fails: "no device answered discovery");
 * a ClientApp that never returns: the ServerApp's waits end at ``engine.round_timeout_s``,
   but ``run_simulation`` then waits for that ClientApp forever (its worker thread joins
-  the Ray call). Hence the watchdog: :data:`SHUTDOWN_GRACE_S` after the ServerApp has
-  finished, it stops this run's ClientApp actors that are still alive.
+  the backend call). Hence the watchdog (:mod:`experiments.engine.watchdog`): a grace
+  period after the ServerApp has finished, it stops this run's ClientApps still running.
 
 While the cloud pre-trains, every simulated device answers one warm-up query
 (:func:`warm_up_fleet`), and the cloud's first exchange waits for it: Flower starts the
 ServerApp and Ray side by side, and the Ray actors' start-up would otherwise count
 against the cloud's discovery timeout.
+
+The cloud's first exchange after the warm-up is also where the run checks that Flower used the
+backend and pump the engine installed (:meth:`~experiments.engine.guards.EngineWitness.check`),
+so a run that Flower took around them fails before the cloud trains, naming the fix.
 
 ``faults.crash_server_round=r`` makes the ServerApp raise when it sends round r's first
 message (:class:`EngineGrid`), to test that a sweep goes on past a crashed job.
@@ -40,26 +47,32 @@ import functools
 import logging
 import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
 import experiments  # noqa: F401  (offline switches before Flower/Ray import)
 from experiments.client_app import build_client_app
-from experiments.config import RunConfig, resolved_backend
+from experiments.config import resolved_backend
 from experiments.engine.fastpath import faster_message_pump, quicker_grid
-from experiments.engine.processes import process_backend, stop_busy_workers, workers_for
+from experiments.engine.guards import PINNED_FLOWER, EngineWitness, notice_deprecation
+from experiments.engine.processes import process_backend, workers_for
+from experiments.engine.watchdog import SHUTDOWN_GRACE_S, watch
 from experiments.engine.worker import forks_workers, prepare_worker, quiet_flower_logs
+from experiments.schema import RunConfig
 from experiments.server_app import build_server_app
+
+try:
+    from flwr.simulation import run_simulation
+except ImportError as exc:  # the one entry point the engine runs on (docs/ENGINE.md)
+    raise ImportError(f"this Flower has no flwr.simulation.run_simulation, the engine's entry point; install "
+                      f"{PINNED_FLOWER} (pyproject.toml pins it); docs/ENGINE.md says what replaces it") from exc
 
 logger = logging.getLogger(__name__)
 
-#: How long Flower may take, after the ServerApp has finished, to release its ClientApps
-#: before the watchdog stops them (assumption: Flower's workers poll their queue every 1 s,
-#: so a healthy shutdown has released every ClientApp within twice that; stopping an actor
-#: Flower is about to terminate anyway is harmless).
-SHUTDOWN_GRACE_S = 2.0
-#: Ray actor class that runs ClientApps in Flower 1.41 (flwr.simulation.ray_transport.ray_actor).
-CLIENT_ACTOR_CLASS = "ClientAppActor"
 #: Longest wait for the simulated fleet's warm-up before the cloud starts anyway (assumption:
 #: five times the slowest start-up measured on 2 busy cores, 60 s).
 STARTUP_WAIT_S = 300.0
@@ -94,7 +107,6 @@ class FleetWarmUp(threading.Thread):
 
 def is_discovery(messages: list) -> bool:
     """Whether ``messages`` are the cloud's discovery: round-0 QUERYs carrying nothing but that config."""
-    from flwr.app import MessageType
 
     def bare_query(msg) -> bool:
         content = msg.content
@@ -108,7 +120,7 @@ def is_discovery(messages: list) -> bool:
 def local_samples(reply: Any) -> float:
     """A device's training samples from its discovery reply (0 when it does not say)."""
     metrics = reply.content.metric_records.get("metrics")
-    value = None if metrics is None else metrics.get("num_examples")
+    value = None if metrics is None else metrics.get("num-examples")
     return float(value) if isinstance(value, (int, float)) else 0.0
 
 
@@ -133,12 +145,17 @@ class EngineGrid:
     :class:`InjectedServerCrash` on the first message of that round (a message's round is its
     ``config`` record's ``round``; 0 is discovery). Messages go out largest device first
     (:func:`largest_first`, by the training samples each device reported). Every other call
-    goes to the wrapped grid.
+    goes to the wrapped grid. ``on_warm_up``, if given, is called with the warm-up's replies
+    before the first exchange goes out (the engine checks there that Flower used what it
+    installed: :meth:`~experiments.engine.guards.EngineWitness.check`); what it raises ends
+    the ServerApp.
     """
 
-    def __init__(self, grid: Any, warm_up: FleetWarmUp, crash_round: int | None = None) -> None:
+    def __init__(self, grid: Any, warm_up: FleetWarmUp, crash_round: int | None = None,
+                 on_warm_up: Callable[[Sequence[Any]], None] | None = None) -> None:
         self._grid = grid
         self._warm_up = warm_up
+        self._on_warm_up = on_warm_up
         self._warm_replies: dict[int, Any] | None = None
         self._work: dict[int, float] = {}
         self.crash_round = crash_round
@@ -149,6 +166,8 @@ class EngineGrid:
     def _ready(self, messages) -> list:
         if self._warm_replies is None:
             self._warm_up.join()
+            if self._on_warm_up is not None:
+                self._on_warm_up(self._warm_up.replies)
             self._warm_replies = {r.metadata.src_node_id: r for r in self._warm_up.replies if r.has_content()}
             self._work = {node: local_samples(reply) for node, reply in self._warm_replies.items()}
         messages = largest_first(list(messages), self._work)
@@ -171,10 +190,13 @@ class EngineGrid:
         return known + (list(self._grid.send_and_receive(rest, *args, **kwargs)) if rest else [])
 
 
-def watched_server_app(cfg: RunConfig, run_dir: Path, finished: threading.Event):
-    """The project's ServerApp on an :class:`EngineGrid`; sets ``finished`` when it ends."""
-    from flwr.serverapp import Grid, ServerApp
+def watched_server_app(cfg: RunConfig, run_dir: Path, finished: threading.Event, witness: EngineWitness) -> ServerApp:
+    """The project's ServerApp on an :class:`EngineGrid`; sets ``finished`` when it ends.
 
+    ``witness`` checks after the warm-up that Flower used what the engine installed, and
+    records in results.json which backend ran the ClientApps once the ServerApp has
+    finished (while the runtime, and Ray if it ran, are still up), whether it failed or not.
+    """
     inner = build_server_app(cfg, Path(run_dir))
     app = ServerApp()
 
@@ -185,9 +207,12 @@ def watched_server_app(cfg: RunConfig, run_dir: Path, finished: threading.Event)
             warm_up.start()
             if cfg.engine.fast_pump:
                 quicker_grid(grid)
-            inner(EngineGrid(grid, warm_up, cfg.faults.crash_server_round), context)
+            inner(EngineGrid(grid, warm_up, cfg.faults.crash_server_round, on_warm_up=witness.check), context)
         finally:
-            finished.set()
+            try:
+                witness.record(run_dir)
+            finally:
+                finished.set()
 
     return app
 
@@ -201,8 +226,6 @@ def warm_up_fleet(grid: Any, devices: int, timeout_s: float) -> list:
     On real devices SuperNodes are up before a run, as the fleet is after this. Returns
     the replies (:class:`EngineGrid` answers the cloud's discovery with them).
     """
-    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
-
     deadline = time.monotonic() + timeout_s
     node_ids = list(grid.get_node_ids())
     while len(node_ids) < devices and time.monotonic() < deadline:
@@ -217,56 +240,15 @@ def warm_up_fleet(grid: Any, devices: int, timeout_s: float) -> list:
     return replies
 
 
-def _client_actors() -> dict[str, dict]:
-    """This job's live ClientApp actors by actor id ({} before Ray is up).
-
-    Reads Ray's GCS actor table (``ray._private.state.actors``, a developer API): Flower
-    keeps the actor handles to itself.
-    """
-    import ray
-    from ray._private import state as ray_state
-
-    if not ray.is_initialized():
-        return {}
-    job = ray.JobID.from_hex(ray.get_runtime_context().get_job_id())
-    alive = ray_state.actors(job_id=job, actor_state_name="ALIVE")
-    return {actor_id: info for actor_id, info in alive.items() if info.get("ActorClassName") == CLIENT_ACTOR_CLASS}
-
-
-def stop_client_actors() -> int:
-    """Kill this job's ClientApp actors that are still alive; returns how many."""
-    import ray
-    from ray._private.worker import global_worker
-
-    stopped = 0
-    for actor_id in _client_actors():
-        global_worker.core_worker.kill_actor(ray.ActorID.from_hex(actor_id), True)
-        stopped += 1
-    return stopped
-
-
-def _watchdog(server_done: threading.Event, run_done: threading.Event, grace_s: float, backend: str) -> None:
-    server_done.wait()
-    if run_done.wait(grace_s):
-        return
-    try:
-        stopped = stop_busy_workers() if backend == "processes" else stop_client_actors()
-    except Exception as exc:  # Ray shutting down under us: nothing left to stop
-        logger.debug("watchdog found Ray shutting down: %r", exc)
-        return
-    if stopped:  # in a healthy shutdown Flower has terminated its actors and Ray by now
-        logger.warning("the ServerApp finished %.0f s ago and the simulation had not ended: stopped %d ClientApp "
-                       "actor(s) still up (a stalled device holds one)", grace_s, stopped)
-
-
 def run_apps(server_app: Any, client_app: Any, *, num_supernodes: int, backend: dict, verbose: bool) -> None:
     """Flower's ``run_simulation`` on the given apps: the project's one call of the simulation API.
 
     :func:`simulate` runs the project's apps through it; the benchmark's plain-Flower
-    baseline (``experiments/bench/plain.py``) runs Flower's own FedAvg through it.
+    baseline (``experiments/bench/plain.py``) runs Flower's own FedAvg through it. Flower
+    1.41 logs that ``run_simulation`` is deprecated; the engine says so in its own words
+    (:class:`~experiments.engine.guards.DeprecationNotice`), once per process.
     """
-    from flwr.simulation import run_simulation
-
+    notice_deprecation()
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_supernodes,
                    backend_config=backend, verbose_logging=verbose)
 
@@ -283,16 +265,20 @@ def simulate(cfg: RunConfig, run_dir: Path, grace_s: float = SHUTDOWN_GRACE_S) -
     """Run one simulation of ``cfg``; results land in ``run_dir``; errors propagate.
 
     ``grace_s`` after the ServerApp ends, ClientApps still running are stopped (module docstring).
+    Raises :class:`~experiments.engine.guards.EngineBypassed` when Flower ran the run around the
+    backend or pump the engine installed.
     """
     quiet_flower_logs(cfg.engine.verbose)
+    backend = resolved_backend(cfg.engine)
     server_done, run_done = threading.Event(), threading.Event()
-    watchdog = threading.Thread(target=_watchdog, args=(server_done, run_done, grace_s, resolved_backend(cfg.engine)), daemon=True)
+    watchdog = threading.Thread(target=watch, args=(server_done, run_done, grace_s, backend), daemon=True)
     pump = faster_message_pump() if cfg.engine.fast_pump else contextlib.nullcontext()
     try:
-        with pump, client_backend(cfg, Path(run_dir)):  # workers first: forked before any thread
+        with pump as pump_called, client_backend(cfg, Path(run_dir)) as pool:  # workers first: forked before any thread
+            witness = EngineWitness(backend, pool, pump_called)
             watchdog.start()
             run_apps(
-                watched_server_app(cfg, run_dir, server_done),
+                watched_server_app(cfg, run_dir, server_done, witness),
                 build_client_app(cfg, Path(run_dir)),
                 num_supernodes=cfg.fleet.devices,
                 backend=backend_config(cfg),

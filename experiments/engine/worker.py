@@ -1,4 +1,4 @@
-"""What runs inside a process-backend worker, and the fork server the workers come from (issue 7).
+"""What runs inside a process-backend worker, and the start of the fork server the workers come from.
 
 Kept apart from :mod:`experiments.engine.processes` (which subclasses Flower's simulation
 ``Backend`` and so imports Flower's whole server runtime, 1.3 s and SQLAlchemy): a worker
@@ -14,26 +14,20 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from experiments.engine import forkserver as engine_forkserver
+import torch
+
 from experiments.client_app import warm_process
-from experiments.config import EngineConfig, RunConfig, resolved_backend
+from experiments.config import resolved_backend
+from experiments.engine import forkserver as engine_forkserver
+from experiments.schema import EngineConfig, RunConfig
 
 #: Modules the fork server imports before it serves: the ClientApp and what it uses (torch,
 #: flwr, the project), this worker loop, and what a device's first messages import lazily:
 #: torch's compiler stack (the FLOP counter and the first optimizer load it; 1.7-2.5 s).
-#: Workers inherit them, sharing their pages (importing torch._dynamo in each worker instead
-#: was slower and cost 0.25 GiB more PSS, measured). scikit-learn and the partitioners are not
+#: Workers inherit them, sharing their pages (importing torch._dynamo in each worker instead is
+#: slower and costs 0.25 GiB more PSS, measured). scikit-learn and the partitioners are not
 #: imported at all on a run whose partitions are cached (experiments/data/partition_cache.py).
 PRELOAD = ("experiments.client_app", "experiments.engine.worker", "torch._dynamo")
-
-#: Flower's own deprecation notice for run_simulation; the engine is the one place that
-#: knows, so users are not told to change code they did not write.
-_DEPRECATION_MARK = "run_simulation"
-
-
-class _DropDeprecation(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return _DEPRECATION_MARK not in record.getMessage()
 
 
 def quiet_flower_logs(verbose: bool) -> None:
@@ -41,14 +35,10 @@ def quiet_flower_logs(verbose: bool) -> None:
     flwr_logger = logging.getLogger("flwr")
     flwr_logger.propagate = False
     flwr_logger.setLevel(logging.DEBUG if verbose else logging.WARNING)
-    if not any(isinstance(f, _DropDeprecation) for f in flwr_logger.filters):
-        flwr_logger.addFilter(_DropDeprecation())
 
 
 def prepare_worker(cfg: RunConfig) -> None:
     """What a process-backend worker does when it starts: its torch threads, Flower's log level, warm caches."""
-    import torch
-
     torch.set_num_threads(cfg.engine.torch_threads)
     quiet_flower_logs(cfg.engine.verbose)
     warm_process(cfg)
@@ -87,8 +77,6 @@ def serve(conn, factory: Callable[[], Any], initializer: Callable[[], None] | No
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if forked:
-        import torch
-
         torch.set_num_threads(1)
     app, failure = None, None
     try:

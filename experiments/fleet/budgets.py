@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from experiments.config import FleetConfig
 from experiments.fleet.classes import DEVICE_CLASSES, GIB, DeviceClass
+from experiments.schema import FleetConfig
 
 __all__ = [
     "DEVICE_CLASSES",

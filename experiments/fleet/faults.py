@@ -1,4 +1,4 @@
-"""Injected device faults (issue 6): a seeded share of devices misbehaves each round.
+"""Injected device faults: a seeded share of devices misbehaves each round.
 
 Each round, every device is faulty with probability ``fraction``; the draw and the kind of
 fault come from ``np.random.default_rng([seed, round, partition_id, FAULT_STREAM])``, so
@@ -44,6 +44,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 from clients.base import MalformedMessage, round_of
+from experiments.schema import ConfigError, FaultsConfig
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,18 @@ logger = logging.getLogger(__name__)
 FAULT_KINDS = ("raise", "timeout", "vanish", "wrong_shape", "nan_values")
 #: Messages a fault can hit (the ClientApp's entry points).
 FAULT_ACTIONS = ("train", "evaluate", "query")
+
+
+def check_faults(faults: FaultsConfig) -> None:
+    """``faults.kinds`` and ``faults.actions`` name faults and messages this module injects."""
+    unknown_kinds = sorted(set(faults.kinds) - set(FAULT_KINDS))
+    if unknown_kinds:
+        raise ConfigError(f"faults.kinds must be a non-empty list of {FAULT_KINDS}, got {list(faults.kinds)!r}")
+    unknown_actions = sorted(set(faults.actions) - set(FAULT_ACTIONS))
+    if unknown_actions:
+        raise ConfigError(f"faults.actions must be a non-empty list of {FAULT_ACTIONS}, got {list(faults.actions)!r}")
+
+
 #: Stream tag that separates fault draws from every other use of the run seed.
 FAULT_STREAM = 0xFA
 #: A ``timeout`` device replies after this multiple of the cloud's round timeout: the cloud's

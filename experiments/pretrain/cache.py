@@ -2,77 +2,94 @@
 
 Sweeps over algorithms or fleet settings reuse one pre-trained model: the cache key
 covers only what changes the proxy data and the training (dataset, model, pre-training
-settings, seed), never the algorithm or the fleet. A network given ``model.checkpoint``
-(a user's state dict file, e.g. torchvision ImageNet weights for ImageNet-C) is loaded
-from it instead: no training, no cache.
+settings, seed, and an algorithm's own cloud training when it has one: :class:`CloudTraining`),
+never the fleet. A network given ``model.checkpoint`` (a user's state dict file, e.g.
+torchvision ImageNet weights for ImageNet-C) is loaded from it instead: no training, no cache.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from experiments.algorithms.registry import ALGORITHMS
-from experiments.config import ConfigError, RunConfig, config_hash, to_dict
+from experiments.data import to_tensor
+from experiments.results.atomic import write_atomically
+from experiments.schema import ConfigError, RunConfig, config_hash, to_dict
 from models.training import TrainSettings, accuracy, train_epochs
 from models.tv_resnet import load_checkpoint
 
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class CloudTraining:
+    """An algorithm's own training of the cloud model on the proxy part (e.g. ECLM 4.3).
+
+    Attributes
+    ----------
+    name : str
+        The algorithm's name (part of the cache key).
+    train : callable
+        ``(cfg, model, proxy_x, proxy_y, data) -> None``; trains ``model`` in place.
+    key : mapping
+        The settings that shape the training (part of the cache key).
+    """
+
+    name: str
+    train: Callable[..., None]
+    key: Mapping[str, Any]
+
+
 def proxy_tensors(data) -> tuple[torch.Tensor, torch.Tensor]:
     """The run's proxy part (``data.proxy()``) as model-ready image and label tensors."""
-    from experiments.data import to_tensor
-
     x, y = data.proxy()
     return to_tensor(x), torch.as_tensor(y, dtype=torch.long)
 
 
-def pretrain_cache_path(cfg: RunConfig) -> Path:
+def pretrain_cache_path(cfg: RunConfig, training: CloudTraining | None = None) -> Path:
     """Where the pre-trained weights for ``cfg`` live.
 
     The key covers the dataset (not its partition), the model, the pre-training settings,
-    the seed and, for an algorithm with its own cloud training, its name and the options
-    that shape that training.
+    the seed and, for an algorithm's own cloud ``training``, its name and the settings that
+    shape it.
     """
-    algorithm = ALGORITHMS[cfg.algorithm.name]
     dataset = to_dict(dataclasses.replace(cfg.dataset, partition=None))  # partitions do not touch the proxy
     del dataset["cache_dir"]  # where partitions are cached changes no weight (and keeps older keys)
     model = {k: v for k, v in to_dict(cfg.model).items() if k != "checkpoint"}  # checkpoint runs skip the cache
     pretrain = dataclasses.replace(cfg.pretrain, cache_dir="")
-    training = {"cloud_training": algorithm.name, **algorithm.training_key(cfg)} if algorithm.cloud_training else {}
-    key = config_hash(dataset, model, pretrain, {"seed": cfg.seed}, training)
+    trained_by = {} if training is None else {"cloud_training": training.name, **training.key}
+    key = config_hash(dataset, model, pretrain, {"seed": cfg.seed}, trained_by)
     return Path(cfg.pretrain.cache_dir).expanduser() / f"pretrain-{cfg.dataset.name}-{cfg.model.name}-{key}.pt"
 
 
-def pretrained_model(cfg: RunConfig, model: nn.Module, data, proxy: tuple[torch.Tensor, torch.Tensor] | None = None
-                     ) -> nn.Module:
+def pretrained_model(cfg: RunConfig, model: nn.Module, data, training: CloudTraining | None = None,
+                     proxy: tuple[torch.Tensor, torch.Tensor] | None = None) -> nn.Module:
     """Load ``model``'s pre-trained weights from the cache, training and caching them if absent.
 
-    The algorithm's own cloud training runs if it has one (e.g. ECLM 4.3), else plain
+    The algorithm's own cloud ``training`` runs if it has one (e.g. ECLM 4.3), else plain
     supervised training on the proxy part. With ``cfg.model.checkpoint`` set, the weights
     come from that file instead (:func:`checkpoint_model`). ``proxy`` is the proxy part as
     tensors; by default :func:`proxy_tensors` renders it from ``data``, and only when
-    training runs (a cached model costs no rendering: issue 7, start-up).
+    training runs (a cached model costs no rendering at start-up).
     """
     if cfg.model.checkpoint is not None:
         return checkpoint_model(cfg, model)
-    path = pretrain_cache_path(cfg)
+    path = pretrain_cache_path(cfg, training)
     if path.exists():
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         logger.info("pre-trained cloud model loaded from %s", path)
         return model
     proxy_x, proxy_y = proxy_tensors(data) if proxy is None else proxy
-    algorithm = ALGORITHMS[cfg.algorithm.name]
-    if algorithm.cloud_training is not None:
-        algorithm.cloud_training(cfg, model, proxy_x, proxy_y, data)
-        logger.info("%s cloud training: proxy accuracy %.3f", algorithm.name, accuracy(model, proxy_x, proxy_y))
+    if training is not None:
+        training.train(cfg, model, proxy_x, proxy_y, data)
+        logger.info("%s cloud training: proxy accuracy %.3f", training.name, accuracy(model, proxy_x, proxy_y))
         atomic_save(model.state_dict(), path)
         return model
     settings = TrainSettings(
@@ -100,21 +117,14 @@ def checkpoint_model(cfg: RunConfig, model: nn.Module) -> nn.Module:
         load_checkpoint(model, cfg.model.checkpoint)
     except ValueError as error:
         raise ConfigError(
-            f"{error}; set model.checkpoint (or algorithm.cema.foundation_checkpoint for CEMA's "
-            f"foundation) to a state dict file of {cfg.model.name}"
+            f"{error}; set model.checkpoint (or the algorithm's own checkpoint key for a network of its "
+            f"own, e.g. CEMA's foundation) to a state dict file of {cfg.model.name}"
         ) from None
     logger.info("%s loaded from checkpoint %s (no pre-training)", cfg.model.name, cfg.model.checkpoint)
     return model
 
 
 def atomic_save(state: dict, path: Path) -> None:
-    """``torch.save(state, path)`` through a temporary file and one rename (a crash leaves no half file)."""
+    """``torch.save(state, path)`` in one atomic replace (:func:`~experiments.results.atomic.write_atomically`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_atomically(path, lambda handle: torch.save(state, handle))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from experiments.schema import ModelConfig
-from models.catalog import build_model
+from experiments.schema import ConfigError, ModelConfig
+from models.catalog import build_model, model_names
 
 #: ModelConfig fields that are family options, and the factory keyword each maps to.
 FAMILY_OPTIONS = {"top_k": "k", "modules_per_layer": "modules_per_layer", "shrink": "shrink"}
@@ -14,6 +14,12 @@ FAMILY_OPTIONS = {"top_k": "k", "modules_per_layer": "modules_per_layer", "shrin
 def model_options(model: ModelConfig) -> dict:
     """Family options that are set (None keeps the family's own default)."""
     return {kw: getattr(model, field) for field, kw in FAMILY_OPTIONS.items() if getattr(model, field) is not None}
+
+
+def check_model_name(model: ModelConfig) -> None:
+    """``model.name`` must be a network of :mod:`models.catalog` (after ``auto`` was resolved)."""
+    if model.name not in model_names():
+        raise ConfigError(f"unknown model.name {model.name!r}; choose one of {list(model_names())}")
 
 
 def build_run_model(model: ModelConfig, num_classes: int, in_channels: int) -> nn.Module:

@@ -29,24 +29,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from experiments.resume.checkpoint import write_atomically
-from experiments.results.plots import ACCURACY_PLOT_FILENAME, BYTES_PLOT_FILENAME, plot_run
-from experiments.results.progress import ProgressLine, format_bytes, format_duration
+from experiments.results.atomic import write_atomically
+from experiments.results.plots import plot_run
 from experiments.results.summary import summarize
-
-__all__ = [  # the public names of this module before it was split; importers keep working
-    "ACCURACY_PLOT_FILENAME",
-    "BYTES_PLOT_FILENAME",
-    "RESULTS_FILENAME",
-    "ProgressLine",
-    "ResultsWriter",
-    "format_bytes",
-    "format_duration",
-    "load_results",
-    "plot_run",
-    "summarize",
-    "to_json_safe",
-]
+from experiments.schema import RunConfig, to_dict
 
 RESULTS_FILENAME = "results.json"
 
@@ -154,6 +140,19 @@ def load_results(path_or_dir: str | Path) -> dict[str, Any]:
     return data
 
 
+def add_to_summary(path_or_dir: str | Path, fields: Mapping[str, Any]) -> None:
+    """Merge ``fields`` into the summary of a finished ``results.json``, atomically.
+
+    For facts only the caller of the ServerApp knows once the ServerApp has written the file,
+    such as which simulation backend ran the ClientApps (``engine_backend``).
+    """
+    path = Path(path_or_dir)
+    path = path / RESULTS_FILENAME if path.is_dir() else path
+    data = load_results(path)
+    data["summary"] = {**(data.get("summary") or {}), **to_json_safe(dict(fields))}
+    _write_json_atomically(path, data)
+
+
 # --------------------------------------------------------------------------- validation
 def _check_round_record(record: Mapping[str, Any], last_round: int | None) -> None:
     """Raise ValueError unless ``record`` is a complete round record following ``last_round``."""
@@ -211,7 +210,7 @@ class ResultsWriter:
             kept.append(clean)
         self._data: dict[str, Any] = {
             "status": STATUS_RUNNING,
-            "config": to_json_safe(config),
+            "config": to_json_safe(to_dict(config) if isinstance(config, RunConfig) else config),
             "rounds": kept,
             "summary": summarize(kept),
             "error": None,

@@ -23,14 +23,15 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
+from experiments.results.atomic import fsync_folder, write_atomically
 from experiments.resume.state_codec import decode_state, encode_state
 
 #: Folder of the checkpoints inside a run folder.
@@ -73,42 +74,6 @@ class Checkpoint:
     records: list[dict[str, Any]]
     config: dict[str, Any]
     meta: dict[str, Any] = field(default_factory=dict)
-
-
-# --------------------------------------------------------------------------- atomic files
-def write_atomically(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Replace ``path`` with what ``write(handle)`` writes; readers never see a partial file.
-
-    The bytes go to a temporary file in the same folder, are flushed and fsynced, then
-    ``os.replace`` puts them in place. If ``write`` raises, the temporary file is removed and
-    ``path`` keeps its old content (or stays absent).
-    """
-    path = Path(path)
-    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
-    try:
-        with handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
-    fsync_folder(path.parent)
-
-
-def fsync_folder(folder: Path) -> None:
-    """Persist renames inside ``folder`` (POSIX); skipped where folders cannot be opened."""
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
 
 
 def _write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:

@@ -17,7 +17,8 @@ from typing import Any
 
 from flwr.app import ArrayRecord
 
-from experiments.algorithms.registry import ALGORITHMS
+from experiments.algorithms import ALGORITHMS
+from experiments.results.writer import ResultsWriter
 from experiments.resume.checkpoint import (
     Checkpoint,
     checkpoint_folder,
@@ -27,10 +28,8 @@ from experiments.resume.checkpoint import (
     remove_checkpoints,
     save_checkpoint,
 )
-from experiments.config import RunConfig, to_dict
 from experiments.resume.device_state import discard_after, remove_device_states
-from experiments.results.writer import ResultsWriter
-from experiments.validation import ConfigError
+from experiments.schema import ConfigError, RunConfig, to_dict
 from strategies.base import EdgeCloudStrategy
 
 logger = logging.getLogger(__name__)

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.resume.checkpoint import write_atomically
-from experiments.config import RunConfig
+from experiments.results.atomic import write_atomically
+from experiments.schema import RunConfig
 
 #: Folder of the devices' saved state inside a run folder.
 DEVICE_STATE_FOLDER = "devices"
@@ -44,7 +44,7 @@ def device_state_dir(cfg: RunConfig, run_dir: Path | None = None) -> Path | None
 
 
 class DeviceStateStore:
-    """One device's saved online state (implements :class:`clients.online.ProgressStore`).
+    """One device's saved online state (implements :class:`clients.base.ProgressStore`).
 
     Parameters
     ----------

@@ -11,7 +11,7 @@ Distillation"; official code chenyaofo/CEMA ``codebase/core/tta/cema.py`` ``CEMA
 
 Which samples a step sees (new ones, replayed ones from the FIFO :class:`ReplayBuffer`) is
 decided per edge batch by :mod:`models.cema.edge_batch`. Only BatchNorm affine parameters
-train (:func:`bn_affine_parameters`). How BN normalises is :mod:`models.cema.tbr`'s ``bn``
+train (:func:`models.batchnorm.bn_affine_parameters`). How BN normalises is :mod:`models.cema.tbr`'s ``bn``
 mode: TBR (official default) or batch statistics. ``E0`` is the fixed
 ``E_max^0 = e_max ln C`` (official ``E_max=self.ent_high_margin``), not the edge's dynamic
 threshold.
@@ -20,7 +20,6 @@ threshold.
 from __future__ import annotations
 
 from collections import deque
-from contextlib import contextmanager
 from typing import NamedTuple
 
 import numpy as np
@@ -28,8 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.cema.filter import entropy
+from models.batchnorm import bn_affine_parameters
 from models.cema.tbr import TBR, bn_mode
+from models.losses import prediction_entropy
+from models.training import only_trainable
 
 #: Replay buffer capacity (official conf ``replay_buffer_size: 10000``).
 REPLAY_CAPACITY = 10_000
@@ -98,17 +99,6 @@ class ReplayBuffer:
         return torch.stack([self._items[int(i)] for i in picks])
 
 
-def bn_affine_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Weights and biases of every affine BatchNorm layer of ``model`` (Tent/EATA/CEMA)."""
-    params = []
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
-            params += [module.weight, module.bias]
-    if not params:
-        raise ValueError(f"{type(model).__name__} has no affine BatchNorm layer; CEMA adapts BN parameters only")
-    return params
-
-
 def bn_sgd(model: nn.Module, lr: float, momentum: float = SGD_MOMENTUM) -> torch.optim.SGD:
     """SGD over ``model``'s BN affine parameters (lr :data:`FOUNDATION_LR` or :data:`EDGE_LR`)."""
     return torch.optim.SGD(bn_affine_parameters(model), lr=lr, momentum=momentum)
@@ -116,7 +106,7 @@ def bn_sgd(model: nn.Module, lr: float, momentum: float = SGD_MOMENTUM) -> torch
 
 def entropy_weight(logits: torch.Tensor, e0: float) -> torch.Tensor:
     """Detached sample weight ``exp(E0 - E)`` (official ``1 / exp(E - E_max)``)."""
-    return torch.exp(e0 - entropy(logits.detach()))
+    return torch.exp(e0 - prediction_entropy(logits.detach(), log_space=True))
 
 
 def distillation_loss(
@@ -156,7 +146,7 @@ def distillation_loss(
         raise ValueError(f"temperature={temperature}; use a temperature > 0 (official 1)")
     teacher_logits = teacher_logits.detach()
     w_s, w_t = entropy_weight(student_logits, e0), entropy_weight(teacher_logits, e0)
-    ent = entropy(student_logits)
+    ent = prediction_entropy(student_logits, log_space=True)
     kl = F.kl_div(
         F.log_softmax(student_logits / temperature, dim=-1),
         F.softmax(teacher_logits / temperature, dim=-1),
@@ -164,20 +154,6 @@ def distillation_loss(
     ).sum(dim=-1) * temperature**2
     ce = F.cross_entropy(student_logits, teacher_logits.argmax(dim=-1), reduction="none")
     return (a * w_s * ent).mean() + (b * w_t * kl).mean() + (c * w_t * ce).mean()
-
-
-@contextmanager
-def _gradients_for(model: nn.Module, params: list[nn.Parameter]):
-    """Gradients for ``params`` only inside the block; restore every flag afterwards."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    chosen = {id(p) for p in params}
-    for p, _ in flags:
-        p.requires_grad_(id(p) in chosen)
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
 
 
 def _optimizer_params(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:
@@ -194,8 +170,8 @@ def adapt_foundation(
     parameters of ``optimizer`` (:func:`bn_sgd`, lr :data:`FOUNDATION_LR`) receive gradients.
     Returns the loss value.
     """
-    with _gradients_for(model, _optimizer_params(optimizer)), bn_mode(model, bn, train=True):
-        ents = entropy(model(x))
+    with only_trainable(model, _optimizer_params(optimizer)), bn_mode(model, bn, train=True):
+        ents = prediction_entropy(model(x), log_space=True)
         loss = (torch.exp(e0 - ents.detach()) * ents).mean()
         optimizer.zero_grad()
         loss.backward()
@@ -238,7 +214,7 @@ def distill(
     """
     with torch.no_grad(), bn_mode(teacher, bn, train=False):
         teacher_logits = teacher(batch)
-    with _gradients_for(student, _optimizer_params(optimizer)), bn_mode(student, bn, train=True):
+    with only_trainable(student, _optimizer_params(optimizer)), bn_mode(student, bn, train=True):
         student_logits = student(batch)
         loss = distillation_loss(student_logits, teacher_logits, e0, **loss_weights)
         optimizer.zero_grad()

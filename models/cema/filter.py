@@ -1,4 +1,4 @@
-"""CEMA's edge side: prediction entropy and the upload filter (sample selection).
+"""CEMA's edge side: the upload filter (sample selection) by prediction entropy.
 
 The edge predicts each incoming batch and uploads only the samples the cloud can learn from
 (CEMA poster, "Dynamic entropy-based sample filtration"):
@@ -37,6 +37,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from models.losses import prediction_entropy
+
 #: E_max^0 = 0.4 ln C (poster; official conf ``ent_high_margin: 0.4``; EATA's E0).
 E_MAX_FRACTION = 0.4
 #: E_min = e_min ln C (official ``tools/results.txt``); None: no lower bound (``conf/cema.conf``).
@@ -53,27 +55,6 @@ WARMUP_SAMPLES = 640
 COSINE_MARGIN = 0.05
 #: Weight of the old history in the moving average of uploaded softmaxes (official/EATA 0.9).
 HISTORY_MOMENTUM = 0.9
-
-
-def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Prediction entropy ``-sum_c p_c ln p_c`` of every row of ``logits``.
-
-    Parameters
-    ----------
-    logits : Tensor, shape (B, C)
-        Unnormalised scores.
-
-    Returns
-    -------
-    Tensor, shape (B,)
-        Entropy in nats (CEMA poster eq. for ``E(x; w)``; official ``criterion/tta.py``).
-        Safe for ``-inf`` logits: log-probabilities are clamped to the dtype's minimum so a
-        zero probability contributes exactly 0 and no NaN reaches the gradient.
-    """
-    if logits.dim() != 2:
-        raise ValueError(f"logits must have shape (batch, classes), got {tuple(logits.shape)}; flatten extra dims")
-    log_p = F.log_softmax(logits, dim=-1).clamp(min=torch.finfo(logits.dtype).min)
-    return -(log_p.exp() * log_p).sum(dim=-1)
 
 
 def default_e_max0(num_classes: int, e_max_fraction: float = E_MAX_FRACTION) -> float:
@@ -165,7 +146,7 @@ class UploadFilter:
         """
         if logits.dim() != 2 or logits.shape[1] != self.num_classes:
             raise ValueError(f"logits shape {tuple(logits.shape)} does not match (batch, {self.num_classes})")
-        ents = entropy(logits.detach().double())
+        ents = prediction_entropy(logits.detach().double(), log_space=True)
         self._observe(ents)
         keep = ents < self.threshold
         if self.e_min is not None:

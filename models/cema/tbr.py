@@ -26,14 +26,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from models.tta.base import batch_norm_layers
+from models.batchnorm import batch_norm_layers, bn_forward
 
 #: TBR forward (official conf ``is_tbr: true``).
 TBR = "tbr"
@@ -142,12 +141,10 @@ def bn_mode(model: nn.Module, mode: str, *, train: bool) -> Iterator[nn.Module]:
     model.eval()
     for layer in layers:
         layer.train(train)
-        layer.forward = partial(forward, layer)
     try:
-        yield model
+        with bn_forward(model, forward):
+            yield model
     finally:
-        for layer in layers:
-            del layer.forward
         for module, flag in modes.items():
             module.training = flag
 

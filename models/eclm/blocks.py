@@ -3,8 +3,9 @@
 ECLM 4.1: a *shrunk* module repeats its block's layers with fewer hidden channels/neurons
 and keeps the block's input and output shapes; a *residual* module lets the input bypass
 the layer and has no parameters. When a block changes the shape, the bypass is He et
-al.'s option-A shortcut (spatial subsampling plus zero channel padding; "Deep Residual
-Learning", 2016, section 4.2), or, for vectors, an average pool to the output width.
+al.'s option-A shortcut (:class:`models.blocks.ResidualBypass`), or, for vectors, an average
+pool to the output width (:class:`VectorBypass`). The conv-BN unit and the basic block with an
+inner width, which the AN supernet uses too, are in :mod:`models.blocks`.
 """
 
 from __future__ import annotations
@@ -13,53 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def conv_bn(c_in: int, c_out: int, kernel: int = 3, stride: int = 1) -> nn.Sequential:
-    """Conv (no bias, 'same' padding) followed by BatchNorm."""
-    return nn.Sequential(
-        nn.Conv2d(c_in, c_out, kernel_size=kernel, stride=stride, padding=kernel // 2, bias=False),
-        nn.BatchNorm2d(c_out),
-    )
-
-
-class ResidualBypass(nn.Module):
-    """Parameter-free residual module: identity, or option-A shortcut when the shape changes.
-
-    Option A (He et al. 2016, section 4.2): keep every ``stride``-th pixel and pad the new
-    channels with zeros.
-    """
-
-    def __init__(self, c_in: int, c_out: int, stride: int = 1) -> None:
-        super().__init__()
-        if c_out < c_in:
-            raise ValueError(f"a bypass cannot drop channels ({c_in} -> {c_out}); use c_out >= c_in")
-        self.c_in, self.c_out, self.stride = c_in, c_out, stride
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        if self.stride != 1:
-            x = x[:, :, :: self.stride, :: self.stride]
-        if self.c_out != self.c_in:
-            x = F.pad(x, (0, 0, 0, 0, 0, self.c_out - self.c_in))
-        return x
-
-
-class BasicBlock(nn.Module):
-    """ResNet basic block ``relu(bn(conv(relu(bn(conv(x))))) + shortcut(x))`` with inner width ``c_mid``.
-
-    ``c_mid = c_out`` is the standard block (He et al. 2016); a smaller ``c_mid`` is its
-    shrunk module. The shortcut is parameter-free, :class:`ResidualBypass` (option A, as in
-    He et al.'s CIFAR ResNets, section 4.2): a 1x1-conv shortcut (option B) would add
-    ``c_in * c_out`` unshrinkable weights and two ops to every shrunk module.
-    """
-
-    def __init__(self, c_in: int, c_mid: int, c_out: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = conv_bn(c_in, c_mid, 3, stride)
-        self.conv2 = conv_bn(c_mid, c_out, 3, 1)
-        self.shortcut = ResidualBypass(c_in, c_out, stride)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        return F.relu(self.conv2(F.relu(self.conv1(x))) + self.shortcut(x))
+from models.blocks import BasicBlock, conv_bn
 
 
 def resnet_stage(c_in: int, c_mid: int, c_out: int, blocks: int, stride: int) -> nn.Sequential:

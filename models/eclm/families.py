@@ -1,4 +1,4 @@
-"""The modular families of ECLM 7.1 and :func:`build_family` (``models.eclm.modular.build_modular``).
+"""The modular families of ECLM 7.1 and :func:`build_modular`, which builds any of them by name.
 
 ==================  =========================================  ==========================
 family              module layers                              trunk (shared)
@@ -12,8 +12,8 @@ modular_resnet34    3 x 32: the last 3 basic blocks            stem + stages 1-3
 Every layer holds ``modules_per_layer - residual_per_layer`` shrunk modules (ids m0...)
 followed by the residual modules. A shrunk module's inner width is
 ``max(1, round(shrink * block width))``. Each part is initialised from its own seed derived
-from ``(seed, part)``, so ``build_family(..., module_ids=ids)`` equals
-``build_family(...).extract(ids)`` tensor for tensor.
+from ``(seed, part)``, so ``build_modular(..., module_ids=ids)`` equals
+``build_modular(...).extract(ids)`` tensor for tensor.
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.eclm.modular import ModularNet, ModuleLayer, parse_module_id
-from models.eclm.blocks import (
-    BasicBlock, ResidualBypass, VectorBypass, conv_bn, conv_bottleneck, mlp_module, resnet_stage, vgg_block,
-)
-from models.registry import register_model
+from models.blocks import BasicBlock, ResidualBypass, conv_bn
+from models.eclm.blocks import VectorBypass, conv_bottleneck, mlp_module, resnet_stage, vgg_block
+from models.eclm.layer import ModuleLayer, parse_module_id
+from models.eclm.modular import ModularNet
 from models.eclm.selector import LOAD_BALANCE_WEIGHT, SELECTOR_EMBED_DIM, UnifiedSelector
+from models.registry import register_model
 
 #: Modules activated per sample and layer (assumption: ECLM does not give k; Shazeer et al. use k = 2-4).
 TOP_K = 2
@@ -187,7 +187,7 @@ def _check(name, num_classes, width, in_channels, modules_per_layer, residual_pe
         raise ValueError(f"image_size={image_size} is too small for {name}; use >= {smallest} (CIFAR: 32)")
 
 
-def build_family(
+def build_modular(
     name: str,
     num_classes: int,
     width: int,
@@ -266,22 +266,22 @@ def _wanted(module_ids, n_layers: int, n: int) -> list[set[int]] | None:
 @register_model("modular_mlp")
 def modular_mlp(num_classes: int, width: int, in_channels: int = 3, **options) -> ModularNet:
     """ECLM's modular MLP: 1 module layer x 16 modules (ECLM 7.1)."""
-    return build_family("modular_mlp", num_classes, width, in_channels, **options)
+    return build_modular("modular_mlp", num_classes, width, in_channels, **options)
 
 
 @register_model("modular_resnet18")
 def modular_resnet18(num_classes: int, width: int, in_channels: int = 3, **options) -> ModularNet:
     """ECLM's modular CIFAR ResNet18: 4 module layers x 16 modules (ECLM 7.1)."""
-    return build_family("modular_resnet18", num_classes, width, in_channels, **options)
+    return build_modular("modular_resnet18", num_classes, width, in_channels, **options)
 
 
 @register_model("modular_vgg16")
 def modular_vgg16(num_classes: int, width: int, in_channels: int = 3, **options) -> ModularNet:
     """ECLM's modular VGG16: the last 3 blocks as 3 module layers x 32 modules (ECLM 7.1)."""
-    return build_family("modular_vgg16", num_classes, width, in_channels, **options)
+    return build_modular("modular_vgg16", num_classes, width, in_channels, **options)
 
 
 @register_model("modular_resnet34")
 def modular_resnet34(num_classes: int, width: int, in_channels: int = 3, **options) -> ModularNet:
     """ECLM's modular CIFAR ResNet34: the last 3 blocks as 3 module layers x 32 modules (ECLM 7.1)."""
-    return build_family("modular_resnet34", num_classes, width, in_channels, **options)
+    return build_modular("modular_resnet34", num_classes, width, in_channels, **options)

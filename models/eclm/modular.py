@@ -27,16 +27,11 @@ import torch
 from torch import nn
 
 from models.eclm.costs import ZERO_COST, ModuleCost, PartProfile, profile_part
-from models.eclm.layer import ACTIVE_SUFFIX, ModuleLayer, module_id, module_of_key, parse_module_id
+from models.eclm.layer import ACTIVE_SUFFIX, ModuleLayer, module_id, parse_module_id
 from models.eclm.selector import LOAD_BALANCE_WEIGHT, UnifiedSelector, load_balance_loss, noisy_top_k
 
 #: Salt of the routing-noise seed ("nois"): keeps the noise stream apart from init seeds.
 NOISE_STREAM = 0x6E6F6973
-
-__all__ = [
-    "ModuleCost", "ModuleLayer", "ModularNet", "RoutingInfo",
-    "build_modular", "module_id", "module_of_key", "parse_module_id",
-]
 
 
 @dataclass
@@ -88,7 +83,7 @@ class ModularNet(nn.Module):
     selector : UnifiedSelector
         Decides every layer's gates from the raw input.
     config : dict
-        Keyword arguments of :func:`build_modular` that rebuild the same architecture.
+        Keyword arguments of :func:`models.eclm.families.build_modular` that rebuild the same architecture.
     input_shape : tuple[int, ...]
         Shape of one input sample (used to measure costs).
     balance_weight : float
@@ -307,9 +302,3 @@ def _heads_profile(selector: UnifiedSelector) -> PartProfile:
         total = total + profile_part(head, (width,), input_grad=True)
     return total
 
-
-def build_modular(name: str, **kwargs) -> ModularNet:
-    """Build a registered modular family; see :func:`models.eclm.families.build_family`."""
-    from models.eclm.families import build_family
-
-    return build_family(name, **kwargs)

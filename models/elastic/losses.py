@@ -1,9 +1,11 @@
 """Unsupervised losses for ElasticDNN's surrogate retraining (seed 003, section III-B, "Step 2").
 
-The paper trains the selected filters with information maximisation (SHOT, its ref. [13]) and names
-feature alignment (its ref. [8]) as the alternative; Tent's entropy (ref. [9]) is its BN-tuning
-baseline. SHOT's full objective (IM + pseudo-label cross-entropy) is here too, with SHOT's
-centroid labelling. Every function takes plain tensors (no model), so each is checkable by hand.
+The paper trains the selected filters with information maximisation (SHOT, its ref. [13];
+:func:`models.losses.information_maximisation`) and names feature alignment (its ref. [8]) as the
+alternative; Tent's entropy (ref. [9], :func:`models.losses.entropy_loss`) is its BN-tuning
+baseline. Here: feature alignment, and SHOT's full objective (IM + pseudo-label cross-entropy)
+with SHOT's centroid labelling. Every function takes plain tensors (no model), so each is
+checkable by hand.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from models.losses import check_logits, information_maximisation
 
 # SHOT (Liang et al., ICML 2020; tim-learn/SHOT uda_digit.py / image_target.py): cls_par = 0.3,
 # the weight of the pseudo-label cross-entropy next to the IM loss.
@@ -22,61 +26,6 @@ SHOT_CENTROID_EPSILON = 1e-8
 # SHOT object/image_target.py obtain_label: a class is a candidate label only if more than
 # ``--threshold`` (default 0) samples carry it (``labelset``; argmax labels in the soft round).
 SHOT_LABELSET_THRESHOLD = 0
-
-
-def _check_logits(logits: Tensor) -> None:
-    if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] < 1 \
-            or logits.shape[1] < 2:
-        shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
-        raise ValueError(f"logits must have shape (N>=1, C>=2), got {shape}")
-
-
-def _entropy_of_probabilities(p: Tensor) -> Tensor:
-    """``-sum p log p`` over the last dim, ``0 log 0 = 0`` (exact; SHOT adds eps 1e-5 instead)."""
-    return -torch.special.xlogy(p, p).sum(-1)
-
-
-def entropy_loss(logits: Tensor) -> Tensor:
-    """Mean per-sample prediction entropy (Tent, Wang et al. ICLR 2021, eq. 1).
-
-    Parameters
-    ----------
-    logits : Tensor
-        Shape (N, C).
-
-    Returns
-    -------
-    Tensor
-        Scalar ``(1/N) sum_i -sum_c p_ic log p_ic`` with ``p_i = softmax(logits_i)``.
-    """
-    _check_logits(logits)
-    return -(logits.softmax(1) * logits.log_softmax(1)).sum(1).mean()
-
-
-def information_maximisation(logits: Tensor) -> Tensor:
-    """SHOT's information-maximisation loss: mean entropy minus the entropy of the mean prediction.
-
-    ElasticDNN section III-B, Step 2 (quoting SHOT, Liang et al. 2020, eq. 2-3):
-    ``L = -(1/v) sum_i sum_c p_ic log p_ic + sum_c pbar_c log pbar_c`` with ``pbar = mean_i p_i``.
-    Minimising it makes each prediction confident (first term) and the batch's predictions diverse
-    (second term). Its minimum is ``-ln C`` (confident one-hot predictions, classes balanced).
-    The entropies are exact (``0 log 0 = 0``); tim-learn/SHOT takes ``log(p + 1e-5)``, which
-    moves the value by at most ``C * 1e-5`` (``p log(1 + eps/p) <= eps``) and the gradient by
-    far less (measured against SHOT's ``train_target``: tests/golden/test_shot.py).
-
-    Parameters
-    ----------
-    logits : Tensor
-        Shape (N, C).
-
-    Returns
-    -------
-    Tensor
-        The scalar loss.
-    """
-    _check_logits(logits)
-    mean_prediction = logits.softmax(1).mean(0)
-    return entropy_loss(logits) - _entropy_of_probabilities(mean_prediction)
 
 
 def feature_alignment(features: Tensor, source_mean: Tensor, source_var: Tensor) -> Tensor:
@@ -166,7 +115,7 @@ def shot_pseudo_labels(features: Tensor, logits: Tensor, rounds: int = SHOT_REFI
     Tensor
         Long tensor of shape (N,), labels in [0, C).
     """
-    _check_logits(logits)
+    check_logits(logits)
     if not isinstance(features, Tensor) or features.dim() != 2 \
             or features.shape[0] != logits.shape[0]:
         shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
@@ -226,7 +175,7 @@ def shot_loss(logits: Tensor, pseudo_labels: Tensor,
     Tensor
         The scalar loss.
     """
-    _check_logits(logits)
+    check_logits(logits)
     if not isinstance(pseudo_labels, Tensor) or pseudo_labels.shape != logits.shape[:1] \
             or pseudo_labels.dtype != torch.long:
         raise ValueError(f"pseudo_labels must be a long tensor of shape ({logits.shape[0]},), got "

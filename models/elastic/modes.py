@@ -124,25 +124,3 @@ def frozen_buffers(model: nn.Module) -> Iterator[None]:
         with torch.no_grad():
             for buffer, value in saved:
                 buffer.copy_(value)
-
-
-@contextmanager
-def only_trainable(model: nn.Module, params: list[nn.Parameter]) -> Iterator[None]:
-    """Only ``params`` require grad inside; every parameter's flag is restored on exit.
-
-    Parameters
-    ----------
-    model : nn.Module
-        The network.
-    params : list of nn.Parameter
-        Parameters of ``model`` that require grad inside the block.
-    """
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    model.requires_grad_(False)
-    for param in params:
-        param.requires_grad_(True)
-    try:
-        yield
-    finally:
-        for param, flag in flags:
-            param.requires_grad_(flag)

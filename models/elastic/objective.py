@@ -3,7 +3,8 @@
 :class:`RetrainingObjective` turns a loss name of :data:`LOSSES` (or a function of the logits)
 into the loss of a batch of model inputs, forward pass included: information maximisation (the
 paper's default), Tent's entropy, feature alignment against stored source statistics, or SHOT's
-IM + pseudo-label cross-entropy. The losses themselves are in :mod:`models.elastic.losses`.
+IM + pseudo-label cross-entropy. The losses themselves are in :mod:`models.losses` (entropy,
+IM) and :mod:`models.elastic.losses` (feature alignment, SHOT).
 """
 
 from __future__ import annotations
@@ -14,14 +15,9 @@ import torch
 from torch import Tensor, nn
 
 from models.elastic.features import feature_layer, forward_with_features
-from models.elastic.losses import (
-    entropy_loss,
-    feature_alignment,
-    information_maximisation,
-    shot_loss,
-    shot_pseudo_labels,
-)
+from models.elastic.losses import feature_alignment, shot_loss, shot_pseudo_labels
 from models.elastic.modes import SHOT_LABEL_MODE, check_label_mode, frozen_buffers, labelling_mode
+from models.losses import entropy_loss, information_maximisation
 
 # Loss names accepted by retrain_selected / adapt_full / filter_scores (paper: IM default).
 LOSSES = ("im", "tent", "feature_alignment", "shot")

@@ -35,8 +35,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from models.elastic.fbs import check_fraction
 from models.elastic.bank import DomainKnowledgeBank, bank_loss, sync_master_to_bank
+from models.elastic.fbs import check_fraction
 from models.elastic.surrogate import apply_keep_masks, clear_keep_masks, gate_relevance, hardest_sample, select_filters
 
 #: Kept share of gates per step, drawn uniformly (EdgeTailor pretrain.py: zeroed share in [0, 0.8]).

@@ -19,9 +19,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from models.elastic.losses import entropy_loss
+from models.batchnorm import bn_affine_parameters, reestimate_bn
+from models.elastic.bank import update_bank_and_master
 from models.elastic.master import ElasticMaster
-from models.elastic.modes import SHOT_LABEL_MODE
+from models.elastic.modes import MIN_BATCH, SHOT_LABEL_MODE
 from models.elastic.retrain import (
     RETRAIN_BATCH_SIZE,
     RETRAIN_EPOCHS,
@@ -30,7 +31,6 @@ from models.elastic.retrain import (
     retrain_surrogate,
 )
 from models.elastic.scores import FILTER_MASS
-from models.elastic.bank import update_bank_and_master
 from models.elastic.surrogate import (
     SURROGATE_KEEP_FRACTION,
     clear_keep_masks,
@@ -41,12 +41,16 @@ from models.elastic.surrogate import (
     surrogate_deltas,
     write_back_bn,
 )
+from models.losses import entropy_loss
+from models.training import only_trainable
 
-#: Methods of the evaluation (ElasticDNN IV; issue 5 item 7): ElasticDNN itself, the same-size
+#: Methods of the evaluation (ElasticDNN IV): ElasticDNN itself, the same-size
 #: baselines on a magnitude-pruned model, and the full master retrained with the same loss.
 METHODS = ("elasticdnn", "source", "bn_adapt", "tent", "shot", "full")
 #: Methods that run on the magnitude-pruned small model.
 PRUNED_METHODS = ("source", "bn_adapt", "tent", "shot")
+#: SGD momentum of the Tent baseline (DequanWang/tent ``conf.py``: ``OPTIM.MOMENTUM = 0.9``).
+TENT_MOMENTUM = 0.9
 
 
 @dataclass(frozen=True)
@@ -56,7 +60,7 @@ class RemodelSettings:
     Attributes
     ----------
     keep_fraction : float
-        Share of filters a surrogate (and the pruned baseline) keeps (issue 5: 20 %).
+        Share of filters a surrogate (and the pruned baseline) keeps (ElasticDNN III-B3 and IV: 20 %).
     mass : float
         Trained filters cover this share of the BN-gradient scores (III-B: 80 %).
     loss : str
@@ -114,7 +118,7 @@ def remodel_for_domain(elastic: ElasticMaster, x: Tensor, settings: RemodelSetti
     master = elastic.master
     clear_keep_masks(master)
     surrogate, keep, _ = generate_surrogate(master, x, settings.keep_fraction)
-    reestimate_bn(surrogate, x)  # the master's statistics describe the full network on the source
+    _reestimate_bn_keeping_mode(surrogate, x)  # the master's statistics describe the full network on the source
     before = copy.deepcopy(surrogate)
     report = retrain_surrogate(surrogate, x, mass=settings.mass, loss=settings.loss, epochs=settings.epochs,
                                lr=settings.lr, batch_size=settings.batch_size, seed=seed)
@@ -160,7 +164,7 @@ def adapt_baseline(model: nn.Module, x: Tensor, method: str, settings: RemodelSe
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     report: dict[str, Any] = {"trained_fraction": 0.0, "peak_memory_bytes": params}
     if method == "bn_adapt":
-        reestimate_bn(model, x)
+        _reestimate_bn_keeping_mode(model, x)
     elif method == "tent":
         report = _tent(model, x, settings, seed)
     elif method in ("shot", "full"):
@@ -201,9 +205,8 @@ def adapt_to_domain(method: str, elastic: ElasticMaster, small: nn.Module | None
     return serving, report
 
 
-@torch.no_grad()
-def reestimate_bn(model: nn.Module, x: Tensor) -> None:
-    """Replace every BN layer's running statistics by those of ``x`` (cumulative average, one pass).
+def _reestimate_bn_keeping_mode(model: nn.Module, x: Tensor) -> None:
+    """BN statistics of ``x`` in one pass (:func:`models.batchnorm.reestimate_bn`); ``model``'s mode kept.
 
     Used by ``bn_adapt`` and on every fresh surrogate: a surrogate's BN layers see different
     inputs than in the full master (dropped channels), so it starts from statistics of the
@@ -211,46 +214,29 @@ def reestimate_bn(model: nn.Module, x: Tensor) -> None:
     silent on BN statistics).
     """
     was_training = model.training
-    saved = {}
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            saved[module] = module.momentum
-            module.reset_running_stats()
-            module.momentum = None  # cumulative moving average = the batch's statistics
-    model.train()
-    model(x)
-    for module, momentum in saved.items():
-        module.momentum = momentum
+    reestimate_bn(model, x)
     model.train(was_training)
 
 
 def _tent(model: nn.Module, x: Tensor, settings: RemodelSettings, seed: int) -> dict[str, Any]:
     """Tent: SGD on the BN affine parameters minimising prediction entropy, BN in batch mode."""
-    affine = [p for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine
-              for p in (m.weight, m.bias)]
-    if not affine:
-        raise ValueError(f"{type(model).__name__} has no affine BatchNorm layer; Tent adapts BN parameters only")
-    flags = {p: p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in affine:
-        p.requires_grad_(True)
-    optimizer = torch.optim.SGD(affine, lr=settings.lr, momentum=0.9)
+    affine = bn_affine_parameters(model)
+    optimizer = torch.optim.SGD(affine, lr=settings.lr, momentum=TENT_MOMENTUM)
     generator = torch.Generator().manual_seed(seed)
     was_training = model.training
     model.train()
-    for _ in range(settings.epochs):
-        order = torch.randperm(len(x), generator=generator)
-        for start in range(0, len(x), settings.batch_size):
-            idx = order[start : start + settings.batch_size]
-            if len(idx) < 2:
-                continue
-            optimizer.zero_grad()
-            entropy_loss(model(x[idx])).backward()
-            optimizer.step()
+    with only_trainable(model, affine):
+        for _ in range(settings.epochs):
+            order = torch.randperm(len(x), generator=generator)
+            for start in range(0, len(x), settings.batch_size):
+                idx = order[start : start + settings.batch_size]
+                if len(idx) < MIN_BATCH:
+                    continue
+                optimizer.zero_grad()
+                entropy_loss(model(x[idx])).backward()
+                optimizer.step()
     model.train(was_training)
-    for p, flag in flags.items():
-        p.requires_grad_(flag)
+    for p in model.parameters():
         p.grad = None
     trained = sum(p.numel() for p in affine)
     total = sum(p.numel() for p in model.parameters())

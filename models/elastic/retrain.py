@@ -26,16 +26,10 @@ import torch
 from torch import Tensor, nn
 
 from models.elastic.masks import TrainedTensor, checked_masks, mask_gradients, trained_tensors
-from models.elastic.modes import (
-    MIN_BATCH,
-    SHOT_LABEL_MODE,
-    check_batch,
-    frozen_buffers,
-    only_trainable,
-    retraining_mode,
-)
+from models.elastic.modes import MIN_BATCH, SHOT_LABEL_MODE, check_batch, frozen_buffers, retraining_mode
 from models.elastic.objective import RetrainingObjective
 from models.elastic.scores import FILTER_MASS, conv_bn_pairs, filter_scores, top_mass_filters
+from models.training import only_trainable
 
 # ElasticDNN section IV, "Online DA settings": 100 unlabeled samples per target domain.
 SAMPLES_PER_DOMAIN = 100

@@ -14,8 +14,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from models.elastic.modes import check_batch, frozen_buffers, only_trainable, retraining_mode
+from models.elastic.modes import check_batch, frozen_buffers, retraining_mode
 from models.elastic.objective import RetrainingObjective
+from models.training import only_trainable
 
 # ElasticDNN section III-B, Step 2: train the filters covering "e.g. 80%" of the summed gradient.
 FILTER_MASS = 0.8

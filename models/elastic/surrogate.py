@@ -3,7 +3,7 @@
 Steps (paper III-B2):
 
 1. :func:`hardest_sample` -- the target batch's sample with the highest prediction entropy
-   ``H(y) = -sum_c p_c log p_c`` of the master.
+   ``H(y) = -sum_c p_c log p_c`` of the master (:func:`models.losses.prediction_entropy`).
 2. :func:`gate_relevance` -- one master forward on that sample; the FBS gate values ``p_i`` of
    every conv are the filters' relevance. :func:`select_filters` keeps the top fraction of
    every channel group (:meth:`~models.elastic.fbs_resnet.FBSResNet.channel_groups`): a group that
@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from models.elastic.fbs import ChannelGroup, check_fraction, gated_units, kept_count
+from models.losses import prediction_entropy
 
 #: Share of filters a surrogate keeps (paper III-B3 running example: "20% of the most
 #: accuracy-relevant filters"; sec. IV baselines remove 80% of filters).
@@ -63,12 +64,6 @@ def _evaluating(model: nn.Module) -> Iterator[nn.Module]:
             module.training = mode
 
 
-def prediction_entropy(logits: Tensor) -> Tensor:
-    """Shannon entropy ``-sum_c p_c log p_c`` of ``softmax(logits)`` per row (paper III-B2)."""
-    log_p = torch.log_softmax(logits, dim=1)
-    return -(log_p.exp() * log_p).sum(dim=1)
-
-
 def hardest_sample(master: nn.Module, x: Tensor) -> int:
     """Index of the sample of ``x`` whose master prediction has the highest entropy (ties: first).
 
@@ -77,7 +72,7 @@ def hardest_sample(master: nn.Module, x: Tensor) -> int:
     if x.ndim < 2 or len(x) == 0:
         raise ValueError(f"hardest_sample needs a non-empty batch, got a tensor of shape {tuple(x.shape)}")
     with _evaluating(master):
-        return int(torch.argmax(prediction_entropy(master(x))))
+        return int(torch.argmax(prediction_entropy(master(x), log_space=True)))
 
 
 def gate_relevance(master: nn.Module, x_one: Tensor) -> dict[str, Tensor]:

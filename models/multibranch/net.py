@@ -15,8 +15,7 @@ Costs of a path (bytes, training FLOPs per sample, training memory) are measured
 summed: each of the three measures is a sum over the network's modules, so the sum equals
 the measurement on the extracted network (tests pin this).
 
-Training the supernet (the sandwich rule) and recalibrating a path's BatchNorm statistics
-live in :mod:`models.multibranch.training`; their names stay importable from here.
+Training the supernet (the sandwich rule) is :mod:`models.multibranch.training`.
 """
 
 from __future__ import annotations
@@ -31,8 +30,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from models.blocks import BasicBlock, conv_bn
 from models.costs import flop_counter, parameter_bytes, train_flops_per_sample, training_memory_bytes
-from models.eclm.blocks import BasicBlock, conv_bn
 from models.registry import register_model
 
 #: Hidden-width ratios of a stage's branches, widest first (the brief; the same rates as
@@ -349,22 +348,3 @@ def multibranch_cnn(num_classes: int, width: int, in_channels: int = 3) -> Multi
 def multibranch_resnet18(num_classes: int, width: int, in_channels: int = 3) -> MultiBranchNet:
     """The AN supernet in the CIFAR ResNet18 layout, ``width`` = base channels (:func:`resnet18_spec`)."""
     return MultiBranchNet(resnet18_spec(num_classes, width, in_channels))
-
-
-# --------------------------------------------------------------------------- moved names
-#: Names defined in :mod:`models.multibranch.training`, still importable from this module.
-_TRAINING_NAMES = frozenset(
-    {"RECALIBRATION_BATCH", "SANDWICH_RANDOM_PATHS", "SUPERNET_STREAM", "recalibrate_batchnorm",
-     "sandwich_paths", "train_supernet"}
-)
-
-
-def __getattr__(name: str):
-    """Resolve the names that moved to :mod:`models.multibranch.training` (PEP 562).
-
-    Resolved on first use because that module imports this one.
-    """
-    if name in _TRAINING_NAMES:
-        from models.multibranch import training as multibranch_training
-        return getattr(multibranch_training, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""Cloud pre-training of the AN multi-branch supernet, and BatchNorm recalibration of a path.
+"""Cloud pre-training of the AN multi-branch supernet, and the batch size of a path's BN recalibration.
 
 Cloud pre-training (:func:`train_supernet`) samples paths per step. AdaptiveNet's reference
 code (wenh18/AdaptiveNet, ``classification_train.py``) trains one random subnet per step;
@@ -9,8 +9,10 @@ US-Nets), summing their gradients before one optimizer step. We use plain cross-
 the labels for every path (no in-place or teacher distillation: AdaptiveNet's first stage
 distils from the original pre-trained model, which this project does not have).
 
-The network itself (:class:`models.multibranch.net.MultiBranchNet`) lives in
-:mod:`models.multibranch.net`.
+The network itself is :class:`models.multibranch.net.MultiBranchNet`. Before a device evaluates
+a path, :func:`models.batchnorm.reestimate_bn` recomputes the path's BatchNorm statistics on its
+data in batches of :data:`RECALIBRATION_BATCH` (once-for-all, Cai et al., ICLR 2020, section 3.3):
+a branch's statistics in the supernet mix the inputs of every path that ran through it.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from models.training import TrainSettings, run_epochs
 SANDWICH_RANDOM_PATHS = 2
 #: Stream tag that separates supernet path draws from other uses of the seed.
 SUPERNET_STREAM = 0x5B
-#: Batch size of BatchNorm recalibration passes (inference only, no gradients kept).
+#: Batch size of a path's BatchNorm recalibration passes (inference only, no gradients kept; assumption).
 RECALIBRATION_BATCH = 64
 
 
@@ -86,28 +88,3 @@ def train_supernet(
         return step_loss / len(paths)
 
     return run_epochs(model, len(x), settings, seed, step)
-
-
-@torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int = RECALIBRATION_BATCH) -> nn.Module:
-    """Re-estimate every BatchNorm's running statistics of ``model`` on ``x`` (in place).
-
-    A branch's BatchNorm statistics in the supernet mix the inputs of every path that ran
-    through it; once-for-all (Cai et al., ICLR 2020, section 3.3) recomputes them on
-    training images for each sub-network before evaluating it. Statistics are the plain
-    average over batches (``momentum=None``). Returns ``model`` in eval mode; with no
-    data the statistics are left as they are.
-    """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if len(x) == 0 or not norms:
-        return model.eval()
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    for start in range(0, len(x), batch_size):
-        model(x[start : start + batch_size])
-    for m, momentum in zip(norms, momenta):
-        m.momentum = momentum
-    return model.eval()

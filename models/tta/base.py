@@ -1,4 +1,4 @@
-"""What every online test-time-adaptation baseline shares: the adapter contract, BN surgery, optimisers.
+"""What every online test-time-adaptation baseline shares: the adapter contract and the optimisers.
 
 The protocol (CEMA, seed 000, "Protocol" in ALGORITHMS.md) is *online*: each incoming batch is
 predicted before the model adapts to it. :class:`OnlineAdapter` pins that order in one place:
@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from models.batchnorm import batch_norm_layers
 from models.tta.settings import ADAM, NESTEROV, OPTIMIZERS
 
 #: Adam's betas of the reference configurations (DequanWang/tent ``cifar10c.py``:
@@ -31,16 +29,6 @@ ADAM_BETAS = (0.9, 0.999)
 SGD_MOMENTUM = 0.9
 
 
-def softmax_entropy(logits: Tensor) -> Tensor:
-    """Per-sample Shannon entropy ``-sum p log p`` of ``softmax(logits)`` (Tent, eq. 1)."""
-    return -(logits.softmax(1) * logits.log_softmax(1)).sum(1)
-
-
-def batch_norm_layers(model: nn.Module) -> list[_BatchNorm]:
-    """Every BatchNorm layer (1d/2d/3d) of ``model``, in module order."""
-    return [m for m in model.modules() if isinstance(m, _BatchNorm)]
-
-
 def require_batch_norm(model: nn.Module, method: str) -> list[_BatchNorm]:
     """The BN layers of ``model``; ValueError if there are none (BN-based methods cannot work)."""
     layers = batch_norm_layers(model)
@@ -48,38 +36,6 @@ def require_batch_norm(model: nn.Module, method: str) -> list[_BatchNorm]:
         raise ValueError(f"method {method!r} needs BatchNorm layers but the model has none; "
                          "use 'source' or 'lame' for BN-free models")
     return layers
-
-
-def use_test_batch_statistics(model: nn.Module) -> None:
-    """Put ``model`` in eval mode except its BN layers, which normalise with the test batch's statistics.
-
-    Tent sets ``track_running_stats=False`` and drops the buffers; here the BN layers are in train mode
-    with ``momentum=0``, which normalises with the batch statistics identically but leaves the running
-    statistics untouched, so the state dict keeps the source model's keys (shippable as is).
-    Dropout and other layers stay in eval mode (as chenyaofo/CEMA ``prepare_model_for_tent_tta``; the
-    official Tent, EATA and CoTTA put the whole model in train mode, which differs only for layers such
-    as dropout). ``num_batches_tracked`` still counts test batches, and the layers keep ``momentum=0``
-    afterwards (the adapter owns the model).
-    """
-    model.eval()
-    for layer in batch_norm_layers(model):
-        layer.train()
-        layer.momentum = 0.0
-
-
-def train_only_bn_affine(model: nn.Module) -> list[nn.Parameter]:
-    """Freeze every parameter except the BN affine weight and bias; return those (Tent, section 3)."""
-    model.requires_grad_(False)
-    params: list[nn.Parameter] = []
-    for layer in batch_norm_layers(model):
-        for param in (layer.weight, layer.bias):
-            if param is not None:
-                param.requires_grad_(True)
-                params.append(param)
-    if not params:
-        raise ValueError("the model's BatchNorm layers have no affine parameters (affine=False); "
-                         "nothing to adapt — use 'bn_adapt' instead")
-    return params
 
 
 def make_optimizer(kind: str, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
@@ -102,37 +58,6 @@ def make_optimizer(kind: str, params: list[nn.Parameter], lr: float) -> torch.op
     if kind == ADAM:
         return torch.optim.Adam(params, lr=lr, betas=ADAM_BETAS)
     return torch.optim.SGD(params, lr=lr, momentum=SGD_MOMENTUM, nesterov=kind == NESTEROV)
-
-
-def batch_moments(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and unbiased variance of a BN input ``(N, C, ...)`` (all dimensions but 1).
-
-    chenyaofo/CEMA ``bn_utils.bn_mean_var`` (``torch.var_mean(..., unbiased=True)``), the batch
-    statistics its BN adaptation and ONDA baselines mix into the running ones.
-    """
-    dims = [d for d in range(x.dim()) if d != 1]
-    var, mean = torch.var_mean(x, dim=dims, unbiased=True)
-    return mean, var
-
-
-BnForward = Callable[[_BatchNorm, Tensor], Tensor]
-
-
-@contextmanager
-def bn_forward(model: nn.Module, forward: BnForward) -> Iterator[nn.Module]:
-    """Inside the block every BN layer of ``model`` computes ``forward(layer, x)`` instead of its own forward.
-
-    The reference baselines replace the BN forward the same way (chenyaofo/CEMA
-    ``replace_bn_forward_with``); the layers' parameters and buffers, hence state dicts, are untouched.
-    """
-    layers = batch_norm_layers(model)
-    for layer in layers:
-        layer.forward = partial(forward, layer)
-    try:
-        yield model
-    finally:
-        for layer in layers:
-            del layer.forward
 
 
 class OnlineAdapter(ABC):

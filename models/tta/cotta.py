@@ -19,8 +19,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from models.batchnorm import use_test_batch_statistics
 from models.tta.augment import PIXEL_MEAN, PIXEL_STD, cotta_augment
-from models.tta.base import OnlineAdapter, gradient_step, make_optimizer, require_batch_norm, use_test_batch_statistics
+from models.tta.base import OnlineAdapter, gradient_step, make_optimizer, require_batch_norm
 from models.tta.settings import COTTA_LOSSES, CROSS_ENTROPY
 
 # qinenergy/cotta, both families: teacher EMA 0.999 (cifar cfgs OPTIM.MT, imagenet cotta.py) and 32

@@ -16,15 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.tta.base import (
-    OnlineAdapter,
-    gradient_step,
-    make_optimizer,
-    require_batch_norm,
-    softmax_entropy,
-    train_only_bn_affine,
-    use_test_batch_statistics,
-)
+from models.batchnorm import train_only_bn_affine, use_test_batch_statistics
+from models.losses import prediction_entropy
+from models.tta.base import OnlineAdapter, gradient_step, make_optimizer, require_batch_norm
 from models.tta.settings import SGD
 
 # Pseudo-labelling as CEMA runs it (chenyaofo/CEMA codebase/core/tta/pl.py at 9a6ef17 and
@@ -100,7 +94,7 @@ class Tent(_BnAffineAdapter):
     method_name = "tent"
 
     def _loss(self, logits: Tensor) -> Tensor:
-        return softmax_entropy(logits).mean()
+        return prediction_entropy(logits).mean()
 
 
 class PseudoLabel(_BnAffineAdapter):
@@ -160,7 +154,7 @@ def eta_keep_mask(logits: Tensor, moving_average: Tensor | None, entropy_margin:
     Tensor
         Boolean mask of shape (N,).
     """
-    keep = softmax_entropy(logits) < entropy_margin
+    keep = prediction_entropy(logits) < entropy_margin
     if moving_average is not None:
         cosine = F.cosine_similarity(moving_average.unsqueeze(0), logits.softmax(1), dim=1)
         keep &= cosine.abs() < d_margin
@@ -214,7 +208,7 @@ class EntropyFilteredTent(_BnAffineAdapter):
         if not keep.any():
             return None
         self._update_moving_average(logits.detach()[keep].softmax(1).mean(0))
-        entropy = softmax_entropy(logits[keep])
+        entropy = prediction_entropy(logits[keep])
         weight = torch.exp(self.entropy_margin - entropy.detach())
         return (weight * entropy).mean()
 

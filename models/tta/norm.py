@@ -14,13 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from models.tta.base import (
-    OnlineAdapter,
-    batch_moments,
-    bn_forward,
-    require_batch_norm,
-    use_test_batch_statistics,
-)
+from models.batchnorm import bn_forward, use_test_batch_statistics
+from models.tta.base import OnlineAdapter, require_batch_norm
 
 #: BN adaptation mixing the source and the batch statistics (chenyaofo/CEMA ``BNAdaptation``).
 MIXED = "mixed"
@@ -52,6 +47,17 @@ def _require_running_statistics(layers: list[_BatchNorm], method: str) -> None:
         if layer.running_mean is None:
             raise ValueError(f"{method} mixes the source running statistics into the batch's, but a "
                              f"{type(layer).__name__} has none (track_running_stats=False)")
+
+
+def batch_moments(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and unbiased variance of a BN input ``(N, C, ...)`` (all dimensions but 1).
+
+    chenyaofo/CEMA ``bn_utils.bn_mean_var`` (``torch.var_mean(..., unbiased=True)``), the batch
+    statistics its BN adaptation and ONDA baselines mix into the running ones.
+    """
+    dims = [d for d in range(x.dim()) if d != 1]
+    var, mean = torch.var_mean(x, dim=dims, unbiased=True)
+    return mean, var
 
 
 def mixed_batch_norm(layer: _BatchNorm, x: Tensor, momentum: float) -> Tensor:

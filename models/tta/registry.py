@@ -12,10 +12,10 @@ from typing import Any
 
 from torch import nn
 
-from models.tta.base import OnlineAdapter, softmax_entropy
+from models.tta.base import OnlineAdapter
 from models.tta.cotta import CoTTA
-from models.tta.lame import LAME, penultimate_features
-from models.tta.methods import EntropyFilteredTent, PseudoLabel, SourceModel, Tent, eta_keep_mask
+from models.tta.lame import LAME
+from models.tta.methods import EntropyFilteredTent, PseudoLabel, SourceModel, Tent
 from models.tta.norm import BatchNormAdapt, OnlineBatchNorm
 from models.tta.settings import DEFAULT_FAMILY, reference_values
 
@@ -77,9 +77,3 @@ def build_adapter(name: str, model: nn.Module, num_classes: int, family: str = D
         hyper["num_classes"] = num_classes
     return cls(model, **hyper)
 
-
-__all__ = [
-    "ADAPTERS", "BatchNormAdapt", "CoTTA", "EntropyFilteredTent", "LAME", "OnlineAdapter",
-    "OnlineBatchNorm", "PseudoLabel", "SourceModel", "Tent", "adapter_names", "adapter_parameters",
-    "build_adapter", "eta_keep_mask", "penultimate_features", "softmax_entropy",
-]

@@ -3,7 +3,7 @@
 The official code of each method ships one configuration for the small 32x32 benchmarks
 (CIFAR-10-C, CIFAR-100-C) and another for ImageNet-C, and they differ: Tent's and ETA's optimiser
 and step size, EATA's redundancy margin, CoTTA's optimiser, loss, anchor threshold and restore
-probability. A run's ``algorithm.tta.<method>.<key>: null`` takes the value below for its
+probability. A run's ``algorithm.<method>.<key>: null`` takes the value below for its
 dataset's family (:func:`resolve`); CIFAR-100 refines two CIFAR values. Settings that are the
 same in every configuration are module constants of the method's own module.
 """
@@ -91,7 +91,7 @@ def resolve(method: str, family: str, dataset: str | None, configured: Mapping[s
         As in :func:`reference_values`.
     configured : mapping
         Keyword hyper-parameters of the adapter, ``None`` where the reference decides
-        (``algorithm.tta.<method>`` of a run).
+        (``algorithm.<method>`` of a run).
 
     Raises
     ------
@@ -103,7 +103,7 @@ def resolve(method: str, family: str, dataset: str | None, configured: Mapping[s
     for key, value in configured.items():
         if value is None:
             if key not in reference:
-                raise ValueError(f"algorithm.tta.{method}.{key} is null but no reference configuration "
+                raise ValueError(f"algorithm.{method}.{key} is null but no reference configuration "
                                  f"sets it; give it a value (reference keys: {sorted(reference)})")
             value = reference[key]
         resolved[key] = value

@@ -4,9 +4,10 @@
 :func:`models.width.submodel.channel_axes`, with HeteroFL's Scaler after every hidden conv/linear.
 It checks the plan against the network's own layers (Conv2d, Linear, BatchNorm only;
 anything else with parameters is refused), so a sub-model built by surgery always has
-exactly the shapes :func:`models.width.submodel.extract` cuts. Static BN (:func:`static_batch_norm`)
-fills a trained sub-model's BatchNorm statistics; :func:`rate_costs` measures what training
-each rate costs a device, and the ``costs_*`` helpers carry those costs in a device's budget.
+exactly the shapes :func:`models.width.submodel.extract` cuts. Static BN
+(:func:`models.batchnorm.reestimate_bn`, ``even_batches=True``) fills a trained sub-model's
+BatchNorm statistics; :func:`rate_costs` measures what training each rate costs a device, and
+the ``costs_*`` helpers carry those costs in a device's budget.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ import copy
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
+from models.batchnorm import batch_norm_layers
 from models.costs import parameter_bytes, train_flops_per_sample, training_memory_bytes
 from models.width.submodel import WIDTH_RATES, channel_axes, check_rate, sub_shapes
 
@@ -85,7 +86,7 @@ def scaled_model(full_model_factory: ModelFactory, rate: float) -> nn.Module:
     Layers are rebuilt at the cut sizes (hidden convs/linears with HeteroFL's Scaler);
     BatchNorms use batch statistics in training (HeteroFL's ``track_running_stats=False``)
     but keep their running-stat buffers, so the state-dict keys are the full model's and
-    :func:`static_batch_norm` can fill them before evaluation.
+    static BN (:func:`models.batchnorm.reestimate_bn`) can fill them before evaluation.
     """
     rate = check_rate(rate)
     model = full_model_factory()
@@ -111,41 +112,15 @@ def check_width_scalable(model: nn.Module, rate: float = WIDTH_RATES[-1]) -> Non
     scaled_model(lambda: copy.deepcopy(model), rate)
 
 
-# --------------------------------------------------------------------------- static BN
-def _batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-
+# --------------------------------------------------------------------------- BN regime
 def use_batch_statistics(model: nn.Module) -> nn.Module:
-    """Training regime of HeteroFL's BN: batch statistics only, running buffers untouched."""
-    for bn in _batch_norms(model):
-        bn.track_running_stats = False
-    return model
+    """Training regime of HeteroFL's BN: batch statistics only, running buffers untouched.
 
-
-@torch.no_grad()
-def static_batch_norm(model: nn.Module, x: torch.Tensor, batch_size: int) -> nn.Module:
-    """HeteroFL's static BN (sec. 3.2): recompute every BN's running statistics on ``x``.
-
-    Statistics are reset, then accumulated as the cumulative average (``momentum=None``)
-    of per-batch statistics over ``ceil(len(x) / batch_size)`` nearly equal batches, with
-    only the BNs in training mode (scalers and everything else in eval, as at inference).
-    Leaves the model in eval mode using these statistics; call
-    :func:`use_batch_statistics` before training it again.
+    Static BN (:func:`models.batchnorm.reestimate_bn` with ``even_batches=True``) fills the
+    buffers before evaluation and turns tracking back on; call this before training again.
     """
-    if len(x) == 0:
-        raise ValueError("static_batch_norm needs at least one sample; the device has no training data")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    model.eval()
-    norms = _batch_norms(model)
-    for bn in norms:
-        bn.reset_running_stats()
-        bn.momentum, bn.track_running_stats = None, True
-        bn.train()
-    for batch in torch.tensor_split(x, -(-len(x) // batch_size)):
-        model(batch)
-    model.eval()
+    for bn in batch_norm_layers(model):
+        bn.track_running_stats = False
     return model
 
 

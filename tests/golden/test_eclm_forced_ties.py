@@ -15,7 +15,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from clients.base import Device, DeviceTensors
 from clients.eclm import ECLMClient, catalog_of
 from experiments.algorithms.eclm import catalog
-from models.eclm.modular import build_modular, module_of_key
+from models.eclm.families import build_modular
+from models.eclm.layer import module_of_key
 from models.training import TrainSettings
 from strategies.base import DeviceInfo
 from strategies.eclm import ECLM, submodel_arrays

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from models.elastic.losses import information_maximisation, shot_loss, shot_pseudo_labels
+from models.elastic.losses import shot_loss, shot_pseudo_labels
 from models.elastic.modes import retraining_mode
 from models.elastic.objective import RetrainingObjective
 from models.elastic.retrain import adapt_full
+from models.losses import information_maximisation
 from tests.golden.fixture import check, exact, load
 from tests.golden.nets import TinyBNNet, load_state
 

@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.catalog import build_model, model_names
-from models.tta.registry import build_adapter
 from models.tta.augment import cotta_augment
 from models.tta.lame import affinity_matrix, laplacian_assignment, penultimate_features
 from models.tta.methods import eta_keep_mask
+from models.tta.registry import build_adapter
 from models.tta.settings import CIFAR, IMAGENET
 from tests.golden.fixture import Fixture, check, exact, load
 from tests.golden.nets import TinyBNNet, load_state, shifted_images
