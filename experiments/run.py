@@ -60,7 +60,7 @@ def preflight(cfg, run_dir: Path | None = None) -> None:
     data = build_federated_data(cfg.dataset, cfg.scenario, cfg.fleet.devices, cfg.seed)
     data.preflight()
     try:
-        model = build_run_model(cfg.model, data.num_classes, data.image_shape[0])
+        model = build_run_model(cfg.model, data.num_classes, data.image_shape[0], seed=cfg.seed)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     ALGORITHMS[cfg.algorithm.name].check_model(model)

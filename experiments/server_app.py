@@ -61,7 +61,7 @@ def run_cloud(grid: Grid, cfg: RunConfig, run_dir: Path, device_dir: Path | None
     try:
         data = build_federated_data(cfg.dataset, cfg.scenario, cfg.fleet.devices, cfg.seed)
         algorithm = ALGORITHMS[cfg.algorithm.name]
-        model = build_run_model(cfg.model, data.num_classes, data.image_shape[0])
+        model = build_run_model(cfg.model, data.num_classes, data.image_shape[0], seed=cfg.seed)
         algorithm.check_model(model)
         model = pretrained_model(cfg, model, data, algorithm.pretraining(cfg))
         background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cloud-test")

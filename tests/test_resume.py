@@ -448,7 +448,7 @@ def _warm_pretrain_cache(cache: Path) -> None:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = from_hydra(compose(config_name="config", overrides=["output_dir=null", *SMALL, f"pretrain.cache_dir={cache}"]))
     data = build_federated_data(cfg.dataset, cfg.scenario, cfg.fleet.devices, cfg.seed)
-    model = build_run_model(cfg.model, data.num_classes, data.image_shape[0])
+    model = build_run_model(cfg.model, data.num_classes, data.image_shape[0], seed=cfg.seed)
     pretrained_model(cfg, model, data)
 
 

@@ -104,7 +104,7 @@ def foundation_config(cfg: RunConfig) -> RunConfig:
 def strategy_args(cfg: RunConfig, model: nn.Module, data) -> dict:
     """CEMA's cloud: a pre-trained foundation model, the edge model's factory, preprocessing."""
     fcfg = foundation_config(cfg)
-    foundation = build_run_model(fcfg.model, data.num_classes, data.image_shape[0])
+    foundation = build_run_model(fcfg.model, data.num_classes, data.image_shape[0], seed=fcfg.seed)
     try:
         foundation = pretrained_model(fcfg, foundation, data)
     except ConfigError as error:

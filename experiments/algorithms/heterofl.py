@@ -93,7 +93,7 @@ def cloud_training(cfg: RunConfig, model: nn.Module, x: torch.Tensor, y: torch.T
     check_model(model)
     pre = cfg.pretrain
     train_epochs(model, x, y, TrainSettings(pre.epochs, pre.lr, pre.batch_size, "adam", schedule=pre.schedule), cfg.seed)
-    factory = lambda: build_run_model(cfg.model, data.num_classes, data.image_shape[0])  # noqa: E731
+    factory = lambda: build_run_model(cfg.model, data.num_classes, data.image_shape[0], seed=cfg.seed)  # noqa: E731
     fine = TrainSettings(1, pre.lr / 3, pre.batch_size, "adam")
     rates = sorted(cfg.algorithm.options.rates)
     for epoch in range(cfg.algorithm.options.multirate_epochs):

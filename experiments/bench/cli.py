@@ -104,7 +104,7 @@ def warm_server(flat: dict) -> None:
     data = build_federated_data(cfg.dataset, cfg.scenario, cfg.fleet.devices, cfg.seed)
     _ = data.partitions
     algorithm = ALGORITHMS[cfg.algorithm.name]
-    model = build_run_model(cfg.model, data.num_classes, data.image_shape[0])
+    model = build_run_model(cfg.model, data.num_classes, data.image_shape[0], seed=cfg.seed)
     algorithm.check_model(model)
     model = pretrained_model(cfg, model, data, algorithm.pretraining(cfg))
     algorithm.strategy_args(cfg, model, data)

@@ -121,7 +121,7 @@ def run_floor(cfg: RunConfig) -> dict:
     """
     torch.set_num_threads(cfg.engine.torch_threads)
     data = build_federated_data(cfg.dataset, cfg.scenario, cfg.fleet.devices, cfg.seed)
-    model = build_run_model(cfg.model, data.num_classes, data.image_shape[0])
+    model = build_run_model(cfg.model, data.num_classes, data.image_shape[0], seed=cfg.seed)
     test_x, test_y = data.global_test()
     global_test = (to_tensor(test_x), torch.as_tensor(test_y, dtype=torch.long))
     ends, rounds = [], []

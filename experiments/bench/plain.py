@@ -78,7 +78,7 @@ def build_plain_server_app(cfg: RunConfig, round_ends: list[float]) -> ServerApp
     def main(grid: Grid, context: Context) -> None:
         """Flower's FedAvg from a fresh network, with a global evaluation after every round."""
         data = build_federated_data(cfg.dataset, cfg.scenario, cfg.fleet.devices, cfg.seed)
-        model = build_run_model(cfg.model, data.num_classes, data.image_shape[0])
+        model = build_run_model(cfg.model, data.num_classes, data.image_shape[0], seed=cfg.seed)
         test_x, test_y = data.global_test()
         test_x, test_y = to_tensor(test_x), _labels(test_y)
 
@@ -108,7 +108,7 @@ def _local_data(cfg: RunConfig, context: Context) -> tuple[torch.Tensor, ...]:
 
 def _received_model(cfg: RunConfig, msg: Message) -> torch.nn.Module:
     data = build_federated_data(cfg.dataset, cfg.scenario, cfg.fleet.devices, cfg.seed)
-    model = build_run_model(cfg.model, data.num_classes, data.image_shape[0])
+    model = build_run_model(cfg.model, data.num_classes, data.image_shape[0], seed=cfg.seed)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     return model
 

@@ -394,7 +394,7 @@ def compare(meas: Measurements, estimator: AccuracyEstimator, train: Sequence[in
 def load_master(cfg: RunConfig):
     """The run's data and its pre-trained ElasticMaster (from the pre-training cache the runs filled)."""
     data = build_federated_data(cfg.dataset, cfg.scenario, cfg.fleet.devices, cfg.seed)
-    model = build_run_model(cfg.model, data.num_classes, data.image_shape[0])
+    model = build_run_model(cfg.model, data.num_classes, data.image_shape[0], seed=cfg.seed)
     if not isinstance(model, ElasticMaster):
         raise ValueError(f"model {cfg.model.name} is not an ElasticDNN master; pass an algorithm=elasticdnn run")
     model = pretrained_model(cfg, model, data, ALGORITHMS[cfg.algorithm.name].pretraining(cfg))

@@ -47,6 +47,12 @@ class CloudTraining:
     key: Mapping[str, Any]
 
 
+#: How the initial weights are drawn, part of the cache key: "seeded" from the run seed
+#: (:func:`experiments.pretrain.networks.build_run_model`); weights cached before were drawn
+#: from each process's own generator and are not reused.
+INIT = "seeded"
+
+
 def proxy_tensors(data) -> tuple[torch.Tensor, torch.Tensor]:
     """The run's proxy part (``data.proxy()``) as model-ready image and label tensors."""
     x, y = data.proxy()
@@ -65,7 +71,7 @@ def pretrain_cache_path(cfg: RunConfig, training: CloudTraining | None = None) -
     model = {k: v for k, v in to_dict(cfg.model).items() if k != "checkpoint"}  # checkpoint runs skip the cache
     pretrain = dataclasses.replace(cfg.pretrain, cache_dir="")
     trained_by = {} if training is None else {"cloud_training": training.name, **training.key}
-    key = config_hash(dataset, model, pretrain, {"seed": cfg.seed}, trained_by)
+    key = config_hash(dataset, model, pretrain, {"seed": cfg.seed, "init": INIT}, trained_by)
     return Path(cfg.pretrain.cache_dir).expanduser() / f"pretrain-{cfg.dataset.name}-{cfg.model.name}-{key}.pt"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from experiments.schema import ConfigError, ModelConfig
@@ -22,8 +23,15 @@ def check_model_name(model: ModelConfig) -> None:
         raise ConfigError(f"unknown model.name {model.name!r}; choose one of {list(model_names())}")
 
 
-def build_run_model(model: ModelConfig, num_classes: int, in_channels: int) -> nn.Module:
-    """A fresh instance of the configured network."""
-    return build_model(
-        model.name, num_classes=num_classes, width=model.width, in_channels=in_channels, **model_options(model)
-    )
+def build_run_model(model: ModelConfig, num_classes: int, in_channels: int, *, seed: int = 0) -> nn.Module:
+    """A fresh instance of the configured network, its initial weights drawn from ``seed``.
+
+    The draw uses a forked RNG seeded with ``seed`` (the run's seed), so the initial weights,
+    and hence the pre-trained model and every number after it, are the same in every process
+    (torch seeds its default generator differently per process) and no other draw moves.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_model(
+            model.name, num_classes=num_classes, width=model.width, in_channels=in_channels, **model_options(model)
+        )
