@@ -1,6 +1,6 @@
 """AN, AdaptiveNet (Wen et al., MobiCom 2023) as ECLM 7.1 runs it: on-device path choice, no collaboration.
 
-The device receives the cloud's pre-trained multi-branch supernet (``models/multibranch.py``)
+The device receives the cloud's pre-trained multi-branch supernet (``models/multibranch/net.py``)
 and, alone:
 
 1. keeps the paths (one branch per stage) that fit its budget: training memory at its batch
@@ -47,10 +47,20 @@ from clients.base import (
     model_from,
     round_of,
 )
+from clients.protocol import (
+    ACCURACY_KEY,
+    COMPUTE_TIME_KEY,
+    CONFIG_RECORD,
+    PARTITION_KEY,
+    SAMPLES_TRAINED_KEY,
+    TEST_EXAMPLES_KEY,
+    WEIGHT_KEY,
+)
+from models.batchnorm import reestimate_bn
 from models.clock import compute_time_s
 from models.costs import parameter_bytes
-from models.multibranch import BranchPath, MultiBranchNet
-from models.multibranch_training import recalibrate_batchnorm
+from models.multibranch.net import BranchPath, MultiBranchNet
+from models.multibranch.training import RECALIBRATION_BATCH
 from models.training import accuracy, train_epochs
 
 #: Share of the local training data held out to rank candidate paths (assumption: the
@@ -64,6 +74,12 @@ MAX_CANDIDATES = 64
 RECALIBRATION_SAMPLES = 64
 #: Config key of the compute allowance (seconds of on-device compute per round).
 COMPUTE_BUDGET_KEY = "compute_budget_s"
+#: Config record of the training reply naming the chosen path: its branches (ints) and its
+#: label (e.g. ``"0-1-3"``), joined by :data:`PATH_LABEL_SEPARATOR`.
+PATH_RECORD = "path"
+PATH_BRANCHES_KEY = "path"
+PATH_LABEL_KEY = "label"
+PATH_LABEL_SEPARATOR = "-"
 #: Stream tags that separate the split and the candidate sample from other seed uses.
 SPLIT_STREAM = 0xA1
 CANDIDATE_STREAM = 0xA2
@@ -118,7 +134,7 @@ def best_path(
     for path in candidates:
         network = supernet.extract(path)
         if recalibrate:
-            recalibrate_batchnorm(network, calibration_x)
+            reestimate_bn(network, calibration_x, RECALIBRATION_BATCH)
         score = accuracy(network, val_x, val_y)
         key = (-score if not math.isnan(score) else 0.0, supernet.path_cost(path, 1).flops_per_sample, path)
         if best_key is None or key < best_key:
@@ -218,25 +234,26 @@ class AdaptiveNetClient(ClientHandler):
         samples = len(data.train_y) * device.train.epochs
         train_s = self._seconds(cost.flops_per_sample * samples, server_round)
         metrics = {
-            "num_examples": len(data.train_y),
-            "num_test_examples": len(data.test_y),
-            "accuracy": accuracy(network, data.test_x, data.test_y),
+            WEIGHT_KEY: len(data.train_y),
+            TEST_EXAMPLES_KEY: len(data.test_y),
+            ACCURACY_KEY: accuracy(network, data.test_x, data.test_y),
             "accuracy_before": before,
             "val_accuracy": choice.val_accuracy,
             "train_loss": loss,
-            "samples_trained": samples,
+            SAMPLES_TRAINED_KEY: samples,
             "path_bytes": cost.bytes,
             "path_flops_per_sample": cost.flops_per_sample,
             "train_memory_bytes": cost.train_memory_bytes,
             "paths_fitting": fitting,
             "paths_evaluated": evaluated,
             "search_time_s": search_s,
-            "compute_time_s": search_s + train_s,
+            COMPUTE_TIME_KEY: search_s + train_s,
             "load_factor": device.load_factor(server_round),
-            "partition_id": device.partition_id,
+            PARTITION_KEY: device.partition_id,
         }
-        path = ConfigRecord({"path": list(choice.path), "label": "-".join(map(str, choice.path))})
-        return content_reply(msg, metrics, configs={"path": path})
+        label = PATH_LABEL_SEPARATOR.join(map(str, choice.path))
+        path = ConfigRecord({PATH_BRANCHES_KEY: list(choice.path), PATH_LABEL_KEY: label})
+        return content_reply(msg, metrics, configs={PATH_RECORD: path})
 
     # ---------------------------------------------------------------- helpers
     def _supernet(self, msg: Message) -> MultiBranchNet:
@@ -250,7 +267,7 @@ class AdaptiveNetClient(ClientHandler):
 
     def _allowance_s(self, msg: Message, supernet: MultiBranchNet) -> float:
         """Compute seconds left this round after downloading the supernet (inf: no limit)."""
-        config = msg.content.config_records.get("config", ConfigRecord())
+        config = msg.content.config_records.get(CONFIG_RECORD, ConfigRecord())
         budget = config.get(COMPUTE_BUDGET_KEY, self.compute_budget_s)
         if budget is None:
             return math.inf

@@ -20,6 +20,17 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from torch import nn
 
+from clients.protocol import (
+    ACCURACY_KEY,
+    ARRAYS_RECORD,
+    BUDGET_RECORD,
+    CONFIG_RECORD,
+    METRICS_RECORD,
+    PARTITION_KEY,
+    ROUND_KEY,
+    WALL_TIME_KEY,
+    WEIGHT_KEY,
+)
 from models.clock import compute_time_s
 from models.training import TrainSettings, accuracy
 
@@ -61,7 +72,7 @@ class StreamTensors:
 
 
 class ProgressStore(Protocol):
-    """Durable copy of an online device's progress (the ClientApp provides one; see ``experiments/device_state.py``)."""
+    """Durable copy of an online device's progress (the ClientApp provides one; see ``experiments/resume/device_state.py``)."""
 
     def save(self, server_round: int, index: int, blob: bytes | None) -> None:
         """Keep the stream ``index`` and the method's serialised state after ``server_round``."""
@@ -106,7 +117,8 @@ class Device:
         Batch ``index`` of the device's online stream (test-time adaptation scenarios).
     state_store : ProgressStore or None
         Where an online device also saves the state it keeps in ``context.state``, so a
-        resumed run can reload it after a restart (:mod:`clients.online`); None: not saved.
+        resumed run can reload it after a restart (:class:`clients.online.OnlineClient`); None:
+        not saved.
     """
 
     partition_id: int
@@ -136,12 +148,12 @@ def derive_seed(*parts: int) -> int:
 
 def round_of(msg: Message) -> int:
     """The server round a message belongs to (its ``config`` record's ``round``)."""
-    config = msg.content.config_records.get("config")
-    if config is None or "round" not in config:
-        raise MalformedMessage("message has no config record with a 'round' entry")
-    value = config["round"]
+    config = msg.content.config_records.get(CONFIG_RECORD)
+    if config is None or ROUND_KEY not in config:
+        raise MalformedMessage(f"message has no config record with a {ROUND_KEY!r} entry")
+    value = config[ROUND_KEY]
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise MalformedMessage(f"config 'round' must be a non-negative int, got {value!r}")
+        raise MalformedMessage(f"config {ROUND_KEY!r} must be a non-negative int, got {value!r}")
     return value
 
 
@@ -163,7 +175,7 @@ def check_arrays(msg: Message) -> None:
                 raise MalformedMessage(f"array {name}/{key} holds NaN or inf values")
 
 
-def model_from(msg: Message, device: Device, key: str = "arrays") -> nn.Module:
+def model_from(msg: Message, device: Device, key: str = ARRAYS_RECORD) -> nn.Module:
     """The network of ``device`` loaded with the message's arrays under ``key``.
 
     Keys, shapes and dtypes must be the model's own (torch would silently cast dtypes).
@@ -205,10 +217,14 @@ def content_reply(
     arrays: ArrayRecord | None = None,
     configs: Mapping[str, ConfigRecord] | None = None,
 ) -> Message:
-    """A reply with a ``metrics`` record, optional ``arrays`` and extra config records."""
-    content = RecordDict({"metrics": MetricRecord(dict(metrics))})
+    """A reply with a ``metrics`` record, optional ``arrays`` and extra config records.
+
+    The shape Flower's own strategies aggregate: one MetricRecord (weighted by its
+    ``num-examples``) and at most one ArrayRecord besides records of other kinds.
+    """
+    content = RecordDict({METRICS_RECORD: MetricRecord(dict(metrics))})
     if arrays is not None:
-        content["arrays"] = arrays
+        content[ARRAYS_RECORD] = arrays
     for name, record in (configs or {}).items():
         content[name] = record
     return Message(content=content, reply_to=msg)
@@ -229,9 +245,9 @@ class ClientHandler:
     # ---------------------------------------------------------------- entry points
     def query(self, msg: Message, context: Context) -> Message:
         """Report who the device is and its budget (one-time discovery, ECLM's profiler)."""
-        metrics = {"partition_id": self.device.partition_id, "num_examples": self.device.num_examples(0)}
+        metrics = {PARTITION_KEY: self.device.partition_id, WEIGHT_KEY: self.device.num_examples(0)}
         budget = ConfigRecord(dict(self.device.budget))
-        return content_reply(msg, metrics, configs={"budget": budget})
+        return content_reply(msg, metrics, configs={BUDGET_RECORD: budget})
 
     def train(self, msg: Message, context: Context) -> Message:
         """Train on local data; algorithms override this."""
@@ -243,9 +259,9 @@ class ClientHandler:
         model = model_from(msg, self.device)
         data = self.device.data(self.device.slot_of_round(server_round))
         metrics = {
-            "num_examples": len(data.test_y),
-            "accuracy": accuracy(model, data.test_x, data.test_y),
-            "partition_id": self.device.partition_id,
+            WEIGHT_KEY: len(data.test_y),
+            ACCURACY_KEY: accuracy(model, data.test_x, data.test_y),
+            PARTITION_KEY: self.device.partition_id,
         }
         return content_reply(msg, metrics)
 
@@ -274,7 +290,7 @@ class ClientHandler:
             started = time.perf_counter()
             reply = getattr(self, action)(msg, context)
             if reply.has_content():
-                reply.content["metrics"]["wall_time_s"] = time.perf_counter() - started
+                reply.content[METRICS_RECORD][WALL_TIME_KEY] = time.perf_counter() - started
             return reply
         except MalformedMessage as exc:
             return error_reply(msg, MALFORMED_MESSAGE, f"malformed message: {exc}")

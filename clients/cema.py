@@ -2,21 +2,21 @@
 
 The edge never trains (CEMA poster, "Dynamic entropy-based sample filtration"): it runs the
 edge model forward on the incoming batch, keeps the prediction (online accuracy) and uploads
-the samples that pass the :class:`models.cema_filter.UploadFilter`. The cloud adapts the edge
+the samples that pass the :class:`models.cema.filter.UploadFilter`. The cloud adapts the edge
 model and sends back its BatchNorm entries (or the full model, always on a device's first
 batch).
 
 The prediction's BatchNorm follows the official ``infer`` (chenyaofo/CEMA
 ``codebase/core/tta/cema.py``: ``set_bn_training_mode(edge, False)``): with TBR
-(:mod:`models.cema_tbr`, official default) the layers normalise with their TBR statistics,
+(:mod:`models.cema.tbr`, official default) the layers normalise with their TBR statistics,
 taken from the device's first test batch and replaced by the cloud's once the edge model sent
 back has statistics of its own; without TBR, with each test batch's statistics.
 
 In simulation the labels of the uploaded samples travel beside them in the oracle record
-(:data:`strategies.payload.ORACLE_RECORD`), for the cloud's teacher-accuracy metric only.
+(:data:`clients.protocol.ORACLE_RECORD`), for the cloud's teacher-accuracy metric only.
 
 The device remembers its edge model and its filter state between rounds in
-``context.state`` (through :func:`clients.online.save_progress`).
+``context.state`` (through :meth:`clients.online.OnlineClient.keep_progress`).
 """
 
 from __future__ import annotations
@@ -27,19 +27,11 @@ import torch
 from flwr.app import ConfigRecord, Context, Message
 from torch import nn
 
-from clients.base import ClientHandler, MalformedMessage, round_of
-from clients.online import (
-    batch_reply,
-    load_blob,
-    next_batch,
-    persist_progress,
-    restore_progress,
-    save_progress,
-    stream_index,
-)
-from models.cema_filter import UploadFilter
-from models.cema_tbr import BATCH, TBR, bn_mode, without_unset_statistics
-from strategies.payload import ORACLE_RECORD
+from clients.base import MalformedMessage, round_of
+from clients.online import OnlineClient
+from clients.protocol import ARRAYS_RECORD, COMPUTE_TIME_KEY, ORACLE_RECORD, PARTITION_KEY
+from models.cema.filter import UploadFilter
+from models.cema.tbr import BATCH, TBR, bn_mode, without_unset_statistics
 
 #: Share of the training FLOPs per sample that one forward pass costs: the backward pass
 #: costs about twice the forward (Kaplan et al. 2020, "Scaling laws", C ~ 6N per token of
@@ -64,7 +56,7 @@ DEFAULT_TBR = True
 EDGE_BN_CHOICES = (None, "batch", "running")
 
 
-class CEMAClient(ClientHandler):
+class CEMAClient(OnlineClient):
     """CEMA's edge handler: forward-only inference, entropy-based upload filter.
 
     ``train`` expects a message with a ``config`` record (the round) and, optionally, an
@@ -76,8 +68,8 @@ class CEMAClient(ClientHandler):
     def train(self, msg: Message, context: Context) -> Message:
         """Predict the next stream batch, upload the filtered samples, remember the state."""
         server_round = round_of(msg)
-        restore_progress(self.device, context, server_round)
-        batch = next_batch(self.device, context)
+        self.restore_progress(context, server_round)
+        batch = self.next_batch(context)
         model, upload_filter = self._restore(msg, context)
         options = self.device.options
         logits = edge_logits(model, batch.x, options.get("tbr", DEFAULT_TBR), options.get("edge_bn"))
@@ -86,13 +78,12 @@ class CEMAClient(ClientHandler):
         mask = upload_filter.select(logits).numpy()
         uploads = batch.pixels[mask]
         state = {"model": model.state_dict(), "filter": upload_filter.state_dict()}
-        save_progress(context, stream_index(context) + 1, state)
-        persist_progress(self.device, context, server_round)
+        self.keep_progress(context, server_round, self.stream_index(context) + 1, state)
         metrics = {
-            "compute_time_s": self.compute_time_s(len(batch.y) * FORWARD_FLOP_FRACTION, server_round),
-            "partition_id": self.device.partition_id,
+            COMPUTE_TIME_KEY: self.compute_time_s(len(batch.y) * FORWARD_FLOP_FRACTION, server_round),
+            PARTITION_KEY: self.device.partition_id,
         }
-        reply = batch_reply(msg, batch, logits, metrics, uploads)
+        reply = self.batch_reply(msg, batch, logits, metrics, uploads)
         if len(uploads):
             labels = [int(label) for label in batch.y[torch.from_numpy(mask)]]
             reply.content[ORACLE_RECORD] = ConfigRecord({UPLOAD_LABELS: labels})
@@ -101,13 +92,13 @@ class CEMAClient(ClientHandler):
     # ---------------------------------------------------------------- state
     def _restore(self, msg: Message, context: Context) -> tuple[nn.Module, UploadFilter | None]:
         """The edge model (saved, then updated by the message) and the saved filter, if any."""
-        saved = load_blob(context)
+        saved = self.load_blob(context)
         model = self.device.build_model()
         if saved is not None:
             model.load_state_dict(saved["model"], strict=True)
-        arrays = msg.content.array_records.get("arrays")
+        arrays = msg.content.array_records.get(ARRAYS_RECORD)
         if arrays is None and saved is None:
-            raise MalformedMessage("the device's first CEMA message must carry the full edge model in 'arrays'")
+            raise MalformedMessage(f"the device's first CEMA message must carry the full edge model in {ARRAYS_RECORD!r}")
         if arrays is not None:
             load_edge_arrays(model, arrays.to_torch_state_dict(), first=saved is None)
         upload_filter = None
@@ -152,7 +143,7 @@ def load_edge_arrays(model: nn.Module, received: dict[str, Any], *, first: bool)
     """Load the cloud's edge entries into ``model``.
 
     After the first batch, the statistics of BN layers whose received reset marker is 0 are
-    not loaded (:func:`models.cema_tbr.without_unset_statistics`): the device keeps its own.
+    not loaded (:func:`models.cema.tbr.without_unset_statistics`): the device keeps its own.
 
     Parameters
     ----------

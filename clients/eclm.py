@@ -16,12 +16,31 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord
 
 from clients.base import ClientHandler, MalformedMessage, content_reply, derive_seed, round_of
-from models.knapsack import InfeasibleBudget, Selection, fit_to_load, forced_modules
-from models.modular import ModularNet, parse_module_id
+from clients.protocol import (
+    ACCURACY_KEY,
+    ARRAYS_RECORD,
+    COMPUTE_TIME_KEY,
+    CONFIG_RECORD,
+    PARTITION_KEY,
+    WEIGHT_KEY,
+)
+from models.eclm.knapsack import InfeasibleBudget, Selection, fit_to_load, forced_modules
+from models.eclm.layer import parse_module_id
+from models.eclm.modular import ModularNet
 from models.training import accuracy, train_epochs
 
 #: Samples per forward pass while profiling importance (memory bound, not a tuning knob).
 PROFILE_BATCH = 256
+#: Array record of the profiling query (the unified module selector), and the prefix of its keys.
+SELECTOR_RECORD = "selector"
+SELECTOR_PREFIX = "selector."
+#: Metric record of the profiling reply: each module's importance on the device's data.
+IMPORTANCE_RECORD = "importance"
+#: Config entry of a train message listing the sub-model's module ids, and their separator.
+MODULES_KEY = "modules"
+MODULE_SEPARATOR = ","
+#: Suffix of the sub-model's ``active`` buffers (which modules it holds): never sent back.
+ACTIVE_SUFFIX = ".active"
 
 
 _CATALOGS: dict[tuple[str, int], tuple[dict, tuple, dict]] = {}
@@ -59,21 +78,21 @@ class ECLMClient(ClientHandler):
     # ------------------------------------------------------------------ profiling
     def query(self, msg: Message, context: Context) -> Message:
         """Discovery (no selector) or ECLM profiling (selector present)."""
-        selector = msg.content.array_records.get("selector")
+        selector = msg.content.array_records.get(SELECTOR_RECORD)
         if selector is None:
             return super().query(msg, context)
         server_round = round_of(msg)
         model = self._full_model()
-        state = {k.removeprefix("selector."): v for k, v in selector.to_torch_state_dict().items()}
+        state = {k.removeprefix(SELECTOR_PREFIX): v for k, v in selector.to_torch_state_dict().items()}
         try:
             model.selector.load_state_dict(state, strict=True)
         except (RuntimeError, KeyError) as exc:
             raise MalformedMessage(f"selector does not fit the device's model: {exc}") from exc
         data = self.device.data(self.device.slot_of_round(server_round))
         importance = self.importance(model, data.train_x)
-        metrics = {"num_examples": len(data.train_y), "partition_id": self.device.partition_id}
+        metrics = {WEIGHT_KEY: len(data.train_y), PARTITION_KEY: self.device.partition_id}
         reply = content_reply(msg, metrics)
-        reply.content["importance"] = MetricRecord(importance)
+        reply.content[IMPORTANCE_RECORD] = MetricRecord(importance)
         return reply
 
     @staticmethod
@@ -103,10 +122,10 @@ class ECLMClient(ClientHandler):
         try:
             model = full.extract(ids)
         except ValueError as exc:  # unknown, malformed or layer-emptying module ids
-            raise MalformedMessage(f"config 'modules' does not name a sub-model of this network: {exc}") from exc
-        arrays = msg.content.array_records.get("arrays")
+            raise MalformedMessage(f"config {MODULES_KEY!r} does not name a sub-model of this network: {exc}") from exc
+        arrays = msg.content.array_records.get(ARRAYS_RECORD)
         if arrays is None:
-            raise MalformedMessage("message has no array record 'arrays'")
+            raise MalformedMessage(f"message has no array record {ARRAYS_RECORD!r}")
         try:
             model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
         except (RuntimeError, KeyError) as exc:
@@ -125,18 +144,18 @@ class ECLMClient(ClientHandler):
         samples = len(data.train_y) * device.train.epochs
         flops = self._flops_per_sample(model)
         metrics = {
-            "num_examples": len(data.train_y),
-            "accuracy": accuracy(model, data.test_x, data.test_y),
+            WEIGHT_KEY: len(data.train_y),
+            ACCURACY_KEY: accuracy(model, data.test_x, data.test_y),
             "train_loss": loss,
             "modules": len(kept),
             "modules_dropped": len(ids) - len(kept),
             "submodel_bytes": sum(t.numel() * t.element_size() for t in model.state_dict().values()),
             "train_memory_bytes": self._memory(kept),
-            "compute_time_s": self.compute_time_s(samples, server_round) * flops / device.flops_per_sample,
+            COMPUTE_TIME_KEY: self.compute_time_s(samples, server_round) * flops / device.flops_per_sample,
             "load_factor": device.load_factor(server_round),
-            "partition_id": device.partition_id,
+            PARTITION_KEY: device.partition_id,
         }
-        state = {k: v for k, v in model.state_dict().items() if not k.endswith(".active")}
+        state = {k: v for k, v in model.state_dict().items() if not k.endswith(ACTIVE_SUFFIX)}
         return content_reply(msg, metrics, arrays=ArrayRecord(state))
 
     # ------------------------------------------------------------------ helpers
@@ -158,11 +177,11 @@ class ECLMClient(ClientHandler):
         return model
 
     def _module_ids(self, msg: Message) -> tuple[str, ...]:
-        config = msg.content.config_records.get("config")
-        raw = "" if config is None else config.get("modules", "")
+        config = msg.content.config_records.get(CONFIG_RECORD)
+        raw = "" if config is None else config.get(MODULES_KEY, "")
         if not isinstance(raw, str) or not raw:
-            raise MalformedMessage("config 'modules' must list the sub-model's module ids")
-        return tuple(raw.split(","))
+            raise MalformedMessage(f"config {MODULES_KEY!r} must list the sub-model's module ids")
+        return tuple(raw.split(MODULE_SEPARATOR))
 
     def _costs(self) -> tuple[dict, tuple, dict]:
         return catalog_of(self._full_model(), self.device.train.batch_size)
@@ -186,7 +205,7 @@ class ECLMClient(ClientHandler):
         """The best subset of the held modules whose compute fits this round's load (ECLM 3, 5.1).
 
         The forced module of every layer is the cloud's (same importance, same tie order:
-        :func:`models.knapsack.forced_modules`), so it is never dropped.
+        :func:`models.eclm.knapsack.forced_modules`), so it is never dropped.
         """
         costs, shared, layer_of = self._costs()
         load = self.device.load_factor(server_round)

@@ -8,7 +8,7 @@ labels are known to the simulator only). The master and its domain-knowledge ban
 so a later domain's surrogate starts from the master every earlier domain updated.
 
 ``Device.options["method"]`` picks ElasticDNN or a comparison method at the same model size
-(:data:`models.elastic_remodel.METHODS`): the baselines adapt a same-size model continually
+(:data:`models.elastic.remodel.METHODS`): the baselines adapt a same-size model continually
 across domains -- the cloud's compressed model (the master's largest filters, fine-tuned on the
 source data) when the first message carries it under ``compressed``, else the master's
 magnitude-pruned copy as it is; ``full`` retrains the whole master (the slow reference).
@@ -20,34 +20,37 @@ import torch
 from flwr.app import ArrayRecord, Context, Message
 from torch import nn
 
-from clients.base import ClientHandler, Device, MalformedMessage, load_arrays, model_from, round_of
-from clients.online import batch_reply, load_blob, persist_progress, restore_progress, save_progress, stream_index
-from models.elastic_master import ElasticMaster
-from models.elastic_remodel import (
+from clients.base import Device, MalformedMessage, load_arrays, model_from, round_of
+from clients.online import OnlineClient
+from clients.protocol import ARRAYS_RECORD, COMPUTE_TIME_KEY, CONFIG_RECORD, PARTITION_KEY
+from models.elastic.bank import bank_thetas, load_bank_thetas
+from models.elastic.master import ElasticMaster
+from models.elastic.remodel import (
     METHODS,
     PRUNED_METHODS,
     RemodelSettings,
     adapt_to_domain,
     pruned_model,
 )
-from models.fbs_bank import bank_thetas, load_bank_thetas
 
 #: Batches of its stream a device uses per domain: one to adapt on, one to evaluate.
 BATCHES_PER_ROUND = 2
 #: One forward pass costs about a third of a training step (forward + backward ~ 3 forwards;
 #: Kaplan et al. 2020), the device's ``flops_per_sample`` being measured for training.
 FORWARD_FLOP_FRACTION = 1.0 / 3.0
-#: Array record of the cloud's compressed same-size model (strategies.elastic.ElasticDNN).
+#: Array record of the cloud's compressed same-size model (a device's first message, optional).
 COMPRESSED_KEY = "compressed"
 #: Array record of a bank's ``theta*`` by layer: the fleet's average in, the device's own out
 #: (``algorithm.elasticdnn.bank_fedavg``; the round config then says ``share_bank``).
 BANK_KEY = "bank"
+#: Config entry asking the device to send its bank back.
+SHARE_BANK_KEY = "share_bank"
 #: ``Device.options`` keys that become :class:`RemodelSettings` fields.
 SETTING_KEYS = ("keep_fraction", "mass", "loss", "epochs", "lr", "batch_size", "master_update", "write_back_bn",
                 "shot_labels")
 
 
-class ElasticClient(ClientHandler):
+class ElasticClient(OnlineClient):
     """ElasticDNN (or a same-size baseline) on the device's evolving domains, one domain a round.
 
     The first message must carry the pre-trained master and bank in ``arrays`` (and, for a
@@ -76,10 +79,10 @@ class ElasticClient(ClientHandler):
     def train(self, msg: Message, context: Context) -> Message:
         """Adapt to the next domain, evaluate on its held-out batch, keep the updated state."""
         server_round = round_of(msg)
-        restore_progress(self.device, context, server_round)  # after a resumed run's restart
+        self.restore_progress(context, server_round)  # after a resumed run's restart
         if self.device.stream is None:
             raise MalformedMessage("this device has no stream of domains (use scenario=evolving)")
-        index = stream_index(context)
+        index = self.stream_index(context)
         adapt, held_out = self.device.stream(index), self.device.stream(index + 1)
         if adapt.domain != held_out.domain:
             raise MalformedMessage(f"batches {index} and {index + 1} come from different domains "
@@ -93,28 +96,29 @@ class ElasticClient(ClientHandler):
         with torch.no_grad():
             logits = _eval(serving, held_out.x)
             accuracy_before = int((_eval(before, held_out.x).argmax(1) == held_out.y).sum()) / len(held_out.y)
-        save_progress(context, index + BATCHES_PER_ROUND, {"elastic": elastic, "small": small})
-        persist_progress(self.device, context, server_round)
+        self.keep_progress(context, server_round, index + BATCHES_PER_ROUND, {"elastic": elastic, "small": small})
         samples = len(adapt.y) * training_passes(self.method, self.settings.epochs, report["model_fraction"])
         metrics = {
             **report,
             "accuracy_before": accuracy_before,
-            "compute_time_s": self.compute_time_s(samples, server_round),
+            COMPUTE_TIME_KEY: self.compute_time_s(samples, server_round),
             "load_factor": self.device.load_factor(server_round),
-            "partition_id": self.device.partition_id,
+            PARTITION_KEY: self.device.partition_id,
         }
-        reply = batch_reply(msg, held_out, logits, metrics)
-        if msg.content["config"].get("share_bank", False):
+        reply = self.batch_reply(msg, held_out, logits, metrics)
+        if msg.content[CONFIG_RECORD].get(SHARE_BANK_KEY, False):
             reply.content[BANK_KEY] = ArrayRecord(bank_thetas(elastic.bank))
         return reply
 
     def _restore(self, msg: Message, context: Context) -> tuple[ElasticMaster, nn.Module | None]:
         """The master/bank (and the baselines' pruned model) as after the previous domain."""
-        saved = load_blob(context)
+        saved = self.load_blob(context)
         if saved is not None:
             return saved["elastic"], saved["small"]
-        if "arrays" not in msg.content.array_records:
-            raise MalformedMessage("the device's first ElasticDNN message must carry the master and bank in 'arrays'")
+        if ARRAYS_RECORD not in msg.content.array_records:
+            raise MalformedMessage(
+                f"the device's first ElasticDNN message must carry the master and bank in {ARRAYS_RECORD!r}"
+            )
         elastic = model_from(msg, self.device)
         if not isinstance(elastic, ElasticMaster):
             raise MalformedMessage(f"ElasticDNN needs an ElasticMaster network, the device builds {type(elastic).__name__}")

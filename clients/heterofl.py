@@ -8,7 +8,7 @@ training data (the cloud merges the classifier's rows by them, HeteroFL's
 ``label_split``). When the message asks for it (``label_mask``), the logits of classes
 the device has no data of are masked in training and in the local test, and the
 gradient norm is clipped (``clip_grad_norm``), as the official clients do
-(:mod:`models.width_training`). At discovery it also reports what each width rate would
+(:mod:`models.width.training`). At discovery it also reports what each width rate would
 cost it, so the cloud can pick the widest rate that fits.
 """
 
@@ -22,12 +22,39 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from torch import nn
 
 from clients.base import ClientHandler, DeviceTensors, MalformedMessage, content_reply, derive_seed, round_of
+from clients.protocol import (
+    ACCURACY_KEY,
+    ARRAYS_RECORD,
+    BUDGET_RECORD,
+    COMPUTE_TIME_KEY,
+    CONFIG_RECORD,
+    PARTITION_KEY,
+    SAMPLES_TRAINED_KEY,
+    TEST_EXAMPLES_KEY,
+    TRAIN_EXAMPLES_KEY,
+    WEIGHT_KEY,
+)
+from models.batchnorm import reestimate_bn
 from models.clock import compute_time_s
 from models.training import accuracy
-from models.width import RUNNING_MEAN, RUNNING_VAR, WIDTH_RATES, check_rate
-from models.width_layers import RateCost, costs_to_record, rate_costs, scaled_model, static_batch_norm
-from models.width_training import CLASSES_KEY, LABELS_RECORD, LabelMasked, device_classes, train_submodel
+from models.width.layers import RateCost, costs_to_record, rate_costs, scaled_model
+from models.width.submodel import RUNNING_MEAN, RUNNING_VAR, WIDTH_RATES, check_rate
+from models.width.training import LabelMasked, device_classes, train_submodel
 
+#: Config entries of a message: the sub-model's width rate, the channel window's roll (FedRolex),
+#: whether to mask absent classes' logits, the gradient-norm clip, and (evaluation) whether to
+#: send back the BN statistics measured on local data (the sBN query).
+RATE_KEY = "rate"
+OFFSET_KEY = "offset"
+LABEL_MASK_KEY = "label_mask"
+CLIP_GRAD_NORM_KEY = "clip_grad_norm"
+STATISTICS_KEY = "statistics"
+#: Config record of a training reply naming the classes of the device's training data, and its
+#: entry (a sorted list of ints; empty without data).
+LABELS_RECORD = "labels"
+CLASSES_KEY = "classes"
+#: Metric of the label-masked local test (the official one).
+MASKED_ACCURACY_KEY = "masked_accuracy"
 #: Suffixes of the BN running statistics sent back by an sBN query (torch BatchNorm buffer names).
 BN_STATISTICS = (f".{RUNNING_MEAN}", f".{RUNNING_VAR}")
 #: Costs already measured in this process, keyed by (network signature, input shape, batch size, rate):
@@ -59,23 +86,23 @@ class WidthConfig:
 
 def width_config(msg: Message) -> WidthConfig:
     """The :class:`WidthConfig` of a message's config record, or MalformedMessage naming the bad entry."""
-    config = msg.content.config_records.get("config")
-    if config is None or "rate" not in config:
-        raise MalformedMessage("config has no 'rate'; HeteroFL messages carry the sub-model's width rate")
+    config = msg.content.config_records.get(CONFIG_RECORD)
+    if config is None or RATE_KEY not in config:
+        raise MalformedMessage(f"config has no {RATE_KEY!r}; HeteroFL messages carry the sub-model's width rate")
     try:
-        rate = check_rate(config["rate"])
+        rate = check_rate(config[RATE_KEY])
     except ValueError as exc:
         raise MalformedMessage(str(exc)) from exc
-    offset = config.get("offset", 0)
+    offset = config.get(OFFSET_KEY, WidthConfig.offset)
     if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-        raise MalformedMessage(f"config 'offset' must be a non-negative int, got {offset!r}")
-    label_mask = config.get("label_mask", False)
+        raise MalformedMessage(f"config {OFFSET_KEY!r} must be a non-negative int, got {offset!r}")
+    label_mask = config.get(LABEL_MASK_KEY, WidthConfig.label_mask)
     if not isinstance(label_mask, bool):
-        raise MalformedMessage(f"config 'label_mask' must be a bool, got {label_mask!r}")
-    clip = config.get("clip_grad_norm")
+        raise MalformedMessage(f"config {LABEL_MASK_KEY!r} must be a bool, got {label_mask!r}")
+    clip = config.get(CLIP_GRAD_NORM_KEY)
     if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0
                              or not math.isfinite(clip)):
-        raise MalformedMessage(f"config 'clip_grad_norm' must be a finite number > 0, got {clip!r}")
+        raise MalformedMessage(f"config {CLIP_GRAD_NORM_KEY!r} must be a finite number > 0, got {clip!r}")
     return WidthConfig(rate, offset, label_mask, None if clip is None else float(clip))
 
 
@@ -98,7 +125,7 @@ class HeteroFLClient(ClientHandler):
         data = device.data(0)
         costs = self.costs(WIDTH_RATES, input_shape_of(data))
         samples = device.num_examples(0) * device.train.epochs
-        reply.content["budget"].update(costs_to_record(costs, samples))
+        reply.content[BUDGET_RECORD].update(costs_to_record(costs, samples))
         return reply
 
     def train(self, msg: Message, context: Context) -> Message:
@@ -118,17 +145,17 @@ class HeteroFLClient(ClientHandler):
         samples = len(data.train_y) * device.train.epochs
         flops = self.costs((asked.rate,), input_shape_of(data))[asked.rate].flops_per_sample * samples
         metrics = {
-            "num_examples": len(data.train_y),
-            "num_test_examples": len(data.test_y),
-            "accuracy": accuracy(model, data.test_x, data.test_y),
-            "masked_accuracy": accuracy(local_scorer(model, classes, asked), data.test_x, data.test_y),
+            WEIGHT_KEY: len(data.train_y),
+            TEST_EXAMPLES_KEY: len(data.test_y),
+            ACCURACY_KEY: accuracy(model, data.test_x, data.test_y),
+            MASKED_ACCURACY_KEY: accuracy(local_scorer(model, classes, asked), data.test_x, data.test_y),
             "train_loss": loss,
-            "samples_trained": samples,
-            "compute_time_s": compute_time_s(flops, float(device.budget["flops_per_s"]), device.load_factor(server_round)),
+            SAMPLES_TRAINED_KEY: samples,
+            COMPUTE_TIME_KEY: compute_time_s(flops, float(device.budget["flops_per_s"]), device.load_factor(server_round)),
             "load_factor": device.load_factor(server_round),
             "rate": asked.rate,
             "offset": asked.offset,
-            "partition_id": device.partition_id,
+            PARTITION_KEY: device.partition_id,
         }
         labels = ConfigRecord({CLASSES_KEY: list(classes or ())})
         return content_reply(msg, metrics, arrays=ArrayRecord(model.state_dict()), configs={LABELS_RECORD: labels})
@@ -147,24 +174,24 @@ class HeteroFLClient(ClientHandler):
         data = self.device.data(self.device.slot_of_round(server_round))
         self.prepare_for_evaluation(model, data.train_x)
         metrics = {
-            "num_examples": len(data.test_y),
-            "num_train_examples": len(data.train_y),
-            "accuracy": accuracy(model, data.test_x, data.test_y),
-            "masked_accuracy": accuracy(local_scorer(model, device_classes(data.train_y), asked), data.test_x, data.test_y),
+            WEIGHT_KEY: len(data.test_y),
+            TRAIN_EXAMPLES_KEY: len(data.train_y),
+            ACCURACY_KEY: accuracy(model, data.test_x, data.test_y),
+            MASKED_ACCURACY_KEY: accuracy(local_scorer(model, device_classes(data.train_y), asked), data.test_x, data.test_y),
             "rate": asked.rate,
-            "partition_id": self.device.partition_id,
+            PARTITION_KEY: self.device.partition_id,
         }
         stats = None
-        if msg.content["config"].get("statistics", False) and len(data.train_y) > 0:
+        if msg.content[CONFIG_RECORD].get(STATISTICS_KEY, False) and len(data.train_y) > 0:
             stats = ArrayRecord({k: v for k, v in model.state_dict().items() if k.endswith(BN_STATISTICS)})
         return content_reply(msg, metrics, arrays=stats)
 
     # ---------------------------------------------------------------- helpers
     def sub_model(self, msg: Message, rate: float) -> nn.Module:
         """The sub-model skeleton at ``rate`` loaded with the message's ``arrays``."""
-        arrays = msg.content.array_records.get("arrays")
+        arrays = msg.content.array_records.get(ARRAYS_RECORD)
         if arrays is None:
-            raise MalformedMessage("message has no array record 'arrays'")
+            raise MalformedMessage(f"message has no array record {ARRAYS_RECORD!r}")
         model = scaled_model(self.device.build_model, rate)
         try:
             model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
@@ -175,7 +202,7 @@ class HeteroFLClient(ClientHandler):
     def prepare_for_evaluation(self, model: nn.Module, train_x) -> None:
         """Static BN on the training data; without data the received statistics stay."""
         if len(train_x) > 0:
-            static_batch_norm(model, train_x, self.device.train.batch_size)
+            reestimate_bn(model, train_x, self.device.train.batch_size, even_batches=True)
         model.eval()
 
     def costs(self, rates: Sequence[float], input_shape: tuple[int, ...]) -> dict[float, RateCost]:

@@ -5,6 +5,14 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, Context, Message
 
 from clients.base import ClientHandler, content_reply, derive_seed, model_from, round_of
+from clients.protocol import (
+    ACCURACY_KEY,
+    COMPUTE_TIME_KEY,
+    PARTITION_KEY,
+    SAMPLES_TRAINED_KEY,
+    TEST_EXAMPLES_KEY,
+    WEIGHT_KEY,
+)
 from models.training import accuracy, train_epochs
 
 
@@ -12,7 +20,9 @@ class LocalTrainingClient(ClientHandler):
     """Train the received model on the device's data and send it back (FedAvg, McMahan 2017).
 
     The reply's ``accuracy`` is the trained model's accuracy on the device's held-out local
-    test data; ``accuracy_before`` is the received model's.
+    test data; ``accuracy_before`` is the received model's. It carries one ArrayRecord and one
+    MetricRecord weighted by ``num-examples`` (the training set's size), so Flower's own
+    ``FedAvg`` aggregates it as the project's does.
     """
 
     send_arrays = True
@@ -33,15 +43,15 @@ class LocalTrainingClient(ClientHandler):
         )
         samples = len(data.train_y) * device.train.epochs
         metrics = {
-            "num_examples": len(data.train_y),
-            "num_test_examples": len(data.test_y),
-            "accuracy": accuracy(model, data.test_x, data.test_y),
+            WEIGHT_KEY: len(data.train_y),
+            TEST_EXAMPLES_KEY: len(data.test_y),
+            ACCURACY_KEY: accuracy(model, data.test_x, data.test_y),
             "accuracy_before": before,
             "train_loss": loss,
-            "samples_trained": samples,
-            "compute_time_s": self.compute_time_s(samples, server_round),
+            SAMPLES_TRAINED_KEY: samples,
+            COMPUTE_TIME_KEY: self.compute_time_s(samples, server_round),
             "load_factor": device.load_factor(server_round),
-            "partition_id": device.partition_id,
+            PARTITION_KEY: device.partition_id,
         }
         arrays = ArrayRecord(model.state_dict()) if self.send_arrays else None
         return content_reply(msg, metrics, arrays=arrays)

@@ -1,7 +1,7 @@
 """Edge handler of the online test-time-adaptation baselines (CEMA, seed 000, "Baselines").
 
 Each round the device predicts its next stream batch, then adapts to it with one of the
-adapters of :mod:`models.tta`; the model and the adapter's state persist in ``context.state``.
+adapters of :mod:`models.tta.registry`; the model and the adapter's state persist in ``context.state``.
 ``eta_upload`` is ETA whose kept (reliable, non-redundant) samples go up to the cloud, the
 upload rule CEMA compares against (ALGORITHMS.md, CEMA part).
 """
@@ -14,17 +14,11 @@ import numpy as np
 from flwr.app import Context, Message
 from torch import nn
 
-from clients.base import ClientHandler, Device, MalformedMessage, model_from, round_of
-from clients.online import (
-    batch_reply,
-    load_blob,
-    next_batch,
-    persist_progress,
-    restore_progress,
-    save_progress,
-    stream_index,
-)
-from models.tta import OnlineAdapter, adapter_names, adapter_parameters, build_adapter
+from clients.base import Device, MalformedMessage, model_from, round_of
+from clients.online import OnlineClient
+from clients.protocol import ARRAYS_RECORD, COMPUTE_TIME_KEY, PARTITION_KEY
+from models.tta.base import OnlineAdapter
+from models.tta.registry import adapter_names, adapter_parameters, build_adapter
 
 #: ETA whose kept samples are uploaded (CEMA's "ETA + upload" baseline).
 ETA_UPLOAD = "eta_upload"
@@ -36,7 +30,7 @@ def method_names() -> tuple[str, ...]:
 
 
 def adapter_for(method: str) -> str:
-    """The :mod:`models.tta` adapter behind ``method`` (``eta_upload`` runs ETA)."""
+    """The :mod:`models.tta.registry` adapter behind ``method`` (``eta_upload`` runs ETA)."""
     if method not in method_names():
         raise ValueError(f"unknown on-device TTA method {method!r}; choose one of {method_names()}")
     return "eta" if method == ETA_UPLOAD else method
@@ -56,7 +50,7 @@ def classes_of(model: nn.Module) -> int:
     return linears[-1].out_features
 
 
-class TTAClient(ClientHandler):
+class TTAClient(OnlineClient):
     """Predict-then-adapt on the device's stream, one batch per round.
 
     ``Device.options``: ``method`` (one of :func:`method_names`), optional ``hyper`` (keyword
@@ -92,32 +86,31 @@ class TTAClient(ClientHandler):
 
     @property
     def adapter_name(self) -> str:
-        """The :mod:`models.tta` adapter behind ``method`` (``eta_upload`` runs ETA)."""
+        """The :mod:`models.tta.registry` adapter behind ``method`` (``eta_upload`` runs ETA)."""
         return adapter_for(self.method)
 
     def train(self, msg: Message, context: Context) -> Message:
         """Predict the next stream batch, adapt to it, save progress, reply with online accuracy."""
         server_round = round_of(msg)
-        restore_progress(self.device, context, server_round)
-        batch = next_batch(self.device, context)
+        self.restore_progress(context, server_round)
+        batch = self.next_batch(context)
         adapter = self.restore_adapter(msg, context)
         logits = adapter.predict_then_adapt(batch.x)
         uploads = self.uploads(adapter, batch.pixels)
-        save_progress(context, stream_index(context) + 1, adapter.state_dict())
-        persist_progress(self.device, context, server_round)
+        self.keep_progress(context, server_round, self.stream_index(context) + 1, adapter.state_dict())
         metrics = {
-            "compute_time_s": self.compute_time_s(len(batch.y), server_round),
+            COMPUTE_TIME_KEY: self.compute_time_s(len(batch.y), server_round),
             "load_factor": self.device.load_factor(server_round),
-            "partition_id": self.device.partition_id,
+            PARTITION_KEY: self.device.partition_id,
         }
-        return batch_reply(msg, batch, logits, metrics, uploads)
+        return self.batch_reply(msg, batch, logits, metrics, uploads)
 
     def restore_adapter(self, msg: Message, context: Context) -> OnlineAdapter:
         """The adapter as after the previous batch, or on the received source model (first batch)."""
-        blob = load_blob(context)
+        blob = self.load_blob(context)
         if blob is None:
-            if "arrays" not in msg.content.array_records:
-                raise MalformedMessage("the device's first batch needs the source model in 'arrays'")
+            if ARRAYS_RECORD not in msg.content.array_records:
+                raise MalformedMessage(f"the device's first batch needs the source model in {ARRAYS_RECORD!r}")
             model = model_from(msg, self.device)
         else:
             model = self.device.build_model()

@@ -3,12 +3,12 @@
 In simulation the device's data and budget come from its partition id (the fleet is
 sampled lazily, one device at a time); on a real device under ``flower-supernode`` the
 same app runs with the partition given by ``--node-config`` and the budget that config
-declares, profiles or leaves to sampling (``experiments/node_budget.py``, ``docs/DEPLOY.md``).
+declares, profiles or leaves to sampling (``experiments/fleet/node_budget.py``, ``docs/DEPLOY.md``).
 Heavy work (data source, FLOP counting) is cached per process, so an actor pays for it
 once, not per message; under ``flower-supernode`` each message is a fresh process, so the
 FLOP count and a profiled budget are also kept in ``context.state`` (``node_memory.py``).
 Online devices also save their ``context.state`` under ``<run dir>/devices`` so that a
-resumed run can reload it (``experiments/device_state.py``).
+resumed run can reload it (``experiments/resume/device_state.py``).
 """
 
 from __future__ import annotations
@@ -22,15 +22,17 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from clients.base import Device, StreamTensors
-from clients.faults import TIMEOUT_OVERSHOOT, FaultInjector
-from experiments import fleet, startup
 from experiments.algorithms import ALGORITHMS
-from experiments.config import FaultsConfig, ModelConfig, RunConfig, config_hash, from_flat
+from experiments.config import from_flat
 from experiments.data import build_federated_data, to_tensor
-from experiments.device_state import DeviceStateStore, device_state_dir
-from experiments.networks import build_run_model
-from experiments.node_budget import device_budget
-from experiments.node_memory import FLOPS_RECORD, remembered_number
+from experiments.fleet import budgets as fleet
+from experiments.fleet import startup
+from experiments.fleet.faults import TIMEOUT_OVERSHOOT, FaultInjector
+from experiments.fleet.node_budget import device_budget
+from experiments.fleet.node_memory import FLOPS_RECORD, remembered_number
+from experiments.pretrain.networks import build_run_model
+from experiments.resume.device_state import DeviceStateStore, device_state_dir
+from experiments.schema import FaultsConfig, ModelConfig, RunConfig, config_hash
 from models.costs import train_flops_per_sample
 from models.training import TrainSettings
 
@@ -52,7 +54,7 @@ class DeviceParts:
     """A device's :class:`~clients.base.DeviceTensors` for one slot, each part rendered on first use.
 
     A device asked to evaluate reads only ``test_x``/``test_y`` and so renders only its local
-    test set, not its training set (issue 7: in simulation the evaluating actor is often not
+    test set, not its training set (in simulation the evaluating actor is often not
     the one that trained the device, so its cache misses). Same values as rendering both.
     """
 
@@ -129,7 +131,7 @@ def make_device(cfg: RunConfig, partition_id: int, context: Context | None = Non
     With a ``context`` whose node config declares or profiles a budget (a real device),
     that budget is used, without simulated load or unavailability; otherwise the budget
     is sampled from the fleet table. ``state_dir``
-    (:func:`experiments.device_state.device_state_dir`): where the device saves its online
+    (:func:`experiments.resume.device_state.device_state_dir`): where the device saves its online
     state for a resumed run; None saves nothing.
     """
     store = None

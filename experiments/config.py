@@ -1,66 +1,87 @@
 """One typed schema for a run, built from a Hydra config or a Flower ``run_config``.
 
 Both doors (``python -m experiments.run`` with Hydra, ``flwr run .`` with Flower's flat
-``run_config``) end in the same frozen :class:`RunConfig`. Unknown keys, wrong types and
-impossible values are rejected here, with one message that names the key and the fix,
-before the simulation starts.
+``run_config``) end in the same frozen :class:`~experiments.schema.RunConfig`. Unknown keys,
+wrong types and impossible values are rejected here, with one message that names the key and
+the fix, before the simulation starts: the common checks (:mod:`experiments.validation`), the
+data room's, the fleet's, the network catalogue's and the algorithm's own.
 
-The schema itself lives in ``experiments/schema.py``, the semantic checks in
-``experiments/validation.py``; this module turns raw data into the schema and back.
+An algorithm's settings live in the block its plug-in names (``algorithm.eclm.*``); the
+block becomes the plug-in's options dataclass in ``cfg.algorithm.options``. Flower's flat
+table lists every algorithm's block (its keys must all exist); the blocks of the algorithms
+a run does not select are dropped after their keys are checked.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import types
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from experiments.schema import (  # noqa: F401  (re-exported: the public config API)
-    AlgorithmConfig,
-    AugmentConfig,
-    DatasetConfig,
-    EngineConfig,
-    FaultsConfig,
-    FleetConfig,
-    ModelConfig,
-    PartitionConfig,
-    PretrainConfig,
-    RunConfig,
-    ScenarioConfig,
-)
-from experiments.validation import ConfigError, validate  # noqa: F401
+from experiments.algorithms import ALGORITHMS, algorithm_named, option_keys
+from experiments.algorithms.plugin import Algorithm
+from experiments.data.settings import check_data_settings
+from experiments.fleet.faults import check_faults
+from experiments.pretrain.networks import check_model_name
+from experiments.schema import PLUGIN_BUILT, AlgorithmConfig, ConfigError, EngineConfig, RunConfig, to_dict
+from experiments.validation import validate
+
+#: The algorithm a run without ``algorithm.name`` selects (the schema's default).
+DEFAULT_ALGORITHM = AlgorithmConfig().name
+#: What ``model.name`` says to take the algorithm's own network.
+AUTO = "auto"
 
 
 # --------------------------------------------------------------------------- building
 def from_dict(raw: Mapping[str, Any], resolve_model: bool = True) -> RunConfig:
-    """Build and validate a :class:`RunConfig` from a nested mapping (Hydra's, after resolve).
+    """Build and check a :class:`RunConfig` from a nested mapping (Hydra's, after resolve).
 
-    ``resolve_model`` turns ``model.name=auto`` into the algorithm's network (off only to
-    write the flat defaults Flower keeps, where ``auto`` must stay ``auto``).
+    ``resolve_model`` turns ``model.name=auto`` into the algorithm's network and runs every
+    check (off only to write the flat defaults Flower keeps, where ``auto`` must stay ``auto``).
     """
+    raw = dict(raw or {})
+    algorithm_raw = dict(raw.get("algorithm") or {})
+    algorithm = algorithm_named(str(algorithm_raw.get("name", DEFAULT_ALGORITHM)))
+    options = _options(algorithm, algorithm_raw)
+    raw["algorithm"] = algorithm_raw
     cfg = _build(RunConfig, raw, "")
+    cfg = dataclasses.replace(cfg, algorithm=dataclasses.replace(cfg.algorithm, options=options))
     if not resolve_model:
         return cfg
     cfg = resolve_auto_model(cfg)
-    validate(cfg)
+    check(cfg)
     return cfg
+
+
+def _options(algorithm: Algorithm, algorithm_raw: dict[str, Any]) -> Any:
+    """Pop every algorithm's settings block from ``algorithm_raw``; build the selected one's."""
+    blocks = {key: algorithm_raw.pop(key) for key in option_keys() if key in algorithm_raw}
+    for key, block in blocks.items():
+        owner = next(a for a in ALGORITHMS.values() if a.options_key == key)
+        _build(owner.options, block, f"algorithm.{key}")  # the keys of an unselected block must exist too
+    if algorithm.options is None:
+        return None
+    return _build(algorithm.options, blocks.get(algorithm.options_key), f"algorithm.{algorithm.options_key}")
+
+
+def check(cfg: RunConfig) -> None:
+    """Every check of a built config: common values, data, faults, network name, the algorithm's own."""
+    validate(cfg)
+    check_data_settings(cfg)
+    check_faults(cfg.faults)
+    check_model_name(cfg.model)
+    ALGORITHMS[cfg.algorithm.name].validate(cfg)
 
 
 def resolve_auto_model(cfg: RunConfig) -> RunConfig:
     """``model.name=auto`` becomes the algorithm's own network (e.g. ECLM's modular ResNet18)."""
-    if cfg.model.name != "auto":
+    if cfg.model.name != AUTO:
         return cfg
-    from experiments.algorithms import ALGORITHMS
-
-    algorithm = ALGORITHMS.get(cfg.algorithm.name)
-    if algorithm is None:
-        return cfg  # validation names the unknown algorithm
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=algorithm.default_model))
+    network = ALGORITHMS[cfg.algorithm.name].default_model
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=network))
 
 
 def from_hydra(cfg: Any) -> RunConfig:
@@ -112,43 +133,23 @@ def resolved_backend(engine: EngineConfig) -> str:
     return "ray" if engine.ray_address is not None or engine.num_gpus > 0 else "processes"
 
 
-def to_dict(cfg: RunConfig) -> dict[str, Any]:
-    """The config as plain nested JSON-able data (the ``config`` of results.json)."""
-
-    def plain(value: Any) -> Any:
-        if dataclasses.is_dataclass(value):
-            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-        if isinstance(value, Mapping):
-            return {str(k): plain(v) for k, v in value.items()}
-        if isinstance(value, tuple):
-            return [plain(v) for v in value]
-        return value
-
-    return plain(cfg)
-
-
 def to_flat(cfg: RunConfig) -> dict[str, Any]:
     """The config as Flower's flat ``run_config`` (inverse of :func:`from_flat`)."""
+    return flatten(to_dict(cfg))
+
+
+def flatten(nested: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested plain data as flat dotted keys; lists become comma-separated strings, None ``""``."""
     flat: dict[str, Any] = {}
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict):
-            for key, sub in value.items():
-                walk(f"{prefix}.{key}" if prefix else key, sub)
+    for key, value in nested.items():
+        dotted = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, dotted))
         elif isinstance(value, list):
-            flat[prefix] = ",".join(str(v) for v in value)
+            flat[dotted] = ",".join(str(v) for v in value)
         else:
-            flat[prefix] = "" if value is None else value  # TOML has no null
-
-    walk("", to_dict(cfg))
+            flat[dotted] = "" if value is None else value  # TOML has no null
     return flat
-
-
-def config_hash(*parts: Any) -> str:
-    """A short stable hash of config sections (dataclasses or plain data), for cache keys."""
-    data = [to_dict(p) if dataclasses.is_dataclass(p) else p for p in parts]
-    text = json.dumps(data, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- typing
@@ -158,7 +159,7 @@ def _build(cls: type, raw: Any, path: str) -> Any:
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{path or 'config'} must be a mapping of keys, got {raw!r}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls) if not f.metadata.get(PLUGIN_BUILT)}
     unknown = sorted(set(raw) - names)
     if unknown:
         where = path or "the top level"
@@ -176,6 +177,8 @@ def _join(path: str, name: str) -> str:
 def _coerce(hint: Any, value: Any, path: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
+    if hint is Any:
+        return value
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, path)
     if origin in (typing.Union, types.UnionType):

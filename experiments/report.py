@@ -27,10 +27,10 @@ from typing import Any
 
 import numpy as np
 
-from experiments.plots import bytes_axis_formatter, cumulative_bytes, integer_axis_locator, new_figure
-from experiments.progress import format_bytes
-from experiments.results import RESULTS_FILENAME, load_results
-from experiments.summary import summarize
+from experiments.results.plots import bytes_axis_formatter, cumulative_bytes, integer_axis_locator, new_figure
+from experiments.results.progress import format_bytes
+from experiments.results.summary import summarize
+from experiments.results.writer import RESULTS_FILENAME, load_results
 
 REPORT_MARKDOWN = "report.md"
 REPORT_PLOT = "report.png"

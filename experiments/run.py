@@ -5,7 +5,7 @@ simulation starts; it writes ``results.json`` and plots into Hydra's run directo
 A job that fails leaves an error record in its folder; in a multirun sweep the next
 job starts anyway, and the process exits non-zero at the end if any job failed.
 ``resume=true`` (with ``hydra.run.dir`` naming the interrupted run's folder) continues a run
-from its last checkpoint (``experiments/resume.py``).
+from its last checkpoint (``experiments/resume/checkpointer.py``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 import experiments  # noqa: F401  (offline switches first)
-from experiments.config import ConfigError, from_hydra
+from experiments.config import from_hydra
+from experiments.schema import ConfigError
 
 logger = logging.getLogger(__name__)
 #: Libraries that log set-up chatter at INFO through Hydra's root handler.
@@ -54,18 +55,18 @@ def preflight(cfg, run_dir: Path | None = None) -> None:
     """
     from experiments.algorithms import ALGORITHMS
     from experiments.data import build_federated_data
-    from experiments.networks import build_run_model
+    from experiments.pretrain.networks import build_run_model
 
     data = build_federated_data(cfg.dataset, cfg.scenario, cfg.fleet.devices, cfg.seed)
     data.preflight()
     try:
-        model = build_run_model(cfg.model, data.num_classes, data.image_shape[0])
+        model = build_run_model(cfg.model, data.num_classes, data.image_shape[0], seed=cfg.seed)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     ALGORITHMS[cfg.algorithm.name].check_model(model)
     if cfg.resume and run_dir is not None:
-        from experiments.device_state import device_state_dir
-        from experiments.resume import resumable_checkpoint
+        from experiments.resume.checkpointer import resumable_checkpoint
+        from experiments.resume.device_state import device_state_dir
 
         resumable_checkpoint(cfg, run_dir, device_state_dir(cfg, run_dir))
 
@@ -88,8 +89,7 @@ def main(hydra_cfg: DictConfig) -> None:
     try:
         _run_job(hydra_cfg, run_dir, multirun)
     finally:
-        from experiments import engine_forkserver
-
+        from experiments.engine import forkserver as engine_forkserver
         engine_forkserver.stop()  # a job that failed before its simulation leaves no fork server behind
 
 
@@ -97,7 +97,7 @@ def _run_job(hydra_cfg: DictConfig, run_dir: Path, multirun: bool) -> None:
     """Validate, check and simulate one job; its failure is recorded (see :func:`main`)."""
     try:
         cfg = from_hydra(hydra_cfg)
-        from experiments.engine_worker import start_worker_server
+        from experiments.engine.worker import start_worker_server
 
         start_worker_server(cfg)  # the workers' imports and caches, on the other core, during the preflight
         preflight(cfg, run_dir)
@@ -111,7 +111,7 @@ def _run_job(hydra_cfg: DictConfig, run_dir: Path, multirun: bool) -> None:
     except Exception as exc:  # data or network set-up failed: recorded like a crashed run
         record_failed_job(run_dir, exc, multirun)
         return
-    from experiments.engine import simulate
+    from experiments.engine.simulation import simulate
 
     try:
         simulate(cfg, run_dir)

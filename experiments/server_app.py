@@ -5,7 +5,7 @@ configured strategy with a global-test evaluation and a results sink, and runs i
 Whatever happens, ``results.json`` keeps every finished round and ends with a status.
 Every ``checkpoint_every`` rounds the cloud model, the strategy's state and the round
 records are checkpointed; ``resume=true`` continues from the newest checkpoint
-(``experiments/resume.py``).
+(``experiments/resume/checkpointer.py``).
 """
 
 from __future__ import annotations
@@ -16,17 +16,19 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, Context
+from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from experiments.algorithms import ALGORITHMS
-from experiments.config import RunConfig, from_flat, to_dict
+from experiments.config import from_flat
 from experiments.data import build_federated_data, to_tensor
-from experiments.device_state import device_state_dir
-from experiments.networks import build_run_model
-from experiments.pretrain import pretrained_model
-from experiments.results import ProgressLine, ResultsWriter
-from experiments.resume import DEVICE_STATE_SAVED, Checkpointer, devices_saved, start_or_resume
+from experiments.pretrain.cache import pretrained_model
+from experiments.pretrain.networks import build_run_model
+from experiments.results.progress import ProgressLine
+from experiments.results.writer import ResultsWriter
+from experiments.resume.checkpointer import DEVICE_STATE_SAVED, Checkpointer, devices_saved, start_or_resume
+from experiments.resume.device_state import device_state_dir
+from experiments.schema import RunConfig, to_dict
 from models.training import accuracy
 
 logger = logging.getLogger(__name__)
@@ -59,15 +61,15 @@ def run_cloud(grid: Grid, cfg: RunConfig, run_dir: Path, device_dir: Path | None
     try:
         data = build_federated_data(cfg.dataset, cfg.scenario, cfg.fleet.devices, cfg.seed)
         algorithm = ALGORITHMS[cfg.algorithm.name]
-        model = build_run_model(cfg.model, data.num_classes, data.image_shape[0])
+        model = build_run_model(cfg.model, data.num_classes, data.image_shape[0], seed=cfg.seed)
         algorithm.check_model(model)
-        model = pretrained_model(cfg, model, data)
+        model = pretrained_model(cfg, model, data, algorithm.pretraining(cfg))
         background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cloud-test")
         test_set = background.submit(global_test_tensors, data)
 
-        def evaluate_global(server_round: int, arrays: ArrayRecord) -> dict[str, float]:
+        def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
             model.load_state_dict(arrays.to_torch_state_dict())
-            return {"accuracy": accuracy(model, *test_set.result())}
+            return MetricRecord({"accuracy": accuracy(model, *test_set.result())})
 
         progress = ProgressLine(cfg.rounds, seen=records)
 
@@ -80,30 +82,29 @@ def run_cloud(grid: Grid, cfg: RunConfig, run_dir: Path, device_dir: Path | None
             per_round=cfg.fleet.per_round,
             seed=cfg.seed,
             expected_devices=cfg.fleet.devices,
-            round_timeout_s=cfg.engine.round_timeout_s,
             deadline_s=cfg.fleet.deadline_s,
-            evaluate_fn=evaluate_global,
             on_round=on_round,
         )
         # the cloud renders its test set and scores the pre-trained model while the devices
-        # answer discovery, instead of before it (issue 7: start-up)
+        # answer discovery, instead of before it (start-up time)
         pretrained = background.submit(lambda: accuracy(model, *test_set.result()))
         background.shutdown(wait=False)
         started = time.perf_counter()
-        strategy.discover(grid)
+        strategy.discover(grid, cfg.engine.round_timeout_s)
         discovery_s = time.perf_counter() - started
         pretrained_accuracy = pretrained.result()
         logger.info("%d devices reported their budgets in %.1f s", len(strategy.devices), discovery_s)
-        arrays, first_round = ArrayRecord(model.state_dict()), 1
+        arrays = ArrayRecord(model.state_dict())
         if checkpoint is not None:
             strategy.load_state_dict(checkpoint.strategy_state)
-            arrays, first_round = checkpoint.arrays, checkpoint.round + 1
+            strategy.resume_after(checkpoint.round)
+            arrays = checkpoint.arrays
             # the run's own figure, even if the pre-training cache was rebuilt since
             pretrained_accuracy = checkpoint.meta.get(PRETRAINED_ACCURACY, pretrained_accuracy)
             logger.info("resumed after round %d of %d from %s", checkpoint.round, cfg.rounds, run_dir)
         meta = {DEVICE_STATE_SAVED: devices_saved(checkpoint, device_dir), PRETRAINED_ACCURACY: pretrained_accuracy}
-        checkpointer = Checkpointer(run_dir, cfg, strategy, writer, config, meta)
-        strategy.start(grid, arrays, cfg.rounds, first_round=first_round, after_round=checkpointer)
+        strategy.after_round = Checkpointer(run_dir, cfg, strategy, writer, config, meta)
+        strategy.start(grid, arrays, cfg.rounds, timeout=cfg.engine.round_timeout_s, evaluate_fn=evaluate_global)
     except BaseException as exc:
         writer.finish("failed", error=f"{type(exc).__name__}: {exc}")
         raise

@@ -1,5 +1,4 @@
-"""Networks and their surgery, framework-free: plain torch, no Flower, nothing of the project."""
+"""Networks and their surgery, framework-free: plain torch, no Flower, nothing of the project above.
 
-from models.registry import build_model, model_names, register_model
-
-__all__ = ["build_model", "model_names", "register_model"]
+Build a network by name with :func:`models.catalog.build_model`.
+"""

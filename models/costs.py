@@ -16,7 +16,7 @@ def flop_counter():
 
     Importing the counter imports triton (0.2 s, measured with ``python -X importtime``):
     every module that imports this one would otherwise make the driver wait for it before
-    it forks the workers' server (issue 7), whether or not the driver counts FLOPs itself.
+    it forks the workers' server, whether or not the driver counts FLOPs itself.
     """
     from torch.utils.flop_counter import FlopCounterMode
 

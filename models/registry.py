@@ -1,4 +1,8 @@
-"""A registry of networks: ``@register_model("name")`` and ``build_model(name, ...)`` (timm style)."""
+"""A registry of networks: ``@register_model("name")`` fills it, :mod:`models.catalog` builds from it (timm style).
+
+Each network family registers its factories where it defines them; :mod:`models.catalog`
+imports every family, so its ``build_model`` and ``model_names`` see them all.
+"""
 
 from __future__ import annotations
 
@@ -23,19 +27,18 @@ def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
     return decorator
 
 
-def model_names() -> tuple[str, ...]:
-    """Names of every registered network, sorted."""
-    _import_builtin_models()
+def registered_names() -> tuple[str, ...]:
+    """Names of the networks registered so far, sorted."""
     return tuple(sorted(_REGISTRY))
 
 
-def build_model(name: str, *, num_classes: int, width: int, in_channels: int = 3, **options) -> nn.Module:
-    """Build the registered network ``name``.
+def build_registered(name: str, *, num_classes: int, width: int, in_channels: int = 3, **options) -> nn.Module:
+    """Build the registered network ``name`` (call :func:`models.catalog.build_model`, which registers every family).
 
     Parameters
     ----------
     name : str
-        A registered model name (see :func:`model_names`).
+        A registered model name (see :func:`registered_names`).
     num_classes : int
         Size of the classifier output.
     width : int
@@ -46,7 +49,6 @@ def build_model(name: str, *, num_classes: int, width: int, in_channels: int = 3
         Family-specific knobs (e.g. a modular family's ``k``); a family that does not take
         one raises ValueError naming it.
     """
-    _import_builtin_models()
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(_REGISTRY)}")
     factory = _REGISTRY[name]
@@ -57,14 +59,3 @@ def build_model(name: str, *, num_classes: int, width: int, in_channels: int = 3
         if unknown:
             raise ValueError(f"model {name!r} does not take the option(s) {unknown}; unset them for this model")
     return factory(num_classes=num_classes, width=width, in_channels=in_channels, **options)
-
-
-def _import_builtin_models() -> None:
-    """Import every module of the ``models`` package once: their decorators fill the registry."""
-    import importlib
-    import pkgutil
-
-    import models
-
-    for info in pkgutil.iter_modules(models.__path__):
-        importlib.import_module(f"models.{info.name}")

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -125,6 +126,31 @@ def train_epochs(
         return float(loss.detach())
 
     return run_epochs(model, len(x), settings, seed, step)
+
+
+@contextmanager
+def only_trainable(model: nn.Module, params: list[nn.Parameter]) -> Iterator[None]:
+    """Only ``params`` require grad inside the block; every parameter's flag is restored on exit.
+
+    Methods that adapt part of a network (BN affine parameters, selected filters) freeze the rest
+    this way, so gradients are neither computed nor stored for the frozen parameters.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The network.
+    params : list of nn.Parameter
+        Parameters of ``model`` that require grad inside the block.
+    """
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.requires_grad_(False)
+    for param in params:
+        param.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for param, flag in flags:
+            param.requires_grad_(flag)
 
 
 @torch.no_grad()

@@ -1,6 +1,6 @@
 """AN, AdaptiveNet (Wen et al., MobiCom 2023) as an ECLM 7.1 baseline: the cloud only ships the supernet.
 
-The cloud pre-trains a multi-branch supernet (``models.multibranch_training.train_supernet``) and
+The cloud pre-trains a multi-branch supernet (``models.multibranch.training.train_supernet``) and
 sends it, unchanged, to every cohort device; each device picks and fine-tunes its own path
 (``clients/an.py``). Nothing is aggregated, like LA (``strategies/local.py``).
 """
@@ -8,13 +8,21 @@ sends it, unchanged, to every cohort device; each device picks and fine-tunes it
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 
-from flwr.app import MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
 
 from strategies.base import EdgeCloudStrategy
+from strategies.metrics import metric_record
+from strategies.protocol import ARRAYS_RECORD, CONFIG_RECORD
 
-#: Config key of the per-round compute allowance the devices read (``clients/an.py``).
+#: Config key of the per-round compute allowance the devices read.
 COMPUTE_BUDGET_KEY = "compute_budget_s"
+#: Config record of a training reply naming the path the device chose, and its entry with the
+#: path's label (e.g. ``"0-1-3"``).
+PATH_RECORD = "path"
+PATH_LABEL_KEY = "label"
 
 
 class AdaptiveNet(EdgeCloudStrategy):
@@ -29,7 +37,7 @@ class AdaptiveNet(EdgeCloudStrategy):
         sent and the devices' own default applies.
     **base
         :class:`EdgeCloudStrategy` arguments (per_round, seed, expected_devices,
-        round_timeout_s, deadline_s, evaluate_fn, on_round).
+        deadline_s, on_round, after_round).
     """
 
     def __init__(self, *, compute_budget_s: float | None = None, **base) -> None:
@@ -42,19 +50,23 @@ class AdaptiveNet(EdgeCloudStrategy):
         """The compute allowance sent to devices: ``compute_budget_s``, else ``deadline_s``."""
         return self.compute_budget_s if self.compute_budget_s is not None else self.deadline_s
 
-    def configure_train(self, server_round, arrays, config, grid):
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """Every cohort device gets the (unchanged) supernet and the compute allowance."""
         allowance = self.allowance_s()
         extra = {} if allowance is None else {COMPUTE_BUDGET_KEY: float(allowance)}
-        content = RecordDict({"arrays": arrays, "config": self.round_config(server_round, **extra)})
+        content = RecordDict({ARRAYS_RECORD: arrays, CONFIG_RECORD: self.round_config(server_round, **extra)})
         return self.messages_for(server_round, MessageType.TRAIN, lambda pid: content)
 
-    def aggregate_train(self, server_round, replies):
-        """No aggregation: keep the supernet; average the metrics and count the chosen paths."""
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """No aggregation: keep the supernet; average the metrics and count the chosen paths (group ``paths``)."""
         replies = list(replies)
         metrics = self.mean_metrics(replies)
         if not metrics:
             return None, None
-        labels = [r.content["path"]["label"] for r in replies if "path" in r.content.config_records]
+        labels = [r.content[PATH_RECORD][PATH_LABEL_KEY] for r in replies if PATH_RECORD in r.content.config_records]
         metrics["paths"] = dict(sorted(Counter(labels).items()))
-        return None, metrics
+        return None, metric_record(metrics)

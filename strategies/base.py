@@ -5,13 +5,18 @@ random node ids), a one-time discovery that maps node ids to partition ids and c
 each device's reported budget, one message per device, bytes counted on the real
 messages, failures collected instead of raised, and a round record per round whose
 virtual time is the slowest participant's.
+
+Flower's contracts hold: :meth:`EdgeCloudStrategy.start` has ``Strategy.start``'s signature
+and returns its ``Result``; ``aggregate_train``/``aggregate_evaluate`` return Flower's records
+(:mod:`strategies.metrics` turns a round's grouped metrics into a ``MetricRecord`` and back);
+replies are weighted by Flower's ``num-examples``.
 """
 
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
@@ -19,20 +24,38 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import Result, Strategy
 from flwr.supercore import log
 
 from models.clock import comm_time_s, round_time_s
 from strategies.aggregate import weighted_metric
+from strategies.metrics import metric_record, metric_values
 from strategies.payload import payload_bytes
+from strategies.protocol import (
+    ACCURACY_KEY,
+    BUDGET_RECORD,
+    COMPUTE_TIME_KEY,
+    CONFIG_RECORD,
+    METRICS_RECORD,
+    PARTITION_KEY,
+    ROUND_KEY,
+    WEIGHT_KEY,
+)
 from strategies.reply_checks import reply_problem
 
 #: Stream tag that separates cohort draws from every other use of the run seed.
 COHORT_STREAM = 0xC0
 #: How often discovery polls the grid for connected nodes (seconds).
 DISCOVERY_POLL_S = 0.2
+#: How long the cloud waits for replies until :meth:`EdgeCloudStrategy.start` sets its
+#: ``timeout`` (seconds; the default of Flower's ``Strategy.start``).
+REPLY_TIMEOUT_S = 3600.0
+#: Rounds :meth:`EdgeCloudStrategy.start` runs when not told (the default of Flower's ``Strategy.start``).
+DEFAULT_NUM_ROUNDS = 3
+#: Prefix of the round record's training metrics (``loss`` -> ``train_loss``).
+TRAIN_PREFIX = "train_"
 
-EvaluateFn = Callable[[int, ArrayRecord], Mapping[str, float] | None]
+EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
 RoundSink = Callable[[dict[str, Any]], None]
 RoundHook = Callable[[int, ArrayRecord], None]
 
@@ -79,14 +102,21 @@ class EdgeCloudStrategy(Strategy):
         partition ids present.
     expected_devices : int
         Devices to wait for at discovery.
-    round_timeout_s : float
-        A device that has not replied after this long counts as failed.
     deadline_s : float or None
         Virtual-time deadline: training replies slower than this are dropped.
-    evaluate_fn : callable, optional
-        ``(round, arrays) -> {"accuracy": ...}``: the cloud model on the global test set.
     on_round : callable, optional
         Receives each finished round record.
+    after_round : callable, optional
+        ``(round, arrays) -> None`` after each round's record was emitted (the apps write
+        checkpoints there); also settable as the attribute of that name.
+
+    Attributes
+    ----------
+    round_timeout_s : float
+        How long the cloud waits for replies: ``start``'s ``timeout`` once it runs.
+    after_round : callable or None
+        See the parameter; the apps set it once the checkpointer, which needs the strategy,
+        exists.
     """
 
     def __init__(
@@ -95,42 +125,46 @@ class EdgeCloudStrategy(Strategy):
         per_round: int,
         seed: int,
         expected_devices: int,
-        round_timeout_s: float = 300.0,
         deadline_s: float | None = None,
-        evaluate_fn: EvaluateFn | None = None,
         on_round: RoundSink | None = None,
+        after_round: RoundHook | None = None,
     ) -> None:
         if per_round < 1:
             raise ValueError(f"per_round must be >= 1, got {per_round}")
         self.per_round = per_round
         self.seed = seed
         self.expected_devices = expected_devices
-        self.round_timeout_s = round_timeout_s
+        self.round_timeout_s = REPLY_TIMEOUT_S
         self.deadline_s = deadline_s
-        self.evaluate_fn = evaluate_fn
         self.on_round = on_round
+        self.after_round = after_round
         self.devices: dict[int, DeviceInfo] = {}
         self._by_node: dict[int, int] = {}
         self.ledger = RoundLedger()
         self._cohorts: dict[int, list[int]] = {}
+        self._first_round = 1
 
     # ------------------------------------------------------------------ discovery
     def discover(self, grid: Grid, timeout_s: float | None = None) -> None:
-        """Ask every connected node for its partition id, data size and budget (once)."""
+        """Ask every connected node for its partition id, data size and budget (once).
+
+        ``timeout_s`` bounds the wait for nodes and for their answers (default:
+        :attr:`round_timeout_s`).
+        """
         timeout_s = self.round_timeout_s if timeout_s is None else timeout_s
         node_ids = self._wait_for_nodes(grid, timeout_s)
-        query = RecordDict({"config": ConfigRecord({"round": 0})})
+        query = RecordDict({CONFIG_RECORD: ConfigRecord({ROUND_KEY: 0})})
         messages = [Message(query, dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
         for reply in grid.send_and_receive(messages, timeout=timeout_s):
             if reply.has_error():
                 log(WARNING, "node %s did not answer discovery: %s", reply.metadata.src_node_id, reply.error.reason)
                 continue
-            metrics = reply.content["metrics"]
+            metrics = reply.content[METRICS_RECORD]
             info = DeviceInfo(
-                partition_id=int(metrics["partition_id"]),
+                partition_id=int(metrics[PARTITION_KEY]),
                 node_id=reply.metadata.src_node_id,
-                num_examples=int(metrics["num_examples"]),
-                budget=dict(reply.content["budget"]),
+                num_examples=int(metrics[WEIGHT_KEY]),
+                budget=dict(reply.content[BUDGET_RECORD]),
             )
             self.devices[info.partition_id] = info
             self._by_node[info.node_id] = info.partition_id
@@ -175,7 +209,7 @@ class EdgeCloudStrategy(Strategy):
     @staticmethod
     def round_config(server_round: int, **extra: int | float | str | bool) -> ConfigRecord:
         """The ``config`` record every message carries (the round, plus ``extra``)."""
-        return ConfigRecord({"round": server_round, **extra})
+        return ConfigRecord({ROUND_KEY: server_round, **extra})
 
     # ------------------------------------------------------------------ exchange
     def exchange(self, grid: Grid, messages: list[Message], phase: str) -> list[Message]:
@@ -229,9 +263,9 @@ class EdgeCloudStrategy(Strategy):
         if problem is not None:
             self._reject(pid, phase, problem)
             return False
-        metrics = reply.content.metric_records.get("metrics", MetricRecord())
+        metrics = reply.content.metric_records.get(METRICS_RECORD, MetricRecord())
         budget = self.devices[pid].budget
-        spent = float(metrics.get("compute_time_s", 0.0)) + comm_time_s(
+        spent = float(metrics.get(COMPUTE_TIME_KEY, 0.0)) + comm_time_s(
             up, down, float(budget["uplink_bps"]), float(budget["downlink_bps"])
         )
         ledger.device_time_s[pid] = ledger.device_time_s.get(pid, 0.0) + spent
@@ -251,42 +285,69 @@ class EdgeCloudStrategy(Strategy):
         return self._by_node[reply.metadata.src_node_id]
 
     # ------------------------------------------------------------------ the run
-    def start(  # type: ignore[override]
+    def resume_after(self, server_round: int) -> None:
+        """Make the next :meth:`start` continue with round ``server_round + 1``.
+
+        Call it after :meth:`load_state_dict` restored the checkpoint of ``server_round``, and
+        pass that checkpoint's arrays to :meth:`start` as ``initial_arrays``.
+        """
+        if isinstance(server_round, bool) or not isinstance(server_round, int) or server_round < 0:
+            raise ValueError(f"resume_after takes the last finished round, an int >= 0; got {server_round!r}")
+        self._first_round = server_round + 1
+
+    def start(
         self,
         grid: Grid,
         initial_arrays: ArrayRecord,
-        num_rounds: int,
-        *,
-        first_round: int = 1,
-        after_round: RoundHook | None = None,
-    ) -> ArrayRecord:
-        """Discover devices, then run rounds ``first_round..num_rounds``; returns the final cloud arrays.
+        num_rounds: int = DEFAULT_NUM_ROUNDS,
+        timeout: float = REPLY_TIMEOUT_S,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: EvaluateFn | None = None,
+    ) -> Result:
+        """Discover the devices, run the rounds, return Flower's ``Result``.
+
+        Flower's ``Strategy.start`` contract, run the project's way: the devices are discovered
+        first (unless the apps already did), a resumed run starts after the round given to
+        :meth:`resume_after`, every round emits its record (``on_round``) and then calls
+        ``after_round``, and ``evaluate_fn`` runs after each round while the devices evaluate
+        (not before round 1: the apps score the pre-trained model themselves, during discovery).
 
         Parameters
         ----------
         grid : Grid
             Flower's grid.
         initial_arrays : ArrayRecord
-            The cloud model before ``first_round`` (a checkpoint's arrays when resuming).
+            The cloud model before the first round run (a checkpoint's arrays when resuming).
         num_rounds : int
             The last round.
-        first_round : int
-            1 for a new run; ``last checkpointed round + 1`` when resuming, after
-            :meth:`load_state_dict` restored the strategy.
-        after_round : callable, optional
-            ``(round, arrays) -> None`` after each round's record was emitted (the apps write
-            checkpoints there).
+        timeout : float
+            Seconds the cloud waits for replies, in discovery and in every exchange.
+        train_config, evaluate_config : ConfigRecord, optional
+            Entries added to the ``config`` record of every train (evaluate) message.
+        evaluate_fn : callable, optional
+            ``(round, arrays) -> MetricRecord | None``: the cloud model on the global test set.
+
+        Returns
+        -------
+        Result
+            ``arrays``: the cloud model after the last round (the initial one if no round changed
+            it); per round, the MetricRecords of training, device evaluation and ``evaluate_fn``.
         """
-        if first_round < 1:
-            raise ValueError(f"first_round must be >= 1, got {first_round}")
+        log(INFO, "Starting %s strategy, rounds %d..%d", type(self).__name__, self._first_round, num_rounds)
+        self.summary()
+        self.round_timeout_s = float(timeout)
         if not self.devices:
             self.discover(grid)
-        arrays = initial_arrays
-        for server_round in range(first_round, num_rounds + 1):
-            arrays = self.run_round(grid, server_round, arrays)
-            if after_round is not None:
-                after_round(server_round, arrays)
-        return arrays
+        result = Result(arrays=initial_arrays)
+        for server_round in range(self._first_round, num_rounds + 1):
+            result.arrays = self.run_round(
+                grid, server_round, result.arrays, train_config=train_config,
+                evaluate_config=evaluate_config, evaluate_fn=evaluate_fn, result=result,
+            )
+            if self.after_round is not None:
+                self.after_round(server_round, result.arrays)
+        return result
 
     # ------------------------------------------------------------------ state (checkpoints)
     def state_dict(self) -> dict[str, Any]:
@@ -308,40 +369,84 @@ class EdgeCloudStrategy(Strategy):
             )
         self._cohorts = {int(r): [int(pid) for pid in ids] for r, ids in state["cohorts"]}
 
-    def run_round(self, grid: Grid, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
-        """Train, aggregate, evaluate one round and emit its record."""
+    def run_round(
+        self,
+        grid: Grid,
+        server_round: int,
+        arrays: ArrayRecord,
+        *,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: EvaluateFn | None = None,
+        result: Result | None = None,
+    ) -> ArrayRecord:
+        """Train, aggregate, evaluate one round, emit its record; the cloud arrays after it.
+
+        The keywords are :meth:`start`'s; ``result`` receives the round's MetricRecords.
+        """
         started = time.perf_counter()
         self.ledger = RoundLedger()
-        replies = self.exchange(grid, list(self.configure_train(server_round, arrays, ConfigRecord(), grid)), "train")
+        train_messages = self.configure_train(server_round, arrays, train_config or ConfigRecord(), grid)
+        replies = self.exchange(grid, self.with_run_config(train_messages, train_config), "train")
         new_arrays, train_metrics = self.aggregate_train(server_round, replies)
         arrays = arrays if new_arrays is None else new_arrays
-        eval_messages = list(self.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
+        eval_messages = self.configure_evaluate(server_round, arrays, evaluate_config or ConfigRecord(), grid)
+        eval_messages = self.with_run_config(eval_messages, evaluate_config)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="global-eval") as pool:
             # the cloud's own test runs while the devices evaluate (it waits on them otherwise)
-            global_eval = pool.submit(self.evaluate_fn, server_round, arrays) if self.evaluate_fn else None
+            global_eval = pool.submit(evaluate_fn, server_round, arrays) if evaluate_fn else None
             eval_metrics = self.aggregate_evaluate(server_round, self.exchange(grid, eval_messages, "evaluate"))
-            global_metrics = global_eval.result() if global_eval is not None else None
+            global_metrics = _global_metrics(global_eval.result()) if global_eval is not None else None
         record = self.round_record(server_round, train_metrics, eval_metrics, global_metrics)
         record["wall_time_s"] = time.perf_counter() - started
         if self.on_round is not None:
             self.on_round(record)
+        if result is not None:
+            _add_round(result, server_round, train_metrics, eval_metrics, global_metrics)
         return arrays
+
+    def with_run_config(self, messages: Iterable[Message], config: ConfigRecord | None) -> list[Message]:
+        """``messages`` with ``config``'s entries added to each one's ``config`` record.
+
+        Raises
+        ------
+        ValueError
+            ``config`` sets an entry the strategy sets itself to another value (the round,
+            a rate, a module list...): such settings are the strategy's constructor arguments.
+        """
+        messages = list(messages)
+        for msg in messages if config else ():
+            own = msg.content.config_records.get(CONFIG_RECORD)
+            if own is None:
+                own = msg.content[CONFIG_RECORD] = ConfigRecord()
+            clash = sorted(key for key, value in config.items() if key in own and own[key] != value)
+            if clash:
+                raise ValueError(
+                    f"the run's config sets {clash}, which {type(self).__name__} sets itself in its messages; "
+                    "pass such settings as the strategy's constructor arguments"
+                )
+            for key, value in config.items():
+                own[key] = value
+        return messages
 
     def round_record(
         self,
         server_round: int,
-        train_metrics: Mapping[str, Any] | None,
-        eval_metrics: Mapping[str, Any] | None,
-        global_metrics: Mapping[str, Any] | None,
+        train_metrics: MetricRecord | None,
+        eval_metrics: MetricRecord | None,
+        global_metrics: MetricRecord | None,
     ) -> dict[str, Any]:
-        """The round's record: accuracy (devices' local tests), bytes, virtual time, failures."""
+        """The round's record: accuracy (devices' local tests), bytes, virtual time, failures.
+
+        The training metrics follow as ``train_<name>``, with their groups and Nones restored
+        (:func:`strategies.metrics.metric_values`).
+        """
         ledger = self.ledger
         sim_time, _ = round_time_s(ledger.device_time_s)
-        source = eval_metrics if eval_metrics and eval_metrics.get("accuracy") is not None else train_metrics
         record: dict[str, Any] = {
             "round": server_round,
-            "accuracy": (source or {}).get("accuracy"),
-            "global_accuracy": (global_metrics or {}).get("accuracy"),
+            "accuracy": self.local_metrics(train_metrics, eval_metrics).get(ACCURACY_KEY),
+            "global_accuracy": metric_values(global_metrics).get(ACCURACY_KEY),
             "uplink_bytes": ledger.uplink_bytes,
             "downlink_bytes": ledger.downlink_bytes,
             "sim_time_s": sim_time,
@@ -349,19 +454,25 @@ class EdgeCloudStrategy(Strategy):
             "clients": sorted(ledger.completed),
             "failures": ledger.failures,
         }
-        for name, value in (train_metrics or {}).items():
-            if name != "accuracy":
-                record[name if name.startswith("train_") else f"train_{name}"] = value
+        for name, value in metric_values(train_metrics).items():
+            if name != ACCURACY_KEY:
+                record[name if name.startswith(TRAIN_PREFIX) else TRAIN_PREFIX + name] = value
         return record
+
+    @staticmethod
+    def local_metrics(train_metrics: MetricRecord | None, eval_metrics: MetricRecord | None) -> dict[str, Any]:
+        """The metrics of the round's local tests: the evaluation's if it measured accuracy, else training's."""
+        evaluated = metric_values(eval_metrics)
+        return evaluated if evaluated.get(ACCURACY_KEY) is not None else metric_values(train_metrics)
 
     # ------------------------------------------------------------------ metric helpers
     @staticmethod
-    def mean_metrics(replies: list[Message], weight_key: str = "num_examples") -> dict[str, float]:
+    def mean_metrics(replies: list[Message], weight_key: str = WEIGHT_KEY) -> dict[str, float]:
         """Example-weighted mean of every numeric metric the replies share."""
         if not replies:
             return {}
-        records = [r.content["metrics"] for r in replies]
-        names = set.intersection(*(set(m.keys()) for m in records)) - {"partition_id", weight_key}
+        records = [r.content[METRICS_RECORD] for r in replies]
+        names = set.intersection(*(set(m.keys()) for m in records)) - {PARTITION_KEY, weight_key}
         weights = [float(m.get(weight_key, 1.0)) for m in records]
         out = {name: weighted_metric([float(m[name]) for m in records], weights) for name in sorted(names)}
         out["devices"] = len(replies)
@@ -371,9 +482,39 @@ class EdgeCloudStrategy(Strategy):
         """Log the strategy's settings (Flower's Strategy contract)."""
         log(INFO, "%s: %d per round, seed %d", type(self).__name__, self.per_round, self.seed)
 
-    # Default: no evaluation phase.
-    def configure_evaluate(self, server_round, arrays, config, grid):  # noqa: D102
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """No evaluation phase unless a strategy adds one."""
         return []
 
-    def aggregate_evaluate(self, server_round, replies):  # noqa: D102
-        return self.mean_metrics(list(replies), "num_examples") or None
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Example-weighted mean of the replies' metrics (None without replies)."""
+        return metric_record(self.mean_metrics(list(replies)))
+
+
+def _global_metrics(value: Any) -> MetricRecord | None:
+    """What ``evaluate_fn`` returned, checked against Flower's contract (a MetricRecord or None)."""
+    if value is None or isinstance(value, MetricRecord):
+        return value
+    raise TypeError(
+        f"evaluate_fn returned a {type(value).__name__}; return a MetricRecord "
+        "(e.g. MetricRecord({'accuracy': 0.9})) or None, as Flower's Strategy.start expects"
+    )
+
+
+def _add_round(
+    result: Result,
+    server_round: int,
+    train: MetricRecord | None,
+    evaluate: MetricRecord | None,
+    global_: MetricRecord | None,
+) -> None:
+    """File a round's MetricRecords in Flower's ``Result`` (rounds without a record stay absent)."""
+    for records, metrics in (
+        (result.train_metrics_clientapp, train),
+        (result.evaluate_metrics_clientapp, evaluate),
+        (result.evaluate_metrics_serverapp, global_),
+    ):
+        if metrics is not None:
+            records[server_round] = metrics

@@ -3,10 +3,10 @@
 Each device's reply is one edge batch of the official loop (chenyaofo/CEMA
 ``codebase/core/tta/cema.py`` ``CEMA.infer``; CEMA poster, "Replay-based Knowledge
 Distillation"): its uploads enter the replay history, every full cloud batch of
-:data:`models.cema_cloud.CLOUD_BATCH_SIZE` pending uploads gets a foundation step and a
+:data:`models.cema.cloud.CLOUD_BATCH_SIZE` pending uploads gets a foundation step and a
 distillation step (with replay once the history holds 256), and an edge batch that fills no
 cloud batch distils on replayed samples alone once the history holds more than 256
-(:func:`models.cema_edge_batch.process_edge_batch`). The edge model's BatchNorm entries
+(:func:`models.cema.edge_batch.process_edge_batch`). The edge model's BatchNorm entries
 (affine parameters and running statistics) go back to the devices.
 
 Edge models: ``edge_models="shared"`` (default) keeps ONE edge model, fed the devices' edge
@@ -16,13 +16,13 @@ with its own replay buffer and optimiser, while the foundation model stays share
 from every upload). Per-device state is created on a device's first upload from the initial
 edge model, so nothing per device is materialised up front.
 
-BatchNorm (:mod:`models.cema_tbr`): with ``bn="tbr"`` (official default) the foundation model
+BatchNorm (:mod:`models.cema.tbr`): with ``bn="tbr"`` (official default) the foundation model
 and every edge model start without statistics and take them from the first uploaded batch
 they see; the devices take theirs from their first test batch and keep them until the edge
 model sent back has statistics of its own (the reset marker travels with the BN entries).
 
 Teacher accuracy: devices attach their uploads' labels (known in simulation only) in the
-:data:`strategies.payload.ORACLE_RECORD`; the cloud compares them with the teacher's classes
+:data:`strategies.protocol.ORACLE_RECORD`; the cloud compares them with the teacher's classes
 in each distillation step (``teacher_accuracy``). Labels never reach a training step and,
 like every oracle record, are not counted as transmitted bytes.
 """
@@ -30,15 +30,16 @@ like every oracle record, are not counted as transmitted bytes.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
 from torch import nn
 
-from models.cema_cloud import (
+from models.cema.cloud import (
     CLOUD_BATCH_SIZE,
     EDGE_LR,
     FOUNDATION_LR,
@@ -47,11 +48,23 @@ from models.cema_cloud import (
     ReplayBuffer,
     bn_sgd,
 )
-from models.cema_edge_batch import CloudSettings, Student, Teacher, process_edge_batch
-from models.cema_filter import E_MAX_FRACTION, default_e_max0
-from models.cema_tbr import BN_MODES, TBR, reset_state_statistics, reset_statistics
+from models.cema.edge_batch import CloudSettings, Student, Teacher, process_edge_batch
+from models.cema.filter import E_MAX_FRACTION, default_e_max0
+from models.cema.tbr import BN_MODES, TBR, reset_state_statistics, reset_statistics
 from strategies.base import EdgeCloudStrategy
 from strategies.cema_tally import RoundTally, upload_labels
+from strategies.metrics import metric_record
+from strategies.protocol import (
+    ARRAYS_RECORD,
+    CONFIG_RECORD,
+    CORRECT_KEY,
+    DOMAIN_KEY,
+    METRICS_RECORD,
+    PIXELS_KEY,
+    STREAM_RECORD,
+    UPLOADS_RECORD,
+    WEIGHT_KEY,
+)
 
 #: What the cloud sends after a device's first batch: BN entries only, or the full model.
 SEND_MODES = ("bn", "full")
@@ -61,7 +74,7 @@ EDGE_MODES = ("shared", "per_device")
 SHARED = -1
 #: Stream tag that separates the replay draws from every other use of the run seed.
 REPLAY_STREAM = 0xCE
-#: The image shape every upload must have (uint8 NHWC, protocol "uploads" record).
+#: Dimensions of every upload (uint8 NHWC images in the ``uploads`` record).
 UPLOAD_NDIM = 4
 
 
@@ -83,7 +96,7 @@ def bn_state_keys(model: nn.Module) -> list[str]:
 
 @dataclass
 class EdgeTrack(Student):
-    """One edge model the cloud distils (:class:`models.cema_edge_batch.Student`) and its uploads' labels.
+    """One edge model the cloud distils (:class:`models.cema.edge_batch.Student`) and its uploads' labels.
 
     Attributes
     ----------
@@ -112,7 +125,7 @@ class CEMA(EdgeCloudStrategy):
     e_max_fraction : float
         ``E_max^0 / ln C`` (official conf ``ent_high_margin: 0.4``; the edge filter's ``e_max``).
     bn : {"tbr", "batch"}
-        BatchNorm mode of the foundation and edge models (:mod:`models.cema_tbr`; official
+        BatchNorm mode of the foundation and edge models (:mod:`models.cema.tbr`; official
         ``is_tbr: true``).
     send : {"bn", "full"}
         After a device's first participation (always the full model): the BN entries only
@@ -209,11 +222,13 @@ class CEMA(EdgeCloudStrategy):
         return self.tracks[key]
 
     # ------------------------------------------------------------------ train
-    def configure_train(self, server_round, arrays, config, grid):
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """Full edge model to first-time devices, the ``send`` entries (of their edge model) to the others.
 
         The first call records ``arrays`` as the initial edge model, with TBR's reset marker
-        (:func:`models.cema_tbr.reset_state_statistics`) when ``bn="tbr"``; afterwards the
+        (:func:`models.cema.tbr.reset_state_statistics`) when ``bn="tbr"``; afterwards the
         cloud's own edge models are what it sends.
         """
         if self.initial_state is None:
@@ -224,7 +239,7 @@ class CEMA(EdgeCloudStrategy):
             current = ArrayRecord(self.track(SHARED).model.state_dict())
         else:
             current = ArrayRecord(self.initial_state)
-        full = RecordDict({"config": self.round_config(server_round), "arrays": current})
+        full = RecordDict({CONFIG_RECORD: self.round_config(server_round), ARRAYS_RECORD: current})
         keys = list(current.keys()) if self.send == "full" else self.bn_keys
         shared_update = self._update_record(server_round, current, keys)
 
@@ -239,11 +254,13 @@ class CEMA(EdgeCloudStrategy):
 
     def _update_record(self, server_round: int, arrays: ArrayRecord, keys: list[str]) -> RecordDict:
         return RecordDict({
-            "config": self.round_config(server_round),
-            "arrays": ArrayRecord({key: arrays[key] for key in keys}),
+            CONFIG_RECORD: self.round_config(server_round),
+            ARRAYS_RECORD: ArrayRecord({key: arrays[key] for key in keys}),
         })
 
-    def aggregate_train(self, server_round, replies):
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Count online accuracy, run each reply's edge batch through the cloud, return the edge state."""
         replies = list(replies)  # sorted by partition id (EdgeCloudStrategy.exchange)
         tally = RoundTally()
@@ -269,15 +286,15 @@ class CEMA(EdgeCloudStrategy):
             "cloud_compute_s": time.perf_counter() - started,
         }
         if self.edge_models == "shared":
-            return ArrayRecord(self.edge.state_dict()), metrics
-        return None, metrics
+            return ArrayRecord(self.edge.state_dict()), metric_record(metrics)
+        return None, metric_record(metrics)
 
     def _uploads_of(self, reply: Message, pid: int) -> np.ndarray | None:
         """The reply's uploaded pixels (empty when it uploaded nothing); None, recorded, if unusable."""
-        record = reply.content.array_records.get("uploads")
+        record = reply.content.array_records.get(UPLOADS_RECORD)
         if record is None:
             return np.zeros((0, 0, 0, 0), dtype=np.uint8)
-        pixels = record["pixels"].numpy() if "pixels" in record else None
+        pixels = record[PIXELS_KEY].numpy() if PIXELS_KEY in record else None
         problem = _upload_problem(pixels)
         if problem is not None:
             self.ledger.fail(pid, "train", f"rejected uploads: {problem}")
@@ -349,11 +366,11 @@ class CEMA(EdgeCloudStrategy):
     # ------------------------------------------------------------------ helpers
     def _count_online(self, reply) -> None:
         """Add a reply's prediction counts to its domain's cumulative tally."""
-        domain = str(reply.content["stream"]["domain"])
-        metrics = reply.content["metrics"]
+        domain = str(reply.content[STREAM_RECORD][DOMAIN_KEY])
+        metrics = reply.content[METRICS_RECORD]
         tally = self.online.setdefault(domain, [0, 0])
-        tally[0] += int(metrics["correct"])
-        tally[1] += int(metrics["num_examples"])
+        tally[0] += int(metrics[CORRECT_KEY])
+        tally[1] += int(metrics[WEIGHT_KEY])
 
     def online_metrics(self) -> dict:
         """Cumulative online accuracy over all domains and per domain (protocol keys)."""

@@ -2,7 +2,7 @@
 
 The teacher's accuracy compares the foundation model's classes in each distillation step with
 the labels the devices attached to their uploads in the oracle record
-(:data:`strategies.payload.ORACLE_RECORD`, simulation only). :func:`upload_labels` reads them;
+(:data:`strategies.protocol.ORACLE_RECORD`, simulation only). :func:`upload_labels` reads them;
 the strategy keeps them beside the pending uploads and hands them to
 :meth:`RoundTally.add_teacher` only, never to a training step.
 """
@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import Message
 
-from clients.cema import UPLOAD_LABELS
-from strategies.payload import ORACLE_RECORD
+from strategies.protocol import ORACLE_RECORD, PIXELS_KEY, UPLOADS_RECORD
 
 #: Label of an upload whose label the device did not send (not counted in teacher accuracy).
 UNKNOWN_LABEL = -1
+#: Entry of the oracle record holding the uploads' labels, in upload order.
+UPLOAD_LABELS = "upload_labels"
 
 
 @dataclass
@@ -37,7 +38,7 @@ class RoundTally:
         """Count one reply's uploads (samples and the bytes of their pixel array)."""
         if len(pixels):
             self.uploaded_samples += len(pixels)
-            self.uploaded_bytes += len(reply.content["uploads"]["pixels"].data)
+            self.uploaded_bytes += len(reply.content[UPLOADS_RECORD][PIXELS_KEY].data)
             self.by_device[str(pid)] = len(pixels)
 
     def add_teacher(self, predicted: np.ndarray, labels: np.ndarray) -> None:

@@ -11,21 +11,31 @@ layers are averaged by data size. Modules nobody trained keep their weights.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
 
-from models.knapsack import InfeasibleBudget, module_order, select_modules
-from models.modular import module_of_key, parse_module_id
+from models.eclm.knapsack import InfeasibleBudget, module_order, select_modules
+from models.eclm.layer import module_of_key, parse_module_id
 from strategies.aggregate import has_non_finite, update_divergence, weighted_average
 from strategies.base import EdgeCloudStrategy
+from strategies.metrics import metric_record
+from strategies.protocol import ARRAYS_RECORD, CONFIG_RECORD, METRICS_RECORD, WEIGHT_KEY
 
 #: Prefix of the selector's keys in a modular network's state dict.
 SELECTOR_PREFIX = "selector."
 #: Suffix of the per-device ``active`` buffers (which modules a sub-model holds): never aggregated.
 ACTIVE_SUFFIX = ".active"
+#: Array record of the profiling query: the unified module selector.
+SELECTOR_RECORD = "selector"
+#: Metric record of the profiling reply: each module's importance on the device's data.
+IMPORTANCE_RECORD = "importance"
+#: Config entry of a train message listing the sub-model's module ids, and their separator.
+MODULES_KEY = "modules"
+MODULE_SEPARATOR = ","
 
 
 @dataclass(frozen=True)
@@ -76,7 +86,7 @@ def device_budget(
 def submodel_arrays(full: ArrayRecord, ids: Sequence[str], layer_sizes: Sequence[int]) -> ArrayRecord:
     """The sub-model's state: shared keys, the chosen modules' keys and ``active`` masks.
 
-    Keys are the cloud model's own (the model contract in models/modular.py), so a device
+    Keys are the cloud model's own (the model contract in models/eclm/modular.py), so a device
     rebuilds the skeleton with ``extract(ids)`` and loads these arrays strictly.
     """
     chosen = set(ids)
@@ -103,8 +113,8 @@ def modulewise_average(
 ) -> ArrayRecord:
     """ECLM 5.2: ``w_i' = sum_k normalised Importance(i | D_k) * w_ik`` over holders of module i.
 
-    ``updates`` holds (arrays, importance by module id, num_examples) per device. Shared
-    keys (stem, head, selector) are averaged by num_examples over every device; module
+    ``updates`` holds (arrays, importance by module id, the reply's ``num-examples``) per device. Shared
+    keys (stem, head, selector) are averaged by ``num-examples`` over every device; module
     keys over the devices that hold the module, weighted by their normalised importance
     of it; keys nobody sent keep the cloud's value; ``active`` masks are never averaged.
     """
@@ -140,7 +150,7 @@ class ECLM(EdgeCloudStrategy):
         Modules per layer (for the ``active`` masks).
     samples_per_device : int
         Expected training samples per device (the knapsack's compute budget divides by it;
-        each device's reported ``num_examples`` is used when known).
+        each device's reported data size (discovery's ``num-examples``) is used when known).
     epochs : int
         Local epochs per round.
     round_budget_s : float
@@ -176,12 +186,12 @@ class ECLM(EdgeCloudStrategy):
     def profile(self, grid, server_round: int, arrays: ArrayRecord) -> list[int]:
         """Send the selector to the cohort; collect each device's module importance."""
         selector = ArrayRecord({k: v for k, v in arrays.items() if k.startswith(SELECTOR_PREFIX)})
-        content = RecordDict({"selector": selector, "config": self.round_config(server_round)})
+        content = RecordDict({SELECTOR_RECORD: selector, CONFIG_RECORD: self.round_config(server_round)})
         messages = self.messages_for(server_round, MessageType.QUERY, lambda pid: content)
         self.importance = {}
         for reply in self.exchange(grid, messages, "profile"):
             pid = self.partition_of(reply)
-            record = reply.content.metric_records.get("importance")
+            record = reply.content.metric_records.get(IMPORTANCE_RECORD)
             if record is None or set(record.keys()) != set(self.catalog.layer_of):
                 self.ledger.fail(pid, "profile", "importance record missing or not one value per module")
                 self.ledger.completed.discard(pid)
@@ -212,7 +222,9 @@ class ECLM(EdgeCloudStrategy):
         return tuple(selection.ids)
 
     # ------------------------------------------------------------------ Flower contract
-    def configure_train(self, server_round, arrays, config, grid):
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """Profile the cohort, then one message per device carrying exactly its sub-model."""
         self._cloud = arrays
         self.selections = {}
@@ -224,34 +236,37 @@ class ECLM(EdgeCloudStrategy):
 
         def content(pid: int) -> RecordDict:
             ids = self.selections[pid]
-            cfg = self.round_config(server_round, modules=",".join(ids))
-            return RecordDict({"arrays": submodel_arrays(arrays, ids, self.layer_sizes), "config": cfg})
+            cfg = self.round_config(server_round, **{MODULES_KEY: MODULE_SEPARATOR.join(ids)})
+            return RecordDict({ARRAYS_RECORD: submodel_arrays(arrays, ids, self.layer_sizes), CONFIG_RECORD: cfg})
 
         return self.messages_for(server_round, MessageType.TRAIN, content, partition_ids=sorted(self.selections))
 
-    def aggregate_train(self, server_round, replies):
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Module-wise importance-weighted aggregation of the valid sub-models."""
+        replies = list(replies)
         updates = []
         for reply in replies:
             pid = self.partition_of(reply)
-            arrays = reply.content.array_records.get("arrays")
+            arrays = reply.content.array_records.get(ARRAYS_RECORD)
             problem = self._check_reply(pid, arrays)
             if problem is not None:
                 self.ledger.fail(pid, "train", f"rejected reply: {problem}")
                 self.ledger.completed.discard(pid)
                 continue
-            updates.append((arrays, self.importance[pid], float(reply.content["metrics"]["num_examples"])))
+            updates.append((arrays, self.importance[pid], float(reply.content[METRICS_RECORD][WEIGHT_KEY])))
         kept = [r for r in replies if self.partition_of(r) in self.ledger.completed]
         metrics = self.mean_metrics(kept)
         if updates:
-            sizes = {str(self.partition_of(r)): _bytes(r.content["arrays"]) for r in kept}
+            sizes = {str(self.partition_of(r)): _bytes(r.content[ARRAYS_RECORD]) for r in kept}
             metrics["submodel_fraction"] = float(np.mean(list(sizes.values()))) / self.catalog.total_bytes
             metrics["submodel_bytes_by_device"] = sizes
             divergence = update_divergence(self._cloud, [a for a, _, _ in updates])
             if divergence is not None:
                 metrics["update_divergence"] = divergence
-            return modulewise_average(self._cloud, updates), metrics
-        return None, metrics or None
+            return modulewise_average(self._cloud, updates), metric_record(metrics)
+        return None, metric_record(metrics)
 
     def _check_reply(self, pid: int, arrays: ArrayRecord | None) -> str | None:
         if arrays is None:

@@ -9,25 +9,30 @@ own evolving domains and reports accuracy after adaptation on each domain's held
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 
 from strategies.aggregate import weighted_average
+from strategies.metrics import metric_record
+from strategies.protocol import METRICS_RECORD, WEIGHT_KEY
 from strategies.tta import OnlineTTA
 
-#: Array record key of the compressed same-size model (clients.elastic.COMPRESSED_KEY).
+#: Array record of the compressed same-size model, sent on a device's first round.
 COMPRESSED_KEY = "compressed"
-#: Array record key of a bank's ``theta*`` by layer (clients.elastic.BANK_KEY).
+#: Array record of a bank's ``theta*`` by layer: the fleet's average down, each device's own up.
 BANK_KEY = "bank"
+#: Config entry asking the device to send its bank back.
+SHARE_BANK_KEY = "share_bank"
 
 
 class ElasticDNN(OnlineTTA):
     """Serve master + bank on a device's first participation; cumulative accuracy per domain.
 
     Same protocol as :class:`strategies.tta.OnlineTTA` (arrays once per device, counts from
-    the replies' ``correct``/``num_examples`` and ``stream.domain``); the counts here are of
+    the replies' ``correct``/``num-examples`` and ``stream.domain``); the counts here are of
     predictions made AFTER the device adapted to the domain, so they are reported as
     ``adapted_accuracy`` and ``adapted_accuracy_by_domain``.
 
@@ -55,7 +60,7 @@ class ElasticDNN(OnlineTTA):
         """The round, and ``share_bank`` when banks are averaged."""
         if self.bank is None:
             return super().train_config(server_round)
-        return self.round_config(server_round, share_bank=True)
+        return self.round_config(server_round, **{SHARE_BANK_KEY: True})
 
     def arrays_for(self, pid: int, arrays: ArrayRecord) -> dict[str, ArrayRecord]:
         """The first participation's records, plus the fleet's bank every round when banks are averaged."""
@@ -64,17 +69,19 @@ class ElasticDNN(OnlineTTA):
             records[BANK_KEY] = self.bank
         return records
 
-    def aggregate_train(self, server_round, replies):
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """The base tallies; with banks averaged, the new fleet bank from the replies' banks (eq. 3's ``theta*``)."""
         replies = list(replies)
-        new_arrays, metrics = super().aggregate_train(server_round, replies)
+        metrics = self.round_metrics(replies)
         if self.bank is not None:
             shared = [r for r in replies if BANK_KEY in r.content.array_records]
             if shared:
-                weights = [float(r.content["metrics"]["num_examples"]) for r in shared]
+                weights = [float(r.content[METRICS_RECORD][WEIGHT_KEY]) for r in shared]
                 self.bank = weighted_average([r.content.array_records[BANK_KEY] for r in shared], weights)
             metrics["banks_averaged"] = len(shared)
-        return new_arrays, metrics
+        return None, metric_record(metrics)
 
     def state_dict(self) -> dict[str, Any]:
         """The base state plus the fleet's bank (``None`` unless banks are averaged)."""

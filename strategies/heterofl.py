@@ -3,7 +3,7 @@
 Each cohort device gets the width-scaled sub-model of the cloud model at the widest rate
 of ``rates`` its reported budget can train in a round (:func:`select_rate`); the cloud
 averages every element over the devices whose sub-model covered it
-(:func:`models.width.covering_average`), each classifier row (and bias entry) only over
+(:func:`models.width.submodel.covering_average`), each classifier row (and bias entry) only over
 the devices whose training data hold that class (``label_split``, as both official
 ``combine`` functions do; the device names its classes in its reply); elements nobody
 covered keep their value. HeteroFL keeps the channel prefix (sec. 3.1); FedRolex rolls
@@ -30,7 +30,7 @@ What the round's numbers mean
   cloud has no training data, so it cannot recompute sBN itself (HeteroFL's reference code
   does that on the server's copy of the training set; the paper's protocol queries the
   clients). By default those statistics are pooled from the trained sub-models' sBN
-  statistics that travel in the training replies (:func:`models.width.pooled_bn_statistics`:
+  statistics that travel in the training replies (:func:`models.width.submodel.pooled_bn_statistics`:
   example-weighted, law of total variance); statistics of channels nobody covered stay
   those of the previous round (at first, of the cloud's pre-training). They were measured
   with each device's locally trained (and possibly narrower) weights, not the aggregated
@@ -43,13 +43,15 @@ What the round's numbers mean
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
 
 from models.clock import comm_time_s, compute_time_s
-from models.width import (
+from models.width.layers import RateCost, costs_from_record
+from models.width.submodel import (
     WIDTH_RATES,
     SubModelUpdate,
     class_rows,
@@ -59,10 +61,17 @@ from models.width import (
     pooled_bn_statistics,
     sub_shapes,
 )
-from models.width_layers import RateCost, costs_from_record
-from models.width_training import CLASSES_KEY, LABELS_RECORD
 from strategies.aggregate import has_non_finite, same_layout
 from strategies.base import EdgeCloudStrategy
+from strategies.metrics import metric_record
+from strategies.protocol import (
+    ACCURACY_KEY,
+    ARRAYS_RECORD,
+    CONFIG_RECORD,
+    METRICS_RECORD,
+    TRAIN_EXAMPLES_KEY,
+    WEIGHT_KEY,
+)
 
 #: Default round budget when neither ``round_budget_s`` nor ``deadline_s`` is given: the time
 #: this quantile of the fleet needs to train the full model, so about the faster half trains it
@@ -72,6 +81,22 @@ DEFAULT_BUDGET_QUANTILE = 0.5
 #: Gradient-norm clip of local training: HeteroFL ``train_classifier_fed.py`` ``Local.train`` and
 #: FedRolex ``resnet_client.py`` ``ResnetClient.step`` (``clip_grad_norm_(model.parameters(), 1)``).
 DEFAULT_CLIP_GRAD_NORM = 1.0
+#: Width rate of the full model: the ``global_sbn`` evaluation's, whose statistics are pooled.
+FULL_RATE = 1.0
+#: Config entries of a message: the sub-model's width rate, the channel window's roll (FedRolex),
+#: whether to mask absent classes' logits, the gradient-norm clip, and (evaluation) whether to
+#: send back the BN statistics measured on local data (the sBN query).
+RATE_KEY = "rate"
+OFFSET_KEY = "offset"
+LABEL_MASK_KEY = "label_mask"
+CLIP_GRAD_NORM_KEY = "clip_grad_norm"
+STATISTICS_KEY = "statistics"
+#: Config record of a training reply naming the classes of the device's training data, and its
+#: entry (a list of ints): the classifier's rows are merged by them (``label_split``).
+LABELS_RECORD = "labels"
+CLASSES_KEY = "classes"
+#: Metric of the label-masked local test (the official one).
+MASKED_ACCURACY_KEY = "masked_accuracy"
 
 
 def rate_time_s(cost: RateCost, samples_per_round: float, budget: Mapping[str, float | str]) -> tuple[float, float]:
@@ -120,7 +145,7 @@ class HeteroFL(EdgeCloudStrategy):
     Parameters
     ----------
     rates : sequence of float
-        Width rates a device may get, a subset of :data:`models.width.WIDTH_RATES`
+        Width rates a device may get, a subset of :data:`models.width.submodel.WIDTH_RATES`
         (HeteroFL's levels 1, 1/2, 1/4, 1/8, 1/16).
     round_budget_s : float, optional
         Seconds a device may spend on a round's compute, and on its transfers. None: the
@@ -129,7 +154,7 @@ class HeteroFL(EdgeCloudStrategy):
     budget_quantile : float
         The quantile used when ``round_budget_s`` and ``deadline_s`` are both None.
     weight_by_examples : bool
-        Weight the covering average by ``num_examples``. False (default): plain count, as
+        Weight the covering average by the replies' ``num-examples``. False (default): plain count, as
         HeteroFL's and FedRolex's reference code (``fed.py`` ``combine``) do.
     global_sbn : bool
         After aggregation, send the full model to the devices that trained and pool the
@@ -143,13 +168,13 @@ class HeteroFL(EdgeCloudStrategy):
         ``combine``); False: over every device, like any other element.
     label_mask : bool
         Ask devices to mask the logits of classes they have no data of, in training and in
-        the local test (True, default: the official ``mask: '1'``, :mod:`models.width_training`).
+        the local test (True, default: the official ``mask: '1'``, :mod:`models.width.training`).
     clip_grad_norm : float, optional
         Gradient-norm clip of local training (default :data:`DEFAULT_CLIP_GRAD_NORM`);
         None: no clipping.
     **base
         :class:`EdgeCloudStrategy` arguments (per_round, seed, expected_devices,
-        round_timeout_s, deadline_s, evaluate_fn, on_round).
+        deadline_s, on_round, after_round).
     """
 
     #: Whether the channel window rolls with the round (FedRolex) or stays the prefix.
@@ -190,14 +215,14 @@ class HeteroFL(EdgeCloudStrategy):
 
     # ------------------------------------------------------------------ rates
     def window_offset(self, server_round: int) -> int:
-        """Roll of the kept channel window in a round (:func:`models.width.channel_window`): 0, the prefix."""
+        """Roll of the kept channel window in a round (:func:`models.width.submodel.channel_window`): 0, the prefix."""
         return 0
 
     def training_asks(self) -> dict[str, bool | float]:
         """What every message asks of the device's training: ``label_mask`` and, if set, ``clip_grad_norm``."""
-        asks: dict[str, bool | float] = {"label_mask": self.label_mask}
+        asks: dict[str, bool | float] = {LABEL_MASK_KEY: self.label_mask}
         if self.clip_grad_norm is not None:
-            asks["clip_grad_norm"] = float(self.clip_grad_norm)
+            asks[CLIP_GRAD_NORM_KEY] = float(self.clip_grad_norm)
         return asks
 
     def budget_s(self) -> float:
@@ -240,7 +265,9 @@ class HeteroFL(EdgeCloudStrategy):
         self.round_budget_s = None if budget is None else float(budget)
 
     # ------------------------------------------------------------------ Flower contract
-    def configure_train(self, server_round, arrays, config, grid):
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """One message per fitting device: its sub-model's arrays and config (round, rate[, offset])."""
         self._state = {key: arr.numpy() for key, arr in arrays.items()}
         self._offset = self.window_offset(server_round)
@@ -258,21 +285,25 @@ class HeteroFL(EdgeCloudStrategy):
             rate: ArrayRecord({k: Array(v) for k, v in extract(self._state, rate, self._offset).items()})
             for rate in self._layouts
         }
-        extra = {**self.training_asks(), **({"offset": self._offset} if self.rolling else {})}
+        extra = {**self.training_asks(), **({OFFSET_KEY: self._offset} if self.rolling else {})}
 
         def content(pid: int) -> RecordDict:
             rate = self.assigned[pid]
-            return RecordDict({"arrays": records[rate], "config": self.round_config(server_round, rate=rate, **extra)})
+            config = self.round_config(server_round, **{RATE_KEY: rate}, **extra)
+            return RecordDict({ARRAYS_RECORD: records[rate], CONFIG_RECORD: config})
 
         return self.messages_for(server_round, MessageType.TRAIN, content, partition_ids=sorted(self.assigned))
 
-    def aggregate_train(self, server_round, replies):
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Per-element covering average of the valid sub-models (classifier rows by class); metrics of the devices kept."""
+        replies = list(replies)
         updates = []
         for reply in replies:
             pid = self.partition_of(reply)
-            arrays = reply.content.array_records.get("arrays")
-            problem = self._problem(pid, arrays, reply.content["metrics"])
+            arrays = reply.content.array_records.get(ARRAYS_RECORD)
+            problem = self._problem(pid, arrays, reply.content[METRICS_RECORD])
             classes = None
             if problem is None and self.label_split:
                 classes, problem = self._classes(reply)
@@ -280,39 +311,41 @@ class HeteroFL(EdgeCloudStrategy):
                 self.ledger.fail(pid, "train", f"rejected reply: {problem}")
                 self.ledger.completed.discard(pid)
                 continue
-            examples = float(reply.content["metrics"].get("num_examples", 0))
+            examples = float(reply.content[METRICS_RECORD].get(WEIGHT_KEY, 0))
             weight = examples if self.weight_by_examples else 1.0
             state = {key: arr.numpy() for key, arr in arrays.items()}
             updates.append(SubModelUpdate(state, self.assigned[pid], self._offset, weight, max(examples, 1.0), classes))
         metrics = self.mean_metrics([r for r in replies if self.partition_of(r) in self.ledger.completed])
-        if "accuracy" in metrics:  # kept in the round record even when an evaluation phase reports accuracy
-            metrics["submodel_accuracy"] = metrics["accuracy"]
+        if ACCURACY_KEY in metrics:  # kept in the round record even when an evaluation phase reports accuracy
+            metrics["submodel_accuracy"] = metrics[ACCURACY_KEY]
         if not updates:
-            return None, metrics or None
+            return None, metric_record(metrics)
         merged = covering_average(self._state, updates)
         merged.update(pooled_bn_statistics(self._state, updates))
-        return ArrayRecord({key: Array(value) for key, value in merged.items()}), metrics
+        return ArrayRecord({key: Array(value) for key, value in merged.items()}), metric_record(metrics)
 
-    def configure_evaluate(self, server_round, arrays, config, grid):
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """With ``global_sbn``: the full model to the devices that trained, asking for BN statistics."""
         self._evaluated = arrays
         if not self.global_sbn:
             return []
-        config = self.round_config(server_round, rate=1.0, statistics=True, label_mask=self.label_mask)
-        content = RecordDict({"arrays": arrays, "config": config})
+        asks = {RATE_KEY: FULL_RATE, STATISTICS_KEY: True, LABEL_MASK_KEY: self.label_mask}
+        content = RecordDict({ARRAYS_RECORD: arrays, CONFIG_RECORD: self.round_config(server_round, **asks)})
         trained = sorted(self.ledger.completed & set(self.assigned))
         return self.messages_for(server_round, MessageType.EVALUATE, lambda pid: content, partition_ids=trained)
 
-    def aggregate_evaluate(self, server_round, replies):
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Pool the devices' BN statistics into the cloud model (in place); mean local accuracy."""
         replies = list(replies)
         updates = []
         for reply in replies:
-            stats = reply.content.array_records.get("arrays")
-            examples = float(reply.content["metrics"].get("num_train_examples", 0))
+            stats = reply.content.array_records.get(ARRAYS_RECORD)
+            examples = float(reply.content[METRICS_RECORD].get(TRAIN_EXAMPLES_KEY, 0))
             if stats is None or examples <= 0 or has_non_finite(stats) is not None:
                 continue
-            updates.append(SubModelUpdate({k: a.numpy() for k, a in stats.items()}, 1.0, num_examples=examples))
+            updates.append(SubModelUpdate({k: a.numpy() for k, a in stats.items()}, FULL_RATE, num_examples=examples))
         if updates:
             state = {key: arr.numpy() for key, arr in self._evaluated.items()}
             try:
@@ -322,13 +355,18 @@ class HeteroFL(EdgeCloudStrategy):
                 pooled = {}
             for key, value in pooled.items():
                 self._evaluated[key] = Array(value)  # the record evaluate_fn and the next round receive
-        return self.mean_metrics(replies, "num_examples") or None
+        return metric_record(self.mean_metrics(replies))
 
-    def round_record(self, server_round, train_metrics, eval_metrics, global_metrics):
+    def round_record(
+        self,
+        server_round: int,
+        train_metrics: MetricRecord | None,
+        eval_metrics: MetricRecord | None,
+        global_metrics: MetricRecord | None,
+    ) -> dict:
         """The base record plus ``masked_accuracy``: the same local tests as ``accuracy``, label-masked (official)."""
         record = super().round_record(server_round, train_metrics, eval_metrics, global_metrics)
-        source = eval_metrics if eval_metrics and eval_metrics.get("accuracy") is not None else train_metrics
-        record["masked_accuracy"] = (source or {}).get("masked_accuracy")
+        record["masked_accuracy"] = self.local_metrics(train_metrics, eval_metrics).get(MASKED_ACCURACY_KEY)
         return record
 
     def _classes(self, reply) -> tuple[tuple[int, ...] | None, str | None]:
@@ -351,7 +389,7 @@ class HeteroFL(EdgeCloudStrategy):
         problem = same_layout(arrays, self._layouts[self.assigned[pid]])
         if problem is None and (bad := has_non_finite(arrays)) is not None:
             problem = f"non-finite values in {bad}"
-        if problem is None and self.weight_by_examples and not float(metrics.get("num_examples", 0)) > 0:
+        if problem is None and self.weight_by_examples and not float(metrics.get(WEIGHT_KEY, 0)) > 0:
             problem = "no training examples to weight by"
         return problem
 
@@ -364,7 +402,7 @@ class FedRolex(HeteroFL):
     (FedRolex ``resnet_server.py`` ``ResnetServerRoll.split_model``: ``roll = rounds %
     output_size``, ``torch.roll(arange, roll)``, with its ``rounds`` counted from 0): round 1
     trains the prefix, round 2 keeps ``[C - 1, 0, 1, ...]``, and the window walks backwards
-    over every channel, wrapping around (:func:`models.width.channel_window`).
+    over every channel, wrapping around (:func:`models.width.submodel.channel_window`).
     """
 
     rolling = True

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from flwr.app import MessageType, RecordDict
+from collections.abc import Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
 
 from strategies.base import EdgeCloudStrategy
+from strategies.metrics import metric_record
+from strategies.protocol import ARRAYS_RECORD, CONFIG_RECORD
 
 
 class LocalAdaptation(EdgeCloudStrategy):
@@ -14,11 +19,15 @@ class LocalAdaptation(EdgeCloudStrategy):
     cloud model never changes. ``accuracy`` is the fine-tuned models' local accuracy.
     """
 
-    def configure_train(self, server_round, arrays, config, grid):
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """Every cohort device gets the (unchanged) cloud model."""
-        content = RecordDict({"arrays": arrays, "config": self.round_config(server_round)})
+        content = RecordDict({ARRAYS_RECORD: arrays, CONFIG_RECORD: self.round_config(server_round)})
         return self.messages_for(server_round, MessageType.TRAIN, lambda pid: content)
 
-    def aggregate_train(self, server_round, replies):
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """No aggregation: keep the cloud model, average the devices' metrics."""
-        return None, self.mean_metrics(list(replies)) or None
+        return None, metric_record(self.mean_metrics(list(replies)))

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from flwr.app import RecordDict
 
+from strategies.protocol import ORACLE_RECORD
+
 #: Bytes of a number in a config/metric record (int64/float64 on the wire).
 NUMBER_BYTES = 8
-#: Record a simulated device attaches only because the simulation knows the ground truth (e.g.
-#: the labels of CEMA's uploads, for the teacher's accuracy). A real device has nothing to put
-#: there, so it is no payload and its bytes are not counted.
-ORACLE_RECORD = "oracle"
 
 
 def _value_bytes(value) -> int:
@@ -32,7 +30,7 @@ def payload_bytes(content: RecordDict) -> int:
     Arrays count their serialized buffer (``Array.data``, what Flower sends); config and
     metric entries count their key (UTF-8) plus the value (8 bytes a number, 1 a bool,
     the UTF-8 length of a string, the length of bytes). Protocol framing and the
-    :data:`ORACLE_RECORD` are not counted.
+    :data:`strategies.protocol.ORACLE_RECORD` are not counted.
     """
     total = 0
     for name, record in content.items():

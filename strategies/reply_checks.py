@@ -1,4 +1,4 @@
-"""Checks of a device's reply against what the cloud sent it (issue 6): no NaN reaches aggregation.
+"""Checks of a device's reply against what the cloud sent it: no NaN reaches aggregation.
 
 :meth:`strategies.base.EdgeCloudStrategy.exchange` runs :func:`reply_problem` on every
 reply with content; a reply with a problem is counted as a failure ``"rejected: <problem>"``
@@ -27,6 +27,18 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
+from strategies.protocol import (
+    COMPUTE_TIME_KEY,
+    CORRECT_KEY,
+    METRICS_RECORD,
+    SAMPLES_TRAINED_KEY,
+    TEST_EXAMPLES_KEY,
+    TRAIN_EXAMPLES_KEY,
+    UPLOAD_COUNT_KEY,
+    UPLOADS_RECORD,
+    WEIGHT_KEY,
+)
+
 
 @dataclass(frozen=True)
 class ArraySpec:
@@ -45,18 +57,18 @@ class ArraySpec:
 
 
 #: Records devices send that the cloud never sends: raw uint8 images (k, H, W, C) uploaded
-#: by online devices (``clients/online.py`` ``batch_reply``; CEMA's uploads, seed 000).
-UNSENT_RECORDS: Mapping[str, ArraySpec] = {"uploads": ArraySpec(dtype="uint8", ndim=4)}
+#: by online devices (``clients/online.py``, ``OnlineClient.batch_reply``; CEMA's uploads, seed 000).
+UNSENT_RECORDS: Mapping[str, ArraySpec] = {UPLOADS_RECORD: ArraySpec(dtype="uint8", ndim=4)}
 #: ``metrics`` entries the cloud computes with: weights (FedAvg eq. 1), virtual time, online
 #: tallies. Each must be a finite number >= 0 when present.
 COUNTED_METRICS = (
-    "num_examples",
-    "num_train_examples",
-    "num_test_examples",
-    "samples_trained",
-    "compute_time_s",
-    "correct",
-    "uploads",
+    WEIGHT_KEY,
+    TRAIN_EXAMPLES_KEY,
+    TEST_EXAMPLES_KEY,
+    SAMPLES_TRAINED_KEY,
+    COMPUTE_TIME_KEY,
+    CORRECT_KEY,
+    UPLOAD_COUNT_KEY,
 )
 
 
@@ -86,7 +98,7 @@ def reply_problem(
             problem = f"unexpected record: array record {name!r} was not sent and is no known upload"
         if problem is not None:
             return problem
-    metrics = reply.metric_records.get("metrics")
+    metrics = reply.metric_records.get(METRICS_RECORD)
     return None if metrics is None else metrics_problem(metrics)
 
 

@@ -8,12 +8,25 @@ adapts to it, accuracy accumulates per corruption over the run.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
 
 from strategies.base import EdgeCloudStrategy
+from strategies.metrics import metric_record
+from strategies.protocol import (
+    ARRAYS_RECORD,
+    CONFIG_RECORD,
+    CORRECT_KEY,
+    DOMAIN_KEY,
+    METRICS_RECORD,
+    PIXELS_KEY,
+    STREAM_RECORD,
+    UPLOADS_RECORD,
+    WEIGHT_KEY,
+)
 
 
 class OnlineTTA(EdgeCloudStrategy):
@@ -41,11 +54,13 @@ class OnlineTTA(EdgeCloudStrategy):
         self.served: set[int] = set()
         self.online: dict[str, list[int]] = {}
 
-    def configure_train(self, server_round, arrays, config, grid):
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """One TRAIN message per cohort device: the round config, plus arrays if not yet served."""
 
         def content(pid: int) -> RecordDict:
-            record = RecordDict({"config": self.train_config(server_round)})
+            record = RecordDict({CONFIG_RECORD: self.train_config(server_round)})
             for key, value in self.arrays_for(pid, arrays).items():
                 record[key] = value
             return record
@@ -62,11 +77,19 @@ class OnlineTTA(EdgeCloudStrategy):
 
     def first_arrays(self, arrays: ArrayRecord) -> dict[str, ArrayRecord]:
         """The array records a device gets on its first participation: the source model as ``arrays``."""
-        return {"arrays": arrays}
+        return {ARRAYS_RECORD: arrays}
 
-    def aggregate_train(self, server_round, replies):
-        """No aggregation; mean reply metrics plus cumulative online accuracy and this round's uploads."""
-        replies = list(replies)
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """No aggregation; the round's metrics (:meth:`round_metrics`) as a MetricRecord."""
+        return None, metric_record(self.round_metrics(list(replies)))
+
+    def round_metrics(self, replies: list[Message]) -> dict[str, Any]:
+        """Mean reply metrics, cumulative online accuracy by domain, this round's uploads by device.
+
+        Marks every device that answered as served (even if dropped as a straggler).
+        """
         self.served.update(self.ledger.device_time_s)  # answered, even if dropped as stragglers
         self.served.update(self.partition_of(r) for r in replies)
         samples, nbytes, by_device = 0, 0, {}
@@ -82,7 +105,7 @@ class OnlineTTA(EdgeCloudStrategy):
         metrics["uploaded_samples"] = samples
         metrics["uploaded_bytes"] = nbytes
         metrics["uploaded_samples_by_device"] = by_device
-        return None, metrics
+        return metrics
 
     def state_dict(self) -> dict[str, Any]:
         """The base state plus ``served`` (sorted partition ids) and the ``online`` tallies."""
@@ -98,11 +121,11 @@ class OnlineTTA(EdgeCloudStrategy):
         self.online = {str(domain): [int(c), int(n)] for domain, (c, n) in state["online"].items()}
 
     def _tally(self, reply: Message) -> None:
-        metrics = reply.content["metrics"]
-        domain = str(reply.content["stream"]["domain"])
+        metrics = reply.content[METRICS_RECORD]
+        domain = str(reply.content[STREAM_RECORD][DOMAIN_KEY])
         tally = self.online.setdefault(domain, [0, 0])
-        tally[0] += int(metrics["correct"])
-        tally[1] += int(metrics["num_examples"])
+        tally[0] += int(metrics[CORRECT_KEY])
+        tally[1] += int(metrics[WEIGHT_KEY])
 
     def online_metrics(self) -> dict[str, Any]:
         """``online_accuracy`` (all domains) and ``online_accuracy_by_domain``, cumulative over the run."""
@@ -116,8 +139,8 @@ class OnlineTTA(EdgeCloudStrategy):
 
 def upload_size(reply: Message) -> tuple[int, int]:
     """Samples and array bytes (``numpy().nbytes``, no serialisation header) a reply uploads."""
-    record = reply.content.array_records.get("uploads")
+    record = reply.content.array_records.get(UPLOADS_RECORD)
     if record is None:
         return 0, 0
-    pixels = record["pixels"].numpy()
+    pixels = record[PIXELS_KEY].numpy()
     return int(len(pixels)), int(sum(arr.numpy().nbytes for arr in record.values()))

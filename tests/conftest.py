@@ -22,3 +22,14 @@ def _one_torch_thread():
 
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(autouse=True)
+def _flower_logger_restored():
+    """A test that quiets Flower's logger (as a run's worker does) leaves it as it found it."""
+    import logging
+
+    flwr_logger = logging.getLogger("flwr")
+    propagate, level = flwr_logger.propagate, flwr_logger.level
+    yield
+    flwr_logger.propagate, flwr_logger.level = propagate, level

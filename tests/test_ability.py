@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.ability import (
+from models.eclm.ability import (
     ability_loss,
     balanced_kappa1,
     cooccurrence_matrix,

@@ -9,11 +9,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from clients.an import AdaptiveNetClient, pick_candidates, validation_split
 from clients.base import DEVICE_DECLINED, MALFORMED_MESSAGE, Device, DeviceTensors
-from models import build_model
+from models.catalog import build_model
 from models.costs import parameter_bytes
 from models.training import TrainSettings
 from strategies.an import AdaptiveNet
 from strategies.base import DeviceInfo
+from strategies.metrics import metric_values
 
 torch.set_num_threads(1)
 BATCH = 8
@@ -76,7 +77,7 @@ def test_reply_has_metrics_and_the_path_but_no_arrays():
     assert reply.content["path"]["label"] == "-".join(map(str, path))
     cost = net.path_cost(path, BATCH)
     assert metrics["path_bytes"] == cost.bytes and metrics["train_memory_bytes"] == cost.train_memory_bytes
-    assert metrics["num_examples"] == TRAIN and metrics["samples_trained"] == TRAIN * EPOCHS
+    assert metrics["num-examples"] == TRAIN and metrics["samples_trained"] == TRAIN * EPOCHS
     assert metrics["paths_fitting"] == 36 and metrics["paths_evaluated"] == 36  # no limit: exhaustive search
     # search: 36 candidates x (4 validation + 16 recalibration samples) forward passes; training:
     # 20 samples x the path's own training FLOPs; both at 1e9 FLOP/s slowed by load 2
@@ -190,12 +191,15 @@ def test_strategy_sends_the_unchanged_supernet_and_the_deadline_as_allowance():
 
 def test_strategy_keeps_the_supernet_and_averages_metrics_and_counts_paths():
     replies = [_train(_device()), _train(_device(memory=_supernet().path_cost((2, 2, 3), BATCH).train_memory_bytes))]
-    arrays, metrics = _strategy().aggregate_train(1, replies)
+    arrays, record = _strategy().aggregate_train(1, replies)
+    metrics = metric_values(record)
     assert arrays is None and metrics["devices"] == 2
     accs = [r.content["metrics"]["accuracy"] for r in replies]
     assert math.isclose(metrics["accuracy"], sum(accs) / 2)  # equal data sizes: plain mean
     labels = [r.content["path"]["label"] for r in replies]
     assert sum(metrics["paths"].values()) == 2 and set(metrics["paths"]) == set(labels)
+    assert record["paths/"] == len(set(labels))  # the group in Flower's MetricRecord: its size, then its members
+    assert all(record[f"paths/{label}"] == labels.count(label) for label in labels)
     assert "2-2-3" in metrics["paths"]
     assert _strategy().aggregate_train(1, []) == (None, None)
 

@@ -8,8 +8,8 @@ from torch import nn
 
 from clients.base import MALFORMED_MESSAGE
 from clients.elastic import BANK_KEY, ElasticClient
-from models.fbs import GatedConvBN
-from models.fbs_bank import bank_thetas, build_bank, load_bank_thetas
+from models.elastic.bank import bank_thetas, build_bank, load_bank_thetas
+from models.elastic.fbs import GatedConvBN
 from strategies.base import DeviceInfo
 from strategies.elastic import ElasticDNN
 from tests.test_elastic_client import BUDGET, _context, _device, _message, _model
@@ -61,7 +61,7 @@ def _reply(strategy, pid, theta, n):
     sent = Message(RecordDict({"config": ConfigRecord({"round": 1})}), dst_node_id=100 + pid,
                    message_type=MessageType.TRAIN)
     content = RecordDict({
-        "metrics": MetricRecord({"num_examples": n, "correct": 1, "accuracy": 1 / n}),
+        "metrics": MetricRecord({"num-examples": n, "correct": 1, "accuracy": 1 / n}),
         "stream": ConfigRecord({"domain": "fog", "index": 1}),
         BANK_KEY: ArrayRecord({"0": Array(np.full((2, 1, 1, 1), theta, dtype=np.float32))}),
     })

@@ -1,4 +1,4 @@
-"""The benchmark's pieces (issue 7): sizes and cases, medians and ratios, the memory sampler on
+"""The benchmark's pieces: sizes and cases, medians and ratios, the memory sampler on
 real child processes, child timeouts, round timing from results.json, the floor's FedAvg
 arithmetic and cohorts, the plain-Flower app's settings, and the markdown report.
 
@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from experiments.bench import fresh_folder, main
-from experiments.bench_cases import GROUPS, model_overrides, parse_sizes, plan_cases
-from experiments.bench_floor import COHORT_STREAM, average_states, cohort_of
-from experiments.bench_memory import TreeMemorySampler, read_pss_bytes, sample_tree
-from experiments.bench_report import (
+from experiments.bench.cases import GROUPS, model_overrides, parse_sizes, plan_cases
+from experiments.bench.cli import fresh_folder, main
+from experiments.bench.floor import COHORT_STREAM, average_states, cohort_of
+from experiments.bench.memory import TreeMemorySampler, read_pss_bytes, sample_tree
+from experiments.bench.report import (
     evaluate_targets,
     issue_targets,
     markdown_report,
@@ -34,9 +34,10 @@ from experiments.bench_report import (
     verdict,
     write_report,
 )
-from experiments.bench_runs import RoundWatcher, run_child, timings
-from experiments.bench_stack import STACK
-from experiments.config import RunConfig, compose
+from experiments.bench.runs import RoundWatcher, run_child, timings
+from experiments.bench.stack import STACK
+from experiments.config import compose
+from experiments.schema import RunConfig
 
 MIB = 1024**2
 
@@ -153,7 +154,7 @@ def test_startup_floor_is_the_stacks_import_plus_a_loop_round_on_every_core_by_h
 
 def test_the_stack_the_floor_imports_is_installed():
     missing = [name for name in STACK if importlib.util.find_spec(name) is None]
-    assert not missing, f"experiments.bench_stack.STACK names modules that are not installed: {missing}"
+    assert not missing, f"experiments.bench.stack.STACK names modules that are not installed: {missing}"
 
 
 # --------------------------------------------------------------------------- the report
@@ -200,7 +201,7 @@ def test_write_report_writes_json_and_markdown(tmp_path):
     report = _report(tmp_path)
     write_report(report, tmp_path / "out" / "p.json", tmp_path / "out" / "P.md")
     assert json.loads((tmp_path / "out" / "p.json").read_text())["summary"]["fedavg@100"]["round_s"] == 1.5
-    assert (tmp_path / "out" / "P.md").read_text().startswith("# Performance (issue 7)")
+    assert (tmp_path / "out" / "P.md").read_text().startswith("# Performance")
 
 
 # --------------------------------------------------------------------------- memory and children
@@ -314,9 +315,9 @@ def test_floor_averages_weights_by_data_size_by_hand():
 
 
 def test_plain_app_uses_the_projects_ray_resources_and_cohort_size():
-    from experiments.bench_plain import plain_backend_config, plain_strategy
+    from experiments.bench.plain import plain_backend_config, plain_strategy
     from experiments.config import from_flat
-    from experiments.engine import backend_config
+    from experiments.engine.simulation import backend_config
 
     cfg = from_flat({"fleet.devices": 500, "fleet.per_round": 25, "engine.num_cpus": 0.5})
     assert plain_backend_config(cfg) == backend_config(cfg)

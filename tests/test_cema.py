@@ -1,4 +1,4 @@
-"""CEMA's pure-torch pieces: entropy, upload filter, replay buffer, cloud steps (values by hand)."""
+"""CEMA's pure-torch pieces: upload filter, replay buffer, cloud steps (values by hand)."""
 
 import copy
 import math
@@ -8,18 +8,18 @@ import pytest
 import torch
 from torch import nn
 
-from models.cema_cloud import (
+from models.cema.cloud import (
     REPLAY_MIN_SIZE,
     ReplayBuffer,
     adapt_foundation,
-    bn_affine_parameters,
     bn_sgd,
     distill,
     distillation_loss,
 )
-from models.cema_edge_batch import CloudSettings, Student, Teacher, process_edge_batch
-from models.cema_filter import UploadFilter, default_e_max0, entropy
-from models.cema_tbr import BATCH, TBR, reset_statistics
+from models.cema.edge_batch import CloudSettings, Student, Teacher, process_edge_batch
+from models.cema.filter import UploadFilter, default_e_max0
+from models.cema.tbr import BATCH, TBR, reset_statistics
+from models.losses import prediction_entropy
 
 torch.set_num_threads(1)
 LN2, LN4 = math.log(2), math.log(4)
@@ -37,27 +37,6 @@ def _uniform_over(k, c=4):
 
 def _h(*p):
     return -sum(q * math.log(q) for q in p if q > 0)
-
-
-# --- entropy ---------------------------------------------------------------------------
-
-
-def test_entropy_of_uniform_is_ln_c_and_of_one_hot_is_zero():
-    logits = torch.tensor([[0.0] * 5, [3.0] * 5, _uniform_over(1, 5), [100.0, -100.0, -100.0, -100.0, -100.0]])
-    assert torch.allclose(entropy(logits), torch.tensor([math.log(5), math.log(5), 0.0, 0.0]), atol=1e-6)
-
-
-def test_entropy_with_minus_inf_logits_has_finite_gradient():
-    logits = torch.tensor([_uniform_over(2), _uniform_over(3)], requires_grad=True)
-    ents = entropy(logits)
-    ents.sum().backward()
-    assert torch.allclose(ents, torch.tensor([LN2, math.log(3)]))
-    assert torch.isfinite(logits.grad).all()
-
-
-def test_entropy_rejects_non_matrix():
-    with pytest.raises(ValueError, match="batch, classes"):
-        entropy(torch.zeros(4))
 
 
 # --- upload filter ---------------------------------------------------------------------
@@ -245,7 +224,7 @@ def test_distillation_loss_temperature_and_no_teacher_gradient():
     t = 2.0
     p_t, log_p_s = (teacher / t).softmax(-1), (student / t).log_softmax(-1)
     kl = (p_t * (p_t.log() - log_p_s)).sum()
-    w_t = math.exp(0.1 - entropy(teacher).item())
+    w_t = math.exp(0.1 - prediction_entropy(teacher, log_space=True).item())
     loss = distillation_loss(student, teacher, 0.1, a=0.0, b=1.0, c=0.0, temperature=t)
     assert loss.item() == pytest.approx(w_t * t**2 * kl.item(), rel=1e-6)
     loss.backward()
@@ -266,14 +245,6 @@ def _tiny_net(seed=0, classes=4):
 
 def _images(n, seed):
     return torch.randn(n, 3, 4, 4, generator=torch.Generator().manual_seed(seed))
-
-
-def test_bn_affine_parameters_are_the_bn_weight_and_bias():
-    net = _tiny_net()
-    assert [id(p) for p in bn_affine_parameters(net)] == [id(net[1].weight), id(net[1].bias)]
-    with pytest.raises(ValueError, match="no affine BatchNorm"):
-        bn_affine_parameters(nn.Linear(2, 2))
-
 
 
 def test_adapt_foundation_changes_only_bn_affine_parameters():

@@ -9,13 +9,16 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 
 from clients.base import MALFORMED_MESSAGE, Device, StreamTensors
 from clients.cema import FORWARD_FLOP_FRACTION, UPLOAD_LABELS, CEMAClient
-from clients.online import load_blob, stream_index
-from models import build_model
-from models.cema_filter import UploadFilter, entropy
+from clients.online import OnlineClient
+from models.catalog import build_model
+from models.cema.filter import UploadFilter
+from models.losses import prediction_entropy
 from models.training import TrainSettings
 from strategies.base import DeviceInfo
 from strategies.cema import CEMA, SHARED, bn_state_keys
-from strategies.payload import ORACLE_RECORD, payload_bytes
+from strategies.metrics import metric_values
+from strategies.payload import payload_bytes
+from strategies.protocol import ORACLE_RECORD
 
 torch.set_num_threads(1)
 BUDGET = {"flops_per_s": 1e9, "memory_bytes": 1e9, "uplink_bps": 1e6, "downlink_bps": 1e7}
@@ -87,7 +90,7 @@ def test_device_predicts_filters_and_keeps_its_model_over_three_rounds():
     for index, msg in enumerate(messages):
         reply = client.handle("train", msg, context)
         assert reply.has_content(), reply.error.reason if reply.has_error() else ""
-        assert stream_index(context) == index + 1
+        assert OnlineClient.stream_index(context) == index + 1
         if "arrays" in msg.content:
             expected_state = {**expected_state, **msg.content["arrays"].to_torch_state_dict()}
         model = build_model("cnn", num_classes=10, width=4)
@@ -96,7 +99,7 @@ def test_device_predicts_filters_and_keeps_its_model_over_three_rounds():
         with torch.no_grad():
             logits = model(_stream(index).x)
         mask = reference.select(logits)
-        ents = entropy(logits.double())
+        ents = prediction_entropy(logits.double(), log_space=True)
         metrics = reply.content["metrics"]
         assert metrics["uploads"] == int(mask.sum())
         assert metrics["correct"] == int((logits.argmax(1) == _stream(index).y).sum())
@@ -111,7 +114,7 @@ def test_device_predicts_filters_and_keeps_its_model_over_three_rounds():
             assert "uploads" not in reply.content
         assert not ((ents > reference.e_min) & (ents < reference.e_max0) & ~mask).any()
         mixed = mixed or 0 < int(mask.sum()) < BATCH
-        saved = load_blob(context)
+        saved = OnlineClient.load_blob(context)
         assert saved["filter"] == reference.state_dict()
     assert uploaded_any and mixed  # the window both kept and dropped samples
 
@@ -119,9 +122,9 @@ def test_device_predicts_filters_and_keeps_its_model_over_three_rounds():
 def test_bn_only_update_changes_exactly_the_bn_entries():
     client, context, edge = CEMAClient(_device()), _context(), _edge()
     client.handle("train", _train_message(1, edge.state_dict()), context)
-    before = load_blob(context)["model"]
+    before = OnlineClient.load_blob(context)["model"]
     client.handle("train", _train_message(2, _bn_update(edge, 0.25)), context)
-    after = load_blob(context)["model"]
+    after = OnlineClient.load_blob(context)["model"]
     bn = set(bn_state_keys(edge))
     assert bn == {f"features.{i}.1.{s}" for i in (0, 2, 4)
                   for s in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")}
@@ -136,7 +139,7 @@ def test_first_message_must_carry_the_full_model(arrays):
     reply = CEMAClient(_device()).handle("train", _train_message(1, arrays), context)
     assert reply.has_error() and reply.error.code == MALFORMED_MESSAGE
     assert "full edge model" in reply.error.reason
-    assert stream_index(context) == 0
+    assert OnlineClient.stream_index(context) == 0
 
 
 def test_wrong_shapes_and_unknown_keys_are_malformed():
@@ -145,7 +148,7 @@ def test_wrong_shapes_and_unknown_keys_are_malformed():
     for bad in ({"features.0.1.weight": torch.ones(5)}, {"nope": torch.ones(1)}):
         reply = client.handle("train", _train_message(2, bad), context)
         assert reply.has_error() and reply.error.code == MALFORMED_MESSAGE
-    assert stream_index(context) == 1
+    assert OnlineClient.stream_index(context) == 1
 
 
 # --------------------------------------------------------------------------- the cloud
@@ -163,7 +166,7 @@ def _reply(strategy, pid, domain, correct, n=BATCH, pixels=None):
     msg = Message(RecordDict({"config": ConfigRecord({"round": 1})}), dst_node_id=strategy.devices[pid].node_id,
                   message_type=MessageType.TRAIN)
     content = RecordDict({
-        "metrics": MetricRecord({"num_examples": n, "correct": correct, "accuracy": correct / n,
+        "metrics": MetricRecord({"num-examples": n, "correct": correct, "accuracy": correct / n,
                                  "uploads": 0 if pixels is None else len(pixels)}),
         "stream": ConfigRecord({"domain": domain, "index": 0}),
     })
@@ -227,7 +230,8 @@ def test_cumulative_online_accuracy_per_domain_by_hand():
     strategy = _strategy()
     strategy.configure_train(1, ArrayRecord(_edge().state_dict()), ConfigRecord(), None)
     strategy.aggregate_train(1, [_reply(strategy, 0, "fog", 3), _reply(strategy, 1, "clean", 8)])
-    _, metrics = strategy.aggregate_train(2, [_reply(strategy, 0, "fog", 5)])
+    _, record = strategy.aggregate_train(2, [_reply(strategy, 0, "fog", 5)])
+    metrics = metric_values(record)
     assert metrics["online_accuracy_by_domain"] == {"clean": 8 / 16, "fog": (3 + 5) / 32}
     assert metrics["online_accuracy"] == pytest.approx(16 / 48)
     assert metrics["uploaded_samples"] == 0 and metrics["cloud_steps"] == 0 and metrics["accuracy"] == 5 / 16
@@ -344,7 +348,7 @@ def test_device_takes_tbr_statistics_from_its_first_test_batch_and_keeps_them_un
     client, context, edge = CEMAClient(_tbr_device()), _context(), _trained_edge()
     reset = {k: (torch.zeros_like(v) if k.endswith("num_batches_tracked") else v) for k, v in edge.state_dict().items()}
     client.handle("train", _train_message(1, reset), context)
-    saved = load_blob(context)["model"]
+    saved = OnlineClient.load_blob(context)["model"]
     source_layer, h = _first_bn_input(_trained_edge(), _stream(0).x)  # the layer's input on the first test batch
     torch.testing.assert_close(saved["features.0.1.running_mean"], h.mean(dim=(0, 2, 3)))
     torch.testing.assert_close(saved["features.0.1.running_var"], h.var(dim=(0, 2, 3)))  # unbiased (official)
@@ -353,13 +357,13 @@ def test_device_takes_tbr_statistics_from_its_first_test_batch_and_keeps_them_un
     unset = {k: (torch.zeros_like(v) if k.endswith("num_batches_tracked") else v + 0.25)
              for k, v in _bn_update(edge, 0).items()}
     client.handle("train", _train_message(2, unset), context)
-    after = load_blob(context)["model"]
+    after = OnlineClient.load_blob(context)["model"]
     assert torch.equal(after["features.0.1.running_mean"], saved["features.0.1.running_mean"])
     torch.testing.assert_close(after["features.0.1.weight"], edge.state_dict()["features.0.1.weight"] + 0.25)
     # Round 3: the student has statistics of its own (marker > 0): they replace the device's.
     own = {k: (v + 1 if k.endswith("num_batches_tracked") else v + 0.5) for k, v in _bn_update(edge, 0).items()}
     client.handle("train", _train_message(3, own), context)
-    final = load_blob(context)["model"]
+    final = OnlineClient.load_blob(context)["model"]
     torch.testing.assert_close(final["features.0.1.running_mean"], edge.state_dict()["features.0.1.running_mean"] + 0.5)
 
 
@@ -369,7 +373,7 @@ def test_device_prediction_uses_the_tbr_statistics_not_the_source_ones():
     reply = client.handle("train", _train_message(1, reset), context)
     plain = _trained_edge().eval()  # the source statistics, plain eval mode
     tbr = build_model("cnn", num_classes=10, width=4)
-    tbr.load_state_dict(load_blob(context)["model"])  # statistics from the first batch: plain eval now equals TBR
+    tbr.load_state_dict(OnlineClient.load_blob(context)["model"])  # statistics from the first batch: plain eval now equals TBR
     with torch.no_grad():
         tbr_logits = tbr.eval()(_stream(0).x)
     assert reply.content["metrics"]["correct"] == int((tbr_logits.argmax(1) == _stream(0).y).sum())
@@ -407,7 +411,7 @@ def _labelled_round(labels):
     hook = strategy.foundation.register_forward_hook(lambda m, inp, out: predictions.append(out.argmax(1)))
     _, metrics = strategy.aggregate_train(1, [_labelled_reply(strategy, 0, _pixels(10, 40), labels)])
     hook.remove()
-    return strategy, metrics, predictions[1]  # [0]: the foundation's own step; [1]: the teacher in distillation
+    return strategy, metric_values(metrics), predictions[1]  # [0]: the foundation's own step; [1]: the teacher in distillation
 
 
 def test_teacher_accuracy_scores_the_distillation_teachers_classes_and_labels_never_train():
@@ -424,6 +428,8 @@ def test_teacher_accuracy_scores_the_distillation_teachers_classes_and_labels_ne
     unlabelled = _strategy(seed=3)
     unlabelled.configure_train(1, ArrayRecord(_edge().state_dict()), ConfigRecord(), None)
     _, no_labels = unlabelled.aggregate_train(1, [_reply(unlabelled, 0, "fog", 0, pixels=_pixels(10, 40))])
+    assert no_labels["teacher_accuracy"] != no_labels["teacher_accuracy"]  # NaN: no value in the MetricRecord
+    no_labels = metric_values(no_labels)
     assert no_labels["teacher_accuracy"] is None and no_labels["teacher_samples"] == 0
 
 

@@ -1,10 +1,10 @@
-"""CEMA's BatchNorm modes (models/cema_tbr.py): TBR and batch statistics, values worked out by hand."""
+"""CEMA's BatchNorm modes (models/cema/tbr.py): TBR and batch statistics, values worked out by hand."""
 
 import pytest
 import torch
 from torch import nn
 
-from models.cema_tbr import (
+from models.cema.tbr import (
     BATCH,
     TBR,
     bn_mode,

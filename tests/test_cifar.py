@@ -9,9 +9,9 @@ import types
 import numpy as np
 import pytest
 
-from experiments.config import DatasetConfig, PartitionConfig, ScenarioConfig
 from experiments.data import FederatedData
 from experiments.data.cifar import load_cifar
+from experiments.schema import DatasetConfig, PartitionConfig, ScenarioConfig
 
 PARTITION = PartitionConfig(classes_per_device=2, size_min=4, size_max=8, test_size=3)
 

@@ -3,9 +3,9 @@
 import json
 import subprocess
 
-from experiments import claims_eclm
-from experiments.checkpoint import config_differences
-from experiments.claims_eclm import WHERE_KEYS, composed_config, run_cached
+from experiments.claims import eclm as claims_eclm
+from experiments.claims.eclm import WHERE_KEYS, composed_config, run_cached
+from experiments.resume.checkpoint import config_differences
 
 OVERRIDES = ["algorithm=fedavg", "rounds=2", "fleet.devices=4", "fleet.per_round=4"]
 
@@ -50,15 +50,15 @@ def test_a_run_with_the_configuration_asked_for_is_reused(tmp_path, monkeypatch)
 def test_a_stale_run_is_moved_aside_and_run_again(tmp_path, monkeypatch, capsys):
     run_dir = tmp_path / "fedavg"
     config = composed_config(OVERRIDES)
-    del config["algorithm"]["elasticdnn"]["write_back_bn"]  # stored before the option existed
+    del config["algorithm"]["momentum"]  # stored before the option existed
     _finished_run(run_dir, config)
     (tmp_path / "fedavg.stale-1").mkdir()  # an earlier stale copy stays too
     calls = _record_runs(monkeypatch, run_dir)
     assert run_cached(run_dir, OVERRIDES)["rounds"] == [1]
     assert len(calls) == 1 and calls[0][-len(OVERRIDES):] == OVERRIDES
     kept = json.loads((tmp_path / "fedavg.stale-2" / "results.json").read_text())
-    assert "write_back_bn" not in kept["config"]["algorithm"]["elasticdnn"]  # nothing already written is lost
-    assert "algorithm.elasticdnn.write_back_bn" in capsys.readouterr().err
+    assert "momentum" not in kept["config"]["algorithm"]  # nothing already written is lost
+    assert "algorithm.momentum" in capsys.readouterr().err
 
 
 def test_an_unfinished_run_with_the_same_configuration_is_run_again_in_place(tmp_path, monkeypatch):
@@ -72,12 +72,12 @@ def test_an_unfinished_run_with_the_same_configuration_is_run_again_in_place(tmp
 def test_the_multi_app_measurement_is_reused_only_for_its_master_sizes_and_apps(tmp_path, monkeypatch, capsys):
     import argparse
 
-    from experiments import claims_elastic, elastic_multiapp
-
+    from experiments.claims import elastic as claims_elastic
+    from experiments.claims import elastic_multiapp
     measured = []
 
     def measure(cfg, sizes, apps):  # the real measurement takes minutes; it returns a report like this
-        measured.append((cfg.algorithm.elasticdnn.sandwich, list(sizes), list(apps)))
+        measured.append((cfg.algorithm.options.sandwich, list(sizes), list(apps)))
         return {"rows": [], "wall_s": 1.0}
 
     monkeypatch.setattr(elastic_multiapp, "run_multiapp", measure)

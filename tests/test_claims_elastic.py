@@ -9,15 +9,14 @@ import torch
 from torch import nn
 
 from clients.elastic import training_passes
-from experiments import claims_elastic as ce
-from experiments import elastic_multiapp as ma
+from experiments.claims import elastic as ce
+from experiments.claims import elastic_multiapp as ma
 from experiments.data import build_federated_data
 from experiments.schema import DatasetConfig, FleetConfig, RunConfig, ScenarioConfig
-from models import build_model
-from models.elastic_master import elastic_fbs_resnet_cpu
-from models.elastic_remodel import RemodelSettings
-from models.elastic_scheduler import Schedule
-
+from models.catalog import build_model
+from models.elastic.master import elastic_fbs_resnet_cpu
+from models.elastic.remodel import RemodelSettings
+from models.elastic.scheduler import Schedule
 
 #: Enough full-batch Adam steps to rank two sizes on these tiny tables (the default 500 is for real runs).
 FIT_EPOCHS = 100

@@ -1,11 +1,18 @@
 """Edge handlers on a hand-built device: replies, errors, availability, virtual time."""
 
-import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+import dataclasses
 
-from clients.base import DEVICE_DECLINED, MALFORMED_MESSAGE, ClientHandler, Device, DeviceTensors
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+
+from clients.base import DEVICE_DECLINED, MALFORMED_MESSAGE, ClientHandler, Device, DeviceTensors, MalformedMessage
+from clients.cema import CEMAClient
+from clients.elastic import ElasticClient
 from clients.local import LocalOnlyClient, LocalTrainingClient
-from models import build_model
+from clients.online import STATE_KEY, OnlineClient
+from clients.tta import TTAClient
+from models.catalog import build_model
 from models.training import TrainSettings
 
 torch.set_num_threads(1)
@@ -57,7 +64,7 @@ def test_fedavg_client_replies_with_trained_arrays_and_metrics():
     reply = _reply(LocalTrainingClient(_device()), "train", _message())
     assert reply.has_content()
     metrics = reply.content["metrics"]
-    assert metrics["num_examples"] == 20 and metrics["partition_id"] == 7
+    assert metrics["num-examples"] == 20 and metrics["partition_id"] == 7
     assert metrics["samples_trained"] == 40  # 20 samples x 2 epochs
     # 40 samples x 1e6 FLOPs / 1e9 FLOP/s x load 2 = 0.08 s
     assert abs(metrics["compute_time_s"] - 0.08) < 1e-12
@@ -82,7 +89,7 @@ def test_local_only_client_sends_no_arrays():
 def test_evaluate_reports_local_test_accuracy():
     reply = _reply(ClientHandler(_device()), "evaluate", _message(MessageType.EVALUATE))
     metrics = reply.content["metrics"]
-    assert metrics["num_examples"] == 8
+    assert metrics["num-examples"] == 8
     assert metrics["accuracy"] * 8 == round(metrics["accuracy"] * 8)  # k of 8 correct
 
 
@@ -106,3 +113,65 @@ def test_malformed_messages_get_error_replies_not_crashes():
     wrong.content["arrays"] = ArrayRecord(build_model("cnn", num_classes=10, width=8).state_dict())
     wrong_shape = _reply(LocalTrainingClient(_device()), "train", wrong)
     assert wrong_shape.has_error() and "do not fit" in wrong_shape.error.reason
+
+
+# --------------------------------------------------------------------------- online handlers' shared base
+class _Store:
+    """A device's durable store in memory: what was saved after each round."""
+
+    def __init__(self):
+        self.saved = {}
+
+    def save(self, server_round, index, blob):
+        self.saved[server_round] = (index, blob)
+
+    def load_before(self, server_round):
+        earlier = [r for r in self.saved if r < server_round]
+        return self.saved[max(earlier)] if earlier else None
+
+
+def _online(store=None, stream=None):
+    device = dataclasses.replace(_device(), state_store=store, stream=stream)
+    return OnlineClient(device)
+
+
+def _context():
+    return Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+
+
+def test_the_online_handlers_share_one_base():
+    assert all(issubclass(cls, OnlineClient) for cls in (CEMAClient, TTAClient, ElasticClient))
+    assert not issubclass(LocalTrainingClient, OnlineClient)
+
+
+def test_kept_progress_lives_in_context_state_and_in_the_store():
+    store, context = _Store(), _context()
+    client = _online(store)
+    assert client.stream_index(context) == 0 and client.load_blob(context) is None
+    client.keep_progress(context, 3, 5, {"w": torch.ones(2)})
+    assert client.stream_index(context) == 5 and torch.equal(client.load_blob(context)["w"], torch.ones(2))
+    index, blob = store.saved[3]
+    assert index == 5 and blob == context.state[STATE_KEY]["blob"]
+
+
+def test_a_restarted_device_reloads_what_it_saved_before_the_round():
+    store = _Store()
+    _online(store).keep_progress(_context(), 2, 4, {"w": torch.zeros(1)})
+    _online(store).keep_progress(_context(), 5, 9, None)
+    fresh = _context()  # a restart: context.state is empty
+    _online(store).restore_progress(fresh, 5)  # resumed at round 5: round 2's save is the newest before it
+    assert OnlineClient.stream_index(fresh) == 4 and torch.equal(OnlineClient.load_blob(fresh)["w"], torch.zeros(1))
+    kept = _context()
+    _online(store).keep_progress(kept, 7, 1, None)
+    _online(store).restore_progress(kept, 8)  # a live device keeps its own state
+    assert OnlineClient.stream_index(kept) == 1
+
+
+def test_without_a_store_nothing_is_saved_and_without_a_stream_the_device_says_so():
+    context = _context()
+    client = _online()
+    client.keep_progress(context, 1, 2, None)
+    client.restore_progress(context, 2)
+    assert client.stream_index(context) == 2
+    with pytest.raises(MalformedMessage, match="no online stream"):
+        client.next_batch(context)

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from experiments.config import ConfigError, RunConfig, config_hash, from_dict, from_flat, from_hydra, to_flat
+from experiments.config import from_dict, from_flat, from_hydra, to_flat
+from experiments.schema import ConfigError, RunConfig, config_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,3 +85,41 @@ def test_config_hash_is_stable_and_sensitive():
     assert config_hash(a) == config_hash(RunConfig())
     assert config_hash(a) != config_hash(b)
     assert len(config_hash(a.dataset)) == 16
+
+
+def test_every_algorithms_yaml_block_equals_its_options_defaults():
+    from experiments.algorithms import ALGORITHMS
+
+    for name, algorithm in ALGORITHMS.items():
+        cfg = from_hydra(_hydra(f"algorithm={name}", "scenario=evolving" if name == "elasticdnn" else "seed=0"))
+        expected = None if algorithm.options is None else algorithm.options()
+        assert cfg.algorithm.options == expected, name
+
+
+def test_an_algorithms_block_is_read_only_when_it_is_selected():
+    cfg = from_dict({"algorithm": {"name": "fedavg", "eclm": {"size_cap": 0.5}}})
+    assert cfg.algorithm.options is None  # fedavg has no settings; eclm's block was checked, then dropped
+    assert from_dict({"algorithm": {"eclm": {"size_cap": 0.5}}}).algorithm.options.size_cap == 0.5
+    with pytest.raises(ConfigError, match="unknown config key 'algorithm.eclm.size_cup'"):
+        from_dict({"algorithm": {"name": "fedavg", "eclm": {"size_cup": 0.5}}})
+    with pytest.raises(ConfigError, match="unknown algorithm.name 'fedsgd'"):
+        from_dict({"algorithm": {"name": "fedsgd"}})
+
+
+def test_the_flat_table_holds_every_algorithms_block_and_selects_one():
+    table = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    from experiments.algorithms import option_keys
+
+    for key in option_keys():
+        assert any(k.startswith(f"algorithm.{key}.") for k in table), key
+    cema = from_flat({**table, "algorithm.name": "cema", "algorithm.cema.tbr": "false", "scenario.name": "online"})
+    assert cema.algorithm.options.tbr is False and cema.model.name == "cnn"
+    assert to_flat(cema)["algorithm.cema.tbr"] is False and "algorithm.eclm.size_cap" not in to_flat(cema)
+
+
+def test_results_config_names_an_algorithms_settings_by_their_block():
+    from experiments.schema import to_dict
+
+    raw = to_dict(from_dict({"algorithm": {"name": "heterofl", "heterofl": {"global_sbn": False}}}))
+    assert raw["algorithm"]["heterofl"]["global_sbn"] is False and "options" not in raw["algorithm"]
+    assert from_dict(raw) == from_dict({"algorithm": {"name": "heterofl", "heterofl": {"global_sbn": False}}})

@@ -9,8 +9,7 @@ import pytest
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 
-from experiments.data.corruptions import blur
-from experiments.data.corruptions import CORRUPTIONS, SEVERITIES, corrupt
+from experiments.data.corruptions import CORRUPTIONS, SEVERITIES, blur, corrupt
 
 STOCHASTIC = ("gaussian_noise", "shot_noise", "impulse_noise", "glass_blur", "motion_blur",
               "snow", "frost", "fog", "elastic_transform")

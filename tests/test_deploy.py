@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments.startup import LOG_PREFIX
+from experiments.fleet.startup import LOG_PREFIX
 from tests.deploy_cluster import Deployment, make_node_keys, make_tls_files
 
 SMALL = {

@@ -7,8 +7,8 @@ import time
 import numpy as np
 import pytest
 
-from experiments.config import AugmentConfig
 from experiments.data import digits
+from experiments.schema import AugmentConfig
 
 NO_JITTER = AugmentConfig(rotate_deg=0.0, scale=0.0, translate_px=0.0, stroke_px=0)
 

@@ -12,8 +12,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Rec
 
 from clients.base import MALFORMED_MESSAGE, Device, DeviceTensors
 from clients.eclm import PROFILE_BATCH, ECLMClient, catalog_of
-from models import build_model
-from models.modular import build_modular, module_of_key
+from models.catalog import build_model
+from models.eclm.families import build_modular
+from models.eclm.layer import module_of_key
 from models.training import TrainSettings
 from strategies.eclm import submodel_arrays
 
@@ -104,7 +105,7 @@ def test_profiling_query_returns_mean_softmax_gates_of_the_sent_selector():
     own = torch.softmax(_cloud(seed=0).eval().selector(_data(0, PROFILE_SAMPLES).train_x)[0], dim=1).mean(0)
     assert not np.allclose([importance[f"l0.m{i}"] for i in range(4)], own.detach().numpy(), rtol=1e-3)
     metrics = reply.content["metrics"]
-    assert metrics["num_examples"] == PROFILE_SAMPLES and metrics["partition_id"] == 3
+    assert metrics["num-examples"] == PROFILE_SAMPLES and metrics["partition_id"] == 3
 
 
 def test_importance_of_a_sub_model_is_the_full_selector_softmax_the_cloud_profiled():
@@ -151,7 +152,7 @@ def test_train_replies_exactly_the_sent_sub_model_and_its_metrics():
     assert {module_of_key(k) for k in _module_keys(got)} == {"l0.m0", "l0.m2", "l1.m1", "l2.m0", "l3.m2"}
     assert any(not np.array_equal(sent[k].numpy(), got[k].numpy()) for k in got.keys())  # it trained
     metrics = reply.content["metrics"]
-    assert metrics["num_examples"] == TRAIN_SAMPLES and metrics["partition_id"] == 3
+    assert metrics["num-examples"] == TRAIN_SAMPLES and metrics["partition_id"] == 3
     assert metrics["accuracy"] * 8 == round(metrics["accuracy"] * 8)  # k of 8 test samples
     assert metrics["modules"] == len(IDS) and metrics["modules_dropped"] == 0
     assert metrics["load_factor"] == 2.0

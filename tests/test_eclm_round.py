@@ -14,7 +14,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 
 from clients.base import Device, DeviceTensors
 from clients.eclm import ECLMClient
-from models.modular import build_modular, module_of_key
+from models.eclm.families import build_modular
+from models.eclm.layer import module_of_key
 from models.training import TrainSettings
 from strategies.base import DeviceInfo
 from strategies.eclm import ECLM, submodel_arrays
@@ -26,7 +27,7 @@ torch.set_num_threads(1)
 # --------------------------------------------------------------------------- reply checks
 def _checked_strategy():
     cloud = build_modular("modular_mlp", **MLP)
-    from experiments.eclm_setup import catalog
+    from experiments.algorithms.eclm import catalog
 
     strategy = ECLM(
         catalog=catalog(cloud, 8), layer_sizes=cloud.layer_sizes(), samples_per_device=10, epochs=1,
@@ -77,7 +78,7 @@ def test_check_reply_rejects_missing_arrays_and_unknown_devices():
 def _train_reply(strategy, pid, arrays, num_examples=10):
     msg = Message(RecordDict({"config": ConfigRecord({"round": 1})}), dst_node_id=strategy.devices[pid].node_id,
                   message_type=MessageType.TRAIN)
-    content = RecordDict({"metrics": MetricRecord({"num_examples": num_examples, "accuracy": 0.5})})
+    content = RecordDict({"metrics": MetricRecord({"num-examples": num_examples, "accuracy": 0.5})})
     if arrays is not None:
         content["arrays"] = arrays
     return Message(content, reply_to=msg)
@@ -145,7 +146,7 @@ class _FakeGrid:
 
 
 def _round(memories):
-    from experiments.eclm_setup import catalog
+    from experiments.algorithms.eclm import catalog
 
     cloud = build_modular("modular_mlp", **MLP)
     cat = catalog(cloud, 6)
@@ -167,7 +168,7 @@ def _round(memories):
 
 def test_one_round_profiles_derives_sends_and_aggregates_module_wise():
     # shared memory + one module fits device 1 only just; device 0 cannot hold the shared part
-    from experiments.eclm_setup import catalog
+    from experiments.algorithms.eclm import catalog
 
     cat = catalog(build_modular("modular_mlp", **MLP), 6)
     one_module = cat.shared_cost[2] + max(c[2] for c in cat.costs.values())

@@ -9,7 +9,8 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
-from models.modular import build_modular, module_of_key
+from models.eclm.families import build_modular
+from models.eclm.layer import module_of_key
 from strategies.base import DeviceInfo
 from strategies.eclm import ECLM, ModuleCatalog, device_budget, modulewise_average, submodel_arrays
 
@@ -227,7 +228,7 @@ def test_profile_keeps_only_devices_with_one_finite_importance_per_module():
 
     def answer(pid, msg):
         assert set(msg.content["selector"].keys()) == {"selector.w"}  # only the selector travels
-        content = RecordDict({"metrics": MetricRecord({"num_examples": 10}),
+        content = RecordDict({"metrics": MetricRecord({"num-examples": 10}),
                               "importance": MetricRecord(reported[pid])})
         return Message(content, reply_to=msg)
 

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from models.ability import load_matrix
-from models.eclm_training import AbilitySettings, load_matrices, routing_targets, train_ability
-from models.modular import build_modular
-from models.selector import noisy_top_k
+from models.eclm.ability import load_matrix
+from models.eclm.families import build_modular
+from models.eclm.selector import noisy_top_k
+from models.eclm.training import AbilitySettings, load_matrices, routing_targets, train_ability
 from models.training import TrainSettings
 from tests.golden.test_ability import G_LABEL_HAND, H_HAND, ROUTED
 

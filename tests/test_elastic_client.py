@@ -7,11 +7,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 
 from clients.base import MALFORMED_MESSAGE, Device, StreamTensors
 from clients.elastic import BATCHES_PER_ROUND, ElasticClient
-from clients.online import load_blob, stream_index
+from clients.online import OnlineClient
 from experiments.config import from_dict
-from experiments.validation import ConfigError, validate
-from models import build_model
-from models.elastic_remodel import pruned_model
+from experiments.schema import ConfigError
+from experiments.validation import validate
+from models.catalog import build_model
+from models.elastic.remodel import pruned_model
 from models.training import TrainSettings
 from strategies.base import DeviceInfo
 from strategies.elastic import ElasticDNN
@@ -65,13 +66,13 @@ def test_each_round_adapts_on_one_batch_and_evaluates_on_the_next_of_the_same_do
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
     metrics = reply.content["metrics"]
     assert reply.content["stream"]["index"] == 1 and reply.content["stream"]["domain"] == "fog"  # held-out batch
-    assert metrics["num_examples"] == BATCH and metrics["accuracy"] == metrics["correct"] / BATCH
+    assert metrics["num-examples"] == BATCH and metrics["accuracy"] == metrics["correct"] / BATCH
     assert 0 < metrics["model_fraction"] < 0.3 and 0 < metrics["trained_fraction"] <= 1
     assert metrics["peak_memory_bytes"] > 0 and metrics["adapt_wall_s"] > 0
     # virtual time: 12 samples x (1/3 forward + 2 epochs x model fraction) x 1e6 FLOPs / 1e9 FLOP/s
     expected = BATCH * (1 / 3 + 2 * metrics["model_fraction"]) * 1e6 / 1e9
     assert metrics["compute_time_s"] == pytest.approx(expected)
-    assert stream_index(context) == BATCHES_PER_ROUND
+    assert OnlineClient.stream_index(context) == BATCHES_PER_ROUND
 
 
 def test_the_master_learns_across_domains_and_the_next_round_needs_no_arrays():
@@ -79,11 +80,11 @@ def test_the_master_learns_across_domains_and_the_next_round_needs_no_arrays():
     master = _model()
     before = _conv_weights(master)
     client.handle("train", _message(1, ArrayRecord(master.state_dict())), context)
-    after_one = _conv_weights(load_blob(context)["elastic"])
+    after_one = _conv_weights(OnlineClient.load_blob(context)["elastic"])
     assert any(not torch.equal(before[k], after_one[k]) for k in before)  # eq. 3-4 wrote back
     reply = client.handle("train", _message(2), context)
     assert not reply.has_error() and reply.content["stream"]["domain"] == "snow"
-    assert stream_index(context) == 2 * BATCHES_PER_ROUND
+    assert OnlineClient.stream_index(context) == 2 * BATCHES_PER_ROUND
 
 
 def test_source_baseline_keeps_its_pruned_model_and_the_master_unchanged():
@@ -92,7 +93,7 @@ def test_source_baseline_keeps_its_pruned_model_and_the_master_unchanged():
     reply = client.handle("train", _message(1, ArrayRecord(master.state_dict())), context)
     metrics = reply.content["metrics"]
     assert metrics["accuracy"] == metrics["accuracy_before"] and metrics["trained_fraction"] == 0
-    saved = load_blob(context)
+    saved = OnlineClient.load_blob(context)
     assert all(torch.equal(v, master.state_dict()[k]) for k, v in saved["elastic"].state_dict().items())
     assert saved["small"] is not None and 0 < metrics["model_fraction"] < 0.3
 
@@ -137,7 +138,7 @@ def test_a_baseline_adapts_the_compressed_model_the_cloud_sent_not_a_fresh_pruni
     msg.content["compressed"] = ArrayRecord(sent)
     reply = client.handle("train", msg, context)
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
-    small = load_blob(context)["small"].state_dict()
+    small = OnlineClient.load_blob(context)["small"].state_dict()
     assert set(small) == set(sent) and all(torch.equal(small[k], sent[k]) for k in sent)
 
 
@@ -167,7 +168,7 @@ def test_the_cloud_ships_the_compressed_model_once_beside_the_master():
 
 
 def test_adapt_to_domain_needs_the_same_size_model_for_a_baseline():
-    from models.elastic_remodel import RemodelSettings, adapt_to_domain
+    from models.elastic.remodel import RemodelSettings, adapt_to_domain
 
     with pytest.raises(ValueError, match="small"):
         adapt_to_domain("tent", _model(), None, _stream(0).x, RemodelSettings())
@@ -190,7 +191,7 @@ def test_without_master_update_the_master_stays_the_pretrained_one():
     master = _model()
     reply = client.handle("train", _message(1, ArrayRecord(master.state_dict())), context)
     assert not reply.has_error() and reply.content["metrics"]["updated_layers"] == 0
-    saved = load_blob(context)["elastic"].state_dict()
+    saved = OnlineClient.load_blob(context)["elastic"].state_dict()
     assert all(torch.equal(v, saved[k]) for k, v in master.state_dict().items())
     with pytest.raises(ConfigError, match="master_update"):
         validate(from_dict({"algorithm": {"name": "elasticdnn", "elasticdnn": {"bank_fedavg": True,
@@ -210,7 +211,7 @@ def test_the_master_takes_the_surrogates_bn_affine_only_when_asked(write_back_bn
     assert before  # the gated units carry BN
     reply = client.handle("train", _message(1, ArrayRecord(master.state_dict())), context)
     assert not reply.has_error() and reply.content["metrics"]["updated_layers"] > 0  # the conv filters went back
-    after = _bn_affine(load_blob(context)["elastic"])
+    after = _bn_affine(OnlineClient.load_blob(context)["elastic"])
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert bool(changed) is write_back_bn
     with pytest.raises(ConfigError, match="write_back_bn"):

@@ -12,18 +12,13 @@ import torch
 from scipy.spatial.distance import cdist
 from torch import nn
 
-from models.elastic_features import feature_layer, feature_statistics, forward_with_features
-from models.elastic_losses import (
-    entropy_loss,
-    feature_alignment,
-    information_maximisation,
-    shot_loss,
-    shot_pseudo_labels,
-)
-from models.elastic_modes import labelling_mode, retraining_mode
-from models.elastic_objective import RetrainingObjective
-from models.elastic_retrain import adapt_full, retrain_selected, retrain_surrogate
-from models.elastic_scores import conv_bn_pairs, filter_scores, top_mass_filters
+from models.elastic.features import feature_layer, feature_statistics, forward_with_features
+from models.elastic.losses import feature_alignment, shot_loss, shot_pseudo_labels
+from models.elastic.modes import labelling_mode, retraining_mode
+from models.elastic.objective import RetrainingObjective
+from models.elastic.retrain import adapt_full, retrain_selected, retrain_surrogate
+from models.elastic.scores import conv_bn_pairs, filter_scores, top_mass_filters
+from models.losses import entropy_loss, information_maximisation
 
 torch.set_num_threads(1)
 

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from models.elastic_estimator import (
+from models.elastic.estimator import (
     MIN_DOMAIN_DISTANCE,
     AccuracyEstimator,
     calibrate,
@@ -14,7 +14,7 @@ from models.elastic_estimator import (
     domain_representation,
     estimator_inputs,
 )
-from models.elastic_scheduler import (
+from models.elastic.scheduler import (
     Schedule,
     ekya_like_schedule,
     evolutionary_search,

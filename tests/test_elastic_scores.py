@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from models.elastic_losses import entropy_loss, information_maximisation
-from models.elastic_retrain import retrain_selected
-from models.elastic_scores import conv_bn_pairs, filter_scores, top_mass_filters
+from models.elastic.retrain import retrain_selected
+from models.elastic.scores import conv_bn_pairs, filter_scores, top_mass_filters
+from models.losses import entropy_loss, information_maximisation
 from tests.test_elastic_retrain import RES_CONVS, PlainNet, TinyResNet, make, shifted_batch
 
 torch.set_num_threads(1)

@@ -5,13 +5,13 @@ import copy
 import pytest
 import torch
 
-from experiments import elastic_tune
+from experiments.algorithms.elasticdnn import compressed_baseline, compressed_cache_path, strategy_args
+from experiments.claims import elastic_tune
+from experiments.claims.elastic_multiapp import DomainBatch
 from experiments.config import from_dict
 from experiments.data import build_federated_data, to_tensor
-from experiments.elastic_multiapp import DomainBatch
-from experiments.elastic_setup import compressed_baseline, compressed_cache_path, strategy_args
-from models.elastic_master import elastic_fbs_resnet_cpu
-from models.elastic_remodel import RemodelSettings, pruned_model
+from models.elastic.master import elastic_fbs_resnet_cpu
+from models.elastic.remodel import RemodelSettings, pruned_model
 from models.training import accuracy
 
 torch.set_num_threads(1)
@@ -85,23 +85,28 @@ def test_the_search_table_marks_each_methods_best_point():
 
 
 def test_the_masters_sandwich_mode_keys_its_pre_training_and_is_checked(tmp_path):
-    from experiments.pretrain import pretrain_cache_path
-    from experiments.validation import ConfigError, validate
+    from experiments.algorithms import algorithm_named
+    from experiments.pretrain.cache import pretrain_cache_path
+    from experiments.schema import ConfigError
+    from experiments.validation import validate
+
+    def cache_path(cfg):
+        return pretrain_cache_path(cfg, algorithm_named("elasticdnn").pretraining(cfg))
 
     both, largest = _cfg(tmp_path), _cfg(tmp_path, sandwich="largest")
-    assert both.algorithm.elasticdnn.sandwich == "both"  # the default: the sandwich rule's both extremes
-    assert pretrain_cache_path(both) != pretrain_cache_path(largest)
-    assert pretrain_cache_path(both) == pretrain_cache_path(_cfg(tmp_path, epochs=3))  # device options do not
+    assert both.algorithm.options.sandwich == "both"  # the default: the sandwich rule's both extremes
+    assert cache_path(both) != cache_path(largest)
+    assert cache_path(both) == cache_path(_cfg(tmp_path, epochs=3))  # device options do not
     with pytest.raises(ConfigError, match="algorithm.elasticdnn.sandwich"):
         validate(_cfg(tmp_path, sandwich="smallest"))
 
 
 def test_the_shot_label_mode_reaches_the_device_settings_and_is_checked(tmp_path):
-    from experiments.elastic_setup import client_options
-    from experiments.validation import ConfigError
     from clients.elastic import SETTING_KEYS
+    from experiments.algorithms.elasticdnn import client_options
+    from experiments.schema import ConfigError
 
-    assert _cfg(tmp_path).algorithm.elasticdnn.shot_labels == "eval"  # tim-learn/SHOT: netF.eval() before obtain_label
+    assert _cfg(tmp_path).algorithm.options.shot_labels == "eval"  # tim-learn/SHOT: netF.eval() before obtain_label
     options = client_options(_cfg(tmp_path, method="shot", shot_labels="batch"))
     settings = RemodelSettings(**{k: options[k] for k in SETTING_KEYS if k in options})
     assert settings.shot_labels == "batch"

@@ -1,4 +1,4 @@
-"""The one-pass message pump (experiments/engine_fastpath.py) on Flower 1.41's real in-memory link state.
+"""The one-pass message pump (experiments/engine/fastpath.py) on Flower 1.41's real in-memory link state.
 
 The state, run and nodes are set up as ``flwr.simulation.run_simulation`` sets them up; the
 cloud's messages are pushed through Flower's real ``InMemoryGrid``. The pump must hand out
@@ -7,6 +7,7 @@ what Flower's ``get_message_ins(node, limit=1)`` per node hands out.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from queue import Queue
@@ -14,18 +15,18 @@ from queue import Queue
 import pytest
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
+from flwr.proto.task_pb2 import Task  # pylint: disable=E0611
 from flwr.server.superlink.fleet.vce import vce_api
 from flwr.server.superlink.linkstate import LinkStateFactory
 from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord
 from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
-from flwr.proto.task_pb2 import Task  # pylint: disable=E0611
-from flwr.superlink.federation import NoOpFederationManager
 from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
 from flwr.supercore.object_store import ObjectStoreFactory
 from flwr.supercore.run import Run
+from flwr.superlink.federation import NoOpFederationManager
 from flwr.superlink.grid import InMemoryGrid
 
-from experiments.engine_fastpath import (
+from experiments.engine.fastpath import (
     GRID_PULL_S,
     faster_message_pump,
     pump_messages,
@@ -118,7 +119,7 @@ def test_context_installs_and_restores_flowers_pump_even_on_error():
     assert vce_api.add_messages_to_queue is flower_pump
 
 
-def test_a_state_without_the_fields_is_pumped_by_flower():
+def test_a_state_without_the_fields_is_pumped_by_flower_with_a_warning(caplog):
     calls = []
 
     class OtherState:
@@ -127,13 +128,17 @@ def test_a_state_without_the_fields_is_pumped_by_flower():
             return []
 
     assert not supports(OtherState())
-    with faster_message_pump():
+    with faster_message_pump() as called:
         pump = vce_api.add_messages_to_queue
+    assert not called.is_set()
     stop = threading.Event()
     timer = threading.Timer(0.05, stop.set)
     timer.start()
-    pump(OtherState(), Queue(), {7: 0}, stop)
+    with caplog.at_level(logging.WARNING, logger="experiments.engine.fastpath"):
+        pump(OtherState(), Queue(), {7: 0}, stop)
     assert calls and set(calls) == {7}
+    assert called.is_set()  # Flower called the engine's pump, which handed over to Flower's
+    assert "link state (OtherState) lacks lock, message_ins_store, _check_stored_messages" in caplog.text
 
 
 def test_quicker_grid_sets_the_pull_interval_only_where_there_is_one():

@@ -1,4 +1,4 @@
-"""The fork server forked off the driver (issue 7): what the workers inherit, and when it is not used."""
+"""The fork server forked off the driver: what the workers inherit, and when it is not used."""
 
 import multiprocessing
 import os
@@ -8,10 +8,11 @@ import time
 import pytest
 import torch._dynamo  # noqa: F401  (each test's fork server inherits it instead of importing it: ~2 s)
 
-from experiments import engine_forkserver
-from experiments import engine_processes as ep
-from experiments.config import EngineConfig, compose
-from experiments.engine_worker import PRELOAD, forks_workers, start_worker_server
+from experiments.config import compose
+from experiments.engine import forkserver as engine_forkserver
+from experiments.engine import processes as ep
+from experiments.engine.worker import PRELOAD, forks_workers, start_worker_server
+from experiments.schema import EngineConfig
 
 WARMED: list[str] = []  # what the server's warm-up did (the driver's copy stays empty)
 MARK = "imported"  # the test sets it at run time: a worker sees the new value only as a fork of this process

@@ -1,8 +1,9 @@
 """The engine's grid: the fleet answers its warm-up once, and that answers the cloud's discovery."""
 
-from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+import pytest
+from flwr.app import ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 
-from experiments.engine import EngineGrid, FleetWarmUp, is_discovery, largest_first, warm_up_fleet
+from experiments.engine.simulation import EngineGrid, FleetWarmUp, is_discovery, largest_first, warm_up_fleet
 from strategies.fedavg import FedAvg
 
 
@@ -24,7 +25,7 @@ class CountingGrid:
                 self.failed.add(node)
                 reply = Message(_error(), reply_to=msg)
             else:
-                content = RecordDict({"metrics": MetricRecord({"partition_id": node - 1, "num_examples": 10}),
+                content = RecordDict({"metrics": MetricRecord({"partition_id": node - 1, "num-examples": 10}),
                                       "budget": ConfigRecord({"flops_per_s": 1e9})})
                 reply = Message(content, reply_to=msg)
             reply.metadata.__dict__["_src_node_id"] = node
@@ -33,8 +34,6 @@ class CountingGrid:
 
 
 def _error():
-    from flwr.app import Error
-
     return Error(code=0, reason="not up yet")
 
 
@@ -77,8 +76,6 @@ class SilentGrid(CountingGrid):
 
 
 def test_a_fleet_that_fails_warm_up_and_discovery_stops_the_run_by_name():
-    import pytest
-
     grid = SilentGrid()
     warm_up = FleetWarmUp(grid, devices=3, timeout_s=5)
     warm_up.start()
@@ -96,7 +93,7 @@ def test_messages_go_out_largest_device_first_after_the_warm_up():
         for msg in messages:
             node = msg.metadata.dst_node_id
             grid.sent.append(node)
-            content = RecordDict({"metrics": MetricRecord({"partition_id": node - 1, "num_examples": sizes[node]}),
+            content = RecordDict({"metrics": MetricRecord({"partition_id": node - 1, "num-examples": sizes[node]}),
                                   "budget": ConfigRecord({"flops_per_s": 1e9})})
             replies.append(Message(content, reply_to=msg))
         return replies
@@ -110,3 +107,20 @@ def test_messages_go_out_largest_device_first_after_the_warm_up():
     assert grid.sent == [2, 3, 1]
     unknown = Message(RecordDict({"config": ConfigRecord({"round": 1})}), dst_node_id=9, message_type=MessageType.TRAIN)
     assert [m.metadata.dst_node_id for m in largest_first([unknown, _query(3)], {3: 20.0})] == [3, 9]
+
+
+def test_the_warm_up_replies_are_checked_before_the_first_exchange_and_a_failed_check_ends_it():
+    grid = CountingGrid()
+    warm_up = FleetWarmUp(grid, devices=3, timeout_s=5)
+    warm_up.start()
+    checked = []
+
+    def check(replies):
+        checked.append([r.has_content() for r in replies])
+        raise RuntimeError("Flower went around the engine")
+
+    engine_grid = EngineGrid(grid, warm_up, on_warm_up=check)
+    grid.sent.clear()
+    with pytest.raises(RuntimeError, match="Flower went around the engine"):
+        engine_grid.send_and_receive([_query(1, round_=0)])
+    assert checked == [[True, True, False]] and grid.sent == []  # nothing went out after the failed check

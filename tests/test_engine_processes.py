@@ -1,4 +1,4 @@
-"""The process backend of the simulation engine (issue 7): Flower's Backend contract on local workers."""
+"""The process backend of the simulation engine: Flower's Backend contract on local workers."""
 
 import multiprocessing
 import os
@@ -11,8 +11,8 @@ import torch._dynamo  # noqa: F401  (each test's fork server inherits it instead
 from flwr.clientapp.client_app import ClientAppException
 from flwr.server.superlink.fleet.vce.backend import Backend
 
-from experiments import engine_forkserver
-from experiments import engine_processes as ep
+from experiments.engine import forkserver as engine_forkserver
+from experiments.engine import processes as ep
 
 
 class EchoApp:
@@ -99,7 +99,7 @@ def test_a_dead_worker_fails_its_message_before_its_replacement_is_up(monkeypatc
         began = time.monotonic()
         with pytest.raises(ClientAppException, match="exit code 75"):
             pool.run("exit", {})
-        assert time.monotonic() - began < 3.0  # was 4 s + the exit: the cloud heard "late", not "gone"
+        assert time.monotonic() - began < 3.0  # not 4 s + the exit: the cloud hears "gone", not "late"
         assert pool.run("meanwhile", {})[0][0] == "meanwhile"  # the other worker serves
         deadline = time.monotonic() + 60
         while pool._idle.qsize() < 2 and time.monotonic() < deadline:
@@ -150,9 +150,8 @@ def test_the_backend_needs_its_block_and_a_worker_count():
 
 
 def test_auto_picks_processes_on_one_machine_and_ray_for_a_cluster_or_gpus():
-    from experiments.config import EngineConfig, from_dict
-    from experiments.engine import resolved_backend
-    from experiments.validation import ConfigError
+    from experiments.config import from_dict, resolved_backend
+    from experiments.schema import ConfigError, EngineConfig
 
     assert resolved_backend(EngineConfig()) == "processes"
     assert resolved_backend(EngineConfig(ray_address="auto")) == "ray"
@@ -190,7 +189,7 @@ def test_a_second_thread_makes_the_pool_use_the_fork_server():
     helper = threading.Thread(target=stop.wait)
     helper.start()
     try:
-        assert not ep.fork_is_safe()
+        assert not engine_forkserver.fork_is_safe()
         with ep.process_backend(make_echo_app, workers=1, fork_now=True) as pool:
             assert not pool.forked and pool.run("x", {})[0][0] == "x"
     finally:
@@ -211,7 +210,7 @@ def test_a_forked_worker_uses_torch_after_the_driver_ran_it_on_two_threads():
             outcome = []
             caller = threading.Thread(target=lambda: outcome.append(pool.run("matmul", {})[0]))
             caller.start()
-            caller.join(60)  # it hung forever before forked workers took one thread
+            caller.join(60)  # a forked worker on its parent's OpenMP pool would hang here
             assert outcome == [("matmul", 1.0)]
     finally:
         torch.set_num_threads(threads)
@@ -224,4 +223,4 @@ def test_idle_forked_workers_stop_at_once_not_after_their_grace_period():
         started = time.monotonic()
         pool.close()
         took = time.monotonic() - started
-    assert took < ep.EXIT_GRACE_S  # the second worker held the first one's pipe open: 2 x 2 s before
+    assert took < ep.EXIT_GRACE_S  # a worker holding another's pipe open would cost each stop its grace period

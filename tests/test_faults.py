@@ -1,4 +1,4 @@
-"""Faults survived (issue 6): injected device faults, the cloud's reply checks, malformed messages.
+"""Faults survived: injected device faults, the cloud's reply checks, malformed messages.
 
 Fast tests drive real handlers, a real FaultInjector and a real FedAvg strategy in process
 (an in-process grid answers an exception with an error reply, as Flower does, and a
@@ -24,7 +24,10 @@ from clients.an import AdaptiveNetClient
 from clients.base import HANDLER_FAILED, MALFORMED_MESSAGE, ClientHandler, Device, DeviceTensors, StreamTensors
 from clients.cema import CEMAClient
 from clients.eclm import ECLMClient
-from clients.faults import (
+from clients.heterofl import HeteroFLClient
+from clients.local import LocalOnlyClient, LocalTrainingClient
+from clients.tta import TTAClient
+from experiments.fleet.faults import (
     FAULT_KINDS,
     VANISH_EXIT_CODE,
     FaultInjector,
@@ -33,13 +36,10 @@ from clients.faults import (
     corrupt_values,
     fault_for,
 )
-from clients.heterofl import HeteroFLClient
-from clients.local import LocalOnlyClient, LocalTrainingClient
-from clients.tta import TTAClient
-from models import build_model
-from models.modular import build_modular
+from models.catalog import build_model
+from models.eclm.families import build_modular
 from models.training import TrainSettings
-from models.width import extract
+from models.width.submodel import extract
 from strategies.base import DeviceInfo
 from strategies.eclm import submodel_arrays
 from strategies.fedavg import FedAvg
@@ -290,7 +290,7 @@ def test_raise_and_vanish_stop_before_the_handler_runs():
 
 
 def test_a_vanishing_device_process_exits_at_once():
-    code = "from clients.faults import vanish_process; vanish_process(); print('still here')"
+    code = "from experiments.fleet.faults import vanish_process; vanish_process(); print('still here')"
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == VANISH_EXIT_CODE and "still here" not in done.stdout
 
@@ -299,7 +299,7 @@ def test_timeout_replies_late_with_the_real_content():
     started = time.perf_counter()
     reply = _train(LocalTrainingClient(_device()), _injector("timeout", stall_s=0.3))
     assert time.perf_counter() - started >= 0.3
-    assert reply.has_content() and reply.content["metrics"]["num_examples"] == 12
+    assert reply.has_content() and reply.content["metrics"]["num-examples"] == 12
 
 
 def test_wrong_shape_and_nan_values_corrupt_the_reply():
@@ -321,7 +321,7 @@ def test_wrong_shape_and_nan_values_corrupt_the_reply():
 def test_corruption_keeps_untouched_arrays_and_says_when_there_is_nothing_to_corrupt():
     content = RecordDict({
         "arrays": ArrayRecord({"n": Array(np.array(5, dtype=np.int64)), "w": Array(np.ones((2, 3), np.float32))}),
-        "metrics": MetricRecord({"num_examples": 3}),
+        "metrics": MetricRecord({"num-examples": 3}),
     })
     assert corrupt_values(content) == ["arrays/w", "metrics"]
     assert content["arrays"]["n"].shape == () and int(content["arrays"]["n"].numpy()) == 5
@@ -350,7 +350,7 @@ SENT = RecordDict({
 
 
 def _reply(arrays=None, metrics=None, **records):
-    content = RecordDict({"metrics": MetricRecord(metrics or {"num_examples": 10, "compute_time_s": 0.5})})
+    content = RecordDict({"metrics": MetricRecord(metrics or {"num-examples": 10, "compute_time_s": 0.5})})
     if arrays is not None:
         content["arrays"] = ArrayRecord(arrays)
     for name, record in records.items():
@@ -388,10 +388,10 @@ def test_uploads_need_uint8_images_and_unknown_records_are_rejected():
 @pytest.mark.parametrize(
     "metrics, expected",
     [
-        ({"num_examples": 10, "train_loss": float("nan")}, None),  # NaN loss = no value; means skip it
-        ({"num_examples": float("nan")}, "nan: metrics/num_examples is nan"),
-        ({"num_examples": 10, "compute_time_s": float("inf")}, "nan: metrics/compute_time_s is inf"),
-        ({"num_examples": 10, "compute_time_s": -1.0}, "bad metric: metrics/compute_time_s is -1.0, must be >= 0"),
+        ({"num-examples": 10, "train_loss": float("nan")}, None),  # NaN loss = no value; means skip it
+        ({"num-examples": float("nan")}, "nan: metrics/num-examples is nan"),
+        ({"num-examples": 10, "compute_time_s": float("inf")}, "nan: metrics/compute_time_s is inf"),
+        ({"num-examples": 10, "compute_time_s": -1.0}, "bad metric: metrics/compute_time_s is -1.0, must be >= 0"),
         ({"correct": [3, -2]}, "bad metric: metrics/correct is -2, must be >= 0"),
     ],
 )
@@ -410,7 +410,7 @@ class _ScriptedGrid:
 
 
 def _fedavg(devices=3):
-    strategy = FedAvg(per_round=devices, seed=0, expected_devices=devices, round_timeout_s=1.0)
+    strategy = FedAvg(per_round=devices, seed=0, expected_devices=devices)
     for pid in range(devices):
         strategy.devices[pid] = DeviceInfo(pid, 100 + pid, 10, dict(BUDGET))
         strategy._by_node[100 + pid] = pid
@@ -494,9 +494,9 @@ def test_a_faulty_fedavg_run_completes_and_no_nan_reaches_the_cloud_model():
     assert {k for r in plan.values() for k in r.values()} == {None, *kinds}  # every kind happens
     handlers = {100 + p: LocalTrainingClient(_device(pid=p)) for p in range(devices)}
     records = []
-    strategy = FedAvg(per_round=devices, seed=seed, expected_devices=devices, round_timeout_s=1.0, on_round=records.append)
+    strategy = FedAvg(per_round=devices, seed=seed, expected_devices=devices, on_round=records.append)
     initial = ArrayRecord(_state(_cnn))
-    final = strategy.start(_FlowerLikeGrid(handlers, injector), initial, 2)
+    final = strategy.start(_FlowerLikeGrid(handlers, injector), initial, 2, timeout=1.0).arrays
 
     assert all(np.isfinite(a.numpy()).all() for a in final.values())
     assert any(not np.array_equal(final[k].numpy(), initial[k].numpy()) for k in initial.keys())  # healthy ones trained
@@ -528,7 +528,7 @@ E2E = [
 ]
 
 
-#: Under Ray a vanishing device stalls its actor (clients/faults.py); a worker process of the
+#: Under Ray a vanishing device stalls its actor (experiments/fleet/faults.py); a worker process of the
 #: process backend exits, and its message fails at once.
 VANISH_REASON = {"ray": "no reply within 10.0 s", "processes": "exit code 75"}
 

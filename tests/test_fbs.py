@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from models.fbs import FBSGate, GatedConvBN, kept_count, top_k_gates
-from models.fbs_bank import DomainKnowledgeBank, bank_loss, build_bank, sync_master_to_bank, update_bank_and_master
-from models.fbs_pretrain import pretrain_master
-from models.registry import build_model
+from models.catalog import build_model
+from models.elastic.bank import DomainKnowledgeBank, bank_loss, build_bank, sync_master_to_bank, update_bank_and_master
+from models.elastic.fbs import FBSGate, GatedConvBN, kept_count, top_k_gates
+from models.elastic.pretrain import pretrain_master
 
 torch.set_num_threads(1)
 
@@ -257,8 +257,14 @@ def test_pretraining_is_deterministic_and_ends_synced():
 def test_the_sandwich_adds_the_full_master_and_the_smallest_share_to_every_step():
     import numpy as np
 
-    from models.fbs_pretrain import SPARSITY_STREAM
-    from models.fbs_surrogate import apply_keep_masks, clear_keep_masks, gate_relevance, hardest_sample, select_filters
+    from models.elastic.pretrain import SPARSITY_STREAM
+    from models.elastic.surrogate import (
+        apply_keep_masks,
+        clear_keep_masks,
+        gate_relevance,
+        hardest_sample,
+        select_filters,
+    )
 
     g = torch.Generator().manual_seed(5)
     x, y = torch.randn(24, 3, 8, 8, generator=g), torch.randint(0, 5, (24,), generator=g)

@@ -4,9 +4,10 @@ import pytest
 import torch
 from torch import nn
 
-from models.fbs import ChannelGroup
-from models.fbs_bank import build_bank, update_bank_and_master
-from models.fbs_surrogate import (
+from models.catalog import build_model
+from models.elastic.bank import build_bank, update_bank_and_master
+from models.elastic.fbs import ChannelGroup
+from models.elastic.surrogate import (
     apply_keep_masks,
     conv_parameter_count,
     extract_surrogate,
@@ -20,7 +21,6 @@ from models.fbs_surrogate import (
     surrogate_deltas,
     write_back_bn,
 )
-from models.registry import build_model
 
 torch.set_num_threads(1)
 

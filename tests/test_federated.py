@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from experiments.config import DatasetConfig, PartitionConfig, ScenarioConfig
 from experiments.data import CLEAN, FederatedData, build_federated_data, slot_domain, to_tensor
 from experiments.data.stream import replaced_count
+from experiments.schema import DatasetConfig, PartitionConfig, ScenarioConfig
 
 torch.set_num_threads(1)
 SMALL = DatasetConfig(proxy_samples=200, global_test_samples=100)
@@ -221,7 +221,7 @@ def test_train_and_test_parts_equal_the_device_and_render_alone():
 
 def test_device_parts_render_a_part_only_when_read():
     from experiments.client_app import DeviceParts
-    from experiments.config import RunConfig
+    from experiments.schema import RunConfig
 
     cfg = dataclasses.replace(RunConfig(), dataset=SMALL, scenario=STREAM)
     parts = DeviceParts(cfg, 3, 1)

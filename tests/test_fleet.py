@@ -1,4 +1,4 @@
-"""Tests for experiments/fleet.py: device table, seeded budgets, fluctuation, virtual clock."""
+"""Tests for experiments/fleet/budgets.py: device table, seeded budgets, fluctuation, virtual clock."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from experiments.config import FleetConfig
-from experiments.fleet import (
+from experiments.fleet.budgets import (
     DEVICE_CLASSES,
     GIB,
     DeviceBudget,
@@ -18,6 +17,7 @@ from experiments.fleet import (
     load_factor,
     sample_budget,
 )
+from experiments.schema import FleetConfig
 
 PIDS = range(400)
 

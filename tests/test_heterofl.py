@@ -10,11 +10,12 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 
 from clients.base import MALFORMED_MESSAGE, Device, DeviceTensors
 from clients.heterofl import HeteroFLClient
-from experiments.config import ConfigError, from_dict
-from models import build_model
+from experiments.config import from_dict
+from experiments.schema import ConfigError
+from models.catalog import build_model
 from models.training import TrainSettings
-from models.width import WIDTH_RATES, extract, sub_shapes
-from models.width_layers import RateCost, cost_key, costs_to_record, rate_costs
+from models.width.layers import RateCost, cost_key, costs_to_record, rate_costs
+from models.width.submodel import WIDTH_RATES, extract, sub_shapes
 from strategies.base import DeviceInfo
 from strategies.heterofl import FedRolex, HeteroFL, select_rate
 
@@ -70,8 +71,8 @@ def test_strategy_rejects_bad_settings():
 ])
 def test_config_rejects_bad_label_and_clip_settings(bad, message):
     with pytest.raises(ConfigError, match=message):
-        from_dict({"algorithm": {"heterofl": bad}})
-    options = from_dict({"algorithm": {"heterofl": {"clip_grad_norm": None}}}).algorithm.heterofl
+        from_dict({"algorithm": {"name": "heterofl", "heterofl": bad}})
+    options = from_dict({"algorithm": {"name": "heterofl", "heterofl": {"clip_grad_norm": None}}}).algorithm.options
     assert options.clip_grad_norm is None and options.label_split and options.label_mask  # official defaults
 
 
@@ -125,7 +126,7 @@ def test_a_device_without_reported_costs_is_skipped_with_the_reason():
 
 
 def _reply(message, state, num_examples=10, classes=(0, 1, 2)):
-    content = RecordDict({"arrays": _arrays(state), "metrics": MetricRecord({"num_examples": num_examples, "accuracy": 0.5})})
+    content = RecordDict({"arrays": _arrays(state), "metrics": MetricRecord({"num-examples": num_examples, "accuracy": 0.5})})
     if classes is not None:
         content["labels"] = ConfigRecord({"classes": list(classes)})
     return Message(content, reply_to=message)
@@ -216,7 +217,7 @@ def test_global_sbn_pools_the_devices_statistics_into_the_cloud_arrays():
     replies = []
     for msg, (mean, var, n) in zip(messages, [([0, 0, 0, 0], [1, 1, 1, 1], 10), ([4, 4, 4, 4], [1, 1, 1, 1], 30)]):
         stats = {"bn.running_mean": np.array(mean, np.float32), "bn.running_var": np.array(var, np.float32)}
-        metrics = MetricRecord({"num_examples": 5, "num_train_examples": n, "accuracy": 0.2})
+        metrics = MetricRecord({"num-examples": 5, "num_train_examples": n, "accuracy": 0.2})
         replies.append(Message(RecordDict({"arrays": _arrays(stats), "metrics": metrics}), reply_to=msg))
     metrics = strategy.aggregate_evaluate(1, replies)
     # mean (0 x 10 + 4 x 30) / 40 = 3; E[x^2] = (10 x 1 + 30 x 17) / 40 = 13; var 13 - 9 = 4
@@ -291,7 +292,7 @@ def test_client_trains_the_submodel_and_replies_with_its_shapes():
     got = {k: tuple(v.shape) for k, v in reply.content["arrays"].items()}
     assert got == sub_shapes(full_shapes, 0.5)
     metrics = reply.content["metrics"]
-    assert metrics["rate"] == 0.5 and metrics["num_examples"] == 12 and metrics["samples_trained"] == 24
+    assert metrics["rate"] == 0.5 and metrics["num-examples"] == 12 and metrics["samples_trained"] == 24
     flops = rate_costs(_net, (3, 16, 16), 4, rates=(0.5,))[0.5].flops_per_sample
     assert metrics["compute_time_s"] == pytest.approx(flops * 24 / 1e9 * 2.0)  # sub-model FLOPs x load 2
     assert metrics["accuracy"] * 6 == round(metrics["accuracy"] * 6)
@@ -392,7 +393,7 @@ def test_client_query_reports_every_rates_costs():
 def test_client_evaluates_a_submodel_with_static_bn():
     reply = HeteroFLClient(_device()).handle("evaluate", _train_message(0.25, kind=MessageType.EVALUATE), None)
     metrics = reply.content["metrics"]
-    assert metrics["rate"] == 0.25 and metrics["num_examples"] == 6 and metrics["num_train_examples"] == 12
+    assert metrics["rate"] == 0.25 and metrics["num-examples"] == 6 and metrics["num_train_examples"] == 12
     assert "arrays" not in reply.content.array_records
 
 
@@ -429,15 +430,18 @@ def test_a_full_round_discovers_assigns_trains_and_merges():
     handlers = {1000 + pid: HeteroFLClient(_device(pid, b)) for pid, b in enumerate([BUDGET, slow, tiny])}
     seen = []
     strategy = HeteroFL(
-        per_round=3, seed=0, expected_devices=3, round_timeout_s=5.0, round_budget_s=60.0,
-        evaluate_fn=lambda r, arrays: seen.append({k: tuple(v.shape) for k, v in arrays.items()}) or {"accuracy": 0.1},
-        on_round=seen.append,
+        per_round=3, seed=0, expected_devices=3, round_budget_s=60.0, on_round=seen.append,
     )
     grid = InProcessGrid(handlers)
-    strategy.discover(grid)
+    strategy.discover(grid, timeout_s=5.0)
     torch.manual_seed(0)
     start = ArrayRecord(_net().state_dict())
-    out = strategy.run_round(grid, 1, start)
+
+    def evaluate_fn(server_round, arrays):
+        seen.append({k: tuple(v.shape) for k, v in arrays.items()})
+        return MetricRecord({"accuracy": 0.1})
+
+    out = strategy.run_round(grid, 1, start, evaluate_fn=evaluate_fn)
     assert strategy.assigned == {0: 1.0, 1: 0.5}  # rate 0.5: 24 x 111k FLOPs = 27 s
     shapes, record = seen
     assert shapes == {k: tuple(v.shape) for k, v in start.items()}  # the cloud evaluates the full model

@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from experiments.cema_setup import foundation_config
-from experiments.config import ConfigError, DatasetConfig, ScenarioConfig, from_dict
+from experiments.algorithms.cema import foundation_config
+from experiments.config import from_dict
 from experiments.data import build_federated_data, to_tensor
 from experiments.data.imagenet_c import (
     LAYOUT,
@@ -25,8 +25,9 @@ from experiments.data.imagenet_c import (
     domain_batch,
     index_folder,
 )
-from experiments.pretrain import pretrained_model
-from models import build_model
+from experiments.pretrain.cache import pretrained_model
+from experiments.schema import ConfigError, DatasetConfig, ScenarioConfig
+from models.catalog import build_model
 from models.tv_resnet import IMAGENET_MEAN, IMAGENET_STD, load_checkpoint
 
 CORRUPTIONS = ("gaussian_noise", "fog")

@@ -9,7 +9,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from models.knapsack import (
+from models.eclm.knapsack import (
     FEASIBILITY_RTOL,
     InfeasibleBudget,
     Selection,

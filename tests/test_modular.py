@@ -3,9 +3,12 @@
 import pytest
 import torch
 
+from models.catalog import build_model
 from models.costs import parameter_bytes
-from models.modular import ModularNet, ModuleCost, build_modular, module_of_key, parse_module_id
-from models.registry import build_model
+from models.eclm.costs import ModuleCost
+from models.eclm.families import build_modular
+from models.eclm.layer import module_of_key, parse_module_id
+from models.eclm.modular import ModularNet
 
 torch.set_num_threads(1)
 

@@ -1,14 +1,14 @@
-"""The AN supernet: paths, extraction, measured path costs, sandwich pre-training, BN recalibration."""
+"""The AN supernet: paths, extraction, measured path costs, sandwich pre-training."""
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from models import build_model
+from models.catalog import build_model
 from models.costs import parameter_bytes, train_flops_per_sample, training_memory_bytes
-from models.multibranch import MultiBranchNet, StageSpec, SupernetSpec
-from models.multibranch_training import recalibrate_batchnorm, sandwich_paths, train_supernet
+from models.multibranch.net import MultiBranchNet, StageSpec, SupernetSpec
+from models.multibranch.training import sandwich_paths, train_supernet
 from models.training import TrainSettings
 
 torch.set_num_threads(1)
@@ -179,22 +179,3 @@ def test_train_supernet_rejects_a_plain_network_and_handles_no_data():
         plain = build_model("cnn", num_classes=10, width=4)
         train_supernet(plain, torch.zeros(2, *SHAPE), torch.zeros(2).long(), settings, 0)
     assert np.isnan(train_supernet(_cnn(), torch.zeros(0, *SHAPE), torch.zeros(0).long(), settings, 0))
-
-
-def test_recalibrate_batchnorm_sets_running_stats_to_the_data_statistics():
-    bn = nn.Sequential(nn.BatchNorm2d(1))
-    x = torch.tensor([1.0, 2.0, 3.0, 6.0]).view(4, 1, 1, 1)
-    recalibrate_batchnorm(bn, x, batch_size=4)
-    # one batch, momentum None: the running mean is the batch mean 3, the variance the unbiased 14/3
-    assert bn[0].running_mean.item() == pytest.approx(3.0)
-    assert bn[0].running_var.item() == pytest.approx(14.0 / 3.0)
-    assert bn[0].momentum == 0.1 and not bn.training
-
-
-def test_training_names_stay_importable_from_models_multibranch():
-    from models import multibranch, multibranch_training
-
-    for name in ("train_supernet", "recalibrate_batchnorm", "sandwich_paths", "SANDWICH_RANDOM_PATHS"):
-        assert getattr(multibranch, name) is getattr(multibranch_training, name)
-    with pytest.raises(AttributeError, match="no_such_name"):
-        multibranch.no_such_name  # noqa: B018

@@ -8,12 +8,12 @@ import os
 import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
-from experiments import startup
 from experiments.client_app import _flops_per_sample, make_device
 from experiments.config import from_flat
-from experiments.fleet import DeviceBudget, sample_budget
-from experiments.node_budget import DECLARED_CLASS, budget_mode, device_budget, local_budget
-from experiments.node_memory import BUDGET_RECORD, FLOPS_RECORD, remembered, remembered_number
+from experiments.fleet import startup
+from experiments.fleet.budgets import DeviceBudget, sample_budget
+from experiments.fleet.node_budget import DECLARED_CLASS, budget_mode, device_budget, local_budget
+from experiments.fleet.node_memory import BUDGET_RECORD, FLOPS_RECORD, remembered, remembered_number
 
 DECLARED = {"memory-bytes": 2e9, "flops-per-s": 5e10, "uplink-bps": 2.5e6, "downlink-bps": 1.25e7}
 SMALL = {

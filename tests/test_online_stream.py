@@ -7,9 +7,10 @@ import dataclasses
 import numpy as np
 import pytest
 
-from experiments.config import ConfigError, DatasetConfig, ScenarioConfig, from_dict
+from experiments.config import from_dict
 from experiments.data import CLEAN, FederatedData, StreamBatch
 from experiments.data.online import batch_domain, batch_rows, device_domains
+from experiments.schema import ConfigError, DatasetConfig, ScenarioConfig
 
 SMALL = DatasetConfig(proxy_samples=200, global_test_samples=100)
 CORRUPTIONS = ("gaussian_noise", "fog", "brightness", "contrast")

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from datasets import Dataset
 
-from experiments.config import PartitionConfig
 from experiments.data import partition as part
 from experiments.data.stream import allocate
+from experiments.schema import PartitionConfig
 
 LABELS = np.array([0] * 10 + [1] * 5)
 

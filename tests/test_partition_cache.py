@@ -6,9 +6,9 @@ import sys
 import numpy as np
 import pytest
 
-from experiments.config import PartitionConfig
 from experiments.data import partition as part
 from experiments.data import partition_cache as pc
+from experiments.schema import PartitionConfig
 
 LABELS = np.repeat(np.arange(5), 40)  # a pool of 200 rows, 5 classes
 SKEW = PartitionConfig(kind="label_skew", classes_per_device=2)

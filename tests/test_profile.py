@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from experiments.profile import available_memory_bytes, profile_local_budget
+from experiments.fleet.profile import available_memory_bytes, profile_local_budget
 
 
 def test_available_memory_reads_meminfo(tmp_path):

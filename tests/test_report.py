@@ -15,7 +15,7 @@ import pytest
 
 from experiments import report
 from experiments.report import collect, flatten_config, group_runs, main, markdown_table
-from experiments.results import ResultsWriter
+from experiments.results.writer import ResultsWriter
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

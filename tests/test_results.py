@@ -1,4 +1,4 @@
-"""Tests for experiments/results.py: results.json, summary, plots, progress line, byte units."""
+"""Tests for experiments/results/writer.py: results.json, summary, plots, progress line, byte units."""
 
 from __future__ import annotations
 
@@ -12,15 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from experiments import checkpoint
-from experiments.config import RunConfig
-from experiments.results import (
-    ProgressLine,
-    ResultsWriter,
-    format_bytes,
-    load_results,
-    summarize,
-)
+from experiments.results.progress import ProgressLine, format_bytes
+from experiments.results.summary import summarize
+from experiments.results.writer import ResultsWriter, load_results
+from experiments.resume import checkpoint
+from experiments.schema import RunConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -314,7 +310,7 @@ def test_format_bytes_rejects_impossible_counts(count):
 
 # --------------------------------------------------------------------------- import cost
 def test_importing_results_does_not_import_matplotlib():
-    code = "import sys, experiments.results; print('matplotlib' in sys.modules)"
+    code = "import sys, experiments.results.writer; print('matplotlib' in sys.modules)"
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert output.stdout.strip() == "False"

@@ -23,9 +23,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 
 from clients.base import Device, StreamTensors
 from clients.cema import CEMAClient
-from clients.online import STATE_KEY, load_blob
+from clients.online import STATE_KEY, OnlineClient
 from clients.tta import TTAClient
-from experiments.checkpoint import (
+from experiments.config import from_dict
+from experiments.results.writer import ResultsWriter
+from experiments.resume.checkpoint import (
     Checkpoint,
     checkpoint_folder,
     config_differences,
@@ -34,13 +36,12 @@ from experiments.checkpoint import (
     save_checkpoint,
     write_atomically,
 )
-from experiments.config import ConfigError, from_dict, to_dict
-from experiments.device_state import DeviceStateStore, device_state_dir, discard_after
-from experiments.results import ResultsWriter
-from experiments.resume import DEVICE_STATE_SAVED, resumable_checkpoint, start_or_resume
-from experiments.state_codec import MARK, decode_state, encode_state
-from models import build_model
-from models.cema_cloud import ReplayBuffer
+from experiments.resume.checkpointer import DEVICE_STATE_SAVED, resumable_checkpoint, start_or_resume
+from experiments.resume.device_state import DeviceStateStore, device_state_dir, discard_after
+from experiments.resume.state_codec import MARK, decode_state, encode_state
+from experiments.schema import ConfigError, to_dict
+from models.catalog import build_model
+from models.cema.cloud import ReplayBuffer
 from models.training import TrainSettings
 from strategies.cema import CEMA, SHARED
 from strategies.cema_tally import UNKNOWN_LABEL, RoundTally
@@ -398,7 +399,7 @@ def test_an_online_device_restarted_mid_run_answers_as_if_it_never_stopped(handl
     assert dict(resumed[0].content["metrics"]) | {"wall_time_s": 0} == dict(steady[2].content["metrics"]) | {"wall_time_s": 0}
     assert resumed[0].content["stream"]["index"] == steady[2].content["stream"]["index"] == 2
     assert fresh.state.config_records[STATE_KEY]["index"] == 3
-    after_steady, after_resumed = load_blob(steady_context)["model"], load_blob(fresh)["model"]
+    after_steady, after_resumed = OnlineClient.load_blob(steady_context)["model"], OnlineClient.load_blob(fresh)["model"]
     assert all(torch.equal(value, after_resumed[key]) for key, value in after_steady.items())
     # without a store the restarted device could not go on (no source model, no saved state)
     assert run(None, _context(), (4,))[0].has_error()
@@ -441,13 +442,13 @@ def _warm_pretrain_cache(cache: Path) -> None:
 
     from experiments.config import from_hydra
     from experiments.data import build_federated_data
-    from experiments.networks import build_run_model
-    from experiments.pretrain import pretrained_model
+    from experiments.pretrain.cache import pretrained_model
+    from experiments.pretrain.networks import build_run_model
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = from_hydra(compose(config_name="config", overrides=["output_dir=null", *SMALL, f"pretrain.cache_dir={cache}"]))
     data = build_federated_data(cfg.dataset, cfg.scenario, cfg.fleet.devices, cfg.seed)
-    model = build_run_model(cfg.model, data.num_classes, data.image_shape[0])
+    model = build_run_model(cfg.model, data.num_classes, data.image_shape[0], seed=cfg.seed)
     pretrained_model(cfg, model, data)
 
 

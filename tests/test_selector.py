@@ -1,11 +1,11 @@
-"""Noisy top-k gating, load balancing and the unified selector (models/selector.py)."""
+"""Noisy top-k gating, load balancing and the unified selector (models/eclm/selector.py)."""
 
 import math
 
 import pytest
 import torch
 
-from models.selector import (
+from models.eclm.selector import (
     NOISE_EPSILON,
     UnifiedSelector,
     cv_squared,

@@ -153,12 +153,12 @@ class _WaitingGrid:
 
     def send_and_receive(self, messages, timeout=None):
         assert self.started.wait(5.0), "the cloud's test did not run while the devices evaluated"
-        return [Message(RecordDict({"metrics": MetricRecord({"accuracy": 0.5, "num_examples": 10})}), reply_to=msg)
+        return [Message(RecordDict({"metrics": MetricRecord({"accuracy": 0.5, "num-examples": 10})}), reply_to=msg)
                 for msg in messages]
 
 
-def _evaluating_strategy(evaluate_fn, records):
-    strategy = _Evaluating(per_round=2, seed=0, expected_devices=2, evaluate_fn=evaluate_fn, on_round=records.append)
+def _evaluating_strategy(records):
+    strategy = _Evaluating(per_round=2, seed=0, expected_devices=2, on_round=records.append)
     strategy.devices = {pid: DeviceInfo(pid, 100 + pid, 10, {"uplink_bps": 1e6, "downlink_bps": 1e6}) for pid in (0, 1)}
     strategy._by_node = {100: 0, 101: 1}
     return strategy
@@ -171,10 +171,10 @@ def test_the_cloud_evaluates_its_test_set_while_the_devices_evaluate():
 
     def evaluate_fn(server_round, arrays):
         started.set()
-        return {"accuracy": 0.75}
+        return MetricRecord({"accuracy": 0.75})
 
-    strategy = _evaluating_strategy(evaluate_fn, records)
-    strategy.run_round(_WaitingGrid(started), 1, _record(w=np.zeros(1, dtype=np.float32)))
+    strategy = _evaluating_strategy(records)
+    strategy.run_round(_WaitingGrid(started), 1, _record(w=np.zeros(1, dtype=np.float32)), evaluate_fn=evaluate_fn)
     assert records[0]["global_accuracy"] == 0.75 and records[0]["accuracy"] == 0.5
 
 
@@ -187,6 +187,6 @@ def test_an_error_in_the_clouds_evaluation_reaches_the_caller():
         started.set()
         raise RuntimeError("global test set unreadable")
 
-    strategy = _evaluating_strategy(evaluate_fn, [])
+    strategy = _evaluating_strategy([])
     with pytest.raises(RuntimeError, match="unreadable"):
-        strategy.run_round(_WaitingGrid(started), 1, _record(w=np.zeros(1, dtype=np.float32)))
+        strategy.run_round(_WaitingGrid(started), 1, _record(w=np.zeros(1, dtype=np.float32)), evaluate_fn=evaluate_fn)

@@ -15,16 +15,17 @@ import torch
 from torch import nn
 
 from experiments.data.arrays import PIXEL_MEAN, PIXEL_STD
-from experiments.reference_family import FAMILY_OF_DATASET
-from models import build_model
-from models.tta import adapter_names, build_adapter, penultimate_features
-from models.tta_augment import PIXEL_MEAN as COTTA_PIXEL_MEAN
-from models.tta_augment import PIXEL_STD as COTTA_PIXEL_STD
-from models.tta_augment import cotta_augment
-from models.tta_base import make_optimizer, softmax_entropy
-from models.tta_lame import affinity_matrix, knn_affinity, laplacian_assignment, rbf_affinity
-from models.tta_methods import eta_keep_mask
-from models.tta_settings import CIFAR, FAMILIES, IMAGENET, reference_values, resolve
+from experiments.data.reference_family import FAMILY_OF_DATASET
+from models.catalog import build_model
+from models.losses import prediction_entropy
+from models.tta.augment import PIXEL_MEAN as COTTA_PIXEL_MEAN
+from models.tta.augment import PIXEL_STD as COTTA_PIXEL_STD
+from models.tta.augment import cotta_augment
+from models.tta.base import make_optimizer
+from models.tta.lame import affinity_matrix, knn_affinity, laplacian_assignment, penultimate_features, rbf_affinity
+from models.tta.methods import eta_keep_mask
+from models.tta.registry import adapter_names, build_adapter
+from models.tta.settings import CIFAR, FAMILIES, IMAGENET, reference_values, resolve
 
 torch.set_num_threads(1)
 
@@ -227,7 +228,7 @@ def test_eta_mask_moving_average_and_step_match_hand_computation(source_model):
     assert torch.equal(adapter.last_kept_mask, keep)
     assert 0 < int(keep.sum()) < BATCH  # the filter really filters this batch
     torch.testing.assert_close(adapter.moving_average, logits[keep].softmax(1).mean(0))
-    entropy = softmax_entropy(manual(x)[keep])
+    entropy = prediction_entropy(manual(x)[keep])
     loss = (torch.exp(e0 - entropy.detach()) * entropy).mean()
     loss.backward()
     with torch.no_grad():
@@ -266,7 +267,7 @@ def test_reference_values_per_family_and_dataset():
                                                    "anchor_threshold": 0.1, "loss": "symmetric"}
     assert resolve("cotta", IMAGENET, "imagenet_c", {"lr": 0.5, "loss": None, "ema": 0.9}) == \
         {"lr": 0.5, "loss": "symmetric", "ema": 0.9}
-    with pytest.raises(ValueError, match=r"algorithm.tta.cotta.ema is null"):
+    with pytest.raises(ValueError, match=r"algorithm.cotta.ema is null"):
         resolve("cotta", CIFAR, "digits", {"ema": None})
     with pytest.raises(ValueError, match="unknown reference family 'svhn'"):
         reference_values("tent", "svhn")

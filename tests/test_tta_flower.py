@@ -9,14 +9,16 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
 from clients.base import MALFORMED_MESSAGE, Device, StreamTensors
-from clients.online import load_blob, stream_index
+from clients.online import OnlineClient
 from clients.tta import TTAClient, device_seed, method_names
 from experiments.algorithms import ALGORITHMS
-from experiments.config import ConfigError, compose
-from models import build_model
-from models.tta import build_adapter
+from experiments.config import compose
+from experiments.schema import ConfigError
+from models.catalog import build_model
 from models.training import TrainSettings
+from models.tta.registry import build_adapter
 from strategies.base import DeviceInfo
+from strategies.metrics import metric_values
 from strategies.tta import OnlineTTA
 
 torch.set_num_threads(1)
@@ -68,7 +70,7 @@ def _serve(method, rounds=3, hyper=None):
     replies, models = [], []
     for r in range(1, rounds + 1):
         replies.append(client.handle("train", _message(r, source if r == 1 else None), context))
-        models.append(load_blob(context)["model"])
+        models.append(OnlineClient.load_blob(context)["model"])
     return replies, models, context, source
 
 
@@ -77,9 +79,9 @@ def test_device_processes_its_stream_in_order_across_rounds():
     replies, _, context, _ = _serve("source")
     assert [r.content["stream"]["index"] for r in replies] == [0, 1, 2]
     assert [r.content["stream"]["domain"] for r in replies] == ["fog", "fog", "snow"]
-    assert stream_index(context) == 3
+    assert OnlineClient.stream_index(context) == 3
     metrics = replies[0].content["metrics"]
-    assert metrics["num_examples"] == BATCH and metrics["partition_id"] == 7 and metrics["uploads"] == 0
+    assert metrics["num-examples"] == BATCH and metrics["partition_id"] == 7 and metrics["uploads"] == 0
     assert metrics["accuracy"] == metrics["correct"] / BATCH
     assert abs(metrics["compute_time_s"] - 0.016) < 1e-12  # 8 samples x 1e6 FLOPs / 1e9 FLOP/s x load 2
     assert "uploads" not in replies[0].content.array_records
@@ -89,7 +91,7 @@ def test_first_message_without_arrays_is_an_error_and_does_not_advance():
     context = _context()
     reply = TTAClient(_device("tent")).handle("train", _message(1), context)
     assert reply.has_error() and reply.error.code == MALFORMED_MESSAGE and "arrays" in reply.error.reason
-    assert stream_index(context) == 0 and load_blob(context) is None
+    assert OnlineClient.stream_index(context) == 0 and OnlineClient.load_blob(context) is None
 
 
 def test_source_keeps_the_model_and_tent_changes_it_every_round():
@@ -120,7 +122,7 @@ def _labelled_first_batch(method, hyper, labels):
     context = _context()
     reply = TTAClient(device).handle("train", _message(1, _source_arrays()), context)
     saved = _model()
-    saved.load_state_dict(load_blob(context)["model"])
+    saved.load_state_dict(OnlineClient.load_blob(context)["model"])
     return reply, saved
 
 
@@ -154,7 +156,7 @@ def test_eta_upload_sends_exactly_the_kept_samples():
     kept = []
     for r in range(1, 4):
         reply = client.handle("train", _message(r, source if r == 1 else None), context)
-        mask = load_blob(context)["method"]["last_kept_mask"].numpy()
+        mask = OnlineClient.load_blob(context)["method"]["last_kept_mask"].numpy()
         kept.append(int(mask.sum()))
         assert reply.content["metrics"]["uploads"] == int(mask.sum())
         if mask.any():
@@ -197,7 +199,7 @@ def _scripted(strategy, pid, domain, correct, n=BATCH, uploads=0):
     msg = Message(RecordDict({"config": ConfigRecord({"round": 1})}), dst_node_id=strategy.devices[pid].node_id,
                   message_type=MessageType.TRAIN)
     content = RecordDict({
-        "metrics": MetricRecord({"num_examples": n, "correct": correct, "accuracy": correct / n, "uploads": uploads}),
+        "metrics": MetricRecord({"num-examples": n, "correct": correct, "accuracy": correct / n, "uploads": uploads}),
         "stream": ConfigRecord({"domain": domain, "index": 0}),
     })
     if uploads:
@@ -219,17 +221,19 @@ def test_strategy_serves_arrays_once_per_device_that_answered():
 
 def test_strategy_accumulates_online_accuracy_per_domain():
     strategy = _strategy()
-    new, m1 = strategy.aggregate_train(1, [_scripted(strategy, 0, "fog", 6), _scripted(strategy, 1, "snow", 2, uploads=3)])
+    new, r1 = strategy.aggregate_train(1, [_scripted(strategy, 0, "fog", 6), _scripted(strategy, 1, "snow", 2, uploads=3)])
     assert new is None
+    m1 = metric_values(r1)
     assert m1["online_accuracy"] == 8 / 16
     assert m1["online_accuracy_by_domain"] == {"fog": 0.75, "snow": 0.25}
     assert m1["uploaded_samples"] == 3 and m1["uploaded_bytes"] == 3 * 32 * 32 * 3
     assert m1["accuracy"] == 0.5 and m1["devices"] == 2
-    _, m2 = strategy.aggregate_train(2, [_scripted(strategy, 0, "snow", 4), _scripted(strategy, 1, "snow", 8)])
+    _, r2 = strategy.aggregate_train(2, [_scripted(strategy, 0, "snow", 4), _scripted(strategy, 1, "snow", 8)])
+    m2 = metric_values(r2)
     assert m2["online_accuracy"] == 20 / 32  # (6 + 2 + 4 + 8) / 32
     assert m2["online_accuracy_by_domain"] == {"fog": 0.75, "snow": 14 / 24}
-    assert m2["uploaded_samples"] == 0 and m2["uploaded_bytes"] == 0
-    record = strategy.round_record(2, m2, None, None)
+    assert m2["uploaded_samples"] == 0 and m2["uploaded_bytes"] == 0 and m2["uploaded_samples_by_device"] == {}
+    record = strategy.round_record(2, r2, None, None)
     assert record["train_online_accuracy"] == 20 / 32 and record["train_online_accuracy_by_domain"]["fog"] == 0.75
 
 
@@ -256,7 +260,7 @@ def test_rounds_on_a_fake_grid_download_the_model_once():
         assert new is None and metrics["devices"] == 2 and not strategy.ledger.failures
         downlink.append(strategy.ledger.downlink_bytes)
     assert downlink[1] < downlink[0] / 10  # round 2 carries configs only
-    assert [stream_index(c) for c in grid.contexts.values()] == [2, 2]
+    assert [OnlineClient.stream_index(c) for c in grid.contexts.values()] == [2, 2]
     assert sum(n for _, n in strategy.online.values()) == 4 * BATCH
 
 
@@ -278,7 +282,7 @@ def test_device_options_take_each_familys_reference_values():
     assert (cotta["optimizer"], cotta["lr"], cotta["restore_prob"], cotta["anchor_threshold"], cotta["loss"]) == \
         ("nesterov", 0.01, 0.001, 0.1, "symmetric")
     assert _options("cotta", "cifar100")["hyper"]["anchor_threshold"] == 0.72
-    assert _options("eta", "imagenet_c", ["algorithm.tta.eta.d_margin=0.2"])["hyper"]["d_margin"] == 0.2
+    assert _options("eta", "imagenet_c", ["algorithm.eta.d_margin=0.2"])["hyper"]["d_margin"] == 0.2
     assert _options("bn_adapt")["hyper"] == {"stats": "mixed", "momentum": 0.5}
     assert _options("pl")["hyper"] == {"threshold": 0.0, "optimizer": "sgd", "lr": 1e-3}
     assert _options("source") == {"method": "source", "hyper": {}}
@@ -292,18 +296,19 @@ def test_every_methods_device_options_build_its_adapter(method):
 
 
 @pytest.mark.parametrize("override, key", [
-    ("algorithm.tta.cotta.loss=kl", "algorithm.tta.cotta.loss"),
-    ("algorithm.tta.lame.affinity=cosine", "algorithm.tta.lame.affinity"),
-    ("algorithm.tta.pl.threshold=1.0", "algorithm.tta.pl.threshold"),
-    ("algorithm.tta.bn_adapt.stats=running", "algorithm.tta.bn_adapt.stats"),
-    ("algorithm.tta.onda.momentum=0", "algorithm.tta.onda.momentum"),
-    ("algorithm.tta.tent.optimizer=rmsprop", "algorithm.tta.tent.optimizer"),
-    ("algorithm.tta.eta.d_margin=0", "algorithm.tta.eta.d_margin"),
-    ("algorithm.tta.cotta.restore_prob=1.5", "algorithm.tta.cotta.restore_prob"),
+    ("algorithm.cotta.loss=kl", "algorithm.cotta.loss"),
+    ("algorithm.lame.affinity=cosine", "algorithm.lame.affinity"),
+    ("algorithm.pl.threshold=1.0", "algorithm.pl.threshold"),
+    ("algorithm.bn_adapt.stats=running", "algorithm.bn_adapt.stats"),
+    ("algorithm.onda.momentum=0", "algorithm.onda.momentum"),
+    ("algorithm.tent.optimizer=rmsprop", "algorithm.tent.optimizer"),
+    ("algorithm.eta.d_margin=0", "algorithm.eta.d_margin"),
+    ("algorithm.cotta.restore_prob=1.5", "algorithm.cotta.restore_prob"),
 ])
 def test_validation_names_a_bad_tta_option(override, key):
+    method = key.split(".")[1]  # each method's settings block exists when that method is selected
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        compose(["algorithm=tent", "scenario=online", override])
+        compose([f"algorithm={method}", "scenario=online", override])
 
 
 def test_cotta_is_seeded_per_device():

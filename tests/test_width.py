@@ -5,9 +5,21 @@ import pytest
 import torch
 from torch import nn
 
-from models import build_model
+from models.batchnorm import reestimate_bn
+from models.catalog import build_model
 from models.training import TrainSettings
-from models.width import (
+from models.width.layers import (
+    SAMPLES_KEY,
+    RateCost,
+    ScaledConv2d,
+    check_width_scalable,
+    cost_key,
+    costs_from_record,
+    costs_to_record,
+    rate_costs,
+    scaled_model,
+)
+from models.width.submodel import (
     WIDTH_RATES,
     SubModelUpdate,
     channel_axes,
@@ -21,19 +33,7 @@ from models.width import (
     pooled_bn_statistics,
     sub_shapes,
 )
-from models.width_layers import (
-    SAMPLES_KEY,
-    RateCost,
-    ScaledConv2d,
-    check_width_scalable,
-    cost_key,
-    costs_from_record,
-    costs_to_record,
-    rate_costs,
-    scaled_model,
-    static_batch_norm,
-)
-from models.width_training import LabelMasked, device_classes, mask_logits, masked_cross_entropy, train_submodel
+from models.width.training import LabelMasked, device_classes, mask_logits, masked_cross_entropy, train_submodel
 
 torch.set_num_threads(1)
 
@@ -311,46 +311,16 @@ def test_check_width_scalable_leaves_the_model_untouched():
 
 
 # --------------------------------------------------------------------------- static BN
-def _two_channel_input():
-    x = torch.zeros(4, 2, 2, 2)
-    x[:, 0] = 3.0  # channel 0: constant 3 -> mean 3, variance 0
-    x[:, 1] = torch.arange(4.0).view(4, 1, 1)  # channel 1: 0,1,2,3 (4 pixels each)
-    return x
-
-
-def test_static_bn_sets_running_stats_to_the_datas_statistics():
-    model = nn.Sequential(nn.BatchNorm2d(2, track_running_stats=True))
-    model[0].track_running_stats = False
-    static_batch_norm(model, _two_channel_input(), batch_size=16)
-    bn = model[0]
-    # channel 1 holds 0,1,2,3 x 4 pixels: mean 1.5, unbiased variance 20 / 15
-    torch.testing.assert_close(bn.running_mean, torch.tensor([3.0, 1.5]))
-    torch.testing.assert_close(bn.running_var, torch.tensor([0.0, 20 / 15]))
-    assert not model.training and bn.track_running_stats
-
-
-def test_static_bn_averages_equal_batches_cumulatively():
-    model = nn.Sequential(nn.BatchNorm2d(2))
-    model[0].running_mean.fill_(99.0)
-    static_batch_norm(model, _two_channel_input(), batch_size=2)  # batches {0,1} and {2,3}
-    torch.testing.assert_close(model[0].running_mean, torch.tensor([3.0, 1.5]))  # (0.5 + 2.5) / 2
-    assert int(model[0].num_batches_tracked) == 2
-
-
 def test_static_bn_on_a_scaled_cnn_matches_its_first_conv_output():
     torch.manual_seed(0)
     sub = scaled_model(_factory("cnn", width=4), 0.5)
     x = torch.randn(6, 3, 8, 8) + 2.0
-    static_batch_norm(sub, x, batch_size=6)  # one batch: exact statistics
+    reestimate_bn(sub, x, batch_size=6, even_batches=True)  # one batch: exact statistics
     conv, bn = sub.features[0][0], sub.features[0][1]
     with torch.no_grad():
         expected = conv.eval()(x).mean(dim=(0, 2, 3))  # measured without the training-time scaler
     torch.testing.assert_close(bn.running_mean, expected)
-
-
-def test_static_bn_needs_data():
-    with pytest.raises(ValueError, match="at least one sample"):
-        static_batch_norm(nn.Sequential(nn.BatchNorm2d(2)), torch.zeros(0, 2, 2, 2), 4)
+    assert not sub.training and bn.track_running_stats and bn.momentum is None
 
 
 # --------------------------------------------------------------------------- costs

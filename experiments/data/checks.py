@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import operator
 
-from experiments.config import ConfigError, DatasetConfig, ScenarioConfig
 from experiments.data.partition import PARTITION_KINDS
+from experiments.schema import ConfigError, DatasetConfig, ScenarioConfig
 
 DATASET_NAMES = ("digits", "cifar10", "cifar100")
 SEVERITIES = (1, 2, 3, 4, 5)  # CIFAR-10-C severities (Hendrycks & Dietterich 2019)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from experiments.config import AugmentConfig, ConfigError
+from experiments.schema import AugmentConfig, ConfigError
 
 IMAGE_SIZE = 32  # CIFAR images are 32x32 RGB (Krizhevsky 2009)
 

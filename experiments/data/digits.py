@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from experiments.config import AugmentConfig
+from experiments.schema import AugmentConfig
 
 IMAGE_SIZE = 32  # CIFAR-sized canvas, so the same models run on digits and CIFAR
 DIGIT_SIZE = 24  # 8x8 original upsampled 3x; leaves a 4 px margin for shifts and rotation
@@ -30,7 +30,7 @@ INK_MIN = 0.65  # bright ink: every channel uniform in [0.65, 1]; contrast stays
 RENDER_CHUNK = 256  # images per vectorised step; keeps the temporaries in cache (measured)
 _NUM_PARAMS = 11  # angle, zoom, shift y, shift x, stroke, 3 background, 3 ink channels
 #: Where scikit-learn keeps the digits (``sklearn.datasets.load_digits`` reads this file);
-#: reading it directly skips importing scikit-learn (1.1-1.6 s of every run's start-up, issue 7).
+#: reading it directly skips importing scikit-learn (1.1-1.6 s of every run's start-up).
 DIGITS_FILE = ("datasets", "data", "digits.csv.gz")
 
 
@@ -113,7 +113,7 @@ def spline_upsampling_matrix(size_in: int, size_out: int, order: int = UPSAMPLE_
     coordinate lies inside the input, so zooming an image ``X`` (``size_in`` square) to
     ``size_out`` is ``M @ X @ M.T`` with column ``j`` of ``M`` the zoom of the unit vector
     ``e_j``. One matrix product per image instead of a spline evaluation per pixel: the
-    1,797 digits take ~0.01 s instead of ~0.85 s of every run's start-up (issue 7), equal
+    1,797 digits take ~0.01 s instead of ~0.85 s of every run's start-up, equal
     to ``ndimage.zoom`` within float32 rounding (``tests/test_digits.py``).
     """
     return ndimage.zoom(np.eye(size_in), (size_out / size_in, 1.0), order=order)

@@ -12,9 +12,8 @@ from collections import OrderedDict
 
 import numpy as np
 
-from experiments.config import ConfigError, DatasetConfig, ScenarioConfig
-from experiments.data import partition as part
 from experiments.data import online, partition_cache, stream
+from experiments.data import partition as part
 from experiments.data.arrays import CLEAN, DeviceData, StreamBatch
 from experiments.data.checks import (
     check_classes,
@@ -25,6 +24,7 @@ from experiments.data.checks import (
 )
 from experiments.data.imagenet_c import ImageNetCData
 from experiments.data.rendering import load_source, render_in_domains, seed_rows, slot_domain
+from experiments.schema import ConfigError, DatasetConfig, ScenarioConfig
 
 DEVICE_CACHE_SIZE = 32  # device parts (train or test) kept rendered; both parts of a cohort of 10 (fleet.per_round) fit
 BUILD_CACHE_SIZE = 4  # FederatedData objects kept per process

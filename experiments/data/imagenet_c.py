@@ -40,12 +40,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from experiments.config import ConfigError, DatasetConfig, ScenarioConfig
 from experiments.data import online
 from experiments.data.arrays import StreamBatch
 from experiments.data.checks import check_device, check_index, check_slot
 from experiments.data.rendering import slot_domain
 from experiments.data.stream import DevicePlan
+from experiments.schema import ConfigError, DatasetConfig, ScenarioConfig
 
 LAYOUT = "<root>/<corruption>/<severity>/<wnid>/<file>.JPEG"
 NUM_CLASSES = 1000  # ILSVRC-2012 classes (Russakovsky et al. 2015), one wnid folder each

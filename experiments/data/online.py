@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from experiments.config import ScenarioConfig
 from experiments.data.arrays import CLEAN
+from experiments.schema import ScenarioConfig
 
 _TAG_ORDER, _TAG_BATCH = 41, 42  # stream tags for seeded generators
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from experiments.config import ConfigError, PartitionConfig
+from experiments.schema import ConfigError, PartitionConfig
 
 PARTITION_KINDS = ("label_skew", "dirichlet", "iid")
 # Label skew: partition k's first class is k % num_classes, the others random, so every

@@ -1,4 +1,4 @@
-"""Device partitions cached on disk, so a run with a known fleet skips flwr-datasets (issue 7).
+"""Device partitions cached on disk, so a run with a known fleet skips flwr-datasets.
 
 Splitting the pool over devices needs flwr-datasets' partitioners, and importing them (with
 Hugging Face ``datasets`` under them) costs 1.5-2 s of every run's start-up on this machine,
@@ -15,15 +15,14 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
-from experiments.config import PartitionConfig
 from experiments.data import partition as part
+from experiments.results.atomic import write_atomically
+from experiments.schema import PartitionConfig
 
 logger = logging.getLogger(__name__)
 
@@ -88,17 +87,11 @@ def _read(path: Path, num_partitions: int, pool_size: int) -> list[np.ndarray] |
 
 
 def _write(path: Path, rows: list[np.ndarray]) -> None:
-    """Write atomically (a temporary file, then a rename): a reader never sees half a file."""
+    """Write atomically (:func:`~experiments.results.atomic.write_atomically`): a reader never sees half a file."""
     offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
     flat = np.concatenate(rows).astype(np.int64) if rows else np.zeros(0, dtype=np.int64)
-    tmp_name = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as tmp:
-            tmp_name = tmp.name
-            np.savez(tmp, rows=flat, offsets=offsets)
-        os.replace(tmp_name, path)
+        write_atomically(path, lambda handle: np.savez(handle, rows=flat, offsets=offsets))
     except OSError as exc:  # a read-only or full cache costs start-up time, never the run
         logger.warning("could not cache device partitions in %s: %s", path.parent, exc)
-        if tmp_name is not None:
-            Path(tmp_name).unlink(missing_ok=True)

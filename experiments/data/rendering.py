@@ -6,8 +6,8 @@ from typing import Protocol
 
 import numpy as np
 
-from experiments.config import AugmentConfig, DatasetConfig, ScenarioConfig
 from experiments.data.arrays import CLEAN
+from experiments.schema import AugmentConfig, DatasetConfig, ScenarioConfig
 
 _TAG_CORRUPT = 35  # stream tag of a sample's corruption generator
 

@@ -105,6 +105,7 @@ def import_reference(checkout: Path) -> types.SimpleNamespace:
     sys.path[:] = [str(checkout)] + [p for p in saved if p not in project]
     try:
         import resnet_server  # noqa: PLC0415
+
         from models import resnet  # noqa: PLC0415
     finally:
         sys.path[:] = saved

@@ -103,6 +103,7 @@ def import_reference(checkout: Path) -> types.SimpleNamespace:
     config.cfg.update(CFG)
     import fed  # noqa: PLC0415
     import metrics  # noqa: PLC0415
+
     import models  # noqa: PLC0415
 
     return types.SimpleNamespace(fed=fed, models=models, metrics=metrics)

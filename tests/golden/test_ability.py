@@ -41,7 +41,7 @@ import math
 import numpy as np
 import torch
 
-from models.ability import ability_loss, load_matrix, solve_mask, target_gates
+from models.eclm.ability import ability_loss, load_matrix, solve_mask, target_gates
 from tests.golden.fixture import COMPARISONS, Comparison, assert_close
 
 JUDGE = "hand-worked example (ECLM 4.3, Fig. 5)"

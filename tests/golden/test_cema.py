@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 from clients.cema import edge_logits
-from models.cema_cloud import EDGE_LR, FOUNDATION_LR, ReplayBuffer, adapt_foundation, bn_sgd, distill, distillation_loss
-from models.cema_edge_batch import CloudSettings, Student, Teacher, process_edge_batch
-from models.cema_filter import UploadFilter
-from models.cema_tbr import BATCH, TBR, reset_statistics, tbr_batch_norm
+from models.cema.cloud import EDGE_LR, FOUNDATION_LR, ReplayBuffer, adapt_foundation, bn_sgd, distill, distillation_loss
+from models.cema.edge_batch import CloudSettings, Student, Teacher, process_edge_batch
+from models.cema.filter import UploadFilter
+from models.cema.tbr import BATCH, TBR, reset_statistics, tbr_batch_norm
 from tests.golden.fixture import check, exact, load
 from tests.golden.make_cema import (
     CLASSES,

@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from clients.cema import FILTER_OPTIONS, edge_logits
-from experiments import cema_setup
-from experiments.config import ConfigError, from_dict
-from models import build_model
-from models.cema_cloud import ReplayBuffer
-from models.cema_filter import UploadFilter
+from experiments.algorithms import cema as cema_setup
+from experiments.config import from_dict
+from experiments.schema import ConfigError
+from models.catalog import build_model
+from models.cema.cloud import ReplayBuffer
+from models.cema.filter import UploadFilter
 from strategies.cema import CEMA
 
 
@@ -38,7 +39,7 @@ def _strategy(**kwargs):
 
 def test_defaults_are_the_published_setting_and_devices_accept_them():
     cfg = _cfg()
-    cema = cfg.algorithm.cema
+    cema = cfg.algorithm.options
     # official tools/results.txt "E_min=0.02, lambda=1.0"; is_tbr: true (conf/cema.conf); warm-up ours
     assert (cema.e_max, cema.e_min, cema.threshold_coeff, cema.warmup_samples, cema.tbr) == (0.4, 0.02, 1.0, 640, True)
     f = _filter(cfg)

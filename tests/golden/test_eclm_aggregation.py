@@ -101,7 +101,7 @@ def test_the_strategys_aggregate_train_gives_the_same_numbers():
         strategy.ledger.completed.add(pid)
         sent = Message(RecordDict({"config": ConfigRecord({"round": 1})}), dst_node_id=100 + pid,
                        message_type=MessageType.TRAIN)
-        metrics = MetricRecord({"num_examples": EXAMPLES[device], "accuracy": 0.5})
+        metrics = MetricRecord({"num-examples": EXAMPLES[device], "accuracy": 0.5})
         replies.append(Message(RecordDict({"arrays": TRAINED[device], "metrics": metrics}), reply_to=sent))
     new, metrics = strategy.aggregate_train(1, replies)
     assert strategy.ledger.failures == [] and metrics["devices"] == 3

@@ -4,7 +4,7 @@ The cloud forces the most important module of every layer when it derives a sub-
 device adjusting that sub-model to its load must never drop it, so it has to pick the very
 same module. Here modules l0.m2 and l0.m10 of a 12-module MLP tie exactly for the highest
 gate (the selector head gives every sample the same logits). As plain strings "l0.m10" sorts
-before "l0.m2"; in the shared natural order (``models.knapsack.module_order``) l0.m2 comes
+before "l0.m2"; in the shared natural order (``models.eclm.knapsack.module_order``) l0.m2 comes
 first, so both sides must force l0.m2.
 """
 
@@ -14,8 +14,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from clients.base import Device, DeviceTensors
 from clients.eclm import ECLMClient, catalog_of
-from experiments.eclm_setup import catalog
-from models.modular import build_modular, module_of_key
+from experiments.algorithms.eclm import catalog
+from models.eclm.families import build_modular
+from models.eclm.layer import module_of_key
 from models.training import TrainSettings
 from strategies.base import DeviceInfo
 from strategies.eclm import ECLM, submodel_arrays

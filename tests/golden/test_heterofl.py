@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from models.training import accuracy
-from models.width import SubModelUpdate, channel_window, covering_average, extract, sub_shapes
-from models.width_training import LabelMasked, mask_logits, masked_cross_entropy
+from models.width.submodel import SubModelUpdate, channel_window, covering_average, extract, sub_shapes
+from models.width.training import LabelMasked, mask_logits, masked_cross_entropy
 from strategies.heterofl import FedRolex
 from tests.golden.fixture import Fixture, check, exact, load, max_abs_diff
 

@@ -4,7 +4,7 @@ There is no official ECLM code, so the judge is brute force: every subset of the
 modules is tried, costs and importances are summed exactly (floats turned into integers over
 one common power-of-two denominator), and a set fits when in every dimension its exact cost
 is at most ``budget * (1 + FEASIBILITY_RTOL)``, also taken exactly -- the definition
-:func:`models.knapsack.fits` states. The forced module of a layer is its most important one,
+:func:`models.eclm.knapsack.fits` states. The forced module of a layer is its most important one,
 ties to the smallest module index. The project must return a set that fits, holds the forced
 modules and has the brute-force optimum's importance (to within :data:`GAP`; every measured
 shortfall is 0), and must raise :class:`InfeasibleBudget` exactly when the forced set alone
@@ -24,7 +24,7 @@ from math import lcm
 import numpy as np
 import pytest
 
-from models.knapsack import FEASIBILITY_RTOL, InfeasibleBudget, select_modules
+from models.eclm.knapsack import FEASIBILITY_RTOL, InfeasibleBudget, select_modules
 from tests.golden.fixture import COMPARISONS, Comparison
 
 #: Random instances per family of the brute-force comparison (with FAMILIES: 2100 in all).
@@ -34,7 +34,7 @@ FAMILIES = ("uniform", "extreme", "ties", "tight", "boundary", "reviewer", "caps
 #: Decades the "extreme" costs span: 10**-9 .. 10**9.
 DECADES = (-9, 9)
 #: Largest shortfall from the optimum accepted, relative to the largest importance: HiGHS's
-#: absolute MIP gap on the scaled objective (models.knapsack.OBJECTIVE_SCALE). Sets whose exact
+#: absolute MIP gap on the scaled objective (models.eclm.knapsack.OBJECTIVE_SCALE). Sets whose exact
 #: importances differ by less (sums of decimal gate means equal up to float representation)
 #: are ties.
 GAP = 1e-12

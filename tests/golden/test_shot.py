@@ -3,7 +3,7 @@
 Fixtures from ``python -m tests.golden.make_shot``: information maximisation (value and gradient),
 SHOT's objective with its pseudo-labels, ``obtain_label`` of both SHOT scripts, and one whole
 official ``train_target`` step (pseudo-labels in eval mode, SGD with Nesterov momentum and weight
-decay) against the project's :func:`~models.elastic_retrain.adapt_full`.
+decay) against the project's :func:`~models.elastic.retrain.adapt_full`.
 """
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from models.elastic_losses import information_maximisation, shot_loss, shot_pseudo_labels
-from models.elastic_modes import retraining_mode
-from models.elastic_objective import RetrainingObjective
-from models.elastic_retrain import adapt_full
+from models.elastic.losses import shot_loss, shot_pseudo_labels
+from models.elastic.modes import retraining_mode
+from models.elastic.objective import RetrainingObjective
+from models.elastic.retrain import adapt_full
+from models.losses import information_maximisation
 from tests.golden.fixture import check, exact, load
 from tests.golden.nets import TinyBNNet, load_state
 

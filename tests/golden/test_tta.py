@@ -1,7 +1,7 @@
 """The on-device TTA baselines (models/tta*.py) against fixtures of their official implementations.
 
 Every adapter is built as the apps build it, ``build_adapter(name, model, C, family=...)``, so the
-per-family reference values of ``models/tta_settings.py`` are checked along with the computation.
+per-family reference values of ``models/tta/settings.py`` are checked along with the computation.
 Fixtures: ``python -m tests.golden.make_tta <reference> ...`` (``tests/golden/make_tta.py``).
 """
 
@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import build_model, model_names
-from models.tta import build_adapter
-from models.tta_augment import cotta_augment
-from models.tta_lame import affinity_matrix, laplacian_assignment, penultimate_features
-from models.tta_methods import eta_keep_mask
-from models.tta_settings import CIFAR, IMAGENET
+from models.catalog import build_model, model_names
+from models.tta.augment import cotta_augment
+from models.tta.lame import affinity_matrix, laplacian_assignment, penultimate_features
+from models.tta.methods import eta_keep_mask
+from models.tta.registry import build_adapter
+from models.tta.settings import CIFAR, IMAGENET
 from tests.golden.fixture import Fixture, check, exact, load
 from tests.golden.nets import TinyBNNet, load_state, shifted_images
 

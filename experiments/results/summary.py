@@ -1,0 +1,58 @@
+"""The summary of a run's round records (final / best accuracy, byte and time totals).
+
+Shared by the results file (:mod:`experiments.results.writer`), the terminal progress line
+(:mod:`experiments.results.progress`) and the plots (:mod:`experiments.results.plots`); it imports none of them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+
+def finite_or_none(value: Any) -> float | None:
+    """``value`` as a float, or None when it is missing, NaN or infinite."""
+    if value is None or isinstance(value, bool):
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+def _sum_finite(rounds: Sequence[Mapping[str, Any]], key: str) -> float | int:
+    """Sum of ``key`` over rounds, skipping missing/NaN entries; ints stay ints."""
+    values = [record.get(key) for record in rounds]
+    kept = [value for value in values if finite_or_none(value) is not None]
+    return sum(kept)
+
+
+def summarize(rounds: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Summary of a run's round records.
+
+    Parameters
+    ----------
+    rounds
+        Round records in round order (see :data:`experiments.results.writer.REQUIRED_ROUND_KEYS`).
+
+    Returns
+    -------
+    dict
+        ``final_accuracy`` (last non-null ``accuracy``), ``best_accuracy`` (max non-null),
+        ``final_global_accuracy`` / ``best_global_accuracy`` (the same for ``global_accuracy``),
+        ``total_uplink_bytes`` / ``total_downlink_bytes`` (sums), ``sim_time_s`` /
+        ``wall_time_s`` (sums of the per-round times) and ``rounds`` (count). A round whose
+        accuracy is null (no device evaluated) is skipped, never an error; with no accuracy at
+        all the accuracy fields are None.
+    """
+    summary: dict[str, Any] = {}
+    for key, prefix in (("accuracy", ""), ("global_accuracy", "global_")):
+        values = [finite_or_none(record.get(key)) for record in rounds]
+        values = [value for value in values if value is not None]
+        summary[f"final_{prefix}accuracy"] = values[-1] if values else None
+        summary[f"best_{prefix}accuracy"] = max(values) if values else None
+    summary["total_uplink_bytes"] = _sum_finite(rounds, "uplink_bytes")
+    summary["total_downlink_bytes"] = _sum_finite(rounds, "downlink_bytes")
+    summary["sim_time_s"] = _sum_finite(rounds, "sim_time_s")
+    summary["wall_time_s"] = _sum_finite(rounds, "wall_time_s")
+    summary["rounds"] = len(rounds)
+    return summary

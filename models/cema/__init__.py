@@ -1,0 +1,1 @@
+"""CEMA (seed 000): the edge's upload filter and the cloud's foundation adaptation and distillation."""

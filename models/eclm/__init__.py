@@ -1,0 +1,1 @@
+"""ECLM (seed 001): the modular network, the unified module selector, the knapsack, ability-enhancing training."""

@@ -1,0 +1,1 @@
+"""The online test-time-adaptation baselines of CEMA: one adapter contract, one module per method family."""
