@@ -101,9 +101,9 @@ def reestimate_bn(model: nn.Module, x: Tensor, batch_size: int | None = None, *,
     BN layer the statistics stay as they are.
 
     A layer that does not track statistics when called (``track_running_stats=False``, the width
-    family's training regime) is not reset, because ``reset_running_stats`` skips such layers: its
-    current statistics start the average with the weight of its ``num_batches_tracked`` counter
-    (a fresh layer's counter is 0, so it gets none).
+    family's training regime) is reset too: tracking is turned on before the reset, which torch's
+    ``reset_running_stats`` would otherwise skip. HeteroFL's ``stats()`` does the same: it loads
+    the trained weights into a fresh tracking model, whose statistics start empty.
 
     Parameters
     ----------
@@ -132,8 +132,8 @@ def reestimate_bn(model: nn.Module, x: Tensor, batch_size: int | None = None, *,
         return model
     momenta = [layer.momentum for layer in layers]
     for layer in layers:
-        layer.reset_running_stats()
         layer.momentum, layer.track_running_stats = None, True
+        layer.reset_running_stats()  # after tracking is on: torch skips the reset of a non-tracking layer
         layer.train()
     for batch in batches:
         model(batch)

@@ -117,15 +117,16 @@ def test_reestimate_turns_tracking_on_and_keeps_each_layers_momentum():
     assert [m.momentum for m in model] == [0.3, None]
 
 
-def test_reestimate_does_not_reset_a_layer_that_was_not_tracking():
-    # torch's reset_running_stats skips a layer with track_running_stats=False: its statistics
-    # (5, counter 3) start the cumulative average, (3 * 5 + 2) / 4 = 4.25 after one batch of mean 2
+def test_reestimate_resets_a_layer_that_was_not_tracking():
+    # HeteroFL's stats() starts from a fresh tracking model: the old statistics (5, counter 3)
+    # weigh nothing, one batch of mean 2 gives 2 (the old code's cumulative average gave 4.25)
     bn = nn.Sequential(nn.BatchNorm2d(1))
     bn[0].running_mean.fill_(5.0)
     bn[0].num_batches_tracked.fill_(3)
     bn[0].track_running_stats = False
     reestimate_bn(bn, _samples(1.0, 3.0))
-    assert bn[0].running_mean.item() == pytest.approx(4.25)
+    assert bn[0].running_mean.item() == pytest.approx(2.0)
+    assert bn[0].num_batches_tracked.item() == 1
 
 
 def test_reestimate_without_samples_or_bn_leaves_the_statistics():
