@@ -95,3 +95,11 @@ def test_the_multi_app_measurement_is_reused_only_for_its_master_sizes_and_apps(
     assert len(measured) == 3  # other app counts: measured again
     assert sorted(p.name for p in (tmp_path / "sev5").iterdir()) == [
         "multiapp.json", "multiapp.json.stale-1", "multiapp.json.stale-2"]  # nothing measured is lost
+
+
+def test_every_eclm_table_run_composes():
+    # each method's settings block exists only when that method is selected
+    for method in claims_eclm.METHODS:
+        config = composed_config([*claims_eclm.method_overrides(method, 2), "scenario=one_step"])
+        assert config["algorithm"]["name"] == method and config["dataset"]["partition"]["classes_per_device"] == 2
+    assert composed_config(claims_eclm.method_overrides("eclm", 5))["algorithm"]["eclm"]["subtask_size"] == 5
