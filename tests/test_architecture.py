@@ -1,13 +1,28 @@
 """The house's import layers (pyproject.toml [tool.importlinter]) hold, with no cycle anywhere."""
 
+import logging
 from pathlib import Path
 
+import pytest
 from importlinter.cli import lint_imports
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_import_contracts_hold(monkeypatch, capsys):
+@pytest.fixture
+def logging_restored():
+    """import-linter's command line reconfigures logging (``dictConfig`` disables every existing
+    logger, so later tests would capture no log record); put every logger back as it was."""
+    loggers = [logger for logger in logging.root.manager.loggerDict.values() if isinstance(logger, logging.Logger)]
+    saved = [(logger, logger.disabled, logger.propagate, logger.level, list(logger.handlers)) for logger in loggers]
+    root = (logging.root.level, list(logging.root.handlers))
+    yield
+    for logger, disabled, propagate, level, handlers in saved:
+        logger.disabled, logger.propagate, logger.level, logger.handlers[:] = disabled, propagate, level, handlers
+    logging.root.level, logging.root.handlers[:] = root
+
+
+def test_import_contracts_hold(monkeypatch, capsys, logging_restored):
     monkeypatch.chdir(ROOT)
     code = lint_imports(config_filename=str(ROOT / "pyproject.toml"), no_cache=True)
     report = capsys.readouterr().out
