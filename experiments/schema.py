@@ -64,17 +64,31 @@ class DatasetConfig:
     partition: PartitionConfig = field(default_factory=PartitionConfig)
 
 
+#: The 15 corruptions of CIFAR-10-C (Hendrycks & Dietterich 2019, figure 1 order: noise, blur,
+#: weather, digital); experiments/data/corruptions/ renders them.
+CORRUPTION_SUITE: tuple[str, ...] = (
+    "gaussian_noise", "shot_noise", "impulse_noise",
+    "defocus_blur", "glass_blur", "motion_blur", "zoom_blur",
+    "snow", "frost", "fog",
+    "brightness", "contrast", "elastic_transform", "pixelate", "jpeg_compression",
+)
+
+
 @dataclass(frozen=True)
 class ScenarioConfig:
-    """Dynamics of the edge environment: time slots (ECLM 2.1, 7.3) and online streams (CEMA)."""
+    """Dynamics of the edge environment: time slots (ECLM 2.1, 7.3) and online streams (CEMA).
 
-    name: str = "one_step"
+    The defaults are conf/scenario/corrupted.yaml: one adaptation step on edge data that each
+    device holds in one corruption of the suite, at the suite's middle severity.
+    """
+
+    name: str = "corrupted"
     replace_fraction: float = 0.0  # ECLM 2.1: 0.2 per slot; 7.3: 0.5 per slot
     slot_rounds: int = 1  # rounds per time slot
-    corruptions: tuple[str, ...] = ()  # domain of each slot's new data, cycled; () = clean
-    severity: int = 3  # corruption severity 1-5 (CIFAR-10-C recipe)
+    corruptions: tuple[str, ...] = CORRUPTION_SUITE  # domain of each slot's new data, cycled; () = clean
+    severity: int = 3  # corruption severity 1-5 (CIFAR-10-C recipe); 3: the middle level
     # Online test-time stream (CEMA setting, experiments/data/online.py):
-    per_device_domains: bool = False  # False: every device sees corruptions in order; True: a seeded permutation per device
+    per_device_domains: bool = True  # False: every device sees corruptions in order; True: a seeded permutation per device (streams and slots)
     stream_batch: int = 64  # CEMA: test batches of 64 (ALGORITHMS.md)
     batches_per_domain: int = 10  # online batches per domain before the next (assumption: sized for CPU runs)
 
@@ -97,7 +111,7 @@ class FleetConfig:
 class ModelConfig:
     """The network the cloud pre-trains and devices adapt."""
 
-    name: str = "auto"  # auto: the algorithm's own network (experiments/algorithms/registry.py); or a registered name
+    name: str = "auto"  # auto: the algorithm's own network (its plug-in's default_model); or a registered name
     width: int = 16  # channels of the first conv stage / hidden units (cnn: ~24k parameters)
     # Modular families only (ECLM 4.1-4.2); None keeps the family's default (models/eclm/families.py).
     top_k: int | None = None  # modules active per sample and layer

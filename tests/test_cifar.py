@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import pickle
 import sys
 import types
@@ -12,6 +13,10 @@ import pytest
 from experiments.data import FederatedData
 from experiments.data.cifar import load_cifar
 from experiments.schema import DatasetConfig, PartitionConfig, ScenarioConfig
+
+#: ECLM 7.2's scenario (conf/scenario/one_step.yaml): clean edge data unless corruptions are
+#: named, every device in the same order (the default scenario mixes corruptions per device)
+OneStep = functools.partial(ScenarioConfig, name="one_step", corruptions=(), per_device_domains=False)
 
 PARTITION = PartitionConfig(classes_per_device=2, size_min=4, size_max=8, test_size=3)
 
@@ -70,7 +75,7 @@ def test_cifar100_reads_fine_labels(tmp_path):
 def test_federated_cifar10_uses_images_as_they_are(tmp_path):
     write_cifar10(tmp_path)
     dataset = DatasetConfig(name="cifar10", root=str(tmp_path), partition=PARTITION)
-    fleet = FederatedData(dataset, ScenarioConfig(), num_devices=3, seed=0)
+    fleet = FederatedData(dataset, OneStep(), num_devices=3, seed=0)
     source = fleet.source
     assert fleet.split.test.tolist() == list(range(50, 60))  # the official test batch
     x, y = fleet.proxy()  # every proxy original once: round(0.3 * 5) = 2 per class
@@ -93,7 +98,7 @@ def test_federated_cifar10_uses_images_as_they_are(tmp_path):
 def test_federated_cifar100_with_a_corruption(tmp_path):
     write_cifar100(tmp_path)
     dataset = DatasetConfig(name="cifar100", root=str(tmp_path), partition=PARTITION)
-    fleet = FederatedData(dataset, ScenarioConfig(corruptions=("pixelate",)), 4, seed=0)
+    fleet = FederatedData(dataset, OneStep(corruptions=("pixelate",)), 4, seed=0)
     assert fleet.num_classes == 100
     data = fleet.device(1)
     plan, _ = fleet.device_plan(1)
@@ -105,9 +110,9 @@ def test_federated_cifar100_with_a_corruption(tmp_path):
 def test_missing_files_are_a_clear_error(tmp_path):
     dataset = DatasetConfig(name="cifar10", root=str(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match="set dataset.root .* or set dataset.download=true"):
-        FederatedData(dataset, ScenarioConfig(), 3, seed=0)
+        FederatedData(dataset, OneStep(), 3, seed=0)
     with pytest.raises(ValueError, match="needs dataset.root"):
-        FederatedData(DatasetConfig(name="cifar100"), ScenarioConfig(), 3, seed=0)
+        FederatedData(DatasetConfig(name="cifar100"), OneStep(), 3, seed=0)
     with pytest.raises(ValueError, match="cifar-100-python"):
         load_cifar("cifar100", str(tmp_path))
 
@@ -137,4 +142,4 @@ def test_test_part_must_cover_the_edge_classes(tmp_path):
     _write(folder / "test_batch", b"labels", [0] * 10, rng)  # only class 0 in test
     dataset = DatasetConfig(name="cifar10", root=str(tmp_path), partition=PARTITION)
     with pytest.raises(ValueError, match=r"classes \[1, 2, .*no test original"):
-        FederatedData(dataset, ScenarioConfig(), 3, seed=0)
+        FederatedData(dataset, OneStep(), 3, seed=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 import pytest
@@ -12,9 +13,13 @@ from experiments.data import CLEAN, FederatedData, build_federated_data, slot_do
 from experiments.data.stream import replaced_count
 from experiments.schema import DatasetConfig, PartitionConfig, ScenarioConfig
 
+#: ECLM 7.2's scenario (conf/scenario/one_step.yaml): clean edge data unless corruptions are
+#: named, every device in the same order (the default scenario mixes corruptions per device)
+OneStep = functools.partial(ScenarioConfig, name="one_step", corruptions=(), per_device_domains=False)
+
 torch.set_num_threads(1)
 SMALL = DatasetConfig(proxy_samples=200, global_test_samples=100)
-STREAM = ScenarioConfig(replace_fraction=0.2, corruptions=("gaussian_noise", "fog", "brightness"))
+STREAM = OneStep(replace_fraction=0.2, corruptions=("gaussian_noise", "fog", "brightness"))
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +28,9 @@ def fleet():
 
 
 def test_build_is_cached_per_process():
-    a = build_federated_data(SMALL, ScenarioConfig(), 10, 0)
-    assert build_federated_data(SMALL, ScenarioConfig(), 10, 0) is a
-    assert build_federated_data(SMALL, ScenarioConfig(), 10, 1) is not a
+    a = build_federated_data(SMALL, OneStep(), 10, 0)
+    assert build_federated_data(SMALL, OneStep(), 10, 0) is a
+    assert build_federated_data(SMALL, OneStep(), 10, 1) is not a
     assert a.num_classes == 10 and a.image_shape == (3, 32, 32)
 
 
@@ -112,12 +117,12 @@ def test_domains_cycle():
     assert [slot_domain(STREAM, t) for t in range(5)] == [
         "gaussian_noise", "fog", "brightness", "gaussian_noise", "fog",
     ]
-    assert slot_domain(ScenarioConfig(), 7) == CLEAN
+    assert slot_domain(OneStep(), 7) == CLEAN
 
 
 def test_corruption_changes_pixels_but_not_labels():
-    clean = FederatedData(SMALL, ScenarioConfig(), 10, seed=0).device(2)
-    contrast = ScenarioConfig(corruptions=("contrast",), severity=5)
+    clean = FederatedData(SMALL, OneStep(), 10, seed=0).device(2)
+    contrast = OneStep(corruptions=("contrast",), severity=5)
     noisy = FederatedData(SMALL, contrast, 10, seed=0).device(2)
     assert clean.domain == CLEAN and noisy.domain == "contrast"
     assert np.array_equal(clean.train_y, noisy.train_y)
@@ -155,7 +160,7 @@ def test_proxy_and_global_test(fleet):
 def test_iid_and_dirichlet_fleets_build():
     for partition in (PartitionConfig(kind="iid"), PartitionConfig(kind="dirichlet", alpha=0.3)):
         dataset = dataclasses.replace(SMALL, partition=partition)
-        fleet = FederatedData(dataset, ScenarioConfig(), 30, seed=0)
+        fleet = FederatedData(dataset, OneStep(), 30, seed=0)
         data = fleet.device(29)
         assert 50 <= len(data.train_y) <= 150 and set(data.test_y) <= set(data.train_y)
 
@@ -172,20 +177,20 @@ def test_to_tensor_by_hand():
 @pytest.mark.parametrize(
     ("dataset", "scenario", "message"),
     [
-        (DatasetConfig(name="mnist"), ScenarioConfig(), "dataset.name='mnist' is unknown"),
-        (DatasetConfig(partition=PartitionConfig(classes_per_device=11)), ScenarioConfig(),
+        (DatasetConfig(name="mnist"), OneStep(), "dataset.name='mnist' is unknown"),
+        (DatasetConfig(partition=PartitionConfig(classes_per_device=11)), OneStep(),
          "classes_per_device=11 exceeds the 10 classes"),
-        (DatasetConfig(partition=PartitionConfig(size_min=90, size_max=80)), ScenarioConfig(),
+        (DatasetConfig(partition=PartitionConfig(size_min=90, size_max=80)), OneStep(),
          "size_min=90 exceeds size_max=80"),
-        (DatasetConfig(test_fraction=0.0), ScenarioConfig(), "test_fraction=0.0 must lie"),
-        (DatasetConfig(proxy_fraction=1.0), ScenarioConfig(), "proxy_fraction=1.0 must lie"),
-        (DatasetConfig(partition=PartitionConfig(kind="dirichlet", alpha=0.0)), ScenarioConfig(),
+        (DatasetConfig(test_fraction=0.0), OneStep(), "test_fraction=0.0 must lie"),
+        (DatasetConfig(proxy_fraction=1.0), OneStep(), "proxy_fraction=1.0 must lie"),
+        (DatasetConfig(partition=PartitionConfig(kind="dirichlet", alpha=0.0)), OneStep(),
          "alpha=0.0 must be > 0"),
-        (DatasetConfig(partition=PartitionConfig(kind="shards")), ScenarioConfig(),
+        (DatasetConfig(partition=PartitionConfig(kind="shards")), OneStep(),
          "kind='shards' is unknown"),
-        (SMALL, ScenarioConfig(corruptions=("rain",)), "unknown corruption 'rain'"),
-        (SMALL, ScenarioConfig(corruptions=("fog",), severity=6), "severity=6 must be one of"),
-        (SMALL, ScenarioConfig(replace_fraction=1.5), "replace_fraction=1.5 must lie"),
+        (SMALL, OneStep(corruptions=("rain",)), "unknown corruption 'rain'"),
+        (SMALL, OneStep(corruptions=("fog",), severity=6), "severity=6 must be one of"),
+        (SMALL, OneStep(replace_fraction=1.5), "replace_fraction=1.5 must lie"),
     ],
 )
 def test_bad_config_is_one_clear_value_error(dataset, scenario, message):
@@ -201,9 +206,9 @@ def test_bad_device_requests(fleet):
         fleet.device(0, slot=-1)
     assert fleet.device(np.int64(4)).train_x.shape[1:] == (32, 32, 3)
     with pytest.raises(ValueError, match="number of devices"):
-        FederatedData(SMALL, ScenarioConfig(), 0, seed=0)
+        FederatedData(SMALL, OneStep(), 0, seed=0)
     with pytest.raises(ValueError, match="seed=-1 must be an integer >= 0"):
-        FederatedData(SMALL, ScenarioConfig(), 10, seed=-1)
+        FederatedData(SMALL, OneStep(), 10, seed=-1)
 
 
 def test_train_and_test_parts_equal_the_device_and_render_alone():
@@ -230,3 +235,29 @@ def test_device_parts_render_a_part_only_when_read():
     assert torch.equal(parts.test_y, torch.as_tensor(expected_y)) and torch.equal(parts.test_x, to_tensor(expected_x))
     assert ("train", 3, 1) not in shared._devices  # evaluation did not render the training set
     assert torch.equal(parts.train_y, torch.as_tensor(shared.device_train(3, 1)[1]))
+
+
+def test_per_device_domains_give_each_device_its_own_order_of_the_corruptions():
+    mix = OneStep(corruptions=("gaussian_noise", "fog", "brightness"), per_device_domains=True)
+    data = FederatedData(SMALL, mix, num_devices=20, seed=0)
+    from experiments.data import online
+
+    for k in (0, 7, 13):
+        order = online.device_domains(mix, 0, k)
+        assert sorted(order) == sorted(mix.corruptions)
+        assert [data.slot_domain(k, t) for t in range(4)] == [order[0], order[1], order[2], order[0]]
+        assert data.device_test(k, slot=1)[2] == order[1]
+    assert len({data.slot_domain(k, 0) for k in range(20)}) == 3  # the fleet holds a mix at slot 0
+    shared = FederatedData(SMALL, dataclasses.replace(mix, per_device_domains=False), num_devices=20, seed=0)
+    assert {shared.slot_domain(k, 1) for k in range(20)} == {"fog"}  # without it: the slot's domain for all
+
+
+def test_a_device_renders_its_own_domain_in_the_mix():
+    mix = OneStep(corruptions=("gaussian_noise", "brightness"), per_device_domains=True)
+    data = FederatedData(SMALL, mix, num_devices=20, seed=0)
+    clean = FederatedData(SMALL, OneStep(), num_devices=20, seed=0)
+    k = next(k for k in range(20) if data.slot_domain(k, 0) == "gaussian_noise")
+    noisy_x, noisy_y, domain = data.device_test(k)
+    clean_x, clean_y, _ = clean.device_test(k)
+    assert domain == "gaussian_noise" and np.array_equal(noisy_y, clean_y)  # same samples, labels kept
+    assert not np.array_equal(noisy_x, clean_x)

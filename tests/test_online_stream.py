@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 import pytest
@@ -12,9 +13,13 @@ from experiments.data import CLEAN, FederatedData, StreamBatch
 from experiments.data.online import batch_domain, batch_rows, device_domains
 from experiments.schema import ConfigError, DatasetConfig, ScenarioConfig
 
+#: ECLM 7.2's scenario (conf/scenario/one_step.yaml): clean edge data unless corruptions are
+#: named, every device in the same order (the default scenario mixes corruptions per device)
+OneStep = functools.partial(ScenarioConfig, name="one_step", corruptions=(), per_device_domains=False)
+
 SMALL = DatasetConfig(proxy_samples=200, global_test_samples=100)
 CORRUPTIONS = ("gaussian_noise", "fog", "brightness", "contrast")
-ONLINE = ScenarioConfig(corruptions=CORRUPTIONS, batches_per_domain=2, stream_batch=16)
+ONLINE = OneStep(corruptions=CORRUPTIONS, batches_per_domain=2, stream_batch=16)
 PER_DEVICE = dataclasses.replace(ONLINE, per_device_domains=True)
 
 
@@ -37,7 +42,7 @@ def test_batch_is_a_uint8_nhwc_record_of_stream_batch_samples(fleet):
 
 
 def test_default_batch_is_cema_64():
-    data = FederatedData(SMALL, ScenarioConfig(), num_devices=10, seed=0)
+    data = FederatedData(SMALL, OneStep(), num_devices=10, seed=0)
     batch = data.stream_batch(0, 0)
     assert batch.x.shape == (64, 32, 32, 3) and batch.domain == CLEAN
     assert data.device_domains(0) == (CLEAN,)
@@ -98,22 +103,23 @@ def test_labels_come_from_the_devices_own_classes(fleet):
 
 
 def test_corruption_changes_pixels_not_samples():
-    clean = FederatedData(SMALL, ScenarioConfig(stream_batch=16), 10, seed=0).stream_batch(1, 3)
-    faded = ScenarioConfig(corruptions=("contrast",), severity=5, stream_batch=16)
+    clean = FederatedData(SMALL, OneStep(stream_batch=16), 10, seed=0).stream_batch(1, 3)
+    faded = OneStep(corruptions=("contrast",), severity=5, stream_batch=16)
     shifted = FederatedData(SMALL, faded, 10, seed=0).stream_batch(1, 3)
     assert np.array_equal(clean.y, shifted.y) and shifted.domain == "contrast"
     assert shifted.x.astype(float).std() < 0.5 * clean.x.astype(float).std()
 
 
 def test_batch_larger_than_the_partition_draws_with_replacement():
-    big = ScenarioConfig(stream_batch=400)  # a partition of 20 devices holds ~150 rows
+    big = OneStep(stream_batch=400)  # a partition of 20 devices holds ~150 rows
     batch = FederatedData(SMALL, big, 20, seed=0).stream_batch(0, 0)
     assert batch.x.shape == (400, 32, 32, 3)
 
 
 def test_stream_settings_leave_slot_data_unchanged():
+    # (per_device_domains does change it: each device then holds its own domain, tests/test_federated.py)
     slot_data = FederatedData(SMALL, ONLINE, 20, seed=0).device(3, slot=1)
-    other = dataclasses.replace(PER_DEVICE, stream_batch=8, batches_per_domain=5)
+    other = dataclasses.replace(ONLINE, stream_batch=8, batches_per_domain=5)
     same = FederatedData(SMALL, other, 20, seed=0).device(3, slot=1)
     assert np.array_equal(slot_data.train_x, same.train_x) and slot_data.domain == same.domain
 
@@ -135,7 +141,7 @@ def test_bad_stream_settings_fail_config_validation(scenario, message):
 @pytest.mark.parametrize("key", ["stream_batch", "batches_per_domain"])
 def test_data_room_rejects_bad_stream_settings(key):
     with pytest.raises(ConfigError, match=f"scenario.{key}=-1 must be an integer >= 1"):
-        FederatedData(SMALL, ScenarioConfig(**{key: -1}), 10, seed=0)
+        FederatedData(SMALL, OneStep(**{key: -1}), 10, seed=0)
 
 
 def test_bad_stream_requests(fleet):

@@ -173,20 +173,31 @@ class FederatedData:
                 self._devices.popitem(last=False)
         return self._devices[key]
 
+    def slot_domain(self, partition_id: int, slot: int) -> str:
+        """The domain of device ``partition_id``'s data drawn at ``slot``.
+
+        The scenario's domain of the slot (``corruptions[slot % len]``, every device alike), or,
+        with ``per_device_domains``, the device's own seeded order of the corruptions
+        (:func:`~experiments.data.online.device_domains`), so the fleet holds a mix of domains
+        in every slot.
+        """
+        if self.scenario.per_device_domains and self.scenario.corruptions:
+            order = online.device_domains(self.scenario, self.seed, partition_id)
+            return order[slot % len(order)]
+        return slot_domain(self.scenario, slot)
+
     def _render_train(self, k: int, t: int) -> tuple[np.ndarray, np.ndarray]:
         """Each training sample of device ``k``'s plan in the domain of the slot it was drawn in."""
         plan, _ = self.device_plan(k, t)
         originals = self.pool_originals[plan.rows]
         train_seeds = seed_rows(self.seed, _TAG_DEVICE, k, plan.draws)
-        train_x = self._render(
-            originals, train_seeds, [slot_domain(self.scenario, int(s)) for s in plan.slots]
-        )
+        train_x = self._render(originals, train_seeds, [self.slot_domain(k, int(s)) for s in plan.slots])
         return train_x, self.source.labels[originals]
 
     def _render_test(self, k: int, t: int) -> tuple[np.ndarray, np.ndarray, str]:
         """Device ``k``'s local test set in slot ``t``'s domain."""
         _, tests = self.device_plan(k, t)
-        domain = slot_domain(self.scenario, t)
+        domain = self.slot_domain(k, t)
         test_seeds = seed_rows(self.seed, _TAG_DEVICE_TEST, k, np.arange(len(tests)))
         test_x = self._render(tests, test_seeds, [domain] * len(tests))
         return test_x, self.source.labels[tests], domain

@@ -52,13 +52,9 @@ from experiments.data.corruptions.digital import (
 )
 from experiments.data.corruptions.noise import _gaussian_noise, _impulse_noise, _shot_noise
 from experiments.data.corruptions.weather import _fog, _frost, _snow
+from experiments.schema import CORRUPTION_SUITE
 
-CORRUPTIONS: tuple[str, ...] = (
-    "gaussian_noise", "shot_noise", "impulse_noise",
-    "defocus_blur", "glass_blur", "motion_blur", "zoom_blur",
-    "snow", "frost", "fog",
-    "brightness", "contrast", "elastic_transform", "pixelate", "jpeg_compression",
-)  # Hendrycks & Dietterich 2019, figure 1 order: noise, blur, weather, digital
+CORRUPTIONS: tuple[str, ...] = CORRUPTION_SUITE  # Hendrycks & Dietterich 2019, figure 1 order: noise, blur, weather, digital
 SEVERITIES = (1, 2, 3, 4, 5)
 
 # ----------------------------------------------------------------- input limits
