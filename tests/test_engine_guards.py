@@ -168,11 +168,21 @@ def test_run_simulation_takes_what_run_apps_passes_and_its_deprecation_is_told_o
     calls = []
     monkeypatch.setattr(flower_module, "_run_simulation", lambda **kwargs: calls.append(kwargs))
     for _ in range(2):
-        run_apps("server", "client", num_supernodes=3, backend={"init_args": {}}, verbose=False)
+        run_apps("server", "client", num_supernodes=3, backend={"init_args": {}}, verbose=True)
     assert [(c["server_app"], c["client_app"], c["num_supernodes"], c["backend_name"]) for c in calls] == [
         ("server", "client", 3, "ray")] * 2  # "ray": start_vce builds the class the engine installs
     told = [m for m in flower_warnings if "run_simulation" in m]
     assert told == [ENGINE_NOTICE]  # Flower told twice, the engine passed it on once
+
+
+def test_without_verbose_the_deprecation_stays_out_of_the_terminal(monkeypatch, flower_warnings, caplog):
+    flower_module = sys.modules[flower_run_simulation.__module__]
+    monkeypatch.setattr(flower_module, "_run_simulation", lambda **kwargs: None)
+    with caplog.at_level(logging.DEBUG, logger=guards.__name__):
+        for _ in range(2):
+            run_apps("server", "client", num_supernodes=3, backend={"init_args": {}}, verbose=False)
+    assert [m for m in flower_warnings if "run_simulation" in m] == []
+    assert [r.getMessage() for r in caplog.records if r.name == guards.__name__] == [ENGINE_NOTICE]
 
 
 # --------------------------------------------------------------------------- Ray internals (the watchdog's)
@@ -255,7 +265,7 @@ def test_recording_never_raises_over_a_failed_run(tmp_path, caplog):
 
 
 def test_the_deprecation_notice_is_rewritten_once_and_other_records_pass():
-    notice = DeprecationNotice()
+    notice = DeprecationNotice(verbose=True)
 
     def record(text: str) -> logging.LogRecord:
         return logging.LogRecord("flwr", logging.WARNING, __file__, 1, "DEPRECATED FEATURE: %s", (text,), None)

@@ -135,11 +135,16 @@ class EngineWitness:
 
 
 class DeprecationNotice(logging.Filter):
-    """Turns Flower's deprecation notice for ``run_simulation`` into :data:`ENGINE_NOTICE`, once per process."""
+    """Turns Flower's deprecation notice for ``run_simulation`` into :data:`ENGINE_NOTICE`, once per process.
 
-    def __init__(self) -> None:
+    A user cannot act on it (the project pins Flower), so it reaches the terminal only with
+    ``engine.verbose``; otherwise it goes to this module's logger at DEBUG.
+    """
+
+    def __init__(self, verbose: bool = False) -> None:
         super().__init__()
         self.told = False
+        self.verbose = verbose
 
     def filter(self, record: logging.LogRecord) -> bool:  # noqa: D102  (logging.Filter API)
         if FLOWER_DEPRECATION_MARK not in record.getMessage():
@@ -147,16 +152,20 @@ class DeprecationNotice(logging.Filter):
         if self.told:
             return False
         self.told = True
+        if not self.verbose:
+            logger.debug(ENGINE_NOTICE)
+            return False
         record.msg, record.args = ENGINE_NOTICE, ()
         return True
 
 
-def notice_deprecation() -> DeprecationNotice:
+def notice_deprecation(verbose: bool = False) -> DeprecationNotice:
     """Install :class:`DeprecationNotice` on Flower's logger (once); returns the installed filter."""
     flwr_logger = logging.getLogger(FLOWER_LOGGER)
     for existing in flwr_logger.filters:
         if isinstance(existing, DeprecationNotice):
+            existing.verbose = verbose
             return existing
-    notice = DeprecationNotice()
+    notice = DeprecationNotice(verbose)
     flwr_logger.addFilter(notice)
     return notice

@@ -248,7 +248,7 @@ def run_apps(server_app: Any, client_app: Any, *, num_supernodes: int, backend: 
     1.41 logs that ``run_simulation`` is deprecated; the engine says so in its own words
     (:class:`~experiments.engine.guards.DeprecationNotice`), once per process.
     """
-    notice_deprecation()
+    notice_deprecation(verbose)
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_supernodes,
                    backend_config=backend, verbose_logging=verbose)
 
