@@ -24,7 +24,7 @@ from flwr.clientapp import ClientApp
 from clients.base import Device, StreamTensors
 from experiments.algorithms import ALGORITHMS
 from experiments.config import from_flat
-from experiments.data import build_federated_data, to_tensor
+from experiments.data import build_federated_data, stream, to_tensor
 from experiments.fleet import budgets as fleet
 from experiments.fleet import startup
 from experiments.fleet.faults import TIMEOUT_OVERSHOOT, FaultInjector
@@ -41,8 +41,8 @@ PARTITION_KEY = "partition-id"
 
 
 def slot_of_round(cfg: RunConfig, server_round: int) -> int:
-    """Time slot of a round: slot 0 for rounds 1..slot_rounds, then one more per slot_rounds."""
-    return max(server_round - 1, 0) // cfg.scenario.slot_rounds
+    """Time slot of a round (:func:`experiments.data.stream.slot_of_round`)."""
+    return stream.slot_of_round(cfg.scenario, server_round)
 
 
 @functools.lru_cache(maxsize=4)

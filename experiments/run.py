@@ -115,9 +115,21 @@ def _run_job(hydra_cfg: DictConfig, run_dir: Path, multirun: bool) -> None:
 
     try:
         simulate(cfg, run_dir)
-        print(f"results: {run_dir / 'results.json'}")
     except Exception as exc:  # a failed job must never stop the sweep or lose its record
         record_failed_job(run_dir, exc, multirun)
+        return
+    print_closing_summary(run_dir, multirun)
+
+
+def print_closing_summary(run_dir: Path, multirun: bool) -> None:
+    """The finished run's before/after table, files and next commands (a sweep's jobs: the results path)."""
+    from experiments.results.closing import closing_summary
+    from experiments.results.writer import load_results
+
+    if multirun:
+        print(f"results: {run_dir / 'results.json'}")
+        return
+    print("\n" + closing_summary(load_results(run_dir), run_dir), flush=True)
 
 
 def record_failed_job(run_dir: Path, error: Exception, multirun: bool) -> None:

@@ -10,8 +10,10 @@ records are checkpointed; ``resume=true`` continues from the newest checkpoint
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,9 +23,10 @@ from flwr.serverapp import Grid, ServerApp
 
 from experiments.algorithms import ALGORITHMS
 from experiments.config import from_flat
-from experiments.data import build_federated_data, to_tensor
+from experiments.data import build_federated_data, stream, to_tensor
 from experiments.pretrain.cache import pretrained_model
 from experiments.pretrain.networks import build_run_model
+from experiments.results.phase_progress import phase
 from experiments.results.progress import ProgressLine
 from experiments.results.writer import ResultsWriter
 from experiments.resume.checkpointer import DEVICE_STATE_SAVED, Checkpointer, devices_saved, start_or_resume
@@ -45,6 +48,18 @@ def global_test_tensors(data) -> tuple[torch.Tensor, torch.Tensor]:
     """The cloud's clean test set as (float images, int64 labels) tensors."""
     test_x, test_y = data.global_test()
     return to_tensor(test_x), torch.as_tensor(test_y, dtype=torch.long)
+
+
+def pretrained_scorer(cfg: RunConfig, data, model: torch.nn.Module) -> Callable[[int, int], float]:
+    """``(partition_id, round) -> accuracy`` of a frozen copy of the pre-trained ``model`` on the
+    device's local test data of that round (what NA scores there; the simulation's data)."""
+    frozen = copy.deepcopy(model)
+
+    def score(partition_id: int, server_round: int) -> float:
+        x, y, _ = data.device_test(partition_id, stream.slot_of_round(cfg.scenario, server_round))
+        return accuracy(frozen, to_tensor(x), torch.as_tensor(y, dtype=torch.long))
+
+    return score
 
 
 def run_cloud(grid: Grid, cfg: RunConfig, run_dir: Path, device_dir: Path | None = None) -> dict:
@@ -77,20 +92,24 @@ def run_cloud(grid: Grid, cfg: RunConfig, run_dir: Path, device_dir: Path | None
             writer.add_round(record)
             progress.update(record)
 
+        with phase(f"preparing the {cfg.algorithm.name} cloud"):
+            strategy_args = algorithm.strategy_args(cfg, model, data)
         strategy = algorithm.strategy(
-            **algorithm.strategy_args(cfg, model, data),
+            **strategy_args,
             per_round=cfg.fleet.per_round,
             seed=cfg.seed,
             expected_devices=cfg.fleet.devices,
             deadline_s=cfg.fleet.deadline_s,
             on_round=on_round,
+            pretrained_accuracy=pretrained_scorer(cfg, data, model) if algorithm.local_test else None,
         )
         # the cloud renders its test set and scores the pre-trained model while the devices
         # answer discovery, instead of before it (start-up time)
         pretrained = background.submit(lambda: accuracy(model, *test_set.result()))
         background.shutdown(wait=False)
         started = time.perf_counter()
-        strategy.discover(grid, cfg.engine.round_timeout_s)
+        with phase(f"waiting for {cfg.fleet.devices} devices to report their budgets"):
+            strategy.discover(grid, cfg.engine.round_timeout_s)
         discovery_s = time.perf_counter() - started
         pretrained_accuracy = pretrained.result()
         logger.info("%d devices reported their budgets in %.1f s", len(strategy.devices), discovery_s)

@@ -46,6 +46,7 @@ def run_epochs(
     settings: TrainSettings,
     seed: int,
     step: Callable[[torch.Tensor], float],
+    on_epoch: Callable[[int, float], None] | None = None,
 ) -> float:
     """The mini-batch loop every training pass shares: seeded batches, optimizer, schedule.
 
@@ -69,6 +70,9 @@ def run_epochs(
         Seed of the batch order.
     step : callable
         ``idx -> loss value``: forward and backward pass on the batch ``idx``.
+    on_epoch : callable or None
+        ``(epoch, mean loss) -> None``, called after each epoch (epochs count from 0), e.g.
+        to show progress; it sees the loss only and changes no draw or weight.
 
     Returns
     -------
@@ -83,7 +87,7 @@ def run_epochs(
     scheduler = make_scheduler(optimizer, settings, settings.epochs * -(-num_samples // settings.batch_size))
     model.train()
     last = float("nan")
-    for _ in range(settings.epochs):
+    for epoch in range(settings.epochs):
         order = torch.randperm(num_samples, generator=generator)
         total, count = 0.0, 0
         for start in range(0, num_samples, settings.batch_size):
@@ -98,6 +102,8 @@ def run_epochs(
             total += loss * len(idx)
             count += len(idx)
         last = total / max(count, 1)
+        if on_epoch is not None:
+            on_epoch(epoch, last)
     return last
 
 
@@ -108,13 +114,15 @@ def train_epochs(
     settings: TrainSettings,
     seed: int,
     extra_loss: Callable[[nn.Module], torch.Tensor] | None = None,
+    on_epoch: Callable[[int, float], None] | None = None,
 ) -> float:
     """Train ``model`` in place with cross-entropy for ``settings.epochs`` epochs.
 
     Batches come from :func:`run_epochs` (seeded by ``seed``, so the same call gives the
     same weights). ``extra_loss(model)``, read after each forward pass, is added to the
-    loss (e.g. ECLM's load-balancing term). Returns the mean training loss of the last
-    epoch (NaN when there is no data).
+    loss (e.g. ECLM's load-balancing term). ``on_epoch(epoch, mean loss)`` is called after
+    each epoch (:func:`run_epochs`). Returns the mean training loss of the last epoch (NaN
+    when there is no data).
     """
     loss_fn = nn.CrossEntropyLoss()
 
@@ -125,7 +133,7 @@ def train_epochs(
         loss.backward()
         return float(loss.detach())
 
-    return run_epochs(model, len(x), settings, seed, step)
+    return run_epochs(model, len(x), settings, seed, step, on_epoch)
 
 
 @contextmanager

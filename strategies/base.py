@@ -58,6 +58,7 @@ TRAIN_PREFIX = "train_"
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
 RoundSink = Callable[[dict[str, Any]], None]
 RoundHook = Callable[[int, ArrayRecord], None]
+DeviceScore = Callable[[int, int], float]
 
 
 @dataclass
@@ -109,6 +110,13 @@ class EdgeCloudStrategy(Strategy):
     after_round : callable, optional
         ``(round, arrays) -> None`` after each round's record was emitted (the apps write
         checkpoints there); also settable as the attribute of that name.
+    pretrained_accuracy : callable, optional
+        ``(partition_id, round) -> float``: the pre-trained model's accuracy on that device's
+        local test data in that round, what doing nothing (NA) would score there. The round
+        record's ``pretrained_accuracy`` averages it over the devices that completed the round,
+        weighted like ``accuracy`` by their training-set size, so ``accuracy`` minus it is what
+        the round's adaptation bought. It reads the devices' data, which only a simulation has
+        (None: the record holds None).
 
     Attributes
     ----------
@@ -128,6 +136,7 @@ class EdgeCloudStrategy(Strategy):
         deadline_s: float | None = None,
         on_round: RoundSink | None = None,
         after_round: RoundHook | None = None,
+        pretrained_accuracy: DeviceScore | None = None,
     ) -> None:
         if per_round < 1:
             raise ValueError(f"per_round must be >= 1, got {per_round}")
@@ -138,6 +147,7 @@ class EdgeCloudStrategy(Strategy):
         self.deadline_s = deadline_s
         self.on_round = on_round
         self.after_round = after_round
+        self.pretrained_accuracy = pretrained_accuracy
         self.devices: dict[int, DeviceInfo] = {}
         self._by_node: dict[int, int] = {}
         self.ledger = RoundLedger()
@@ -447,6 +457,7 @@ class EdgeCloudStrategy(Strategy):
             "round": server_round,
             "accuracy": self.local_metrics(train_metrics, eval_metrics).get(ACCURACY_KEY),
             "global_accuracy": metric_values(global_metrics).get(ACCURACY_KEY),
+            "pretrained_accuracy": self.cohort_pretrained_accuracy(server_round, sorted(ledger.completed)),
             "uplink_bytes": ledger.uplink_bytes,
             "downlink_bytes": ledger.downlink_bytes,
             "sim_time_s": sim_time,
@@ -458,6 +469,17 @@ class EdgeCloudStrategy(Strategy):
             if name != ACCURACY_KEY:
                 record[name if name.startswith(TRAIN_PREFIX) else TRAIN_PREFIX + name] = value
         return record
+
+    def cohort_pretrained_accuracy(self, server_round: int, partition_ids: list[int]) -> float | None:
+        """The pre-trained model's accuracy on ``partition_ids``' local tests, weighted by training-set size.
+
+        None without a ``pretrained_accuracy`` scorer or devices; devices whose test set is
+        empty (NaN) are left out, as the round's ``accuracy`` leaves them out.
+        """
+        if self.pretrained_accuracy is None:
+            return None
+        scores = [self.pretrained_accuracy(pid, server_round) for pid in partition_ids]
+        return weighted_metric(scores, [float(self.devices[pid].num_examples) for pid in partition_ids])
 
     @staticmethod
     def local_metrics(train_metrics: MetricRecord | None, eval_metrics: MetricRecord | None) -> dict[str, Any]:

@@ -136,6 +136,12 @@ def test_sweep_over_baselines_survives_a_crashed_job(tmp_path):
     # LA sends nothing up but metrics; NA trains nothing
     local_rounds = statuses[("local", None)]["rounds"]
     assert all(r["uplink_bytes"] < 2000 for r in local_rounds)
+    # before and after on the same devices: NA's "after" is its "before"; LA records both
+    for record in statuses[("none", None)]["rounds"]:
+        assert record["accuracy"] == pytest.approx(record["pretrained_accuracy"], abs=1e-12)
+    assert all(0 <= r["pretrained_accuracy"] <= 1 for r in local_rounds)
+    summary = statuses[("local", None)]["summary"]
+    assert summary["accuracy_gain"] == pytest.approx(summary["final_accuracy"] - summary["final_pretrained_accuracy"])
 
 
 def test_bad_override_fails_fast_with_a_readable_message(tmp_path):

@@ -213,12 +213,26 @@ def test_summary_against_hand_computed_values():
         "best_accuracy": 0.8,  # round 3
         "final_global_accuracy": 0.6,  # round 4 has none, round 3 is the last with one
         "best_global_accuracy": 0.7,
+        "final_pretrained_accuracy": None, "accuracy_gain": None, "mean_accuracy_gain": None,  # no "before" recorded
         "total_uplink_bytes": 500,  # 100 + 200 + 50 + 150
         "total_downlink_bytes": 1200,  # 4 x 300
         "sim_time_s": 8.0,  # 2.5 + 3.0 + 1.5 + 1.0
         "wall_time_s": 4.0,  # 1.0 + 2.0 + 0.5 + 0.5
         "rounds": 4,
     }
+
+
+def test_summary_puts_the_pre_trained_models_accuracy_beside_the_adapted_one():
+    rounds = [
+        make_record(1, accuracy=0.6, pretrained_accuracy=0.5),
+        make_record(2, accuracy=0.9, pretrained_accuracy=None),  # a round without a "before"
+        make_record(3, accuracy=0.8, pretrained_accuracy=0.4),
+        make_record(4, accuracy=None, pretrained_accuracy=0.3),  # no device evaluated: skipped
+    ]
+    summary = summarize(rounds)
+    assert summary["final_accuracy"] == 0.8 and summary["final_pretrained_accuracy"] == 0.4  # round 3's pair
+    assert summary["accuracy_gain"] == pytest.approx(0.4)  # 0.8 - 0.4
+    assert summary["mean_accuracy_gain"] == pytest.approx(0.25)  # (0.1 + 0.4) / 2
 
 
 def test_summary_without_any_accuracy_or_rounds_does_not_crash():

@@ -190,3 +190,13 @@ def test_an_error_in_the_clouds_evaluation_reaches_the_caller():
     strategy = _evaluating_strategy([])
     with pytest.raises(RuntimeError, match="unreadable"):
         strategy.run_round(_WaitingGrid(started), 1, _record(w=np.zeros(1, dtype=np.float32)), evaluate_fn=evaluate_fn)
+
+
+def test_the_cohorts_pretrained_accuracy_is_weighted_like_accuracy_by_training_set_size():
+    scores = {0: 0.5, 1: 0.9, 2: float("nan")}  # device 2's test set is empty: left out, as accuracy leaves it
+    strategy = _Plain(per_round=3, seed=0, expected_devices=3, pretrained_accuracy=lambda pid, r: scores[pid] + r / 100)
+    strategy.devices = {pid: DeviceInfo(pid, 100 + pid, size, {}) for pid, size in ((0, 10), (1, 30), (2, 50))}
+    assert strategy.cohort_pretrained_accuracy(0, [0, 1, 2]) == pytest.approx((10 * 0.5 + 30 * 0.9) / 40)  # 0.8
+    assert strategy.cohort_pretrained_accuracy(10, [0]) == pytest.approx(0.6)  # the scorer sees the round
+    assert strategy.cohort_pretrained_accuracy(1, []) is None
+    assert _strategy(0).cohort_pretrained_accuracy(1, [0, 1]) is None  # no scorer: no "before"

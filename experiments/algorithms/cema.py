@@ -157,5 +157,6 @@ ALGORITHMS = (
         client_options=client_options,
         validate=validate,
         device_state=True,
+        local_test=False,
     ),
 )

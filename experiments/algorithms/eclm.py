@@ -17,6 +17,7 @@ from torch import nn
 
 from clients.eclm import ECLMClient
 from experiments.algorithms.plugin import Algorithm
+from experiments.results.phase_progress import phase
 from experiments.schema import ConfigError, RunConfig
 from experiments.validation import require
 from models.eclm.ability import define_subtasks, fixed_subtasks
@@ -113,20 +114,25 @@ def subtasks_for(cfg: RunConfig, data, num_classes: int) -> list[tuple[int, ...]
 
 
 def cloud_training(cfg: RunConfig, model: ModularNet, x: torch.Tensor, y: torch.Tensor, data) -> None:
-    """ECLM 4.3 on the proxy part: end-to-end (CE + load balance), then ability-enhancing."""
+    """ECLM 4.3 on the proxy part: end-to-end (CE + load balance), then ability-enhancing.
+
+    Each stage shows its epochs as a progress phase (:mod:`experiments.results.phase_progress`).
+    """
     check_model(model)
     options = cfg.algorithm.options
     model.balance_weight = options.load_balance_weight
     pre = cfg.pretrain
     settings = TrainSettings(pre.epochs, pre.lr, pre.batch_size, "adam", schedule=pre.schedule)
-    train_end_to_end(model, x, y, settings, cfg.seed)
+    with phase("ECLM cloud training, end to end", total=pre.epochs, unit="epoch") as step:
+        train_end_to_end(model, x, y, settings, cfg.seed, on_epoch=step.epoch)
     if options.ability_epochs > 0:
         subtasks = subtasks_for(cfg, data, data.num_classes)
         ability = AbilitySettings(
             options.ability_epochs, options.kappa1, options.kappa2, options.kl_weight, options.ability_load_balance
         )
         fine = TrainSettings(options.ability_epochs, pre.lr / ABILITY_LR_DIVISOR, pre.batch_size, "adam")
-        train_ability(model, x, y, subtasks, data.num_classes, fine, ability, cfg.seed)
+        with phase("ECLM module ability-enhancing", total=options.ability_epochs, unit="epoch") as step:
+            train_ability(model, x, y, subtasks, data.num_classes, fine, ability, cfg.seed, on_epoch=step.epoch)
 
 
 def catalog(model: ModularNet, batch_size: int) -> ModuleCatalog:

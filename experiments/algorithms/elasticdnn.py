@@ -25,6 +25,7 @@ from clients.elastic import ElasticClient
 from experiments.algorithms.plugin import Algorithm
 from experiments.data import to_tensor
 from experiments.pretrain.cache import CloudTraining, atomic_save, pretrain_cache_path
+from experiments.results.phase_progress import phase
 from experiments.schema import ConfigError, RunConfig, config_hash
 from experiments.validation import require
 from models.elastic.bank import bank_thetas
@@ -108,8 +109,9 @@ def cloud_training(cfg: RunConfig, model: ElasticMaster, x: torch.Tensor, y: tor
     """The offline master DNN constructor (III-A): CE + gate L1 + bank loss, random sparsity per step."""
     check_model(model)
     pre = cfg.pretrain
-    pretrain_master(model.master, model.bank, x, y, epochs=pre.epochs, lr=pre.lr, batch_size=pre.batch_size,
-                    seed=cfg.seed, sandwich=cfg.algorithm.options.sandwich)
+    with phase("ElasticDNN master and bank pre-training", total=pre.epochs, unit="epoch") as step:
+        pretrain_master(model.master, model.bank, x, y, epochs=pre.epochs, lr=pre.lr, batch_size=pre.batch_size,
+                        seed=cfg.seed, sandwich=cfg.algorithm.options.sandwich, on_epoch=step.epoch)
 
 
 def training_key(cfg: RunConfig) -> dict:
@@ -163,7 +165,8 @@ def compressed_baseline(cfg: RunConfig, elastic: ElasticMaster, data) -> nn.Modu
     x, y = to_tensor(proxy_x), torch.as_tensor(proxy_y, dtype=torch.long)
     pre = cfg.pretrain
     settings = TrainSettings(epochs=opts.compress_epochs, lr=pre.lr, batch_size=pre.batch_size, schedule=pre.schedule)
-    train_epochs(small.train(), x, y, settings, seed=cfg.seed)
+    with phase("fine-tuning the compressed same-size model", total=opts.compress_epochs, unit="epoch") as step:
+        train_epochs(small.train(), x, y, settings, seed=cfg.seed, on_epoch=step.epoch)
     logger.info("compressed model (%.0f %% of the filters) fine-tuned %d epochs: proxy accuracy %.3f",
                 100 * opts.keep_fraction, opts.compress_epochs, accuracy(small, x, y))
     atomic_save(small.state_dict(), path)
@@ -193,5 +196,6 @@ ALGORITHMS = (
         check_model=check_model,
         validate=validate,
         device_state=True,
+        local_test=False,
     ),
 )

@@ -17,6 +17,7 @@ from torch import nn
 from clients.heterofl import HeteroFLClient
 from experiments.algorithms.plugin import Algorithm
 from experiments.pretrain.networks import build_run_model
+from experiments.results.phase_progress import phase
 from experiments.schema import ConfigError, RunConfig
 from experiments.validation import require
 from models.batchnorm import reestimate_bn
@@ -92,20 +93,25 @@ def cloud_training(cfg: RunConfig, model: nn.Module, x: torch.Tensor, y: torch.T
     """
     check_model(model)
     pre = cfg.pretrain
-    train_epochs(model, x, y, TrainSettings(pre.epochs, pre.lr, pre.batch_size, "adam", schedule=pre.schedule), cfg.seed)
+    settings = TrainSettings(pre.epochs, pre.lr, pre.batch_size, "adam", schedule=pre.schedule)
+    with phase("HeteroFL cloud training at full width", total=pre.epochs, unit="epoch") as progress:
+        train_epochs(model, x, y, settings, cfg.seed, on_epoch=progress.epoch)
     factory = lambda: build_run_model(cfg.model, data.num_classes, data.image_shape[0], seed=cfg.seed)  # noqa: E731
     fine = TrainSettings(1, pre.lr / 3, pre.batch_size, "adam")
     rates = sorted(cfg.algorithm.options.rates)
-    for epoch in range(cfg.algorithm.options.multirate_epochs):
-        state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
-        updates = []
-        for step, rate in enumerate(rates):  # one "client" per rate, averaged like a HeteroFL round
-            sub = scaled_model(factory, rate)
-            sub.load_state_dict({k: torch.from_numpy(v) for k, v in extract(state, rate).items()})
-            train_epochs(sub, x, y, fine, seed=cfg.seed * 1000 + epoch * 10 + step)
-            updates.append(SubModelUpdate({k: v.detach().numpy() for k, v in sub.state_dict().items()}, rate))
-        merged = covering_average(state, updates)
-        model.load_state_dict({k: torch.from_numpy(v) for k, v in merged.items()})
+    epochs = cfg.algorithm.options.multirate_epochs
+    with phase("HeteroFL cloud training at every width", total=epochs * len(rates), unit="sub-model epoch") as progress:
+        for epoch in range(epochs):
+            state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+            updates = []
+            for step, rate in enumerate(rates):  # one "client" per rate, averaged like a HeteroFL round
+                sub = scaled_model(factory, rate)
+                sub.load_state_dict({k: torch.from_numpy(v) for k, v in extract(state, rate).items()})
+                loss = train_epochs(sub, x, y, fine, seed=cfg.seed * 1000 + epoch * 10 + step)
+                updates.append(SubModelUpdate({k: v.detach().numpy() for k, v in sub.state_dict().items()}, rate))
+                progress(loss=loss)
+            merged = covering_average(state, updates)
+            model.load_state_dict({k: torch.from_numpy(v) for k, v in merged.items()})
     reestimate_bn(model, x, pre.batch_size, even_batches=True)
 
 

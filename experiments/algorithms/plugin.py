@@ -73,6 +73,10 @@ class Algorithm:
     device_state : bool
         Whether its devices keep state between rounds in ``context.state`` (online stream
         position, adapter, filter): a resumed run then needs the state the devices saved.
+    local_test : bool
+        Whether the round's ``accuracy`` is the devices' score on their local test sets; the
+        round then also records the pre-trained model's score on those sets
+        (``pretrained_accuracy``). False for methods scored on stream batches (online accuracy).
     """
 
     name: str
@@ -88,6 +92,7 @@ class Algorithm:
     check_model: Callable[[nn.Module], None] = any_model
     validate: Callable[[RunConfig], None] = nothing_to_check
     device_state: bool = False
+    local_test: bool = True
 
     @property
     def options_key(self) -> str | None:

@@ -180,7 +180,7 @@ def client_options(method: str):
 def _baseline(name: str, description: str, options: type | None = None) -> Algorithm:
     """A baseline run on each device (models/tta/), its cloud tallying online accuracy."""
     return Algorithm(name, description, OnlineTTA, TTAClient, options=options, client_options=client_options(name),
-                     validate=validate, device_state=True)
+                     validate=validate, device_state=True, local_test=False)
 
 
 ALGORITHMS = (

@@ -22,7 +22,10 @@ excluded (reported apart).
 
 Output: a JSON (``docs/performance.json`` or ``--out``) and a markdown report
 (``docs/PERFORMANCE.md``, or beside ``--out``) with the machine, the command and every ratio
-next to the issue's target.
+next to its target.
+
+``--first-run`` times only README's first command, cold and warm
+(:mod:`experiments.bench.first_run`), and writes that section of the markdown report.
 """
 
 from __future__ import annotations
@@ -176,6 +179,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help=f"the JSON (default {DEFAULT_JSON.relative_to(ROOT)})")
     parser.add_argument("--markdown", type=Path, help="the report (default docs/PERFORMANCE.md, or beside --out)")
     parser.add_argument("--work", type=Path, help="keep every run's folder and log here (default: a temporary folder)")
+    parser.add_argument("--first-run", action="store_true",
+                        help="time README's first command cold (empty caches) and warm; writes its section of --markdown")
     parser.add_argument("--warm", type=Path, help=argparse.SUPPRESS)  # internal: warm the caches of a flat config
     args = parser.parse_args(argv)
     quick = QUICK if args.quick else {}
@@ -224,6 +229,22 @@ def run_benchmark(args: argparse.Namespace, argv: Sequence[str], work: Path) -> 
     return report
 
 
+def time_first_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """``--first-run``: the cold and warm default command (:mod:`experiments.bench.first_run`)."""
+    from experiments.bench import first_run
+
+    with tempfile.TemporaryDirectory(prefix="edgecloud-first-run-") as folder:
+        work = args.work or Path(folder)
+        work.mkdir(parents=True, exist_ok=True)
+        records = first_run.first_run(work, args.timeout, args.override)
+    machine = machine_description()
+    where = f"{machine['cpu_model']}, {machine['usable_cores']} cores, load {machine['load_average_at_start']:.1f} at start"
+    command = shlex.join(["python", "-m", "experiments.bench", *argv])
+    first_run.write_section(args.markdown, first_run.markdown(records, command, where))
+    print(f"wrote {display_path(args.markdown)}")
+    return 0 if all(r["exit_code"] == 0 for r in records.values()) else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns 1 if any run failed (the report is written anyway)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -231,6 +252,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.warm is not None:
         warm_server(json.loads(args.warm.read_text()))
         return 0
+    if args.first_run:
+        return time_first_run(args, argv)
     if args.work is not None:
         args.work.mkdir(parents=True, exist_ok=True)
         report = run_benchmark(args, argv, args.work)

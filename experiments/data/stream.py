@@ -166,3 +166,8 @@ def pick_test_originals(
         for c, n in zip(classes, allocate(test_size, counts))
     ]
     return rng.permutation(np.concatenate(picks)).astype(np.int64)
+
+
+def slot_of_round(scenario, server_round: int) -> int:
+    """Time slot of a round: slot 0 for rounds 1..``scenario.slot_rounds``, then one more per ``slot_rounds``."""
+    return max(server_round - 1, 0) // scenario.slot_rounds

@@ -21,6 +21,7 @@ from torch import nn
 
 from experiments.data import to_tensor
 from experiments.results.atomic import write_atomically
+from experiments.results.phase_progress import phase
 from experiments.schema import ConfigError, RunConfig, config_hash, to_dict
 from models.training import TrainSettings, accuracy, train_epochs
 from models.tv_resnet import load_checkpoint
@@ -92,23 +93,32 @@ def pretrained_model(cfg: RunConfig, model: nn.Module, data, training: CloudTrai
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         logger.info("pre-trained cloud model loaded from %s", path)
         return model
-    proxy_x, proxy_y = proxy_tensors(data) if proxy is None else proxy
+    if proxy is None:
+        with phase("rendering the proxy part for the cloud"):
+            proxy = proxy_tensors(data)
+    proxy_x, proxy_y = proxy
     if training is not None:
         training.train(cfg, model, proxy_x, proxy_y, data)
         logger.info("%s cloud training: proxy accuracy %.3f", training.name, accuracy(model, proxy_x, proxy_y))
-        atomic_save(model.state_dict(), path)
-        return model
-    settings = TrainSettings(
-        epochs=cfg.pretrain.epochs,
-        lr=cfg.pretrain.lr,
-        batch_size=cfg.pretrain.batch_size,
-        optimizer="adam",
-        schedule=cfg.pretrain.schedule,
-    )
-    train_epochs(model, proxy_x, proxy_y, settings, seed=cfg.seed)
-    logger.info("pre-trained on %d proxy samples: proxy accuracy %.3f", len(proxy_y), accuracy(model, proxy_x, proxy_y))
+    else:
+        pretrain(cfg, model, proxy_x, proxy_y)
+        logger.info("pre-trained on %d proxy samples: proxy accuracy %.3f", len(proxy_y),
+                    accuracy(model, proxy_x, proxy_y))
     atomic_save(model.state_dict(), path)
     return model
+
+
+def pretrain(cfg: RunConfig, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    """Plain supervised pre-training of ``model`` in place on ``(x, y)`` with ``cfg.pretrain``'s settings.
+
+    Adam, ``pretrain.epochs`` epochs seeded by the run seed; each epoch shows as a step of
+    a progress phase (:func:`~experiments.results.phase_progress.phase`).
+    """
+    pre = cfg.pretrain
+    settings = TrainSettings(epochs=pre.epochs, lr=pre.lr, batch_size=pre.batch_size, optimizer="adam",
+                             schedule=pre.schedule)
+    with phase(f"pre-training {cfg.model.name} on {len(y)} proxy samples", total=pre.epochs, unit="epoch") as step:
+        train_epochs(model, x, y, settings, seed=cfg.seed, on_epoch=step.epoch)
 
 
 def checkpoint_model(cfg: RunConfig, model: nn.Module) -> nn.Module:

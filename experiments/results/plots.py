@@ -1,11 +1,15 @@
 """Plots of round records: one run's accuracy curves, and the figure/axis helpers reports share.
 
 matplotlib (Agg backend) is imported lazily inside the functions, so importing this module, or
-:mod:`experiments.results.writer` which uses it, stays fast and never loads matplotlib.
+:mod:`experiments.results.writer` which uses it, stays fast and never loads matplotlib. The
+backend is chosen in code, not through ``MPLBACKEND``, so a user's own plotting in the same
+process (a notebook) keeps its backend. matplotlib's notice while it builds its font cache on
+a fresh machine is dropped before the first import (:func:`quiet_font_cache_notice`).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -18,6 +22,28 @@ ACCURACY_PLOT_FILENAME = "accuracy_per_round.png"
 BYTES_PLOT_FILENAME = "accuracy_vs_bytes.png"
 PLOT_FIGSIZE_IN = (6.0, 4.0)  # one panel, readable in a README at 100 dpi
 PLOT_DPI = 100
+#: The logger and text of matplotlib's one-off "Matplotlib is building the font cache; this may
+#: take a moment." (a WARNING from a timer thread, matplotlib/font_manager.py FontManager).
+FONT_CACHE_LOGGER = "matplotlib.font_manager"
+FONT_CACHE_NOTICE = "building the font cache"
+
+
+class _DropFontCacheNotice(logging.Filter):
+    """Drops the font-cache notice only; the logger's other warnings and errors pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return FONT_CACHE_NOTICE not in record.getMessage()
+
+
+def quiet_font_cache_notice() -> None:
+    """Keep matplotlib's font-cache notice out of the terminal (once per process, before importing it).
+
+    A filter on its logger rather than a raised level: the notice is a WARNING, and the
+    logger's other warnings (a missing font family) still say something worth reading.
+    """
+    font_logger = logging.getLogger(FONT_CACHE_LOGGER)
+    if not any(isinstance(existing, _DropFontCacheNotice) for existing in font_logger.filters):
+        font_logger.addFilter(_DropFontCacheNotice())
 
 
 def new_figure(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] = PLOT_FIGSIZE_IN):
@@ -28,6 +54,7 @@ def new_figure(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] = PL
     tuple
         ``(figure, axes)`` as from ``Figure.subplots``.
     """
+    quiet_font_cache_notice()
     import matplotlib
 
     matplotlib.use("Agg")
@@ -73,7 +100,8 @@ def plot_run(rounds: Sequence[Mapping[str, Any]], run_dir: str | Path) -> list[P
     Parameters
     ----------
     rounds
-        Round records (device ``accuracy`` and cloud ``global_accuracy`` are both drawn).
+        Round records (device ``accuracy``, the pre-trained model's ``pretrained_accuracy`` on
+        the same devices when recorded, and cloud ``global_accuracy`` are drawn).
     run_dir
         Destination folder.
 
@@ -89,7 +117,11 @@ def plot_run(rounds: Sequence[Mapping[str, Any]], run_dir: str | Path) -> list[P
     for filename, xs in x_by_plot.items():
         figure, axes = new_figure()
         axis = axes[0][0]
-        for key, label in (("accuracy", "device accuracy"), ("global_accuracy", "global accuracy")):
+        for key, label in (("accuracy", "device accuracy (after adaptation)"),
+                           ("pretrained_accuracy", "same devices, pre-trained model (before)"),
+                           ("global_accuracy", "global accuracy")):
+            if key == "pretrained_accuracy" and not any(r.get(key) is not None for r in rounds):
+                continue  # methods scored on stream batches record no "before"
             axis.plot(xs, _accuracy_series(rounds, key), marker="o", markersize=3, label=label)
         if filename == BYTES_PLOT_FILENAME:
             axis.xaxis.set_major_formatter(bytes_axis_formatter())

@@ -46,10 +46,16 @@ def _format_accuracy(value: Any) -> str:
     return "-" if number is None else f"{number:.3f}"
 
 
+def _before(record: Mapping[str, Any]) -> str:
+    """`` (pre-trained 0.650)`` when the round records the pre-trained model's accuracy, else ``""``."""
+    before = finite_or_none(record.get("pretrained_accuracy"))
+    return "" if before is None else f" (pre-trained {before:.3f})"
+
+
 class ProgressLine:
     """One terminal line per finished round.
 
-    Example: ``round 3/10  acc 0.812  global 0.790  up 1.2 MB  down 3.4 MB  virtual 12.3 s
+    Example: ``round 3/10  acc 0.812 (pre-trained 0.650)  global 0.790  up 1.2 MB  down 3.4 MB  virtual 12.3 s
     wall 4.5 s  ETA 30 s``. ``up``, ``down``, ``virtual`` and ``wall`` are running totals over
     the rounds seen so far; ETA = mean wall time per seen round x rounds left
     (``total_rounds - round``).
@@ -83,7 +89,7 @@ class ProgressLine:
         eta = format_duration(sum(walls) / len(walls) * rounds_left) if walls else "?"
         line = (
             f"round {record['round']}/{self.total_rounds}"
-            f"  acc {_format_accuracy(record.get('accuracy'))}"
+            f"  acc {_format_accuracy(record.get('accuracy'))}{_before(record)}"
             f"  global {_format_accuracy(record.get('global_accuracy'))}"
             f"  up {format_bytes(totals['total_uplink_bytes'])}"
             f"  down {format_bytes(totals['total_downlink_bytes'])}"

@@ -42,7 +42,10 @@ def summarize(rounds: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         ``total_uplink_bytes`` / ``total_downlink_bytes`` (sums), ``sim_time_s`` /
         ``wall_time_s`` (sums of the per-round times) and ``rounds`` (count). A round whose
         accuracy is null (no device evaluated) is skipped, never an error; with no accuracy at
-        all the accuracy fields are None.
+        all the accuracy fields are None. Before and after: ``final_pretrained_accuracy`` (the
+        pre-trained model on the final accuracy's cohort), ``accuracy_gain`` (final accuracy
+        minus it) and ``mean_accuracy_gain`` (over the rounds that have both), None without
+        ``pretrained_accuracy`` records.
     """
     summary: dict[str, Any] = {}
     for key, prefix in (("accuracy", ""), ("global_accuracy", "global_")):
@@ -50,9 +53,23 @@ def summarize(rounds: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         values = [value for value in values if value is not None]
         summary[f"final_{prefix}accuracy"] = values[-1] if values else None
         summary[f"best_{prefix}accuracy"] = max(values) if values else None
+    summary.update(_before_and_after(rounds))
     summary["total_uplink_bytes"] = _sum_finite(rounds, "uplink_bytes")
     summary["total_downlink_bytes"] = _sum_finite(rounds, "downlink_bytes")
     summary["sim_time_s"] = _sum_finite(rounds, "sim_time_s")
     summary["wall_time_s"] = _sum_finite(rounds, "wall_time_s")
     summary["rounds"] = len(rounds)
     return summary
+
+
+def _before_and_after(rounds: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
+    """The pre-trained model's accuracy beside the adapted one's (see :func:`summarize`)."""
+    pairs = [(finite_or_none(r.get("accuracy")), finite_or_none(r.get("pretrained_accuracy"))) for r in rounds]
+    pairs = [(after, before) for after, before in pairs if after is not None]
+    final_before = pairs[-1][1] if pairs else None
+    gains = [after - before for after, before in pairs if before is not None]
+    return {
+        "final_pretrained_accuracy": final_before,
+        "accuracy_gain": None if final_before is None else pairs[-1][0] - final_before,
+        "mean_accuracy_gain": sum(gains) / len(gains) if gains else None,
+    }

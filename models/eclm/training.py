@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -50,10 +50,23 @@ class AbilitySettings:
     load_balance: bool
 
 
-def train_end_to_end(model: ModularNet, x: torch.Tensor, y: torch.Tensor, settings: TrainSettings, seed: int) -> float:
-    """ECLM 4.3 vanilla end-to-end training: CE + the model's load-balancing term."""
+def train_end_to_end(
+    model: ModularNet,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    settings: TrainSettings,
+    seed: int,
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> float:
+    """ECLM 4.3 vanilla end-to-end training: CE + the model's load-balancing term.
+
+    ``on_epoch(epoch, mean loss)`` is called after each epoch
+    (:func:`models.training.run_epochs`); returns the last epoch's mean loss.
+    """
     model.reseed_noise(seed)
-    return train_epochs(model, x, y, settings, seed, extra_loss=lambda m: m.last_routing.load_balance_loss)
+    return train_epochs(
+        model, x, y, settings, seed, extra_loss=lambda m: m.last_routing.load_balance_loss, on_epoch=on_epoch
+    )
 
 
 @torch.no_grad()
@@ -94,13 +107,15 @@ def train_ability(
     settings: TrainSettings,
     ability: AbilitySettings,
     seed: int,
+    on_epoch: Callable[[int, float], None] | None = None,
 ) -> float:
     """ECLM 4.3 module ability-enhancing fine-tuning; returns the last epoch's mean loss.
 
     Runs ``ability.epochs`` epochs of :func:`models.training.run_epochs` (``settings``
     gives the batch size, optimizer and schedule) with ECLM 4.3's loss
     ``CE + kl_weight * KL(g, g_label)``, plus the model's load-balancing term when
-    ``ability.load_balance`` is set.
+    ``ability.load_balance`` is set. ``on_epoch(epoch, mean loss)`` is called after each
+    epoch.
     """
     subtask_of = subtask_of_class(subtasks, num_classes)
     sample_subtask = subtask_of[y.numpy()]
@@ -118,4 +133,4 @@ def train_ability(
         loss.backward()
         return float(loss.detach())
 
-    return run_epochs(model, len(x), replace(settings, epochs=ability.epochs), seed, step)
+    return run_epochs(model, len(x), replace(settings, epochs=ability.epochs), seed, step, on_epoch)

@@ -31,6 +31,8 @@ drawn from ``torch.Generator().manual_seed(seed)``, sparsities from
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -100,6 +102,7 @@ def pretrain_master(
     sync_bank: bool = True,
     sandwich: str = "both",
     mask_mode: str = "surrogate",
+    on_epoch: Callable[[int, float], None] | None = None,
 ) -> dict[str, list[float]]:
     """Pre-train ``master`` and ``bank`` in place on labelled source data (module docstring).
 
@@ -125,6 +128,9 @@ def pretrain_master(
         ``both``, ``largest`` or ``none``: the extreme shares every step also trains (:data:`SANDWICH_MODES`).
     mask_mode : str
         ``surrogate`` (default) or ``topk``: how the drawn sparsity gates the step (:data:`MASK_MODES`).
+    on_epoch : callable or None
+        ``(epoch, mean total loss) -> None``, called after each epoch (from 0), e.g. to show
+        progress; it changes no draw or weight.
 
     Returns
     -------
@@ -144,7 +150,7 @@ def pretrain_master(
     history: dict[str, list[float]] = {key: [] for key in ("total", "ce", "gate_l1", "bank", "sparsity")}
     master.train()
     try:
-        for _ in range(int(epochs)):
+        for epoch in range(int(epochs)):
             sums, count = dict.fromkeys(history, 0.0), 0
             order = torch.randperm(len(x), generator=order_gen)
             for start in range(0, len(x), int(batch_size)):
@@ -169,6 +175,8 @@ def pretrain_master(
                 count += len(idx)
             for key in history:
                 history[key].append(sums[key] / count if count else float("nan"))
+            if on_epoch is not None:
+                on_epoch(epoch, history["total"][-1])
     finally:
         master.set_sparsity(None)
     if sync_bank:
