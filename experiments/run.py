@@ -97,6 +97,7 @@ def _run_job(hydra_cfg: DictConfig, run_dir: Path, multirun: bool) -> None:
     """Validate, check and simulate one job; its failure is recorded (see :func:`main`)."""
     try:
         cfg = from_hydra(hydra_cfg)
+        print(run_header(cfg, run_dir), flush=True)
         from experiments.engine.worker import start_worker_server
 
         start_worker_server(cfg)  # the workers' imports and caches, on the other core, during the preflight
@@ -130,6 +131,12 @@ def print_closing_summary(run_dir: Path, multirun: bool) -> None:
         print(f"results: {run_dir / 'results.json'}")
         return
     print("\n" + closing_summary(load_results(run_dir), run_dir), flush=True)
+
+
+def run_header(cfg, run_dir: Path) -> str:
+    """The run's first line: what runs, on what, and where its files go."""
+    return (f"{cfg.algorithm.name} on {cfg.dataset.name} ({cfg.model.name}): {cfg.fleet.devices} devices, "
+            f"{cfg.fleet.per_round} per round, {cfg.rounds} rounds, scenario {cfg.scenario.name}; files in {run_dir}")
 
 
 def record_failed_job(run_dir: Path, error: Exception, multirun: bool) -> None:

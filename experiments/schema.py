@@ -57,7 +57,7 @@ class DatasetConfig:
     download: bool = False  # let torchvision fetch CIFAR into root (never in tests/CI)
     test_fraction: float = 0.2  # originals kept for testing only
     proxy_fraction: float = 0.3  # ECLM 7.2: 30 % of training data is the cloud proxy set
-    proxy_samples: int = 3000  # augmented proxy samples the cloud pre-trains on
+    proxy_samples: int = 1500  # augmented proxy samples the cloud pre-trains on (quick start; the presets pin 3000)
     global_test_samples: int = 1000  # augmented renders of the test originals (cloud test set)
     cache_dir: str = "~/.cache/edgecloud"  # device partitions cached here (experiments/data/partition_cache.py); "" = none
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -98,7 +98,7 @@ class FleetConfig:
     """Size of the simulated fleet and how device budgets are drawn."""
 
     devices: int = 100  # ARCHITECTURE.md: default run simulates 100 devices
-    per_round: int = 10  # cohort size per round
+    per_round: int = 4  # cohort size per round (quick start; ECLM 7.1: 10 of 100, the ECLM preset's)
     mix: Mapping[str, float] = field(default_factory=dict)  # device class -> weight; {} = uniform
     load_max: float = 5.0  # ECLM Fig. 1b: co-running apps slow training up to ~5x
     load_prob: float = 0.3  # chance that a device has co-running apps in a round
@@ -139,7 +139,7 @@ class AlgorithmConfig:
 class PretrainConfig:
     """Cloud pre-training on the proxy part, cached on disk by config hash."""
 
-    epochs: int = 10  # converges the default CNN on the digits proxy part (test acc ~0.97)
+    epochs: int = 6  # quick start (docs/PERFORMANCE.md); the presets pin 10, which converges the CNN on digits
     lr: float = 3e-3  # peak rate of the one-cycle schedule
     batch_size: int = 64
     schedule: str = "onecycle"  # constant | onecycle
@@ -180,7 +180,7 @@ class RunConfig:
     """Everything one run needs; frozen, hashable into a cache key."""
 
     seed: int = 0
-    rounds: int = 10
+    rounds: int = 4  # the quick start's first run (docs/PERFORMANCE.md); the presets set their own
     output_dir: str | None = None  # where results go; Hydra sets its run dir, None: outputs/<time>
     checkpoint_every: int = 1  # checkpoint the cloud every k rounds and after the last (0: never); 1: cheap on digits
     resume: bool = False  # continue the run in output_dir from its last checkpoint (README, "Resume")

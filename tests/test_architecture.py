@@ -33,3 +33,12 @@ def test_the_experiments_folder_holds_only_doors_and_the_config_layer():
     top = sorted(p.stem for p in (ROOT / "experiments").glob("*.py"))
     assert top == ["__init__", "client_app", "config", "flwr_toml", "report", "run", "schema", "server_app",
                    "validation"], top
+
+
+def test_every_root_the_code_names_is_the_repository():
+    import importlib
+
+    modules = ["experiments.claims.eclm", "experiments.claims.cema", "experiments.claims.elastic",
+               "experiments.bench.runs", "experiments.flwr_toml"]
+    roots = {name: importlib.import_module(name).ROOT for name in modules}
+    assert {name: root for name, root in roots.items() if not (root / "pyproject.toml").is_file()} == {}

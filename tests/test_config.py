@@ -20,7 +20,7 @@ def _hydra(*overrides):
 def test_hydra_defaults_build_a_valid_config():
     cfg = from_hydra(_hydra())
     assert cfg.algorithm.name == "eclm" and cfg.model.name == "modular_resnet18"  # model=auto resolved
-    assert cfg.fleet.devices == 100 and cfg.fleet.per_round == 10
+    assert cfg.fleet.devices == 100 and cfg.fleet.per_round == 4
     assert cfg.dataset.partition.size_min == 50 and cfg.dataset.partition.size_max == 150
 
 

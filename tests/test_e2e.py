@@ -103,6 +103,7 @@ def test_fedavg_end_to_end_is_valid_and_deterministic_without_ray_on_a_local_and
     assert [_results(tmp_path / d)["summary"]["engine_backend"] for d in "abc"] == ["processes", "ray", "ray"]
     assert "ClientAppActor" not in local.stderr and "ClientAppActor" in on_ray.stderr
     assert "round 2/2" in local.stdout  # progress line per round
+    assert "fedavg on digits (cnn): 6 devices, 3 per round, 2 rounds, scenario corrupted" in local.stdout  # the first line
 
 
 def test_sweep_over_baselines_survives_a_crashed_job(tmp_path):

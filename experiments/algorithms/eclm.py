@@ -42,7 +42,7 @@ class EclmOptions:
     KEY: ClassVar[str] = "eclm"
 
     load_balance_weight: float = 1e-2  # w of the load-balancing loss (Shazeer et al. 2017; ALGORITHMS.md)
-    ability_epochs: int = 3  # module ability-enhancing fine-tuning epochs (assumption: paper gives none)
+    ability_epochs: int = 2  # module ability-enhancing fine-tuning epochs (assumption: paper gives none; quick start)
     subtasks: str = "cooccurrence"  # cooccurrence (classes sharing devices, 4.3 step 1) | fixed
     subtask_size: int = 2  # classes per sub-task (label skew m of Table 1)
     kappa1: float | None = None  # module load cap; None = ceil(T * kappa2 / N), balanced (models/eclm/ability.py)

@@ -43,6 +43,7 @@ def run_timed(cmd: Sequence[str], log: Path, timeout_s: float) -> dict[str, Any]
             first_output = now if first_output is None and line.strip() else first_output
             round_one = now if round_one is None and line.startswith(ROUND_ONE_PREFIX) else round_one
             sink.write(line)
+            sink.flush()  # the log is readable while the run goes on
             if now > timeout_s:
                 child.kill()
         code = child.wait()

@@ -22,7 +22,7 @@ from pathlib import Path
 from experiments.bench.cases import Case
 from experiments.bench.memory import TreeMemorySampler
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository (this file is in experiments/<package>/)
 POLL_S = 0.02  # how often the parent looks at a child's results.json (rounds last >= 0.1 s)
 
 

@@ -15,10 +15,11 @@ import sys
 import time
 from pathlib import Path
 
+from experiments.claims import PRESET_SCALE
 from experiments.claims.eclm import run_cached, write_section
 from experiments.data.corruptions import CORRUPTIONS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository (this file is in experiments/<package>/)
 METHODS = ("source", "bn_adapt", "onda", "lame", "pl", "tent", "cotta", "eta", "eta_upload", "cema")
 BEGIN, END = "<!-- cema-claims:begin -->", "<!-- cema-claims:end -->"
 
@@ -28,6 +29,7 @@ def run_one(method: str, severity: int, args: argparse.Namespace) -> dict:
     run_dir = args.out / args.partition / f"sev{severity}" / method
     overrides = [
         f"algorithm={method}",
+        *PRESET_SCALE,
         "scenario=online",
         f"scenario.corruptions=[{','.join(CORRUPTIONS)}]",
         f"scenario.severity={severity}",

@@ -16,11 +16,12 @@ import sys
 import time
 from pathlib import Path
 
+from experiments.claims import PRESET_SCALE
 from experiments.results.aside import free_name
 from experiments.results.progress import format_bytes
 from experiments.resume.checkpoint import config_differences
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository (this file is in experiments/<package>/)
 #: Method -> (label, overrides). Baselines use the plain CIFAR ResNet18 the modular one
 #: decomposes; AN its multi-branch version; width 16 is the narrow CPU variant.
 METHODS = {
@@ -53,8 +54,8 @@ def run_one(
 
 def method_overrides(method: str, classes: int) -> list[str]:
     """The method's own overrides at ``classes`` per device (ECLM's subtasks match the classes, 7.1)."""
-    own = [f"algorithm.eclm.subtask_size={classes}"] if method == "eclm" else []
-    return [*METHODS[method][1], f"dataset.partition.classes_per_device={classes}", *own]
+    own = [f"algorithm.eclm.subtask_size={classes}", "algorithm.eclm.ability_epochs=3"] if method == "eclm" else []
+    return [*METHODS[method][1], *PRESET_SCALE, f"dataset.partition.classes_per_device={classes}", *own]
 
 
 def run_cached(run_dir: Path, overrides: list[str]) -> dict:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.claims import elastic_multiapp
+from experiments.claims import PRESET_SCALE, elastic_multiapp
 from experiments.claims.eclm import WHERE_KEYS, run_cached, write_section
 from experiments.config import from_dict
 from experiments.results.aside import free_name
@@ -32,7 +32,7 @@ from experiments.results.plots import integer_axis_locator, new_figure
 from experiments.results.progress import format_bytes
 from experiments.resume.checkpoint import config_differences
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository (this file is in experiments/<package>/)
 #: The runs in table order: label -> overrides of ``algorithm.elasticdnn``. Each method retrains
 #: with its best (lr, epochs) of ``python -m experiments.claims.elastic_tune`` (device 1's sequence, the
 #: paper searches every method's hyperparameters, IV; docs/RESULTS.md has the grid); ``source``
@@ -87,6 +87,7 @@ def shared_overrides(args: argparse.Namespace) -> list[str]:
     """Overrides every method's run shares (same model, pre-training, data, scenario, fleet, seed)."""
     return [
         "algorithm=elasticdnn",
+        *PRESET_SCALE,
         "scenario=evolving",
         f"scenario.severity={args.severity}",
         f"model.width={args.width}",
