@@ -16,7 +16,7 @@ from experiments.results.progress import ProgressLine, format_bytes
 from experiments.results.summary import summarize
 from experiments.results.writer import ResultsWriter, load_results
 from experiments.resume import checkpoint
-from experiments.schema import RunConfig
+from experiments.schema import CORRUPTION_SUITE, RunConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -92,7 +92,7 @@ def test_run_config_dataclass_is_stored_as_plain_json(tmp_path):
     config = read_strict(tmp_path / "results.json")["config"]
     assert config["seed"] == 7
     assert config["algorithm"]["name"] == RunConfig().algorithm.name
-    assert config["scenario"]["corruptions"] == []
+    assert config["scenario"]["corruptions"] == list(CORRUPTION_SUITE)  # a tuple in the config, a list in JSON
 
 
 def test_missing_keys_raise_and_name_them(tmp_path):
