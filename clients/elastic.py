@@ -23,21 +23,14 @@ from torch import nn
 from clients.base import Device, MalformedMessage, load_arrays, model_from, round_of
 from clients.online import OnlineClient
 from clients.protocol import ARRAYS_RECORD, COMPUTE_TIME_KEY, CONFIG_RECORD, PARTITION_KEY
+from models.clock import compute_time_s
+from models.elastic.accounting import FLOPS_KEY, adapt_and_account
 from models.elastic.bank import bank_thetas, load_bank_thetas
 from models.elastic.master import ElasticMaster
-from models.elastic.remodel import (
-    METHODS,
-    PRUNED_METHODS,
-    RemodelSettings,
-    adapt_to_domain,
-    pruned_model,
-)
+from models.elastic.remodel import METHODS, PRUNED_METHODS, RemodelSettings, pruned_model
 
 #: Batches of its stream a device uses per domain: one to adapt on, one to evaluate.
 BATCHES_PER_ROUND = 2
-#: One forward pass costs about a third of a training step (forward + backward ~ 3 forwards;
-#: Kaplan et al. 2020), the device's ``flops_per_sample`` being measured for training.
-FORWARD_FLOP_FRACTION = 1.0 / 3.0
 #: Array record of the cloud's compressed same-size model (a device's first message, optional).
 COMPRESSED_KEY = "compressed"
 #: Array record of a bank's ``theta*`` by layer: the fleet's average in, the device's own out
@@ -58,9 +51,12 @@ class ElasticClient(OnlineClient):
     only the ``config`` record. A ``bank`` record (the fleet's averaged ``theta*``) is adopted
     before the domain; with ``share_bank`` in the config the reply carries the device's own. Reply metrics: ``accuracy``/``correct`` after adaptation
     on the held-out batch, ``accuracy_before`` (the model that would have served the domain
-    unadapted), ``adapt_wall_s``, ``compute_time_s`` (virtual, on the device class),
-    ``peak_memory_bytes``, ``model_fraction`` (conv weights of the serving model / master's)
-    and ``trained_fraction``.
+    unadapted), ``adapt_wall_s``, ``adapt_flops`` (the FLOPs of the work the adaptation ran, counted
+    by torch: :func:`models.elastic.accounting.adapt_and_account`), ``compute_time_s`` (virtual:
+    those FLOPs on the device class, :func:`models.clock.compute_time_s`), the memory the method
+    kept (``resident_memory_bytes``, ``peak_memory_bytes`` and every part,
+    :class:`models.elastic.footprint.MemoryFootprint`), ``model_fraction`` (conv weights of the
+    serving model / master's) and ``trained_fraction``.
 
     Parameters
     ----------
@@ -91,18 +87,18 @@ class ElasticClient(OnlineClient):
         if BANK_KEY in msg.content.array_records:
             adopt_fleet_bank(elastic, msg)
         seed = self.device.seed + server_round
-        serving, report = adapt_to_domain(self.method, elastic, small, adapt.x, self.settings, seed)
+        serving, report = adapt_and_account(self.method, elastic, small, adapt.x, self.settings, seed)
         before = report.pop("before")
         with torch.no_grad():
             logits = _eval(serving, held_out.x)
             accuracy_before = int((_eval(before, held_out.x).argmax(1) == held_out.y).sum()) / len(held_out.y)
         self.keep_progress(context, server_round, index + BATCHES_PER_ROUND, {"elastic": elastic, "small": small})
-        samples = len(adapt.y) * training_passes(self.method, self.settings.epochs, report["model_fraction"])
+        load = self.device.load_factor(server_round)
         metrics = {
             **report,
             "accuracy_before": accuracy_before,
-            COMPUTE_TIME_KEY: self.compute_time_s(samples, server_round),
-            "load_factor": self.device.load_factor(server_round),
+            COMPUTE_TIME_KEY: compute_time_s(report[FLOPS_KEY], float(self.device.budget["flops_per_s"]), load),
+            "load_factor": load,
             PARTITION_KEY: self.device.partition_id,
         }
         reply = self.batch_reply(msg, held_out, logits, metrics)
@@ -137,27 +133,6 @@ def adopt_fleet_bank(elastic: ElasticMaster, msg: Message) -> None:
         load_bank_thetas(elastic.master, elastic.bank, thetas)
     except (ValueError, TypeError, KeyError) as exc:
         raise MalformedMessage(f"array record {BANK_KEY!r} does not fit the device's bank: {exc}") from exc
-
-
-def training_passes(method: str, epochs: int, model_fraction: float) -> float:
-    """Master-sized training steps per adaptation sample: the work the virtual clock charges.
-
-    ``source`` does nothing; ``bn_adapt`` runs one forward pass of its model; ``tent`` and
-    ``full`` run ``epochs`` training passes of theirs, ``shot`` also a forward pass per epoch
-    (its pseudo-labels); ``elasticdnn`` runs the master forward once (hardest sample, III-B2)
-    and ``epochs`` training passes of the surrogate. A pass of a model costs ``model_fraction``
-    of the master's (conv weights as the proxy for FLOPs).
-    """
-    if method not in METHODS:
-        raise ValueError(f"method is {method!r}; choose one of {METHODS}")
-    if method == "source":
-        return 0.0
-    if method == "bn_adapt":
-        return FORWARD_FLOP_FRACTION * model_fraction
-    training = epochs * model_fraction
-    if method == "shot":
-        return training * (1.0 + FORWARD_FLOP_FRACTION)
-    return FORWARD_FLOP_FRACTION + training if method == "elasticdnn" else training
 
 
 def _eval(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -7,9 +7,12 @@ Usage::
 ``DIR`` is one run folder (it holds ``results.json``) or a multirun folder (every
 ``results.json`` below it counts). Runs whose configs match once ``seed`` and volatile keys
 (:data:`IGNORED_KEYS`) are dropped form a group; each table row is a group, labelled by the
-config keys that differ between groups (``algorithm.name=fedavg``), with mean ± std over its
-completed runs (seeds). The std is the population std (``ddof=0``, :data:`STD_DDOF`). Failed and
-unfinished runs are listed below the table, never averaged in.
+config keys that differ between groups (``algorithm.name=fedavg``), with ``n`` (its completed
+runs, i.e. seeds) and the final and best accuracy as mean ± half-width of the two-sided 95 %
+Student-t interval over those runs (``mean +- t_{0.975, n-1} * s / sqrt(n)``, ``s`` with
+``ddof=1``; :mod:`experiments.results.intervals`); a single run shows its value alone (no
+interval). The table's caption states the method. Failed and unfinished runs are listed below
+the table, never averaged in. The plot shades the same per-round interval around each mean.
 
 Writes ``report.md`` and ``report.png`` into ``DIR`` (or ``FILE.md`` and ``FILE.png`` with
 ``--out``) and prints the markdown. Exit code 2 when there is nothing to report.
@@ -27,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from experiments.results.intervals import METHOD_CAPTION, mean_interval
 from experiments.results.plots import bytes_axis_formatter, cumulative_bytes, integer_axis_locator, new_figure
 from experiments.results.progress import format_bytes
 from experiments.results.summary import summarize
@@ -35,7 +39,7 @@ from experiments.results.writer import RESULTS_FILENAME, load_results
 REPORT_MARKDOWN = "report.md"
 REPORT_PLOT = "report.png"
 EXIT_NOTHING_TO_REPORT = 2  # same code argparse uses for bad command lines
-STD_DDOF = 0  # population std over seeds; with 2-3 seeds it is the spread actually observed
+ACCURACY_DIGITS = 3  # accuracies are fractions; three decimals show a tenth of a point
 # Dotted config keys (and everything below them) that do not define an experimental condition:
 # the seed (averaged over), Ray/engine resources, cache and data folders, Hydra bookkeeping.
 IGNORED_KEYS = ("seed", "engine", "pretrain.cache_dir", "dataset.root", "hydra", "output_dir", "run_dir")
@@ -166,11 +170,9 @@ def _finite_values(runs: Sequence[Mapping[str, Any]], key: str) -> list[float]:
     return [float(v) for v in values if v is not None and math.isfinite(float(v))]
 
 
-def _mean_std_text(values: Sequence[float], decimals: int = 3) -> str:
-    if not values:
-        return "-"
-    mean, std = float(np.mean(values)), float(np.std(values, ddof=STD_DDOF))
-    return f"{mean:.{decimals}f} ± {std:.{decimals}f}"
+def _interval_text(values: Sequence[float]) -> str:
+    """``"0.850 ± 0.635"``: mean ± 95 % half-width; the value alone for one run, ``-`` for none."""
+    return mean_interval(values).format(digits=ACCURACY_DIGITS)
 
 
 def _mean_text(values: Sequence[float], formatter) -> str:
@@ -186,8 +188,8 @@ def _table_row(label: str, runs: Sequence[Mapping[str, Any]]) -> str:
     cells = [
         _escape(label),
         str(len(done)),
-        _mean_std_text(_finite_values(done, "final_accuracy")),
-        _mean_std_text(_finite_values(done, "best_accuracy")),
+        _interval_text(_finite_values(done, "final_accuracy")),
+        _interval_text(_finite_values(done, "best_accuracy")),
         _mean_text(_finite_values(done, "total_uplink_bytes"), format_bytes),
         _mean_text(_finite_values(done, "total_downlink_bytes"), format_bytes),
         _mean_text(_finite_values(done, "sim_time_s"), lambda s: f"{s:.1f}"),
@@ -197,8 +199,13 @@ def _table_row(label: str, runs: Sequence[Mapping[str, Any]]) -> str:
 
 
 TABLE_HEADER = (
-    "| config | runs | final accuracy (mean ± std, ddof=0) | best accuracy (mean ± std, ddof=0) "
+    "| config | n | final accuracy (mean ± 95 % CI) | best accuracy (mean ± 95 % CI) "
     "| total uplink (mean) | total downlink (mean) | virtual time s (mean) | wall time s (mean) |"
+)
+#: The sentence above the table: what n is and how the interval is computed.
+TABLE_CAPTION = (
+    f"Accuracy cells: {METHOD_CAPTION}, shown as mean ± half-width; n = completed runs (seeds) of the row; "
+    "a row with one run shows its value alone."
 )
 
 
@@ -239,13 +246,14 @@ def markdown_table(groups: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
     Returns
     -------
     str
-        One row per group: completed runs, final and best accuracy (mean ± std over seeds,
-        population std ``ddof=0``), mean total uplink / downlink (SI bytes), mean virtual and
-        wall time in seconds. Failed runs (with the last line of their error) and unfinished
-        runs (status ``running``: still going or killed) follow in their own lists.
+        :data:`TABLE_CAPTION`, then one row per group: n (completed runs), final and best
+        accuracy (mean ± half-width of the 95 % Student-t interval over seeds, ``ddof=1``),
+        mean total uplink / downlink (SI bytes), mean virtual and wall time in seconds. Failed
+        runs (with the last line of their error) and unfinished runs (status ``running``: still
+        going or killed) follow in their own lists.
     """
     separator = "|" + "|".join("---" for _ in range(TABLE_HEADER.count("|") - 1)) + "|"
-    lines = [TABLE_HEADER, separator] + [_table_row(label, runs) for label, runs in groups.items()]
+    lines = [TABLE_CAPTION, "", TABLE_HEADER, separator] + [_table_row(label, runs) for label, runs in groups.items()]
     for title, status in (("Failed runs", STATUS_FAILED), ("Unfinished runs", None)):
         problems = _problem_runs(groups, status)
         if problems:
@@ -255,13 +263,15 @@ def markdown_table(groups: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
 
 # --------------------------------------------------------------------------- plot
 def group_curves(runs: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
-    """Per-round mean/std of accuracy and mean cumulative bytes over a group's completed runs.
+    """Per-round mean and 95 % interval of accuracy, and mean cumulative bytes, over a group's completed runs.
 
     Returns
     -------
     dict
-        ``round``, ``accuracy_mean``, ``accuracy_std`` (``ddof=STD_DDOF``; NaN where no run
-        has an accuracy) and ``bytes_mean`` (uplink + downlink so far), aligned by round number.
+        ``round``, ``accuracy_mean``, ``accuracy_low`` / ``accuracy_high`` (the two-sided 95 %
+        Student-t interval of :func:`experiments.results.intervals.mean_interval`; NaN where
+        fewer than two runs have an accuracy) and ``bytes_mean`` (uplink + downlink so far),
+        aligned by round number.
     """
     accuracy: dict[int, list[float]] = {}
     spent: dict[int, list[float]] = {}
@@ -275,12 +285,12 @@ def group_curves(runs: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
             if value is not None and math.isfinite(float(value)):
                 accuracy.setdefault(record["round"], []).append(float(value))
     numbers = sorted(spent)
-    means = [float(np.mean(accuracy[n])) if n in accuracy else math.nan for n in numbers]
-    stds = [float(np.std(accuracy[n], ddof=STD_DDOF)) if n in accuracy else math.nan for n in numbers]
+    intervals = [mean_interval(accuracy.get(n, [])) for n in numbers]
     return {
         "round": np.array(numbers, dtype=float),
-        "accuracy_mean": np.array(means),
-        "accuracy_std": np.array(stds),
+        "accuracy_mean": np.array([i.mean for i in intervals]),
+        "accuracy_low": np.array([i.low for i in intervals]),
+        "accuracy_high": np.array([i.high for i in intervals]),
         "bytes_mean": np.array([float(np.mean(spent[n])) for n in numbers]),
     }
 
@@ -288,7 +298,7 @@ def group_curves(runs: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
 def plot_groups(groups: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path) -> Path:
     """Write the comparison plot: accuracy per round and accuracy vs cumulative bytes.
 
-    One line per group (mean over seeds) with the std shaded around it.
+    One line per group (mean over seeds) with its 95 % interval shaded around it (none for one run).
     """
     figure, axes = new_figure(1, 2, figsize=PLOT_FIGSIZE_IN)
     by_round, by_bytes = axes[0]
@@ -296,8 +306,7 @@ def plot_groups(groups: Mapping[str, Sequence[Mapping[str, Any]]], path: str | P
         curves = group_curves(runs)
         if not len(curves["round"]):
             continue
-        low = curves["accuracy_mean"] - curves["accuracy_std"]
-        high = curves["accuracy_mean"] + curves["accuracy_std"]
+        low, high = curves["accuracy_low"], curves["accuracy_high"]
         for axis, xs in ((by_round, curves["round"]), (by_bytes, curves["bytes_mean"])):
             (line,) = axis.plot(xs, curves["accuracy_mean"], marker="o", markersize=3, label=label)
             axis.fill_between(xs, low, high, color=line.get_color(), alpha=0.2)
@@ -306,7 +315,7 @@ def plot_groups(groups: Mapping[str, Sequence[Mapping[str, Any]]], path: str | P
     by_bytes.set_xlabel("cumulative bytes (uplink + downlink)")
     by_bytes.xaxis.set_major_formatter(bytes_axis_formatter())
     for axis in (by_round, by_bytes):
-        axis.set_ylabel("accuracy (mean ± std over seeds)")
+        axis.set_ylabel("accuracy (mean, 95 % interval over seeds)")
         axis.grid(alpha=0.3)
         if axis.lines:
             axis.legend(fontsize="small")

@@ -4,7 +4,8 @@ import json
 import subprocess
 
 from experiments.claims import eclm as claims_eclm
-from experiments.claims.eclm import WHERE_KEYS, composed_config, run_cached
+from experiments.resume import cached_run
+from experiments.resume.cached_run import WHERE_KEYS, composed_config, run_cached
 from experiments.resume.checkpoint import config_differences
 
 OVERRIDES = ["algorithm=fedavg", "rounds=2", "fleet.devices=4", "fleet.per_round=4"]
@@ -24,7 +25,7 @@ def _record_runs(monkeypatch, run_dir):
         (run_dir / "results.json").write_text(json.dumps({"status": "completed", "config": {}, "rounds": [1]}))
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
-    monkeypatch.setattr(claims_eclm.subprocess, "run", fake_run)
+    monkeypatch.setattr(cached_run.subprocess, "run", fake_run)
     return calls
 
 
@@ -70,9 +71,6 @@ def test_an_unfinished_run_with_the_same_configuration_is_run_again_in_place(tmp
 
 
 def test_the_multi_app_measurement_is_reused_only_for_its_master_sizes_and_apps(tmp_path, monkeypatch, capsys):
-    import argparse
-
-    from experiments.claims import elastic as claims_elastic
     from experiments.claims import elastic_multiapp
     measured = []
 
@@ -82,19 +80,22 @@ def test_the_multi_app_measurement_is_reused_only_for_its_master_sizes_and_apps(
 
     monkeypatch.setattr(elastic_multiapp, "run_multiapp", measure)
     config = composed_config(["algorithm=elasticdnn", "scenario=evolving"])
-    runs = {"elasticdnn": {"rounds": [1], "config": config}}
-    args = argparse.Namespace(out=tmp_path, severity=5, sizes=[0.2, 0.5], apps=[2])
-    first = claims_elastic.multiapp(runs, args)
+    run = {"status": "completed", "rounds": [1], "config": config}
+    path = tmp_path / "sev5" / "multiapp" / "seed0" / "report.json"
+    first = elastic_multiapp.seed_report(run, path, [0.2, 0.5], [2])
     assert first["asked"] == {"sizes": [0.2, 0.5], "apps": [2]} and len(measured) == 1
-    assert claims_elastic.multiapp(runs, args) == first and len(measured) == 1  # reused
+    assert elastic_multiapp.seed_report(run, path, [0.2, 0.5], [2]) == first and len(measured) == 1  # reused
     changed = composed_config(["algorithm=elasticdnn", "scenario=evolving", "algorithm.elasticdnn.sandwich=largest"])
-    claims_elastic.multiapp({"elasticdnn": {"rounds": [1], "config": changed}}, args)
+    assert elastic_multiapp.seed_report({**run, "config": changed}, path, [0.2, 0.5], [2], run=False) is None
+    assert len(measured) == 1 and "--no-run measures nothing" in capsys.readouterr().err  # read-only: nothing moved
+    elastic_multiapp.seed_report({**run, "config": changed}, path, [0.2, 0.5], [2])
     assert measured[-1] == ("largest", [0.2, 0.5], [2])
     assert "algorithm.elasticdnn.sandwich" in capsys.readouterr().err
-    claims_elastic.multiapp({"elasticdnn": {"rounds": [1], "config": changed}}, argparse.Namespace(**{**vars(args), "apps": [3]}))
+    elastic_multiapp.seed_report({**run, "config": changed}, path, [0.2, 0.5], [3])
     assert len(measured) == 3  # other app counts: measured again
-    assert sorted(p.name for p in (tmp_path / "sev5").iterdir()) == [
-        "multiapp.json", "multiapp.json.stale-1", "multiapp.json.stale-2"]  # nothing measured is lost
+    assert sorted(p.name for p in path.parent.iterdir()) == [
+        "report.json", "report.json.stale-1", "report.json.stale-2"]  # nothing measured is lost
+    assert elastic_multiapp.seed_report({**run, "status": "failed"}, path, [0.2, 0.5], [3]) is None
 
 
 def test_every_eclm_table_run_composes():

@@ -1,287 +1,204 @@
-"""ElasticDNN claims preset: table/target/plot helpers and the multi-app experiment on tiny cases."""
+"""ElasticDNN claims preset over seeds: rows, tables, paired targets and --no-run, on hand-made results.
+
+Runs are small hand-made results.json records (no real runs). Intervals are worked out by hand:
+mean ± t * s / sqrt(n), s with ddof=1, t_{0.975,2} = 4.302653 (three seeds: half-width
+2.484138 * s), t_{0.975,1} = 12.706205 (two seeds: 8.984682 * s).
+"""
 
 import argparse
-import copy
+import json
 
-import numpy as np
 import pytest
-import torch
-from torch import nn
 
-from clients.elastic import training_passes
 from experiments.claims import elastic as ce
-from experiments.claims import elastic_multiapp as ma
-from experiments.data import build_federated_data
-from experiments.schema import DatasetConfig, FleetConfig, RunConfig, ScenarioConfig
-from models.catalog import build_model
-from models.elastic.master import elastic_fbs_resnet_cpu
-from models.elastic.remodel import RemodelSettings
-from models.elastic.scheduler import Schedule
+from experiments.claims import elastic_rows as rows
+from experiments.claims import elastic_tables as tables
+from experiments.resume.cached_run import composed_config
 
-#: Enough full-batch Adam steps to rank two sizes on these tiny tables (the default 500 is for real runs).
-FIT_EPOCHS = 100
+SEEDS = [0, 1, 2]
+HALF_3 = 2.484138  # t_{0.975,2} / sqrt(3)
 
 
-def run(rounds):
-    return {"status": "completed", "rounds": rounds}
+def record(acc, before=0.5, wall=1.0, flops=1e9, master=0, bank=0, model=100, optimizer=0, gradients=0,
+           activations=0):
+    """One round record (device means) with the ``train_`` metrics the devices report."""
+    parts = {"master": master, "bank": bank, "model": model, "optimizer": optimizer, "gradients": gradients,
+             "activations": activations}
+    resident = master + bank + model + optimizer
+    return {"accuracy": acc, "train_accuracy_before": before, "train_adapt_wall_s": wall, "train_adapt_flops": flops,
+            "train_model_fraction": 0.05, **{f"train_memory_{k}_bytes": v for k, v in parts.items()},
+            "train_resident_memory_bytes": resident, "train_peak_memory_bytes": resident + gradients + activations}
 
 
-def record(acc, before, wall, virtual, memory, fraction):
-    return {"accuracy": acc, "train_accuracy_before": before, "train_adapt_wall_s": wall,
-            "train_compute_time_s": virtual, "train_peak_memory_bytes": memory, "train_model_fraction": fraction}
+def run(*records, status="completed", wall=60.0):
+    return {"status": status, "config": {}, "rounds": list(records), "summary": {"wall_time_s": wall}}
 
 
-ELASTIC = run([record(0.6, 0.2, 0.5, 0.1, 100, 0.05), record(0.8, 0.4, 1.5, 0.3, 300, 0.05)])
-FULL = run([record(0.9, 0.5, 4.0, 2.0, 1000, 1.0), record(0.7, 0.5, 4.0, 2.0, 1000, 1.0)])
+# --------------------------------------------------------------------------- one run
+def test_method_row_averages_a_run_over_its_domains_by_hand():
+    elastic = run(record(0.6, 0.2, 0.5, 1e9, 1000, 1000, 100, 50, 50, 400),
+                  record(0.8, 0.4, 1.5, 3e9, 1000, 1000, 120, 70, 70, 400))
+    row = rows.method_row(elastic)
+    assert row["accuracy"] == pytest.approx(0.7) and row["accuracy_before"] == pytest.approx(0.3)
+    assert row["wall_s"] == pytest.approx(1.0) and row["flops"] == pytest.approx(2e9)
+    assert row["model_bytes"] == pytest.approx(110) and row["optimizer_bytes"] == pytest.approx(60)
+    assert row["resident_bytes"] == pytest.approx(2170)  # (2150 + 2190) / 2
+    assert row["peak_bytes"] == pytest.approx(2630)  # (2600 + 2660) / 2
+    assert row["domains"] == 2 and rows.domain_curve(elastic) == [0.6, 0.8]
 
 
-# --------------------------------------------------------------------------- claims helpers
-def test_method_row_averages_by_hand():
-    row = ce.method_row(ELASTIC)
-    assert row["accuracy"] == pytest.approx(0.7)  # (0.6 + 0.8) / 2
-    assert row["accuracy_before"] == pytest.approx(0.3)
-    assert row["wall_s"] == pytest.approx(1.0) and row["virtual_s"] == pytest.approx(0.2)
-    assert row["peak_memory_bytes"] == 300 and row["model_fraction"] == pytest.approx(0.05)
-    assert row["domains"] == 2
-    assert ce.domain_curve(ELASTIC) == [0.6, 0.8]
+def test_unfinished_runs_count_as_missing_seeds():
+    assert rows.method_row(run(status="failed")) is None
+    assert rows.method_row({**run(record(0.5)), "status": "running"}) is None
+    by_seed = {0: run(record(0.6)), 1: run(status="failed"), 2: run(record(0.8))}
+    values = rows.seed_values(by_seed, "accuracy", SEEDS)
+    assert values[0] == 0.6 and values[2] == 0.8 and values[1] != values[1]  # NaN for the failed seed
 
 
-def test_method_row_of_failed_run_is_none_and_table_says_failed():
-    assert ce.method_row({"status": "failed", "rounds": []}) is None
-    assert ce.method_row({**ELASTIC, "status": "running"}) is None  # interrupted: some domains missing
-    table = ce.method_table({"elasticdnn": None, "full": ce.method_row(FULL)})
-    assert "| elasticdnn | failed |" in table
+def test_run_folders_carry_the_seed(tmp_path):
+    assert rows.run_folder(tmp_path, 5, "tent", 2) == tmp_path / "sev5" / "tent" / "seed2"
+    assert rows.multiapp_path(tmp_path, 3, 1) == tmp_path / "sev3" / "multiapp" / "seed1" / "report.json"
 
 
-def test_method_table_speedups_are_full_over_method():
-    table = ce.method_table({"elasticdnn": ce.method_row(ELASTIC), "full": ce.method_row(FULL)})
-    line = next(l for l in table.splitlines() if l.startswith("| elasticdnn"))
-    assert "| 4.00x |" in line  # wall 4.0 / 1.0
-    assert "| 10.00x |" in line  # virtual 2.0 / 0.2
-    assert "| 70.0 |" in line and "| 5.0 % |" in line
+# --------------------------------------------------------------------------- tables over seeds
+def runs_over_seeds():
+    """Three seeds; ElasticDNN clears Tent by 0.21 ± 0.025 and misses SHOT's +0.10; speed-ups by hand."""
+    def seeds(accuracies, walls, flops, resident=(1000, 1000, 1000)):
+        return {s: run(record(a, wall=w, flops=f, model=m)) for s, a, w, f, m in
+                zip(SEEDS, accuracies, walls, flops, resident)}
+    return {
+        "elasticdnn": seeds([0.80, 0.82, 0.84], [1.0, 2.0, 2.0], [1e9, 1e9, 2e9], (1000, 1100, 1200)),
+        "tent": seeds([0.60, 0.61, 0.62], [1.0, 1.0, 1.0], [1e9, 1e9, 1e9]),
+        "shot": seeds([0.75, 0.78, 0.80], [1.0, 1.0, 1.0], [1e9, 1e9, 1e9]),
+        "full": seeds([0.90, 0.90, 0.90], [3.0, 6.0, 7.0], [12e9, 12e9, 20e9]),
+    }
 
 
-def rows_with(elastic_acc, tent_acc, shot_acc, elastic_wall):
-    base = {"accuracy_before": 0.1, "virtual_s": 1.0, "peak_memory_bytes": 1.0, "model_fraction": 0.2}
-    return {"elasticdnn": {**base, "accuracy": elastic_acc, "wall_s": elastic_wall, "virtual_s": 0.1},
-            "tent": {**base, "accuracy": tent_acc, "wall_s": 1.0},
-            "shot": {**base, "accuracy": shot_acc, "wall_s": 1.0},
-            "full": {**base, "accuracy": 0.9, "wall_s": 6.0}}
+def test_method_table_cells_are_means_with_intervals_by_hand():
+    table = tables.method_table(runs_over_seeds(), SEEDS)
+    line = next(line for line in table.splitlines() if line.startswith("| elasticdnn"))
+    cells = [c.strip() for c in line.split("|")[1:-1]]
+    assert cells[1] == f"82.0 ± {HALF_3 * 2:.1f} (n=3)"  # 80, 82, 84: s = 2 points
+    # wall speed-ups per seed 3/1, 6/2, 7/2 = 3, 3, 3.5: mean 3.17, s = 0.288675
+    assert cells[4] == f"3.17 ± {HALF_3 * 0.288675:.2f} (n=3)"
+    # FLOP speed-ups 12, 12, 10: mean 11.33, s = 1.1547
+    assert cells[6] == f"11.33 ± {HALF_3 * 1.1547:.2f} (n=3)"
+    assert cells[7] == "1.1 kB ± 248 B (n=3)"  # 1000, 1100, 1200 bytes: s = 100
+    full = next(line for line in table.splitlines() if line.startswith("| full"))
+    assert "| 1.00 ± 0.00 (n=3) |" in full
 
 
-def test_targets_met_and_not_met():
-    met = ce.targets(rows_with(0.70, 0.55, 0.60, 1.0), [{"elasticdnn": 0.8, "uniform": 0.7}])
-    assert "(shot): +10.0 points" in met[0] and "**met**" in met[0]
-    assert "6.00x faster" in met[1] and "**not met**" not in met[1]
-    assert "+10.0 points" in met[2] and "**met**" in met[2]
-    missed = ce.targets(rows_with(0.62, 0.55, 0.60, 2.0), [{"elasticdnn": 0.6, "uniform": 0.7}])
-    assert all("**not met**" in line for line in missed[:1] + missed[2:])
-    assert "3.00x faster" in missed[1] and "**not met**" in missed[1]  # wall 6 / 2 = 3 < 5
-    assert "**met**" in missed[1]  # virtual 1.0 / 0.1 = 10x
+def test_targets_are_judged_on_paired_intervals():
+    lines = tables.targets(runs_over_seeds(), SEEDS)
+    tent, shot, wall, flops = lines
+    # ElasticDNN - Tent per seed: 20, 21, 22 points -> 21.0 ± 2.5, all above +10
+    assert f"21.0 ± {HALF_3:.1f} points (n=3; target >= 10.0 points): **met**" in tent
+    # ElasticDNN - SHOT: 5, 4, 4 points -> 4.3 ± 1.4, all below +10
+    assert "(n=3; target >= 10.0 points): **missed**" in shot and "4.3 ±" in shot
+    assert f"3.17 ± {HALF_3 * 0.288675:.2f}x (n=3; target >= 5.00x): **missed**" in wall  # 3.17 + 0.72 < 5
+    assert f"11.33 ± {HALF_3 * 1.1547:.2f}x (n=3; target >= 5.00x): **met**" in flops  # 11.33 - 2.87 > 5
 
 
-def test_targets_with_a_failed_run_say_not_measured():
-    rows = rows_with(0.7, 0.5, 0.5, 1.0)
-    rows["tent"] = None
-    lines = ce.targets(rows, None)
-    assert lines[0].endswith("not measured (a run failed)") and len(lines) == 2
+def test_a_single_seed_or_a_failed_baseline_leaves_targets_undecided():
+    runs = runs_over_seeds()
+    one = tables.targets(runs, [0])
+    assert all("**undecided**" in line and "(n=1;" in line for line in one)
+    runs["tent"][1] = run(status="failed")
+    tent = tables.targets(runs, SEEDS)[0]
+    assert "(n=2;" in tent  # only the seeds where both runs completed are paired
+    runs["tent"] = {s: run(status="failed") for s in SEEDS}
+    assert "not measured (n=0;" in tables.targets(runs, SEEDS)[0]
+    without = tables.targets({"full": runs["full"]}, SEEDS)  # --methods without elasticdnn
+    assert len(without) == 4 and all("not measured (n=0;" in line for line in without)
 
 
-def test_plot_curves_writes_a_png(tmp_path):
-    path = ce.plot_curves({"elasticdnn": [0.5, 0.7], "full": [0.6, 0.8], "failed": []}, tmp_path / "c.png")
+def test_variant_effects_read_having_it_minus_not():
+    runs = runs_over_seeds()
+    runs["elasticdnn_no_update"] = {s: run(record(a)) for s, a in zip(SEEDS, [0.75, 0.77, 0.79])}
+    runs["elasticdnn_bank_fedavg"] = {s: run(record(a)) for s, a in zip(SEEDS, [0.81, 0.83, 0.85])}
+    effects = (("elasticdnn_no_update", "master updates", -1), ("elasticdnn_bank_fedavg", "bank averaging", +1))
+    lines = tables.targets(runs, SEEDS, effects)[4:]
+    assert lines[0] == "- effect of master updates: 5.0 ± 0.0 (n=3) points (paired per seed)"  # 0.80 - 0.75, ...
+    assert lines[1] == "- effect of bank averaging: 1.0 ± 0.0 (n=3) points (paired per seed)"
+
+
+def test_memory_table_parts_add_up_to_the_resident_and_peak_columns():
+    runs = {"elasticdnn": {s: run(record(0.8, master=800, bank=800, model=40, optimizer=20, gradients=20,
+                                         activations=300)) for s in SEEDS}}
+    table = tables.memory_table(runs, SEEDS)
+    cells = [c.strip() for c in table.splitlines()[2].split("|")[1:-1]]
+    assert cells == ["elasticdnn", "800 B ± 0 B (n=3)", "800 B ± 0 B (n=3)", "40 B ± 0 B (n=3)", "20 B ± 0 B (n=3)",
+                     "1.7 kB ± 0 B (n=3)", "20 B ± 0 B (n=3)", "300 B ± 0 B (n=3)", "2.0 kB ± 0 B (n=3)"]
+
+
+def test_mean_curves_average_the_completed_seeds(tmp_path):
+    runs = {"tent": {0: run(record(0.6), record(0.8)), 1: run(record(0.4), record(0.6)), 2: run(status="failed")}}
+    assert tables.mean_curves(runs, SEEDS) == {"tent": pytest.approx([0.5, 0.7])}
+    path = tables.plot_curves({"tent": [0.5, 0.7], "failed": []}, tmp_path / "c.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_every_method_run_shares_the_same_overrides(tmp_path):
-    args = argparse.Namespace(severity=5, width=8, partition="iid", devices=4, rounds=15, seed=3, out=tmp_path)
-    shared = ce.shared_overrides(args)
-    assert "model.width=8" in shared and "seed=3" in shared and "fleet.per_round=4" in shared
-    assert not any(o.startswith(("algorithm.elasticdnn.method", "hydra")) for o in shared)
-    assert f"pretrain.cache_dir={tmp_path / 'pretrain_cache'}" in shared
+# --------------------------------------------------------------------------- the preset
+def preset_args(tmp_path, *extra):
+    return ce.build_parser().parse_args(["--out", str(tmp_path), "--doc", str(tmp_path / "RESULTS.md"), *extra])
 
 
-# --------------------------------------------------------------------------- multi-app pieces
-def test_split_domains_and_app_sequences_by_hand():
-    assert ma.split_domains(15) == (list(range(7)), list(range(7, 15)))
-    with pytest.raises(ValueError, match="2 domains"):
-        ma.split_domains(1)
-    assert ma.app_sequences([3, 4, 5], 2) == [[3, 4, 5], [4, 5, 3]]
-    with pytest.raises(ValueError, match="lower the app count"):
-        ma.app_sequences([3, 4], 3)
-
-
-def test_penultimate_features_are_the_last_linear_inputs():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
-    x = torch.randn(5, 4)
-    expected = torch.relu(model[0](x)).detach().double().numpy()
-    np.testing.assert_allclose(ma.penultimate_features(model, x), expected, rtol=1e-6)
-    with pytest.raises(ValueError, match="no nn.Linear"):
-        ma.penultimate_features(nn.ReLU(), x)
-
-
-def plan(choice, shares, retrains, start=0.0):
-    n = len(choice)
-    return Schedule(choice=tuple(choice), shares=np.array(shares), retraining_time=np.zeros(n),
-                    retrains=np.array(retrains), objective=0.0, feasible=True, worst_overrun=0.0,
-                    iterations=0, start_time=start)
-
-
-def test_check_window_is_eq_11():
-    times = np.array([[1.0, 2.0], [1.0, 3.0]])
-    ma.check_window(plan([0, 1], [0.25, 0.75], [True, True]), times, 4.0)  # 1/0.25 = 4, 3/0.75 = 4
-    ma.check_window(plan([1, 1], [0.0, 1.0], [False, True]), times, 3.0)  # idle app 0 is not checked
-    with pytest.raises(AssertionError, match=r"apps \[1\]"):
-        ma.check_window(plan([0, 1], [0.5, 0.5], [True, True]), times, 4.0)  # 3/0.5 = 6 > 4
-    with pytest.raises(AssertionError, match="violates eq. 11"):
-        ma.check_window(plan([0, 0], [0.5, 0.5], [True, True], start=2.5), times, 4.0)  # 2.5 + 2 > 4
-
-
-def synthetic(domains=4):
-    """Sizes (0.2, 0.5): A = 0.5; Ã = 0.6 / 0.9; host seconds 1 / 2; 10 / 40 FLOPs."""
-    sizes = (0.2, 0.5)
-    rng = np.random.default_rng(0)
-    return ma.Measurements(sizes, tuple(f"d{i}" for i in range(domains)), np.full((domains, 2), 0.5),
-                           np.tile([0.6, 0.9], (domains, 1)), np.tile([1.0, 2.0], (domains, 1)),
-                           np.tile([10.0, 40.0], (domains, 1)), rng.normal(size=(domains, 3)), np.zeros(3))
-
-
-def test_simulate_scores_plans_with_measured_values_by_hand():
-    meas = synthetic()
-    train, test = ma.split_domains(4)
-    estimator = ma.fit_estimator(meas, train, seed=0, epochs=FIT_EPOCHS)
-    result = ma.simulate(meas, estimator, train, test, apps=2, t_max=100.0, time_factor=1.0, seed=0)
-    # Uniform: both apps at 0.2 with 1/2 share: busy 2 s -> (0.5 * 2 + 0.6 * 98) / 100.
-    assert result["uniform"] == pytest.approx(0.598)
-    # Oracle: both at 0.5, eq. 10 shares 1/2: busy 4 s -> (0.5 * 4 + 0.9 * 96) / 100.
-    assert result["oracle"] == pytest.approx(0.884)
-    assert result["elasticdnn"] == pytest.approx(0.884)  # calibrated estimates rank the sizes right
-    assert result["ekya_like"] <= 0.6 and result["fallbacks"] == 0
-
-
-def test_simulate_falls_back_when_nothing_fits_the_window():
-    meas = synthetic()
-    train, test = ma.split_domains(4)
-    estimator = ma.fit_estimator(meas, train, seed=0, epochs=FIT_EPOCHS)
-    result = ma.simulate(meas, estimator, train, test, apps=2, t_max=1.5, time_factor=1.0, seed=0)
-    assert result["fallbacks"] == 2 * len(test)  # ElasticDNN and the oracle, every step: 1 / 0.5 = 2 > 1.5
-    assert result["elasticdnn"] == pytest.approx(0.5) and result["uniform"] == pytest.approx(0.5)
-
-
-def test_the_fallback_serves_the_size_best_before_retraining():
-    meas = synthetic()
-    meas = ma.Measurements(meas.sizes, meas.domains, np.tile([0.1, 0.7], (4, 1)), np.tile([0.2, 0.9], (4, 1)),
-                           meas.seconds, meas.flops, meas.target_means, meas.source_mean)
-    train, test = ma.split_domains(4)
-    estimator = ma.fit_estimator(meas, train, seed=0, epochs=FIT_EPOCHS)
-    result = ma.simulate(meas, estimator, train, test, apps=2, t_max=1.5, time_factor=1.0, seed=0)
-    assert result["fallbacks"] == 2 * len(test)  # nothing retrains inside 1.5 s
-    # no app retrains: each serves its size's accuracy before retraining; 0.5 beats 0.2 (Uniform's size)
-    assert result["oracle"] == pytest.approx(0.7) and result["uniform"] == pytest.approx(0.1)
-    assert result["elasticdnn"] == pytest.approx(0.7)  # its calibrated estimates rank the sizes the same way
-
-
-def test_host_rate_and_device_factors():
-    meas = synthetic()
-    assert ma.host_flops_per_s(meas, [0, 1]) == pytest.approx(20.0)  # 40 FLOPs / 2 s at the largest size
-    cfg = RunConfig(fleet=FleetConfig())
-    devices = ma.device_time_factors(cfg, 3, 20.0)
-    assert devices == ma.device_time_factors(cfg, 3, 20.0)
-    for device in devices:
-        assert device["time_factor"] == pytest.approx(20.0 / device["flops_per_s"])
-
-
-def test_compare_rows_cover_every_window_and_app_count():
-    meas = synthetic(domains=6)
-    train, test = ma.split_domains(6)
-    estimator = ma.fit_estimator(meas, train, seed=0, epochs=FIT_EPOCHS)
-    devices = [{"time_factor": 1.0}, {"time_factor": 3.0}]
-    rows = ma.compare(meas, estimator, train, test, devices, 100.0, app_counts=(2, 3), window_scales=(1.0, 0.1))
-    assert [(r["window_scale"], r["apps"]) for r in rows] == [(1.0, 2), (1.0, 3), (0.1, 2), (0.1, 3)]
-    assert all(r["oracle"] >= r["uniform"] - 1e-12 for r in rows[:2])
-    assert "ElasticDNN - Uniform" in ma.markdown({"rows": rows})
-
-
-def test_measure_on_a_tiny_master_leaves_it_unchanged():
-    torch.manual_seed(0)
-    elastic = elastic_fbs_resnet_cpu(num_classes=3, width=4, seed=0)
-    state = copy.deepcopy(elastic.state_dict())
-    gen = torch.Generator().manual_seed(1)
-    batches = [ma.DomainBatch(f"d{i}", torch.randn(8, 3, 32, 32, generator=gen),
-                              torch.randn(6, 3, 32, 32, generator=gen), torch.randint(0, 3, (6,), generator=gen))
-               for i in range(2)]
-    settings = RemodelSettings(epochs=1, batch_size=4)
-    meas = ma.measure(elastic, batches, torch.randn(5, 3, 32, 32, generator=gen), (0.5, 1.0), settings, seed=0)
-    assert meas.before.shape == meas.after.shape == meas.seconds.shape == (2, 2)
-    assert np.all((meas.before >= 0) & (meas.after <= 1)) and np.all(meas.seconds > 0)
-    assert np.all(meas.flops[:, 0] < meas.flops[:, 1])  # the half-size surrogate trains fewer FLOPs
-    assert meas.target_means.shape == (2, 16) and meas.source_mean.shape == (16,)  # 4 x width pooled features
-    for key, value in elastic.state_dict().items():
-        assert torch.equal(value, state[key]), key
-    with pytest.raises(ValueError, match="keep fractions"):
-        ma.measure(elastic, batches, batches[0].x, (0.0,), settings, seed=0)
-
-
-def test_domain_batches_follow_the_device_order():
-    scenario = ScenarioConfig(name="evolving", corruptions=("fog", "snow"), severity=5, per_device_domains=True,
-                              stream_batch=10, batches_per_domain=2)
-    data = build_federated_data(DatasetConfig(), scenario, 2, 0)
-    batches = ma.domain_batches(data, 1)
-    assert [b.domain for b in batches] == list(data.device_domains(1))
-    assert batches[0].x.shape == (10, 3, 32, 32) and batches[0].held_y.shape == (10,)
-    assert not torch.equal(batches[0].x, batches[0].held_x)  # adapt and held-out are different batches
-
-
-def test_window_of_the_papers_own_master_is_the_papers_window():
-    resnet56 = build_model("fbs_resnet56", num_classes=10, width=16, in_channels=3)
-    assert ma.paper_scaled_window(resnet56, 10, (3, 32, 32)) == pytest.approx(ma.PAPER_WINDOW_S)
-    small = elastic_fbs_resnet_cpu(num_classes=10, width=8, seed=0).master
-    assert 0 < ma.paper_scaled_window(small, 10, (3, 32, 32)) < ma.PAPER_WINDOW_S / 10
-
-
-def test_virtual_work_per_method_by_hand():
-    """Master-sized passes per sample: 10 epochs, a 5 % model (the client's virtual clock)."""
-    assert training_passes("source", 10, 0.05) == 0.0
-    assert training_passes("bn_adapt", 10, 0.05) == pytest.approx(0.05 / 3)  # one forward
-    assert training_passes("tent", 10, 0.05) == pytest.approx(0.5)
-    assert training_passes("shot", 10, 0.05) == pytest.approx(0.5 * (1 + 1 / 3))  # + pseudo-label forwards
-    assert training_passes("full", 10, 1.0) == pytest.approx(10.0)
-    assert training_passes("elasticdnn", 10, 0.05) == pytest.approx(1 / 3 + 0.5)  # master forward + surrogate
-    with pytest.raises(ValueError, match="choose one of"):
-        training_passes("ekya", 10, 0.05)
-
-
-def test_targets_report_the_same_size_models_starting_accuracy():
-    rows = rows_with(0.7, 0.5, 0.5, 1.0)
-    rows["source"] = {**rows["tent"], "accuracy": 0.1}
-    lines = ce.targets(rows, None)
-    assert len(lines) == 3 and "scores 10.0 %" in lines[2]
-
-
-def test_targets_report_the_ablation_and_the_extension_by_hand():
-    rows = rows_with(0.70, 0.55, 0.60, 1.0)
-    rows["elasticdnn_no_update"] = {**rows["elasticdnn"], "accuracy": 0.75}
-    rows["elasticdnn_bank_fedavg"] = {**rows["elasticdnn"], "accuracy": 0.72}
-    rows["elasticdnn_bn_write_back"] = {**rows["elasticdnn"], "accuracy": 0.61}
-    rows["elasticdnn_sandwich_largest"] = {**rows["elasticdnn"], "accuracy": 0.58}
-    lines = ce.targets(rows, None)
-    assert any("master updates" in line and "-5.0 points" in line for line in lines)
-    assert any("BN gamma/beta back too" in line and "-9.0 points" in line for line in lines)
-    assert any("banks (extension): +2.0 points" in line for line in lines)
-    assert any("master's pre-training (sandwich rule): +12.0 points" in line for line in lines)
-
-
-def test_each_run_names_its_method_and_tuned_settings(tmp_path, monkeypatch):
+def test_each_run_names_its_method_seed_and_folder(tmp_path, monkeypatch):
     seen = {}
-    monkeypatch.setattr(ce, "run_cached", lambda run_dir, overrides: seen.setdefault(run_dir.name, overrides))
-    args = argparse.Namespace(severity=5, width=16, partition="iid", devices=4, rounds=15, seed=0, out=tmp_path)
+    monkeypatch.setattr(ce, "run_cached", lambda run_dir, overrides, run=True: seen.setdefault(run_dir, (overrides, run)))
+    args = preset_args(tmp_path, "--seeds", "3", "4", "--no-run")
     for label in ce.RUNS:
-        ce.run_one(label, args)
-    assert "algorithm.elasticdnn.master_update=false" in seen["elasticdnn_no_update"]
-    assert "algorithm.elasticdnn.bank_fedavg=true" in seen["elasticdnn_bank_fedavg"]
-    assert "algorithm.elasticdnn.write_back_bn=true" in seen["elasticdnn_bn_write_back"]
-    assert "algorithm.elasticdnn.sandwich=largest" in seen["elasticdnn_sandwich_largest"]
-    assert {"algorithm.elasticdnn.method=tent", "algorithm.elasticdnn.lr=0.003"} <= set(seen["tent"])
-    elastic = [o for o in seen["elasticdnn"] if o.startswith("algorithm.") and o.split("=")[0].endswith((".lr", ".epochs"))]
-    assert len(elastic) == 2 and set(elastic) <= set(seen["full"])  # the same passes on the whole master
-    assert all(any(o.startswith("algorithm.elasticdnn.method=") for o in seen[label]) for label in ce.RUNS)
+        ce.run_one(label, 4, args)
+    overrides, started = seen[tmp_path / "sev5" / "tent" / "seed4"]
+    assert "seed=4" in overrides and not started  # --no-run starts nothing
+    assert {"algorithm.elasticdnn.method=tent", "algorithm.elasticdnn.lr=0.003"} <= set(overrides)
+    no_update = seen[tmp_path / "sev5" / "elasticdnn_no_update" / "seed4"][0]
+    assert "algorithm.elasticdnn.master_update=false" in no_update
+    for label in ("elasticdnn", "full"):  # both retrain with ElasticDNN's own searched (lr, epochs), its defaults
+        tuned = [o for o in seen[tmp_path / "sev5" / label / "seed4"][0]
+                 if o.startswith("algorithm.") and o.split("=")[0].endswith((".lr", ".epochs"))]
+        assert tuned == []
+    assert ce.shared_overrides(args)[-2:] == ["seed=3", f"pretrain.cache_dir={tmp_path / 'pretrain_cache'}"]
+
+
+def test_the_parser_takes_seeds_no_run_and_known_methods_only(tmp_path):
+    args = preset_args(tmp_path)
+    assert args.seeds == [0, 1, 2] and not args.no_run and args.methods == list(ce.RUNS)
+    with pytest.raises(SystemExit):
+        preset_args(tmp_path, "--methods", "ekya")
+
+
+def test_no_run_writes_the_section_from_finished_runs_only(tmp_path, capsys):
+    """Two seeds of four methods on disk (seed 1 of SHOT missing): the section says so and starts nothing."""
+    args = preset_args(tmp_path, "--seeds", "0", "1", "--methods", "elasticdnn", "tent", "shot", "full", "--no-run",
+                       "--skip-multiapp")
+    fabricated = runs_over_seeds()
+    for label in args.methods:
+        for seed in args.seeds:
+            if (label, seed) == ("shot", 1):
+                continue
+            run_dir = rows.run_folder(tmp_path, 5, label, seed)
+            overrides = [*ce.shared_overrides(args, seed), *[f"algorithm.elasticdnn.{o}" for o in ce.RUNS[label]],
+                         f"hydra.run.dir={run_dir}"]
+            run_dir.mkdir(parents=True)
+            (run_dir / "results.json").write_text(json.dumps({**fabricated[label][seed],
+                                                              "config": composed_config(overrides)}))
+    assert ce.main(["--out", str(tmp_path), "--doc", str(tmp_path / "RESULTS.md"), "--seeds", "0", "1",
+                    "--methods", "elasticdnn", "tent", "shot", "full", "--no-run", "--skip-multiapp"]) == 0
+    doc = (tmp_path / "RESULTS.md").read_text()
+    assert ce.BEGIN in doc and "Not counted: shot seed 1 (missing)." in doc
+    assert "`python -m experiments.claims.elastic --out" in doc and "--no-run`" not in doc
+    assert "ElasticDNN - same-size tent accuracy: 20.5 ±" in doc  # seeds 0, 1: 20 and 21 points
+    assert "(n=2; target >= 10.0 points): **met**" in doc  # 20.5 - 8.98 * 0.71 > 10
+    assert "ElasticDNN - same-size shot accuracy: 5.0 points (n=1;" in doc and "**undecided**" in doc
+    assert "no finished run" in capsys.readouterr().err
+    assert not (tmp_path / "sev5" / "shot" / "seed1").exists()  # nothing was started
+
+
+def test_shared_overrides_default_to_the_first_seed_for_the_tuning_script():
+    args = argparse.Namespace(severity=5, width=8, partition="iid", devices=4, rounds=15, seeds=[7, 8],
+                              out=ce.ROOT / "outputs" / "x")
+    shared = ce.shared_overrides(args)
+    assert "model.width=8" in shared and "seed=7" in shared and "fleet.per_round=4" in shared
+    assert not any(o.startswith(("algorithm.elasticdnn.method", "hydra")) for o in shared)
+    assert "seed=8" in ce.shared_overrides(args, 8)

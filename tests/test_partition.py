@@ -16,17 +16,32 @@ LABELS = np.array([0] * 10 + [1] * 5)
 def test_split_by_hand():
     # test: round(0.2 * 10) = 2 of class 0, round(0.2 * 5) = 1 of class 1;
     # proxy: half of the rest, round(0.5 * 8) = 4 and round(0.5 * 4) = 2
-    split = part.split_originals(LABELS, test_fraction=0.2, proxy_fraction=0.5, seed=0)
+    split = part.split_originals(LABELS, test_fraction=0.2, proxy_fraction=0.5, seed=0, tune_fraction=0.0)
     assert np.bincount(LABELS[split.test], minlength=2).tolist() == [2, 1]
     assert np.bincount(LABELS[split.proxy], minlength=2).tolist() == [4, 2]
     assert np.bincount(LABELS[split.edge], minlength=2).tolist() == [4, 2]
+    assert len(split.tune) == 0  # no reserve: every edge original stays on the devices
+
+
+def test_tuning_reserve_by_hand_is_the_same_for_every_run_seed():
+    # round(0.4 * 10) = 4 of class 0, round(0.4 * 5) = 2 of class 1, drawn with TUNE_SEED
+    reserve = part.tuning_reserve(LABELS, 0.4)
+    assert np.bincount(LABELS[reserve], minlength=2).tolist() == [4, 2]
+    for seed in (0, 1, 7):
+        split = part.split_originals(LABELS, 0.2, 0.5, seed=seed, tune_fraction=0.4)
+        whole = part.split_originals(LABELS, 0.2, 0.5, seed=seed, tune_fraction=0.0)
+        assert np.array_equal(split.test, whole.test) and np.array_equal(split.proxy, whole.proxy)
+        assert split.tune.tolist() == sorted(set(whole.edge.tolist()) & set(reserve.tolist()))
+        assert split.edge.tolist() == sorted(set(whole.edge.tolist()) - set(reserve.tolist()))
+    with pytest.raises(ValueError, match=r"tune_fraction=1.0 must lie in \[0, 1\)"):
+        part.tuning_reserve(LABELS, 1.0)
 
 
 def test_split_is_disjoint_complete_and_seeded():
     labels = np.random.default_rng(1).integers(0, 10, 1000)
     split = part.split_originals(labels, 0.2, 0.3, seed=3)
-    parts = [set(split.test.tolist()), set(split.proxy.tolist()), set(split.edge.tolist())]
-    assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+    parts = [set(p.tolist()) for p in (split.test, split.proxy, split.edge, split.tune)]
+    assert all(not (a & b) for i, a in enumerate(parts) for b in parts[i + 1:])
     assert set.union(*parts) == set(range(1000))
     for c in range(10):  # stratified: each class loses round(20 %) to test
         count = (labels == c).sum()
@@ -40,8 +55,8 @@ def test_split_is_disjoint_complete_and_seeded():
 def test_split_with_fixed_test_part():
     split = part.split_originals(LABELS, 0.9, 0.5, seed=0, fixed_test=np.array([14, 0]))
     assert split.test.tolist() == [0, 14]  # test_fraction does not apply
-    assert not set(split.test) & (set(split.proxy) | set(split.edge))
-    assert len(split.proxy) + len(split.edge) == 13
+    assert not set(split.test) & (set(split.proxy) | set(split.edge) | set(split.tune))
+    assert len(split.proxy) + len(split.edge) + len(split.tune) == 13
 
 
 def test_split_rejects_an_empty_part():
@@ -137,4 +152,4 @@ def test_unknown_kind_is_rejected():
 def test_impossible_label_skew_is_a_clear_error():
     labels = np.array([0] * 50 + [1])  # class 1 has one row but two devices need it
     with pytest.raises(ValueError, match="lower dataset.partition.classes_per_device"):
-        part.partition_pool(labels, PartitionConfig(classes_per_device=1), 4, seed=0)
+        part.partition_pool(labels, PartitionConfig(kind="label_skew", classes_per_device=1), 4, seed=0)

@@ -1,8 +1,9 @@
 """Tests for experiments/report.py: collecting runs, grouping, the markdown table, the plot, the CLI.
 
 The fake multirun folder holds hand-written results.json files (2 algorithms x 2 seeds, plus one
-failed and one unfinished ECLM run). Expected table cells are worked out by hand in comments;
-std is the population std (ddof=0), as the table header says.
+failed and one unfinished ECLM run). Expected table cells are worked out by hand in comments: mean
+± half-width of the two-sided 95 % Student-t interval, ``t_{0.975, n-1} * s / sqrt(n)`` with the
+sample std ``s`` (ddof=1); t_{0.975,1} = 12.706205, t_{0.975,2} = 4.302653.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import pytest
 
 from experiments import report
 from experiments.report import collect, flatten_config, group_runs, main, markdown_table
+from experiments.results.intervals import METHOD_CAPTION
 from experiments.results.writer import ResultsWriter
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -65,12 +67,13 @@ def multirun(tmp_path):
     return root
 
 
-# fedavg: final (0.80, 0.90) -> 0.850 +- 0.050; best (0.85, 0.90) -> 0.875 +- 0.025;
+# With two values a, b: s = |a - b| / sqrt(2), so the half-width is 12.706205 * |a - b| / 2.
+# fedavg: final (0.80, 0.90) -> 0.850 +- 12.706205 * 0.05 = 0.635; best (0.85, 0.90) -> 0.875 +- 0.318;
 #         uplink (2000 + 4000) / 2 = 3.0 kB; downlink (4000 + 6000) / 2 = 5.0 kB; virtual 4.0; wall 2.0
-FEDAVG_ROW = "| algorithm.name=fedavg | 2 | 0.850 ± 0.050 | 0.875 ± 0.025 | 3.0 kB | 5.0 kB | 4.0 | 2.0 |"
-# eclm (completed seeds 0, 1 only): final = best (0.70, 0.74) -> 0.720 +- 0.020;
+FEDAVG_ROW = "| algorithm.name=fedavg | 2 | 0.850 ± 0.635 | 0.875 ± 0.318 | 3.0 kB | 5.0 kB | 4.0 | 2.0 |"
+# eclm (completed seeds 0, 1 only): final = best (0.70, 0.74) -> 0.720 +- 12.706205 * 0.02 = 0.254;
 #         uplink (1000 + 1600) / 2 = 1.3 kB; downlink 1.0 kB; virtual (2 + 4) / 2 = 3.0; wall 1.5
-ECLM_ROW = "| algorithm.name=eclm | 2 | 0.720 ± 0.020 | 0.720 ± 0.020 | 1.3 kB | 1.0 kB | 3.0 | 1.5 |"
+ECLM_ROW = "| algorithm.name=eclm | 2 | 0.720 ± 0.254 | 0.720 ± 0.254 | 1.3 kB | 1.0 kB | 3.0 | 1.5 |"
 
 
 def test_collect_finds_every_run_recursively(multirun):
@@ -114,12 +117,25 @@ def test_single_group_is_labelled_by_its_algorithm(multirun):
     assert list(group_runs([{"config": {"seed": 0}, "status": "completed", "rounds": []}])) == ["all runs"]
 
 
-def test_table_mean_and_std_match_hand_computed_values(multirun):
+def test_table_mean_and_interval_match_hand_computed_values(multirun):
     table = markdown_table(group_runs(collect(multirun)))
     lines = table.splitlines()
-    assert "ddof=0" in lines[0]
-    assert lines[2] == ECLM_ROW
-    assert lines[3] == FEDAVG_ROW
+    assert lines[0] == report.TABLE_CAPTION and METHOD_CAPTION in lines[0]
+    assert lines[2].startswith("| config | n | final accuracy (mean ± 95 % CI) |")
+    assert lines[4] == ECLM_ROW
+    assert lines[5] == FEDAVG_ROW
+
+
+def test_three_seeds_use_t_with_two_degrees_of_freedom():
+    # final 0.80, 0.85, 0.90: mean 0.85, s = 0.05, half-width 4.302653 * 0.05 / sqrt(3) = 0.1242
+    # best 0.90, 0.90, 0.96: mean 0.92, s = 0.034641, half-width 4.302653 * 0.034641 / sqrt(3) = 0.0861
+    runs = [
+        {"config": {"seed": seed, "algorithm": {"name": "tent"}}, "status": "completed", "rounds": [],
+         "summary": summary_of(final, best, 10, 20, 1.0, 1.0)}
+        for seed, final, best in [(0, 0.80, 0.90), (1, 0.85, 0.90), (2, 0.90, 0.96)]
+    ]
+    row = markdown_table(group_runs(runs)).splitlines()[4]
+    assert row == "| algorithm.name=tent | 3 | 0.850 ± 0.124 | 0.920 ± 0.086 | 10 B | 20 B | 1.0 | 1.0 |"
 
 
 def test_failed_and_unfinished_runs_are_listed_below_the_table(multirun):
@@ -135,7 +151,9 @@ def test_group_curves_average_over_completed_seeds(multirun):
     curves = report.group_curves(group_runs(collect(multirun))["algorithm.name=fedavg"])
     np.testing.assert_allclose(curves["round"], [1, 2])
     np.testing.assert_allclose(curves["accuracy_mean"], [0.875, 0.85])  # (0.85+0.90)/2, (0.80+0.90)/2
-    np.testing.assert_allclose(curves["accuracy_std"], [0.025, 0.05])
+    # half-widths 12.706205 * 0.025 = 0.317655 (round 1) and 12.706205 * 0.05 = 0.635310 (round 2)
+    np.testing.assert_allclose(curves["accuracy_low"], [0.875 - 0.317655, 0.85 - 0.635310], atol=1e-6)
+    np.testing.assert_allclose(curves["accuracy_high"], [0.875 + 0.317655, 0.85 + 0.635310], atol=1e-6)
     # cumulative up+down: seed 0 3000, 6000; seed 1 5000, 10000 -> means 4000, 8000
     np.testing.assert_allclose(curves["bytes_mean"], [4000, 8000])
 
@@ -164,7 +182,7 @@ def test_main_reports_a_run_written_by_results_writer(tmp_path, capsys):
                           "wall_time_s": 0.25, "clients": 1, "failures": 0})
     writer.finish()
     assert main([str(tmp_path / "run")]) == 0
-    assert "| algorithm.name=heterofl | 1 | 0.600 ± 0.000 | 0.600 ± 0.000 | 20 B | 40 B | 2.0 | 0.5 |" in (
+    assert "| algorithm.name=heterofl | 1 | 0.600 | 0.600 | 20 B | 40 B | 2.0 | 0.5 |" in (  # one run: no interval
         capsys.readouterr().out
     )
 

@@ -11,7 +11,11 @@ Public API
 ``DeviceData``
     train_x, train_y, test_x, test_y (uint8 NHWC / int64) and the slot's domain.
 ``FederatedData.stream_batch(partition_id, index) -> StreamBatch``, ``.device_domains(partition_id)``
-    The online test-time stream (CEMA): batch ``index`` of a device, and its domain cycle.
+    The online test-time stream (CEMA, ElasticDNN): batch ``index`` of a device, and its domain
+    cycle; batches 2m and 2m+1 share no original (``.stream_originals`` gives them, indices only).
+``tuning.TuningStreams(data, devices)``
+    The tuning split: tuning devices streaming originals no device of any run holds
+    (``FederatedData.split.tune``), for hyper-parameter searches.
 ``to_tensor(x)``
     uint8 NHWC -> float32 NCHW in [-1, 1].
 """

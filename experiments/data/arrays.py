@@ -52,12 +52,21 @@ class StreamBatch:
         The batch's domain: ``"clean"`` or a corruption name.
     index : int
         Position of the batch in the device's stream (0, 1, ...).
+    originals : np.ndarray or None
+        Original image behind every sample (index into the dataset's originals), so a batch's
+        provenance can be checked (pairs disjoint, tuning apart from evaluation); None where
+        the source has no such index (ImageNet-C files).
+    seeds : np.ndarray or None
+        (stream_batch, parts) seed row of every sample's render: it names the stream (its seed
+        tag), the device, the batch and the sample; None where nothing is rendered.
     """
 
     x: np.ndarray
     y: np.ndarray
     domain: str
     index: int
+    originals: np.ndarray | None = None
+    seeds: np.ndarray | None = None
 
 
 def to_tensor(x: np.ndarray):

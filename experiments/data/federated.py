@@ -50,7 +50,8 @@ class FederatedData:
     image_shape : tuple of int
         (3, 32, 32): CHW, as ``to_tensor`` delivers it.
     split : partition.OriginalSplit
-        Originals of the test, proxy and edge parts (disjoint).
+        Originals of the test, proxy, edge and tuning parts (disjoint); devices hold edge
+        originals only (the tuning part is streamed by ``experiments/data/tuning.py``).
     pool_originals, pool_labels : np.ndarray
         Edge original, and its label, behind every pool row.
     """
@@ -60,6 +61,7 @@ class FederatedData:
     def __init__(
         self, dataset: DatasetConfig, scenario: ScenarioConfig, num_devices: int, seed: int
     ):
+        dataset = part.with_scenario_partition(dataset, scenario)
         check_config(dataset, scenario, num_devices, seed)
         self.dataset, self.scenario = dataset, scenario
         self.num_devices, self.seed = num_devices, seed
@@ -213,11 +215,28 @@ class FederatedData:
         k, _ = check_device(partition_id, 0, self.num_devices)
         return online.device_domains(self.scenario, self.seed, k)
 
-    def stream_batch(self, partition_id: int, index: int) -> StreamBatch:
-        """Batch ``index`` of device ``partition_id``'s online test-time stream (CEMA).
+    def device_originals(self, partition_id: int) -> np.ndarray:
+        """The distinct edge originals device ``partition_id``'s partition holds (sorted)."""
+        k, _ = check_device(partition_id, 0, self.num_devices)
+        return np.unique(self.pool_originals[self.partitions[k]])
 
-        ``scenario.stream_batch`` samples of the device's own partition (edge originals,
-        its label mix), drawn and rendered from seeds (seed, device, index), corrupted at
+    def stream_originals(self, partition_id: int, index: int) -> np.ndarray:
+        """The originals behind batch ``index`` of device ``partition_id``'s stream (indices only).
+
+        :func:`~experiments.data.online.batch_originals` on the device's originals, keyed
+        (seed, 42, device): batches 2m and 2m+1 share none.
+        """
+        k, _ = check_device(partition_id, 0, self.num_devices)
+        key = (self.seed, online.TAG_BATCH, k)
+        return online.batch_originals(self.device_originals(k), self.scenario.stream_batch, key, check_index(index))
+
+    def stream_batch(self, partition_id: int, index: int) -> StreamBatch:
+        """Batch ``index`` of device ``partition_id``'s online test-time stream (CEMA, ElasticDNN).
+
+        ``scenario.stream_batch`` originals of the device's own partition (edge originals,
+        its label mix), drawn by :meth:`stream_originals` (batches 2m and 2m+1 share no
+        original: the evolving scenario's adaptation and held-out batch),
+        rendered from seeds (seed, 36, device, index, sample), corrupted at
         ``scenario.severity`` in domain ``sequence[(index // batches_per_domain) % len]``.
         A pure function of (config, seed, device, index): cheap, nothing cached or replayed.
 
@@ -232,11 +251,11 @@ class FederatedData:
         domain = online.batch_domain(
             online.device_domains(scenario, self.seed, k), i, scenario.batches_per_domain
         )
-        rows = online.batch_rows(self.partitions[k], scenario.stream_batch, self.seed, k, i)
-        originals = self.pool_originals[rows]
-        seeds = seed_rows(self.seed, _TAG_STREAM, k, i, np.arange(len(rows)))
-        x = self._render(originals, seeds, [domain] * len(rows))
-        return StreamBatch(x=x, y=self.source.labels[originals], domain=domain, index=i)
+        originals = self.stream_originals(k, i)
+        seeds = seed_rows(self.seed, _TAG_STREAM, k, i, np.arange(len(originals)))
+        x = self._render(originals, seeds, [domain] * len(originals))
+        return StreamBatch(x=x, y=self.source.labels[originals], domain=domain, index=i,
+                           originals=originals, seeds=seeds)
 
     def sizes(self) -> dict:
         """A summary for the README: originals per part, pool and partition sizes."""
@@ -250,6 +269,7 @@ class FederatedData:
                 "test": len(self.split.test),
                 "proxy": len(self.split.proxy),
                 "edge": len(self.split.edge),
+                "tune": len(self.split.tune),
             },
             "pool_rows": len(self.pool_originals),
             "devices": self.num_devices,

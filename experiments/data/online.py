@@ -4,22 +4,30 @@ Each device holds an unlabeled stream of batches. Batch ``index`` of device k is
 ``sequence_k[(index // batches_per_domain) % len(sequence_k)]``: a device sees
 ``batches_per_domain`` batches of one corruption, then the next, cycling. ``sequence_k`` is
 ``scenario.corruptions`` as given, or (``per_device_domains``) a seeded permutation of it
-per device. A batch's samples are drawn from the device's own partition (so its label mix),
+per device. A batch's samples are originals of the device's own partition (so its label mix),
 seeded by (seed, device, index): indices only here, pixels in ``FederatedData.stream_batch``.
+Batches come in pairs, 2m and 2m+1, drawn from the two halves of one seeded shuffle of the
+device's originals, so the two share no original image: in the ``evolving`` scenario (two
+batches a domain) they are a domain's adaptation batch and its held-out batch.
 Every batch is a pure function of (config, seed, device, index); nothing is replayed.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 
 from experiments.data.arrays import CLEAN
 from experiments.schema import ScenarioConfig
 
-_TAG_ORDER, _TAG_BATCH = 41, 42  # stream tags for seeded generators
+TAG_ORDER, TAG_BATCH = 41, 42  # stream tags for seeded generators of the fleet's devices
+#: Consecutive batches 2m, 2m+1 draw from disjoint halves of the device's originals (the
+#: ``evolving`` scenario's adaptation and held-out batch of one domain, clients/elastic.py).
+PAIR = 2
 
 
-def device_domains(scenario: ScenarioConfig, seed: int, device: int) -> tuple[str, ...]:
+def device_domains(scenario: ScenarioConfig, seed: int, device: int, tag: int = TAG_ORDER) -> tuple[str, ...]:
     """The cycle of domains device ``device`` streams through.
 
     Returns
@@ -27,14 +35,15 @@ def device_domains(scenario: ScenarioConfig, seed: int, device: int) -> tuple[st
     tuple of str
         ``("clean",)`` when ``scenario.corruptions`` is empty; ``scenario.corruptions`` in
         its order when ``per_device_domains`` is False; otherwise a permutation of it drawn
-        with ``np.random.default_rng([seed, 41, device])``.
+        with ``np.random.default_rng([seed, tag, device])`` (``tag`` 41 for the fleet's
+        devices; the tuning devices have a tag of their own).
     """
     if not scenario.corruptions:
         return (CLEAN,)
     order = tuple(scenario.corruptions)
     if not scenario.per_device_domains:
         return order
-    perm = np.random.default_rng([seed, _TAG_ORDER, device]).permutation(len(order))
+    perm = np.random.default_rng([seed, tag, device]).permutation(len(order))
     return tuple(order[i] for i in perm)
 
 
@@ -47,23 +56,47 @@ def batch_domain(sequence: tuple[str, ...], index: int, batches_per_domain: int)
     return sequence[(index // batches_per_domain) % len(sequence)]
 
 
-def batch_rows(rows: np.ndarray, batch: int, seed: int, device: int, index: int) -> np.ndarray:
-    """Pick the partition rows of one stream batch.
+def batch_originals(originals: np.ndarray, batch: int, key: Sequence[int], index: int) -> np.ndarray:
+    """Pick the originals of stream batch ``index`` (pairs of batches share none).
+
+    Pair ``m = index // 2`` shuffles the distinct ``originals`` with
+    ``np.random.default_rng([*key, m])`` and cuts the shuffle in two halves
+    (``np.array_split``: the first half takes an odd one out); batch ``index`` draws from half
+    ``index % 2`` only. It takes the half's first ``batch`` originals (a draw without
+    replacement), or, when the half holds fewer (h < batch), every original of the half
+    ``batch // h`` times plus ``batch % h`` of them once more, in shuffled order (the renders
+    still differ: each sample has its own seed).
 
     Parameters
     ----------
-    rows : np.ndarray
-        The device's partition (pool rows); a uniform draw keeps its label mix in
-        expectation.
+    originals : np.ndarray
+        The device's originals (its partition's, distinct); at least 2 so both halves hold one.
     batch : int
         Samples per batch (``scenario.stream_batch``).
-    seed, device, index : int
-        Seed the draw: ``np.random.default_rng([seed, 42, device, index])``.
+    key : sequence of int
+        Seed parts of the device's stream, e.g. ``(seed, 42, device)``.
+    index : int
+        Position of the batch in the stream.
 
     Returns
     -------
     np.ndarray
-        ``batch`` pool rows, distinct unless the partition holds fewer than ``batch``.
+        ``batch`` int64 original indices; batches ``2m`` and ``2m + 1`` share none.
+
+    Raises
+    ------
+    ValueError
+        Fewer than 2 distinct originals (a pair cannot be disjoint).
     """
-    rng = np.random.default_rng([seed, _TAG_BATCH, device, index])
-    return rng.choice(rows, size=batch, replace=batch > len(rows)).astype(np.int64)
+    originals = np.unique(np.asarray(originals, dtype=np.int64))
+    if len(originals) < PAIR:
+        raise ValueError(f"a device streams {len(originals)} distinct original(s); its batch pairs need >= {PAIR} "
+                         "(give each device more data: fewer fleet.devices or a larger dataset)")
+    pair, half = divmod(index, PAIR)
+    rng = np.random.default_rng([*key, pair])
+    own = np.array_split(rng.permutation(originals), PAIR)[half]
+    if batch <= len(own):
+        return own[:batch]
+    repeats, extra = divmod(batch, len(own))
+    picks = np.concatenate([np.tile(own, repeats), rng.choice(own, size=extra, replace=False)])
+    return rng.permutation(picks)

@@ -1,19 +1,23 @@
-"""Split originals into test / proxy / edge parts, build the edge pool, partition it.
+"""Split originals into test / proxy / edge / tuning parts, build the edge pool, partition it.
 
 Originals are split FIRST (stratified by label, seeded), so no original image feeds two
-parts. The edge part is then repeated into a pool with one row per sample the fleet may
-need; the pool's label column is partitioned over devices by flwr-datasets partitioners
-(label skew: ``PathologicalPartitioner``; ``DirichletPartitioner``; ``IidPartitioner``).
+parts. The edge originals that fall in a fixed reserve (:func:`tuning_reserve`) form the
+tuning part, which no device of any run holds (hyper-parameter searches stream it instead,
+``experiments/data/tuning.py``). The rest of the edge part is then repeated into a pool with
+one row per sample the fleet may need; the pool's label column is partitioned over devices by
+flwr-datasets partitioners (label skew: ``PathologicalPartitioner``; ``DirichletPartitioner``;
+``IidPartitioner``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
-from experiments.schema import ConfigError, PartitionConfig
+from experiments.schema import ConfigError, DatasetConfig, PartitionConfig, ScenarioConfig
 
 PARTITION_KINDS = ("label_skew", "dirichlet", "iid")
 # Label skew: partition k's first class is k % num_classes, the others random, so every
@@ -30,15 +34,28 @@ _SPLIT_FIXES = {
     "label_skew": "lower dataset.partition.classes_per_device or the number of devices",
 }
 _TAG_SPLIT, _TAG_POOL, _TAG_PARTITION = 11, 12, 13  # stream tags for seeded generators
+_TAG_TUNE_RESERVE = 14  # stream tag of the tuning reserve's draw
+#: Share of every class's originals in the tuning reserve. A fifth: with the ElasticDNN preset's
+#: 4 devices (iid) an evaluated device and a tuning device then hold ~200 digits originals each,
+#: enough for a 100-sample adaptation batch and a disjoint 100-sample held-out batch (evolving).
+TUNE_FRACTION = 0.2
+#: Seed of the tuning reserve's draw: fixed, not the run's, so the reserve is the same for every
+#: run seed and no run seed's edge devices hold what another seed's tuning searched on.
+TUNE_SEED = 0
 
 
 @dataclass(frozen=True)
 class OriginalSplit:
-    """Indices of the originals in each part; disjoint by construction."""
+    """Indices of the originals in each part; disjoint by construction.
+
+    ``edge`` feeds the devices; ``tune`` (the edge originals in the tuning reserve) feeds only
+    hyper-parameter searches and may be empty on tiny datasets.
+    """
 
     test: np.ndarray
     proxy: np.ndarray
     edge: np.ndarray
+    tune: np.ndarray
 
 
 def split_originals(
@@ -47,8 +64,10 @@ def split_originals(
     proxy_fraction: float,
     seed: int,
     fixed_test: np.ndarray | None = None,
+    tune_fraction: float = TUNE_FRACTION,
 ) -> OriginalSplit:
-    """Split originals, stratified by label: test first, then proxy and edge of the rest.
+    """Split originals, stratified by label: test first, then proxy and edge of the rest,
+    then the edge originals in the tuning reserve out of the edge part into the tuning part.
 
     Parameters
     ----------
@@ -63,11 +82,14 @@ def split_originals(
         Seed of the split.
     fixed_test : np.ndarray, optional
         Originals that ARE the test part (CIFAR's official test set).
+    tune_fraction : float
+        Share of every class in the tuning reserve (:func:`tuning_reserve`); 0 keeps every
+        edge original on the devices.
 
     Returns
     -------
     OriginalSplit
-        Sorted index arrays; every part non-empty.
+        Sorted index arrays; test, proxy and edge non-empty.
     """
     labels = np.asarray(labels)
     everything = np.arange(len(labels))
@@ -77,13 +99,34 @@ def split_originals(
         test = np.sort(np.asarray(fixed_test, dtype=np.int64))
         rest = np.setdiff1d(everything, test)
     proxy, edge = stratified_take(rest, labels, proxy_fraction, [seed, _TAG_SPLIT, 1])
+    reserve = tuning_reserve(labels, tune_fraction)
+    tune, edge = np.intersect1d(edge, reserve), np.setdiff1d(edge, reserve)
     for part, name in ((test, "test"), (proxy, "proxy"), (edge, "edge")):
         if len(part) == 0:
             raise ConfigError(
                 f"the {name} part has no originals ({len(labels)} originals in all): "
                 "move dataset.test_fraction / dataset.proxy_fraction away from 0 and 1"
             )
-    return OriginalSplit(test=test, proxy=proxy, edge=edge)
+    return OriginalSplit(test=test, proxy=proxy, edge=edge, tune=tune)
+
+
+def tuning_reserve(labels: np.ndarray, fraction: float = TUNE_FRACTION) -> np.ndarray:
+    """Originals set aside for hyper-parameter tuning: ``round(fraction * count)`` of each class.
+
+    Drawn with :data:`TUNE_SEED`, whatever the run's seed, after which a run's edge originals in
+    the reserve are its tuning part and the others its devices' part. So a search run at any
+    seed streams only reserve originals, and no run at any seed puts one on a device.
+
+    Returns
+    -------
+    np.ndarray
+        Sorted int64 indices of the reserved originals.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ConfigError(f"tune_fraction={fraction} must lie in [0, 1) (the devices need edge originals)")
+    labels = np.asarray(labels)
+    reserve, _ = stratified_take(np.arange(len(labels)), labels, fraction, [TUNE_SEED, _TAG_TUNE_RESERVE])
+    return reserve
 
 
 def stratified_take(
@@ -120,6 +163,28 @@ def build_pool(edge: np.ndarray, num_devices: int, size_max: int, seed: int) -> 
     size = max(len(edge), num_devices * size_max)
     perm = np.random.default_rng([seed, _TAG_POOL]).permutation(len(edge))
     return np.asarray(edge, dtype=np.int64)[perm[np.arange(size) % len(edge)]]
+
+
+#: ``dataset.partition.kind`` that takes the scenario's own partition (``scenario.partition``).
+AUTO_KIND = "auto"
+
+
+def with_scenario_partition(dataset: DatasetConfig, scenario: ScenarioConfig) -> DatasetConfig:
+    """``dataset`` with ``partition.kind=auto`` replaced by the scenario's own (label skew for ECLM's
+    settings, iid streams for the online and evolving ones); any other kind is kept.
+
+    Raises
+    ------
+    ConfigError
+        When the kind is ``auto`` and the scenario names no partition.
+    """
+    if dataset.partition.kind != AUTO_KIND:
+        return dataset
+    if scenario.partition is None:
+        raise ConfigError(f"dataset.partition.kind=auto takes the scenario's partition, and scenario "
+                          f"{scenario.name!r} names none: set scenario.partition or dataset.partition.kind")
+    partition = dataclasses.replace(dataset.partition, kind=scenario.partition)
+    return dataclasses.replace(dataset, partition=partition)
 
 
 def make_partitioner(partition: PartitionConfig, num_partitions: int, seed: int):

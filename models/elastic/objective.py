@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from models.elastic.features import feature_layer, forward_with_features
+from models.elastic.ledger import counted_block
 from models.elastic.losses import feature_alignment, shot_loss, shot_pseudo_labels
 from models.elastic.modes import SHOT_LABEL_MODE, check_label_mode, frozen_buffers, labelling_mode
 from models.losses import entropy_loss, information_maximisation
@@ -69,7 +70,8 @@ class RetrainingObjective:
         with torch.no_grad(), frozen_buffers(self.model), \
                 labelling_mode(self.model, self.label_mode):
             features, logits = forward_with_features(self.model, self.feature_layer, x)
-        self.pseudo_labels = shot_pseudo_labels(features, logits)
+        with counted_block():  # the centroid search's matrix products, outside the network
+            self.pseudo_labels = shot_pseudo_labels(features, logits)
 
     def __call__(self, xb: Tensor, index: Tensor) -> Tensor:
         """The scalar loss of the batch ``xb``, whose rows are ``x[index]`` of the last refresh."""

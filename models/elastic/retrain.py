@@ -7,7 +7,7 @@ unsupervised loss (information maximisation by default). Works on any ``nn.Modul
 layers are each followed (in registration order) by a BatchNorm2d of the same width.
 
 This module holds the trainers (:func:`retrain_selected`, :func:`retrain_surrogate`,
-:func:`adapt_full`), their SGD defaults and the memory accounting. The parts live next door:
+:func:`adapt_full`) and their SGD defaults. The parts live next door:
 scores and selection in :mod:`models.elastic.scores`, the loss of a batch in
 :mod:`models.elastic.objective`, source feature statistics in :mod:`models.elastic.features`,
 trained rows and gradient masking in :mod:`models.elastic.masks`, the BN modes in
@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from models.elastic.footprint import optimizer_state_bytes
 from models.elastic.masks import TrainedTensor, checked_masks, mask_gradients, trained_tensors
 from models.elastic.modes import MIN_BATCH, SHOT_LABEL_MODE, check_batch, frozen_buffers, retraining_mode
 from models.elastic.objective import RetrainingObjective
@@ -106,8 +107,9 @@ def retrain_selected(model: nn.Module, x: Tensor, *, masks: dict[str, Tensor], l
     dict
         ``loss``, ``initial_loss`` / ``final_loss`` (full batch, before / after), ``loss_history``
         (one per step), ``steps``, ``trained_filters``, ``total_filters``, ``trained_fraction``,
-        ``trained_parameters`` (elements), ``peak_memory_bytes`` (see
-        :func:`training_memory_bytes`) and ``wall_time_s`` (the training loop).
+        ``trained_parameters`` (elements), ``optimizer_state_bytes`` (the SGD momentum buffers
+        torch kept: whole trained tensors, :func:`models.elastic.footprint.optimizer_state_bytes`)
+        and ``wall_time_s`` (the training loop).
     """
     pairs = conv_bn_pairs(model)
     check_batch(x)
@@ -118,8 +120,8 @@ def retrain_selected(model: nn.Module, x: Tensor, *, masks: dict[str, Tensor], l
     with retraining_mode(model), only_trainable(model, [t.param for t in trained]):
         initial = _full_batch_loss(objective, x)
         start = time.perf_counter()
-        history = _train(objective, x, trained, epochs=epochs, lr=lr, momentum=momentum,
-                         weight_decay=weight_decay, batch_size=batch_size, seed=seed)
+        history, optimizer_bytes = _train(objective, x, trained, epochs=epochs, lr=lr, momentum=momentum,
+                                          weight_decay=weight_decay, batch_size=batch_size, seed=seed)
         wall_time = time.perf_counter() - start
         final = _full_batch_loss(objective, x)
     trained_filters = sum(int(m.sum()) for m in masks.values())
@@ -130,7 +132,7 @@ def retrain_selected(model: nn.Module, x: Tensor, *, masks: dict[str, Tensor], l
         "trained_filters": trained_filters, "total_filters": total_filters,
         "trained_fraction": trained_filters / total_filters,
         "trained_parameters": sum(t.numel() for t in trained),
-        "peak_memory_bytes": training_memory_bytes(model, trained, momentum),
+        "optimizer_state_bytes": optimizer_bytes,
         "wall_time_s": wall_time,
     }
 
@@ -163,22 +165,10 @@ def retrain_surrogate(model: nn.Module, x: Tensor, *, mass: float = FILTER_MASS,
     return {**retrain_selected(model, x, masks=masks, loss=loss, **kwargs), "masks": masks}
 
 
-def training_memory_bytes(model: nn.Module, trained: list[TrainedTensor], momentum: float) -> int:
-    """Training memory: all parameters + a gradient and a momentum copy of the trained elements.
-
-    Filter-grained accounting (what a filter-level trainer stores; ElasticDNN III-B counts memory
-    per filter): trained elements are the selected rows only. SGD keeps one momentum buffer when
-    ``momentum > 0``. Activations are not included (they depend on the input size).
-    """
-    parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    copies = 2 if momentum > 0 else 1
-    return parameter_bytes + copies * sum(t.numel() * t.param.element_size() for t in trained)
-
-
 def _train(objective: RetrainingObjective, x: Tensor, trained: list[TrainedTensor], *,
            epochs: int, lr: float, momentum: float, weight_decay: float, batch_size: int,
-           seed: int) -> list[float]:
-    """The SGD loop; returns the loss of every step."""
+           seed: int) -> tuple[list[float], int]:
+    """The SGD loop; returns the loss of every step and the bytes of the optimizer's state."""
     optimizer = torch.optim.SGD([t.param for t in trained], lr=lr, momentum=momentum,
                                 nesterov=RETRAIN_NESTEROV and momentum > 0)
     generator = torch.Generator().manual_seed(seed)
@@ -195,7 +185,7 @@ def _train(objective: RetrainingObjective, x: Tensor, trained: list[TrainedTenso
             optimizer.step()
             history.append(float(loss.detach()))
     optimizer.zero_grad(set_to_none=True)
-    return history
+    return history, optimizer_state_bytes(optimizer)
 
 
 def _check_training(epochs: int, lr: float, momentum: float, weight_decay: float,
