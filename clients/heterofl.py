@@ -5,7 +5,10 @@ arrays, trains with batch-statistics BN and HeteroFL's scaler, recomputes static
 its training data (sBN, HeteroFL sec. 3.2), evaluates on its local test data and sends
 the trained sub-model (parameters and sBN statistics) back, with the classes of its
 training data (the cloud merges the classifier's rows by them, HeteroFL's
-``label_split``). When the message asks for it (``label_mask``), the logits of classes
+``label_split``). Asked to evaluate, it scores the received model with sBN on its own
+training data, or as received (``static_bn`` false: the global statistics the cloud sent),
+and, asked for ``statistics``, sends back the sBN statistics it measured (the cloud's sBN
+query). When the message asks for it (``label_mask``), the logits of classes
 the device has no data of are masked in training and in the local test, and the
 gradient norm is clipped (``clip_grad_norm``), as the official clients do
 (:mod:`models.width.training`). At discovery it also reports what each width rate would
@@ -49,6 +52,9 @@ OFFSET_KEY = "offset"
 LABEL_MASK_KEY = "label_mask"
 CLIP_GRAD_NORM_KEY = "clip_grad_norm"
 STATISTICS_KEY = "statistics"
+#: Config entry of an evaluation message: whether to recompute static BN on the device's training
+#: data before scoring (absent: true); false scores the model with the statistics it carries.
+STATIC_BN_KEY = "static_bn"
 #: Config record of a training reply naming the classes of the device's training data, and its
 #: entry (a sorted list of ints; empty without data).
 LABELS_RECORD = "labels"
@@ -106,6 +112,24 @@ def width_config(msg: Message) -> WidthConfig:
     return WidthConfig(rate, offset, label_mask, None if clip is None else float(clip))
 
 
+def evaluation_asks(msg: Message) -> tuple[bool, bool]:
+    """``(static_bn, statistics)`` of an evaluation message, or MalformedMessage naming the bad entry.
+
+    ``static_bn`` (absent: true): recompute static BN on the training data before scoring;
+    ``statistics`` (absent: false): send back the BN statistics so measured, which needs
+    ``static_bn``.
+    """
+    config = msg.content.config_records.get(CONFIG_RECORD, ConfigRecord())
+    static_bn, statistics = config.get(STATIC_BN_KEY, True), config.get(STATISTICS_KEY, False)
+    for key, value in ((STATIC_BN_KEY, static_bn), (STATISTICS_KEY, statistics)):
+        if not isinstance(value, bool):
+            raise MalformedMessage(f"config {key!r} must be a bool, got {value!r}")
+    if statistics and not static_bn:
+        raise MalformedMessage(f"config asks for {STATISTICS_KEY!r} with {STATIC_BN_KEY!r} false; "
+                               "the statistics sent back are the ones static BN measures")
+    return static_bn, statistics
+
+
 class HeteroFLClient(ClientHandler):
     """Train the width-scaled sub-model the cloud sent (HeteroFL; FedRolex sends a rolled window).
 
@@ -161,18 +185,25 @@ class HeteroFLClient(ClientHandler):
         return content_reply(msg, metrics, arrays=ArrayRecord(model.state_dict()), configs={LABELS_RECORD: labels})
 
     def evaluate(self, msg: Message, context: Context) -> Message:
-        """Accuracy of the received sub-model (sBN on local training data) on local test data.
+        """Accuracy of the received sub-model on local test data.
 
-        ``masked_accuracy`` is label-masked by the device's training classes when the message
-        asks for ``label_mask`` (the official local test); ``accuracy`` scores all classes. With ``statistics`` true in the
-        config, the reply also carries the BN running statistics measured on the local
-        training data (HeteroFL's sBN query, sec. 3.2).
+        By default static BN is recomputed on the local training data first; with
+        ``static_bn`` false in the config the model is scored with the BN statistics it
+        carries (the cloud's global sBN). ``masked_accuracy`` is label-masked by the device's
+        training classes when the message asks for ``label_mask`` (the official local test);
+        ``accuracy`` scores all classes. With ``statistics`` true in the config, the reply
+        also carries the BN running statistics measured on the local training data
+        (HeteroFL's sBN query, sec. 3.2).
         """
         server_round = round_of(msg)
         asked = width_config(msg)
+        static_bn, statistics = evaluation_asks(msg)
         model = self.sub_model(msg, asked.rate)
         data = self.device.data(self.device.slot_of_round(server_round))
-        self.prepare_for_evaluation(model, data.train_x)
+        if static_bn:
+            self.prepare_for_evaluation(model, data.train_x)
+        else:
+            model.eval()
         metrics = {
             WEIGHT_KEY: len(data.test_y),
             TRAIN_EXAMPLES_KEY: len(data.train_y),
@@ -182,7 +213,7 @@ class HeteroFLClient(ClientHandler):
             PARTITION_KEY: self.device.partition_id,
         }
         stats = None
-        if msg.content[CONFIG_RECORD].get(STATISTICS_KEY, False) and len(data.train_y) > 0:
+        if statistics and len(data.train_y) > 0:
             stats = ArrayRecord({k: v for k, v in model.state_dict().items() if k.endswith(BN_STATISTICS)})
         return content_reply(msg, metrics, arrays=stats)
 

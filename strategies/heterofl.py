@@ -13,37 +13,46 @@ messages ask devices to train as the official clients do: label-masked logits
 
 What the round's numbers mean
 -----------------------------
+The BN layers of the aggregated model hold global static BN statistics (sBN, HeteroFL sec.
+3.2): the cloud's own when the strategy has ``cloud_statistics`` (measured on the cloud's
+proxy part, as HeteroFL's ``train_classifier_fed.py`` ``stats()`` measures them on the
+server's training set before every test), else pooled from the devices. They serve the
+global test, the ``global_sbn`` local test and the next round's download (training itself
+normalises with batch statistics).
+
 * ``accuracy``: by default the example-weighted mean over the devices of their TRAINED
   sub-model's accuracy on local test data, with static BN recomputed on local training
-  data (sBN, HeteroFL sec. 3.2): a personalised number, higher than FedAvg's evaluation
-  of the aggregated model. With ``global_sbn`` an evaluation phase sends the aggregated
-  full model to the devices that trained, and ``accuracy`` is its local-test accuracy
-  (each device's own sBN), as FedAvg's; the trained sub-models' number is then kept as
-  ``train_submodel_accuracy``. ``accuracy`` scores all classes, like every other method's
-  local test, so tables compare like with like. ``masked_accuracy`` is the official local
-  test (HeteroFL ``train_classifier_fed.py`` ``test``; the official one scores the global
-  model with global sBN statistics, not each device's own): with ``label_mask`` the logits
-  of classes the device has no data of are masked, so predictions are confined to the
-  classes it trained on.
+  data: a personalised number, higher than FedAvg's evaluation of the aggregated model.
+  With ``global_sbn`` an evaluation phase sends the aggregated full model to the devices
+  that trained, and ``accuracy`` is its local-test accuracy with the GLOBAL statistics it
+  carries (the official ``test`` scores the global model so), as FedAvg's evaluation scores
+  the model it sends and the pre-trained score uses the cloud's statistics; the trained
+  sub-models' number is then kept as ``train_submodel_accuracy``. A device's own sBN on
+  label-skewed data would not do: statistics of two classes centre away what tells them
+  from the other eight, and the all-class test collapses (on the default digits fleet the
+  unchanged pre-trained model drops from 0.58 to 0.21 under it). ``accuracy`` scores all
+  classes, like every other method's local test, so tables compare like with like.
+  ``masked_accuracy`` is the official local test (HeteroFL ``train_classifier_fed.py``
+  ``test``): with ``label_mask`` the logits of classes the device has no data of are
+  masked, so predictions are confined to the classes it trained on.
 * ``global_accuracy`` (the server's ``evaluate_fn``): the full model (rate 1) on the global
-  test set, in eval mode with the BN running statistics held in the cloud arrays. The
-  cloud has no training data, so it cannot recompute sBN itself (HeteroFL's reference code
-  does that on the server's copy of the training set; the paper's protocol queries the
-  clients). By default those statistics are pooled from the trained sub-models' sBN
-  statistics that travel in the training replies (:func:`models.width.submodel.pooled_bn_statistics`:
-  example-weighted, law of total variance); statistics of channels nobody covered stay
-  those of the previous round (at first, of the cloud's pre-training). They were measured
-  with each device's locally trained (and possibly narrower) weights, not the aggregated
-  full model, so ``global_accuracy`` is then approximate. The global test is never
-  label-masked (as in both official ``test`` functions). With ``global_sbn`` they are
-  pooled from the devices' sBN of the aggregated full model itself (the paper's query
-  protocol), at the cost of one full-model download per trained device and round.
+  test set, in eval mode with the BN running statistics held in the cloud arrays, never
+  label-masked (as in both official ``test`` functions). With ``cloud_statistics`` they are
+  the cloud's sBN of the aggregated model. Without it, they are pooled from the trained
+  sub-models' sBN statistics that travel in the training replies
+  (:func:`models.width.submodel.pooled_bn_statistics`: example-weighted, law of total
+  variance; statistics of channels nobody covered stay those of the previous round, at
+  first of the cloud's pre-training), measured with each device's locally trained (and
+  possibly narrower) weights, not the aggregated full model, so approximate; with
+  ``global_sbn`` a statistics query first has the devices that trained measure sBN of the
+  aggregated full model itself and pools those (the paper's query protocol), at the cost of
+  one more full-model download per trained device and round.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -81,7 +90,7 @@ DEFAULT_BUDGET_QUANTILE = 0.5
 #: Gradient-norm clip of local training: HeteroFL ``train_classifier_fed.py`` ``Local.train`` and
 #: FedRolex ``resnet_client.py`` ``ResnetClient.step`` (``clip_grad_norm_(model.parameters(), 1)``).
 DEFAULT_CLIP_GRAD_NORM = 1.0
-#: Width rate of the full model: the ``global_sbn`` evaluation's, whose statistics are pooled.
+#: Width rate of the full model: the ``global_sbn`` evaluation's and the statistics query's.
 FULL_RATE = 1.0
 #: Config entries of a message: the sub-model's width rate, the channel window's roll (FedRolex),
 #: whether to mask absent classes' logits, the gradient-norm clip, and (evaluation) whether to
@@ -91,12 +100,21 @@ OFFSET_KEY = "offset"
 LABEL_MASK_KEY = "label_mask"
 CLIP_GRAD_NORM_KEY = "clip_grad_norm"
 STATISTICS_KEY = "statistics"
+#: Config entry of an evaluation message: whether the device recomputes static BN on its own
+#: training data before scoring (absent: true). The ``global_sbn`` evaluation sends false: the
+#: device scores the full model with the global statistics it carries.
+STATIC_BN_KEY = "static_bn"
+#: Failure phase of the ``global_sbn`` statistics query (the sBN query of HeteroFL sec. 3.2).
+STATISTICS_PHASE = "statistics"
 #: Config record of a training reply naming the classes of the device's training data, and its
 #: entry (a list of ints): the classifier's rows are merged by them (``label_split``).
 LABELS_RECORD = "labels"
 CLASSES_KEY = "classes"
 #: Metric of the label-masked local test (the official one).
 MASKED_ACCURACY_KEY = "masked_accuracy"
+#: ``(full-model arrays) -> their BN running statistics measured by the cloud`` (static BN on the
+#: cloud's own data, :func:`models.width.layers.static_bn_statistics`).
+CloudStatistics = Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]]
 
 
 def rate_time_s(cost: RateCost, samples_per_round: float, budget: Mapping[str, float | str]) -> tuple[float, float]:
@@ -157,11 +175,16 @@ class HeteroFL(EdgeCloudStrategy):
         Weight the covering average by the replies' ``num-examples``. False (default): plain count, as
         HeteroFL's and FedRolex's reference code (``fed.py`` ``combine``) do.
     global_sbn : bool
-        After aggregation, send the full model to the devices that trained and pool the
-        BN statistics they measure on their data into the cloud model (HeteroFL sec. 3.2's
-        query protocol; its bytes are counted). The round's ``accuracy`` is then the full
-        model's on the devices' local test data, like FedAvg's evaluation. False (default):
-        no extra phase; the trained sub-models' pooled statistics are used (module docstring).
+        After aggregation, send the full model, with the global sBN statistics, to the
+        devices that trained; they score it as received on their local test data (the
+        round's ``accuracy``, like FedAvg's evaluation). Without ``cloud_statistics`` the
+        devices first measure sBN of that model on their training data and the cloud pools
+        it (HeteroFL sec. 3.2's query protocol; its bytes are counted). False (default): no
+        evaluation phase (module docstring).
+    cloud_statistics : callable, optional
+        ``(full-model arrays) -> BN running statistics`` measured by the cloud on its own data
+        (:data:`CloudStatistics`); after every aggregation they replace the model's statistics.
+        None (default): the cloud has no data; the statistics are pooled from the devices.
     label_split : bool
         Average each classifier row and bias entry only over the devices that hold that
         class (True, default: HeteroFL ``fed.py`` and FedRolex ``resnet_server.py``
@@ -188,6 +211,7 @@ class HeteroFL(EdgeCloudStrategy):
         budget_quantile: float = DEFAULT_BUDGET_QUANTILE,
         weight_by_examples: bool = False,
         global_sbn: bool = False,
+        cloud_statistics: CloudStatistics | None = None,
         label_split: bool = True,
         label_mask: bool = True,
         clip_grad_norm: float | None = DEFAULT_CLIP_GRAD_NORM,
@@ -208,6 +232,7 @@ class HeteroFL(EdgeCloudStrategy):
         self.budget_quantile = budget_quantile
         self.weight_by_examples = weight_by_examples
         self.global_sbn = global_sbn
+        self.cloud_statistics = cloud_statistics
         self.label_split = label_split
         self.label_mask = label_mask
         self.clip_grad_norm = clip_grad_norm
@@ -297,7 +322,11 @@ class HeteroFL(EdgeCloudStrategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Per-element covering average of the valid sub-models (classifier rows by class); metrics of the devices kept."""
+        """Per-element covering average of the valid sub-models (classifier rows by class); metrics of the devices kept.
+
+        The merged model's BN statistics are the cloud's (``cloud_statistics``) if it has them,
+        else pooled from the replies' sBN statistics.
+        """
         replies = list(replies)
         updates = []
         for reply in replies:
@@ -321,24 +350,44 @@ class HeteroFL(EdgeCloudStrategy):
         if not updates:
             return None, metric_record(metrics)
         merged = covering_average(self._state, updates)
-        merged.update(pooled_bn_statistics(self._state, updates))
+        if self.cloud_statistics is not None:
+            merged.update(self._cloud_measured(merged))
+        else:
+            merged.update(pooled_bn_statistics(self._state, updates))
         return ArrayRecord({key: Array(value) for key, value in merged.items()}), metric_record(metrics)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """With ``global_sbn``: the full model to the devices that trained, asking for BN statistics."""
-        self._evaluated = arrays
+        """With ``global_sbn``: the full model with global sBN statistics to the devices that trained.
+
+        They score it as received (``static_bn`` false). Without ``cloud_statistics`` the
+        statistics query runs first (:meth:`query_statistics`) and writes the pooled
+        statistics into ``arrays``, so the global test and the next round receive them too.
+        """
         if not self.global_sbn:
             return []
-        asks = {RATE_KEY: FULL_RATE, STATISTICS_KEY: True, LABEL_MASK_KEY: self.label_mask}
-        content = RecordDict({ARRAYS_RECORD: arrays, CONFIG_RECORD: self.round_config(server_round, **asks)})
         trained = sorted(self.ledger.completed & set(self.assigned))
+        if self.cloud_statistics is None:
+            self.query_statistics(server_round, arrays, config, grid, trained)
+        asks = {RATE_KEY: FULL_RATE, STATIC_BN_KEY: False, LABEL_MASK_KEY: self.label_mask}
+        content = RecordDict({ARRAYS_RECORD: arrays, CONFIG_RECORD: self.round_config(server_round, **asks)})
         return self.messages_for(server_round, MessageType.EVALUATE, lambda pid: content, partition_ids=trained)
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Pool the devices' BN statistics into the cloud model (in place); mean local accuracy."""
-        replies = list(replies)
+    def query_statistics(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid, partition_ids: Sequence[int]
+    ) -> None:
+        """HeteroFL's sBN query (sec. 3.2): pool the devices' static BN of the full model into ``arrays``, in place.
+
+        Each device measures the statistics on its training data; the cloud pools them by
+        training-set size (:func:`models.width.submodel.pooled_bn_statistics`). Devices that
+        fail, or reply without statistics, leave them out; with no statistics at all
+        ``arrays`` keeps its own.
+        """
+        asks = {RATE_KEY: FULL_RATE, STATISTICS_KEY: True}
+        content = RecordDict({ARRAYS_RECORD: arrays, CONFIG_RECORD: self.round_config(server_round, **asks)})
+        messages = self.messages_for(server_round, MessageType.EVALUATE, lambda pid: content, partition_ids)
+        replies = self.exchange(grid, self.with_run_config(messages, config), STATISTICS_PHASE)
         updates = []
         for reply in replies:
             stats = reply.content.array_records.get(ARRAYS_RECORD)
@@ -346,16 +395,20 @@ class HeteroFL(EdgeCloudStrategy):
             if stats is None or examples <= 0 or has_non_finite(stats) is not None:
                 continue
             updates.append(SubModelUpdate({k: a.numpy() for k, a in stats.items()}, FULL_RATE, num_examples=examples))
-        if updates:
-            state = {key: arr.numpy() for key, arr in self._evaluated.items()}
-            try:
-                pooled = pooled_bn_statistics(state, updates)
-            except (KeyError, ValueError) as exc:
-                self.ledger.fail(None, "evaluate", f"BN statistics not pooled: {exc!r}")
-                pooled = {}
-            for key, value in pooled.items():
-                self._evaluated[key] = Array(value)  # the record evaluate_fn and the next round receive
-        return metric_record(self.mean_metrics(replies))
+        if not updates:
+            return
+        state = {key: arr.numpy() for key, arr in arrays.items()}
+        try:
+            pooled = pooled_bn_statistics(state, updates)
+        except (KeyError, ValueError) as exc:
+            self.ledger.fail(None, STATISTICS_PHASE, f"BN statistics not pooled: {exc!r}")
+            return
+        for key, value in pooled.items():
+            arrays[key] = Array(value)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Mean local-test metrics of the full model (example-weighted by test-set size)."""
+        return metric_record(self.mean_metrics(list(replies)))
 
     def round_record(
         self,
@@ -368,6 +421,16 @@ class HeteroFL(EdgeCloudStrategy):
         record = super().round_record(server_round, train_metrics, eval_metrics, global_metrics)
         record["masked_accuracy"] = self.local_metrics(train_metrics, eval_metrics).get(MASKED_ACCURACY_KEY)
         return record
+
+    def _cloud_measured(self, state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``cloud_statistics`` of ``state``, checked against its keys and shapes, in its dtypes."""
+        measured = {}
+        for key, value in self.cloud_statistics(state).items():
+            value = np.asarray(value)
+            if key not in state or value.shape != np.shape(state[key]):
+                raise ValueError(f"cloud_statistics returned {key!r} {value.shape}, which the model does not have")
+            measured[key] = value.astype(np.asarray(state[key]).dtype)
+        return measured
 
     def _classes(self, reply) -> tuple[tuple[int, ...] | None, str | None]:
         """The classes a training reply names (``label_split``), or (None, why the reply is unusable)."""

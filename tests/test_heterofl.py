@@ -1,6 +1,7 @@
 """HeteroFL / FedRolex: rate selection, sub-model messages, covering aggregation, the edge handler."""
 
 import dataclasses
+import functools
 import math
 
 import numpy as np
@@ -10,11 +11,15 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 
 from clients.base import MALFORMED_MESSAGE, Device, DeviceTensors
 from clients.heterofl import HeteroFLClient
+from experiments.algorithms.heterofl import strategy_args
 from experiments.config import from_dict
+from experiments.data import to_tensor
+from experiments.pretrain.networks import build_run_model
 from experiments.schema import ConfigError
+from models.batchnorm import reestimate_bn
 from models.catalog import build_model
-from models.training import TrainSettings
-from models.width.layers import RateCost, cost_key, costs_to_record, rate_costs
+from models.training import TrainSettings, accuracy
+from models.width.layers import RateCost, cost_key, costs_to_record, rate_costs, static_bn_statistics
 from models.width.submodel import WIDTH_RATES, extract, sub_shapes
 from strategies.base import DeviceInfo
 from strategies.heterofl import FedRolex, HeteroFL, select_rate
@@ -74,6 +79,30 @@ def test_config_rejects_bad_label_and_clip_settings(bad, message):
         from_dict({"algorithm": {"name": "heterofl", "heterofl": bad}})
     options = from_dict({"algorithm": {"name": "heterofl", "heterofl": {"clip_grad_norm": None}}}).algorithm.options
     assert options.clip_grad_norm is None and options.label_split and options.label_mask  # official defaults
+
+
+class _ProxyData:
+    """The two things the cloud's sBN reads of a dataset: its proxy part and its shapes."""
+
+    num_classes, image_shape = 10, (3, 16, 16)
+
+    def __init__(self, images):
+        self.images = images
+
+    def proxy(self):
+        return self.images, np.zeros(len(self.images), np.int64)
+
+
+def test_the_cloud_measures_global_sbn_on_its_proxy_as_its_pre_training_did():
+    cfg = from_dict({"algorithm": {"name": "heterofl"}, "model": {"name": "cnn", "width": 4}})
+    images = np.random.default_rng(0).integers(0, 256, (100, 16, 16, 3), dtype=np.uint8)
+    model = build_run_model(cfg.model, 10, 3, seed=cfg.seed)
+    reestimate_bn(model, to_tensor(images), cfg.pretrain.batch_size, even_batches=True)  # cloud_training's last step
+    state = {k: v.numpy() for k, v in model.state_dict().items()}
+    measured = strategy_args(cfg, model, _ProxyData(images))["cloud_statistics"](state)
+    assert sorted(measured) == sorted(k for k in state if k.endswith(("running_mean", "running_var")))
+    assert all(np.array_equal(measured[k], state[k]) for k in measured)  # an unchanged model keeps its statistics
+    assert "cloud_statistics" not in strategy_args(cfg, model, _ProxyData(images[:0]))  # no proxy: the devices'
 
 
 # --------------------------------------------------------------------------- cloud, hand-built
@@ -205,26 +234,86 @@ def test_aggregate_train_rejects_a_reply_of_the_wrong_shape():
     assert arrays is not None
 
 
-def test_global_sbn_pools_the_devices_statistics_into_the_cloud_arrays():
+class _StatisticsGrid:
+    """Answers each statistics query with the (mean, var, training examples) given for its device."""
+
+    def __init__(self, strategy, answers):
+        self.strategy, self.answers, self.asked = strategy, answers, []
+
+    def send_and_receive(self, messages, timeout=None):
+        replies = []
+        for msg in messages:
+            pid = self.strategy._by_node[msg.metadata.dst_node_id]
+            self.asked.append((pid, dict(msg.content["config"])))
+            mean, var, n = self.answers[pid]
+            stats = {"bn.running_mean": np.array(mean, np.float32), "bn.running_var": np.array(var, np.float32)}
+            metrics = MetricRecord({"num-examples": 5, "num_train_examples": n, "accuracy": 0.9})
+            replies.append(Message(RecordDict({"arrays": _arrays(stats), "metrics": metrics}), reply_to=msg))
+        return replies
+
+
+def _stats_cloud():
+    stats = {"bn.running_mean": np.full(4, 9.0, np.float32), "bn.running_var": np.full(4, 7.0, np.float32)}
+    state = {**_toy_state(), **stats}
+    return _arrays(state)
+
+
+def test_global_sbn_queries_and_pools_the_devices_statistics_before_they_score_the_model():
     strategy = _strategy(global_sbn=True)
-    state = {**_toy_state(), "bn.running_mean": np.full(4, 9.0, np.float32), "bn.running_var": np.full(4, 7.0, np.float32)}
-    cloud = _arrays(state)
+    cloud = _stats_cloud()
     strategy.assigned, strategy.ledger.completed = {0: 1.0, 1: 0.5}, {0, 1, 2}
-    messages = strategy.configure_evaluate(1, cloud, ConfigRecord(), None)
-    assert sorted(strategy._by_node[m.metadata.dst_node_id] for m in messages) == [0, 1]  # those that trained
-    assert dict(messages[0].content["config"]) == {"round": 1, "rate": 1.0, "statistics": True, "label_mask": True}
-    assert messages[0].content["arrays"]["stem.weight"].numpy().shape == (4, 2)  # the full model
-    replies = []
-    for msg, (mean, var, n) in zip(messages, [([0, 0, 0, 0], [1, 1, 1, 1], 10), ([4, 4, 4, 4], [1, 1, 1, 1], 30)]):
-        stats = {"bn.running_mean": np.array(mean, np.float32), "bn.running_var": np.array(var, np.float32)}
-        metrics = MetricRecord({"num-examples": 5, "num_train_examples": n, "accuracy": 0.2})
-        replies.append(Message(RecordDict({"arrays": _arrays(stats), "metrics": metrics}), reply_to=msg))
-    metrics = strategy.aggregate_evaluate(1, replies)
+    grid = _StatisticsGrid(strategy, {0: ([0, 0, 0, 0], [1, 1, 1, 1], 10), 1: ([4, 4, 4, 4], [1, 1, 1, 1], 30)})
+    messages = strategy.configure_evaluate(1, cloud, ConfigRecord(), grid)
+    assert grid.asked == [(pid, {"round": 1, "rate": 1.0, "statistics": True}) for pid in (0, 1)]  # those that trained
     # mean (0 x 10 + 4 x 30) / 40 = 3; E[x^2] = (10 x 1 + 30 x 17) / 40 = 13; var 13 - 9 = 4
     np.testing.assert_allclose(cloud["bn.running_mean"].numpy(), [3, 3, 3, 3])
     np.testing.assert_allclose(cloud["bn.running_var"].numpy(), [4, 4, 4, 4])
-    assert metrics["accuracy"] == pytest.approx(0.2)
+    # then the same devices score the full model with those global statistics, not their own sBN
+    assert sorted(strategy._by_node[m.metadata.dst_node_id] for m in messages) == [0, 1]
+    assert dict(messages[0].content["config"]) == {"round": 1, "rate": 1.0, "static_bn": False, "label_mask": True}
+    assert messages[0].content["arrays"]["stem.weight"].numpy().shape == (4, 2)  # the full model
+    np.testing.assert_allclose(messages[0].content["arrays"]["bn.running_var"].numpy(), [4, 4, 4, 4])
+    replies = [Message(RecordDict({"metrics": MetricRecord({"num-examples": n, "accuracy": a})}), reply_to=m)
+               for m, n, a in zip(messages, (10, 30), (0.2, 0.6))]
+    assert strategy.aggregate_evaluate(1, replies)["accuracy"] == pytest.approx(0.5)  # (2 + 18) / 40
     assert _strategy().configure_evaluate(1, cloud, ConfigRecord(), None) == []  # off by default
+
+
+def _cloud_statistics(state):
+    """A stand-in for the cloud's sBN: mean = the BN weight + 1, variance 2."""
+    return {"bn.running_mean": np.asarray(state["bn.weight"]) + 1.0, "bn.running_var": np.full(4, 2.0)}
+
+
+def test_the_clouds_statistics_replace_the_pooled_ones_after_aggregation():
+    bn = {0: [1, 2, 3, 4], 1: [5, 6]}
+    strategy = _strategy(cloud_statistics=_cloud_statistics)
+    replies = []
+    for msg in strategy.configure_train(1, _stats_cloud(), ConfigRecord(), None):
+        pid = strategy._by_node[msg.metadata.dst_node_id]
+        state = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+        state["bn.weight"] = np.array(bn[pid], np.float32)
+        replies.append(_reply(msg, state))
+        strategy.ledger.completed.add(pid)
+    arrays, _ = strategy.aggregate_train(1, replies)
+    np.testing.assert_allclose(arrays["bn.running_mean"].numpy(), [4, 5, 4, 5])  # merged weight [3, 4, 3, 4] + 1
+    np.testing.assert_allclose(arrays["bn.running_var"].numpy(), [2, 2, 2, 2])
+    assert arrays["bn.running_var"].numpy().dtype == np.float32
+
+
+def test_global_sbn_with_the_clouds_statistics_sends_them_without_a_query():
+    strategy = _strategy(global_sbn=True, cloud_statistics=_cloud_statistics)
+    strategy.assigned, strategy.ledger.completed = {0: 1.0, 1: 0.5}, {0, 1}
+    cloud = _stats_cloud()
+    messages = strategy.configure_evaluate(1, cloud, ConfigRecord(), None)  # no grid needed: nothing is asked
+    assert [dict(m.content["config"]) for m in messages] == [
+        {"round": 1, "rate": 1.0, "static_bn": False, "label_mask": True}] * 2
+    assert messages[0].content["arrays"] is cloud  # as aggregated: the statistics came with aggregation
+
+
+def test_cloud_statistics_must_fit_the_model():
+    strategy = _strategy(cloud_statistics=lambda state: {"bn.running_mean": np.zeros(3)})
+    with pytest.raises(ValueError, match="'bn.running_mean' \\(3,\\)"):
+        strategy._cloud_measured({k: v.numpy() for k, v in _stats_cloud().items()})
 
 
 def test_fedrolex_window_rolls_one_channel_per_round_and_wraps():
@@ -329,6 +418,39 @@ def test_client_scores_the_local_test_label_masked_when_asked(kind, action):
     assert masked["masked_accuracy"] == 1.0  # class 5 masked to 0 < class 0's logit 1
     assert plain["masked_accuracy"] == 0.0
     assert masked["accuracy"] == plain["accuracy"] == 0.0  # all classes scored: class 5 wins, comparable to other methods
+
+
+def _statistics_message(static_bn):
+    """A full model whose last BN carries mean 1e6: with those statistics every feature is 0 after the
+    ReLU and the logits are the bias [1, 0, ...] (class 0); with any sBN on real data the features are
+    positive and class 5's row (1000 on every feature) wins."""
+    msg = _train_message(1.0, kind=MessageType.EVALUATE)
+    arrays = msg.content["arrays"]
+    arrays["features.4.1.running_mean"] = Array(np.full(4 * WIDTH, 1e6, np.float32))
+    arrays["features.4.1.running_var"] = Array(np.ones(4 * WIDTH, np.float32))
+    weight = np.zeros((10, 4 * WIDTH), np.float32)
+    weight[5] = 1000.0
+    arrays["classifier.weight"] = Array(weight)
+    arrays["classifier.bias"] = Array(np.eye(10, dtype=np.float32)[0])
+    msg.content["config"] = ConfigRecord({"round": 3, "rate": 1.0, "static_bn": static_bn})
+    return msg
+
+
+def test_client_scores_with_the_statistics_it_received_when_asked_not_to_recompute_them():
+    device = dataclasses.replace(_device(), data=_one_class_data)  # every label is class 0
+    received = HeteroFLClient(device).handle("evaluate", _statistics_message(False), None).content["metrics"]
+    own = HeteroFLClient(device).handle("evaluate", _statistics_message(True), None).content["metrics"]
+    assert received["accuracy"] == 1.0  # the cloud's statistics: features 0, class 0 by the bias
+    assert own["accuracy"] == 0.0  # the device's own sBN: class 5
+
+
+@pytest.mark.parametrize("config, problem", [({"static_bn": 0}, "'static_bn' must be a bool"),
+                                             ({"statistics": True, "static_bn": False}, "with 'static_bn' false")])
+def test_client_rejects_bad_evaluation_asks(config, problem):
+    msg = _train_message(1.0, kind=MessageType.EVALUATE)
+    msg.content["config"] = ConfigRecord({"round": 3, "rate": 1.0, **config})
+    reply = HeteroFLClient(_device()).handle("evaluate", msg, None)
+    assert reply.has_error() and reply.error.code == MALFORMED_MESSAGE and problem in reply.error.reason
 
 
 def test_client_trains_label_masked_so_absent_classes_keep_their_rows():
@@ -452,15 +574,37 @@ def test_a_full_round_discovers_assigns_trains_and_merges():
     assert "classifier.weight" in changed
 
 
-def test_a_full_round_with_global_sbn_evaluates_the_full_model_on_the_devices():
-    handlers = {1000 + pid: HeteroFLClient(_device(pid)) for pid in range(2)}
-    records = []
-    strategy = HeteroFL(per_round=2, seed=0, expected_devices=2, round_budget_s=60.0, global_sbn=True, on_round=records.append)
+def _own_data(pid):
+    """Device ``pid``'s data: :func:`_data` of its own seed, so devices' statistics differ."""
+    return lambda slot: _data(slot + 100 * pid)
+
+
+@pytest.mark.parametrize("cloud", [False, True], ids=["device_query", "cloud_statistics"])
+def test_a_full_round_with_global_sbn_scores_the_full_model_with_the_global_statistics(cloud):
+    handlers = {1000 + pid: HeteroFLClient(dataclasses.replace(_device(pid), data=_own_data(pid))) for pid in range(2)}
+    proxy_x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    measure = functools.partial(static_bn_statistics, _net, x=proxy_x, batch_size=4) if cloud else None
+    records, seen = [], []
+    strategy = HeteroFL(per_round=2, seed=0, expected_devices=2, round_budget_s=60.0, global_sbn=True,
+                        cloud_statistics=measure, on_round=records.append)
     grid = InProcessGrid(handlers)
     strategy.discover(grid)
     torch.manual_seed(0)
-    strategy.run_round(grid, 1, ArrayRecord(_net().state_dict()))
+
+    def evaluate_fn(server_round, arrays):
+        seen.append({k: v.numpy().copy() for k, v in arrays.items() if "running" in k})
+        return MetricRecord({"accuracy": 0.1})
+
+    out = strategy.run_round(grid, 1, ArrayRecord(_net().state_dict()), evaluate_fn=evaluate_fn)
     [record] = records
     assert record["clients"] == [0, 1] and record["failures"] == []
-    assert 0 <= record["accuracy"] <= 1 and 0 <= record["train_submodel_accuracy"] <= 1
+    model = _net()
+    model.load_state_dict(out.to_torch_state_dict())
+    if cloud:  # the cloud's sBN of the aggregated model on its own inputs
+        expected = static_bn_statistics(_net, {k: v.numpy() for k, v in out.items()}, proxy_x, 4)
+        np.testing.assert_allclose(out["features.4.1.running_var"].numpy(), expected["features.4.1.running_var"])
+    scores = [accuracy(model, _data(100 * pid).test_x, _data(100 * pid).test_y) for pid in range(2)]
+    assert record["accuracy"] == pytest.approx(np.mean(scores))  # each device scored the model as it left the cloud
+    assert all(np.array_equal(seen[0][k], out[k].numpy()) for k in seen[0])  # the global test saw those statistics
+    assert 0 <= record["train_submodel_accuracy"] <= 1
     assert 0 <= record["masked_accuracy"] <= 1 and 0 <= record["train_masked_accuracy"] <= 1

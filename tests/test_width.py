@@ -18,6 +18,7 @@ from models.width.layers import (
     costs_to_record,
     rate_costs,
     scaled_model,
+    static_bn_statistics,
 )
 from models.width.submodel import (
     WIDTH_RATES,
@@ -324,6 +325,26 @@ def test_static_bn_on_a_scaled_cnn_matches_its_first_conv_output():
 
 
 # --------------------------------------------------------------------------- costs
+def _doubler():
+    """Conv 1x1 (weight 2, no bias) then BN: the BN sees twice the input."""
+    net = nn.Sequential(nn.Conv2d(1, 1, 1, bias=False), nn.BatchNorm2d(1))
+    with torch.no_grad():
+        net[0].weight.fill_(2.0)
+    return net
+
+
+def test_static_bn_statistics_of_a_full_model_by_hand():
+    state = {k: v.numpy().copy() for k, v in _doubler().state_dict().items()}
+    state["1.running_mean"][:], state["1.running_var"][:] = 9.0, 9.0  # stale: replaced, not averaged into
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0]).reshape(4, 1, 1, 1)  # the BN sees 2, 4 | 6, 8 in batches of 2
+    stats = static_bn_statistics(_doubler, state, x, batch_size=2)
+    assert set(stats) == {"1.running_mean", "1.running_var"}
+    np.testing.assert_allclose(stats["1.running_mean"], [5.0])  # mean of the batch means 3 and 7
+    np.testing.assert_allclose(stats["1.running_var"], [2.0])  # mean of the unbiased batch variances 2 and 2
+    assert stats["1.running_mean"].dtype == np.float32 and state["1.running_mean"][0] == 9.0  # state untouched
+    np.testing.assert_allclose(static_bn_statistics(_doubler, state, x[:0], 2)["1.running_var"], [9.0])  # no data
+
+
 def test_rate_costs_shrink_with_the_rate_and_survive_the_budget_record():
     costs = rate_costs(_factory("cnn", width=8), (3, 32, 32), batch_size=4, rates=(1.0, 0.5))
     assert costs[0.5].memory_bytes < costs[1.0].memory_bytes

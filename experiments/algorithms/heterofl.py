@@ -2,11 +2,17 @@
 
 Both share the client, the cloud's training at every width, the model check and their options
 (``algorithm.heterofl.*``); FedRolex's strategy rolls the kept channel window each round.
+The cloud measures the global static BN statistics of every aggregated model on its proxy part
+(:func:`cloud_statistics`), as HeteroFL's ``stats()`` does on the server's training set and as
+:func:`cloud_training` did for the pre-trained model, so an unchanged model keeps its statistics
+and scores what the pre-trained model scores. A dataset without a proxy part (ImageNet-C) leaves
+the statistics to the devices (HeteroFL sec. 3.2's query, :class:`strategies.heterofl.HeteroFL`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -16,15 +22,16 @@ from torch import nn
 
 from clients.heterofl import HeteroFLClient
 from experiments.algorithms.plugin import Algorithm
+from experiments.data import to_tensor
 from experiments.pretrain.networks import build_run_model
 from experiments.results.phase_progress import phase
 from experiments.schema import ConfigError, RunConfig
 from experiments.validation import require
 from models.batchnorm import reestimate_bn
 from models.training import TrainSettings, train_epochs
-from models.width.layers import check_width_scalable, scaled_model
+from models.width.layers import check_width_scalable, scaled_model, static_bn_statistics
 from models.width.submodel import WIDTH_RATES, SubModelUpdate, covering_average, extract
-from strategies.heterofl import FedRolex, HeteroFL
+from strategies.heterofl import CloudStatistics, FedRolex, HeteroFL
 
 
 @dataclass(frozen=True)
@@ -37,7 +44,7 @@ class HeteroflOptions:
     round_budget_s: float | None = None  # None: fleet.deadline_s, else the fleet's median full-model round time
     budget_quantile: float = 0.5  # which device's round time sets the default budget (assumption)
     weight_by_examples: bool = False  # both reference codes average covering clients by count
-    global_sbn: bool = True  # evaluate the aggregated full model on devices (HeteroFL 3.2), comparable to FedAvg
+    global_sbn: bool = True  # devices score the aggregated full model with the cloud's sBN (HeteroFL test), as FedAvg
     multirate_epochs: int = 2  # cloud passes over every width so the pre-trained model can be cut (assumption)
     label_split: bool = True  # classifier rows averaged over the devices holding the class (HeteroFL/FedRolex combine)
     label_mask: bool = True  # mask absent classes' logits in local training and test (official `mask: '1'`)
@@ -73,12 +80,33 @@ def training_key(cfg: RunConfig) -> dict:
 
 
 def strategy_args(cfg: RunConfig, model: nn.Module, data) -> dict:
-    """Constructor arguments of :class:`strategies.heterofl.HeteroFL` from ``algorithm.heterofl``."""
+    """Constructor arguments of :class:`strategies.heterofl.HeteroFL` from ``algorithm.heterofl``.
+
+    They include ``cloud_statistics`` (:func:`cloud_statistics`) when the dataset has a proxy part.
+    """
     options = dataclasses.asdict(cfg.algorithm.options)
     options.pop("multirate_epochs")
     if options["round_budget_s"] is None and cfg.fleet.deadline_s is not None:
         options["round_budget_s"] = cfg.fleet.deadline_s
+    statistics = cloud_statistics(cfg, data)
+    if statistics is not None:
+        options["cloud_statistics"] = statistics
     return options
+
+
+def cloud_statistics(cfg: RunConfig, data) -> CloudStatistics | None:
+    """The cloud's global static BN: a full model's BN statistics measured on the proxy part.
+
+    The same measurement as the last step of :func:`cloud_training` (the proxy images, batches
+    of ``pretrain.batch_size``, :func:`models.batchnorm.reestimate_bn` with even batches), so
+    the pre-trained model's own statistics come back unchanged. None when the dataset has no
+    proxy part (the strategy then pools the devices' statistics).
+    """
+    proxy_x, _ = data.proxy()
+    if len(proxy_x) == 0:
+        return None
+    factory = functools.partial(build_run_model, cfg.model, data.num_classes, data.image_shape[0], seed=cfg.seed)
+    return functools.partial(static_bn_statistics, factory, x=to_tensor(proxy_x), batch_size=cfg.pretrain.batch_size)
 
 
 def cloud_training(cfg: RunConfig, model: nn.Module, x: torch.Tensor, y: torch.Tensor, data) -> None:

@@ -7,7 +7,8 @@ anything else with parameters is refused), so a sub-model built by surgery alway
 exactly the shapes :func:`models.width.submodel.extract` cuts. Static BN
 (:func:`models.batchnorm.reestimate_bn`, ``even_batches=True``) fills a trained sub-model's
 BatchNorm statistics; :func:`rate_costs` measures what training each rate costs a device, and
-the ``costs_*`` helpers carry those costs in a device's budget.
+the ``costs_*`` helpers carry those costs in a device's budget. :func:`static_bn_statistics`
+measures a full model's static BN statistics on a set of inputs (the cloud's global sBN).
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ import copy
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+import torch
 from torch import nn
 
-from models.batchnorm import batch_norm_layers
+from models.batchnorm import batch_norm_layers, reestimate_bn
 from models.costs import parameter_bytes, train_flops_per_sample, training_memory_bytes
-from models.width.submodel import WIDTH_RATES, channel_axes, check_rate, sub_shapes
+from models.width.submodel import RUNNING_MEAN, RUNNING_VAR, WIDTH_RATES, channel_axes, check_rate, sub_shapes
 
 ModelFactory = Callable[[], nn.Module]
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -122,6 +125,43 @@ def use_batch_statistics(model: nn.Module) -> nn.Module:
     for bn in batch_norm_layers(model):
         bn.track_running_stats = False
     return model
+
+
+def static_bn_statistics(
+    full_model_factory: ModelFactory, state: Mapping[str, np.ndarray], x: torch.Tensor, batch_size: int
+) -> dict[str, np.ndarray]:
+    """The BN running statistics static BN measures for the full model ``state`` on ``x``.
+
+    The network from ``full_model_factory`` is loaded with ``state`` and its statistics are
+    recomputed from empty on ``x`` (:func:`models.batchnorm.reestimate_bn`, ``even_batches=True``):
+    HeteroFL's global sBN, which its ``train_classifier_fed.py`` ``stats()`` computes for the
+    global model on the training set before every test. Nothing in ``state`` changes.
+
+    Parameters
+    ----------
+    full_model_factory : callable
+        Builds the full network (rate 1) whose state dict has ``state``'s keys and shapes.
+    state : mapping of str to ndarray
+        The full model's arrays.
+    x : Tensor
+        The inputs, shape (N, ...); with none, ``state``'s own statistics come back.
+    batch_size : int
+        Samples per forward pass (>= 1).
+
+    Returns
+    -------
+    dict of str to ndarray
+        Every ``running_mean`` and ``running_var`` entry, in ``state``'s dtypes.
+    """
+    model = full_model_factory()
+    model.load_state_dict({key: torch.as_tensor(np.asarray(value)) for key, value in state.items()})
+    with torch.no_grad():
+        reestimate_bn(model, x, batch_size, even_batches=True)
+    return {
+        key: value.detach().cpu().numpy().astype(np.asarray(state[key]).dtype)
+        for key, value in model.state_dict().items()
+        if key.endswith((f".{RUNNING_MEAN}", f".{RUNNING_VAR}"))
+    }
 
 
 # --------------------------------------------------------------------------- costs per rate
