@@ -23,24 +23,37 @@ from typing import Any
 
 from experiments.algorithms import ALGORITHMS, algorithm_named, option_keys
 from experiments.algorithms.plugin import Algorithm
+from experiments.data.partition import with_scenario_partition
 from experiments.data.settings import check_data_settings
 from experiments.fleet.faults import check_faults
 from experiments.pretrain.networks import check_model_name
-from experiments.schema import PLUGIN_BUILT, AlgorithmConfig, ConfigError, EngineConfig, RunConfig, to_dict
+from experiments.schema import (
+    PLUGIN_BUILT,
+    AlgorithmConfig,
+    ConfigError,
+    EngineConfig,
+    RunConfig,
+    ScenarioConfig,
+    to_dict,
+)
 from experiments.validation import validate
 
 #: The algorithm a run without ``algorithm.name`` selects (the schema's default).
 DEFAULT_ALGORITHM = AlgorithmConfig().name
-#: What ``model.name`` says to take the algorithm's own network.
+#: What ``model.name``, ``scenario.name`` and ``dataset.partition.kind`` say to take the algorithm's
+#: (or the scenario's) own choice.
 AUTO = "auto"
+#: Hydra's config tree; a scenario's named file is ``conf/scenario/<name>.yaml``.
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 # --------------------------------------------------------------------------- building
 def from_dict(raw: Mapping[str, Any], resolve_model: bool = True) -> RunConfig:
     """Build and check a :class:`RunConfig` from a nested mapping (Hydra's, after resolve).
 
-    ``resolve_model`` turns ``model.name=auto`` into the algorithm's network and runs every
-    check (off only to write the flat defaults Flower keeps, where ``auto`` must stay ``auto``).
+    ``resolve_model`` resolves every ``auto`` (the algorithm's network and scenario, the
+    scenario's partition; a named scenario's unset values from its file) and runs every check
+    (off only to write the flat defaults Flower keeps, where ``auto`` must stay ``auto``).
     """
     raw = dict(raw or {})
     algorithm_raw = dict(raw.get("algorithm") or {})
@@ -51,7 +64,7 @@ def from_dict(raw: Mapping[str, Any], resolve_model: bool = True) -> RunConfig:
     cfg = dataclasses.replace(cfg, algorithm=dataclasses.replace(cfg.algorithm, options=options))
     if not resolve_model:
         return cfg
-    cfg = resolve_auto_model(cfg)
+    cfg = resolve_partition(resolve_scenario(resolve_auto_model(cfg)))
     check(cfg)
     return cfg
 
@@ -84,6 +97,42 @@ def resolve_auto_model(cfg: RunConfig) -> RunConfig:
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=network))
 
 
+def resolve_scenario(cfg: RunConfig) -> RunConfig:
+    """The scenario with ``auto`` and unset values resolved.
+
+    ``scenario.name=auto`` becomes the algorithm's own setting (its plug-in's
+    ``default_scenario``); every value left null comes from ``conf/scenario/<name>.yaml``, and a
+    value given explicitly wins over the file's.
+    """
+    scenario = cfg.scenario
+    name = ALGORITHMS[cfg.algorithm.name].default_scenario if scenario.name == AUTO else scenario.name
+    given = {f.name: getattr(scenario, f.name) for f in dataclasses.fields(scenario) if f.name != "name"}
+    return dataclasses.replace(cfg, scenario=scenario_named(name, **{k: v for k, v in given.items() if v is not None}))
+
+
+def scenario_named(name: str, **values: Any) -> ScenarioConfig:
+    """The scenario of ``conf/scenario/<name>.yaml``, with ``values`` in place of the file's.
+
+    Raises
+    ------
+    ConfigError
+        When there is no such file (the message lists the scenarios there are).
+    """
+    from omegaconf import OmegaConf
+
+    path = CONF_DIR / "scenario" / f"{name}.yaml"
+    if not path.is_file():
+        choices = sorted(p.stem for p in path.parent.glob("*.yaml") if p.stem != AUTO)
+        raise ConfigError(f"scenario={name!r} has no file conf/scenario/{name}.yaml; choose from {choices}")
+    base = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    return _build(ScenarioConfig, {**base, **values, "name": name}, "scenario")
+
+
+def resolve_partition(cfg: RunConfig) -> RunConfig:
+    """``dataset.partition.kind=auto`` becomes the scenario's own (``scenario.partition``)."""
+    return dataclasses.replace(cfg, dataset=with_scenario_partition(cfg.dataset, cfg.scenario))
+
+
 def from_hydra(cfg: Any) -> RunConfig:
     """Build from a Hydra/OmegaConf config (keys under ``hydra`` are ignored)."""
     from omegaconf import OmegaConf
@@ -98,8 +147,7 @@ def compose(overrides: Sequence[str] = ()) -> RunConfig:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    conf = Path(__file__).resolve().parents[1] / "conf"
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         raw = hydra_compose(config_name="config", overrides=[*overrides, "output_dir=null"])
     return from_hydra(raw)
 

@@ -124,13 +124,17 @@ def _run_job(hydra_cfg: DictConfig, run_dir: Path, multirun: bool) -> None:
 
 def print_closing_summary(run_dir: Path, multirun: bool) -> None:
     """The finished run's before/after table, files and next commands (a sweep's jobs: the results path)."""
+    from experiments.algorithms import ALGORITHMS
     from experiments.results.closing import closing_summary
     from experiments.results.writer import load_results
 
     if multirun:
         print(f"results: {run_dir / 'results.json'}")
         return
-    print("\n" + closing_summary(load_results(run_dir), run_dir), flush=True)
+    results = load_results(run_dir)
+    plugin = ALGORITHMS.get(str((results.get("config") or {}).get("algorithm", {}).get("name")))
+    baseline = {} if plugin is None else {"baseline": plugin.baseline}
+    print("\n" + closing_summary(results, run_dir, **baseline), flush=True)
 
 
 def run_header(cfg, run_dir: Path) -> str:

@@ -40,7 +40,7 @@ class AugmentConfig:
 class PartitionConfig:
     """How the edge part is split over devices (ECLM section 7.1)."""
 
-    kind: str = "label_skew"  # label_skew | dirichlet | iid
+    kind: str = "auto"  # auto: the scenario's own (scenario.partition) | label_skew | dirichlet | iid
     classes_per_device: int = 2  # ECLM 7.1: each device holds m of n classes (m=2 on CIFAR-10)
     alpha: float = 0.5  # Dirichlet concentration (common non-IID default, Hsu et al. 2019)
     size_min: int = 50  # ECLM 7.1: 50-150 samples per device
@@ -78,19 +78,23 @@ CORRUPTION_SUITE: tuple[str, ...] = (
 class ScenarioConfig:
     """Dynamics of the edge environment: time slots (ECLM 2.1, 7.3) and online streams (CEMA).
 
-    The defaults are conf/scenario/corrupted.yaml: one adaptation step on edge data that each
-    device holds in one corruption of the suite, at the suite's middle severity.
+    A named scenario is a file of conf/scenario/. The default, ``auto``, is the algorithm's own
+    setting (its plug-in's ``default_scenario``: online streams for CEMA and the TTA baselines,
+    evolving domains for ElasticDNN, corrupted edge data for ECLM and its baselines). A value
+    left null here comes from the named scenario's file; one given wins over it
+    (``scenario.severity=5`` with ``auto`` changes the severity of the algorithm's own setting).
     """
 
-    name: str = "corrupted"
-    replace_fraction: float = 0.0  # ECLM 2.1: 0.2 per slot; 7.3: 0.5 per slot
-    slot_rounds: int = 1  # rounds per time slot
-    corruptions: tuple[str, ...] = CORRUPTION_SUITE  # domain of each slot's new data, cycled; () = clean
-    severity: int = 3  # corruption severity 1-5 (CIFAR-10-C recipe); 3: the middle level
+    name: str = "auto"  # auto: the algorithm's own scenario; or a file of conf/scenario/
+    replace_fraction: float | None = None  # ECLM 2.1: 0.2 per slot; 7.3: 0.5 per slot
+    slot_rounds: int | None = None  # rounds per time slot
+    corruptions: tuple[str, ...] | None = None  # domain of each slot's new data, cycled; () = clean
+    severity: int | None = None  # corruption severity 1-5 (CIFAR-10-C recipe)
     # Online test-time stream (CEMA setting, experiments/data/online.py):
-    per_device_domains: bool = True  # False: every device sees corruptions in order; True: a seeded permutation per device (streams and slots)
-    stream_batch: int = 64  # CEMA: test batches of 64 (ALGORITHMS.md)
-    batches_per_domain: int = 10  # online batches per domain before the next (assumption: sized for CPU runs)
+    per_device_domains: bool | None = None  # False: every device sees corruptions in order; True: a seeded permutation per device
+    stream_batch: int | None = None  # samples per stream batch (CEMA: 64, ALGORITHMS.md)
+    batches_per_domain: int | None = None  # stream batches per domain before the next
+    partition: str | None = None  # how samples reach devices when dataset.partition.kind=auto (label_skew | dirichlet | iid)
 
 
 @dataclass(frozen=True)

@@ -10,13 +10,14 @@ import types
 import numpy as np
 import pytest
 
+from experiments.config import scenario_named
 from experiments.data import FederatedData
 from experiments.data.cifar import load_cifar
-from experiments.schema import DatasetConfig, PartitionConfig, ScenarioConfig
+from experiments.schema import DatasetConfig, PartitionConfig
 
 #: ECLM 7.2's scenario (conf/scenario/one_step.yaml): clean edge data unless corruptions are
 #: named, every device in the same order (the default scenario mixes corruptions per device)
-OneStep = functools.partial(ScenarioConfig, name="one_step", corruptions=(), per_device_domains=False)
+OneStep = functools.partial(scenario_named, "one_step")
 
 PARTITION = PartitionConfig(classes_per_device=2, size_min=4, size_max=8, test_size=3)
 
@@ -92,7 +93,9 @@ def test_federated_cifar10_uses_images_as_they_are(tmp_path):
         assert np.array_equal(data.test_x, source.images[tests])
         assert set(tests.tolist()) <= set(range(50, 60))
         assert len(np.unique(data.train_y)) == 2 and 4 <= len(data.train_y) <= 8
-    assert fleet.sizes()["originals"] == {"total": 60, "test": 10, "proxy": 20, "edge": 30}
+    originals = fleet.sizes()["originals"]  # the tuning part: the edge originals in the tuning reserve
+    assert originals["edge"] + originals["tune"] == 30 and originals["tune"] == len(fleet.split.tune)
+    assert {k: originals[k] for k in ("total", "test", "proxy")} == {"total": 60, "test": 10, "proxy": 20}
 
 
 def test_federated_cifar100_with_a_corruption(tmp_path):

@@ -37,12 +37,18 @@ def test_a_run_without_a_before_shows_no_gain_row_and_an_online_baseline():
     online = {**RESULTS, "config": {**RESULTS["config"], "algorithm": {"name": "cema"}, "scenario": {"name": "online"}},
               "summary": {**RESULTS["summary"], "final_pretrained_accuracy": None, "accuracy_gain": None,
                           "mean_accuracy_gain": None}}
-    text = closing_summary(online, "r")
+    text = closing_summary(online, "r", baseline="algorithm=source")
     assert "gain" not in text and "before" not in text and "after adaptation" in text
-    assert "algorithm=source scenario=online" in text
+    assert "python -m experiments.run algorithm=source    #" in text
+    assert "python -m experiments.run -m algorithm=cema,source seed=0,1,2" in text
 
 
-def test_fedavgs_baseline_is_doing_nothing_and_a_sparse_results_file_still_renders():
-    assert next_commands("fedavg", online=False)[0][0] == "python -m experiments.run algorithm=none"
+def test_the_baseline_comes_from_the_plugin_and_a_sparse_results_file_still_renders():
+    from experiments.algorithms import ALGORITHMS
+
+    assert next_commands("fedavg", ALGORITHMS["fedavg"].baseline)[0][0] == "python -m experiments.run algorithm=none"
+    elastic = next_commands("elasticdnn", ALGORITHMS["elasticdnn"].baseline)[1][0]
+    assert elastic == "python -m experiments.run -m algorithm=elasticdnn algorithm.elasticdnn.method=elasticdnn,tent seed=0,1,2"
+    assert next_commands("tent", ALGORITHMS["tent"].baseline)[1][0].startswith("python -m experiments.run -m algorithm=tent,source ")
     text = closing_summary({"config": {}, "summary": {}}, "r")
     assert text.startswith("? on ?: 0 rounds") and re.search(r"after adaptation +- +the same devices", text)

@@ -9,13 +9,15 @@ import numpy as np
 import pytest
 import torch
 
+from experiments.config import scenario_named
 from experiments.data import CLEAN, FederatedData, build_federated_data, slot_domain, to_tensor
+from experiments.data.partition import split_originals, tuning_reserve
 from experiments.data.stream import replaced_count
-from experiments.schema import DatasetConfig, PartitionConfig, ScenarioConfig
+from experiments.schema import DatasetConfig, PartitionConfig
 
 #: ECLM 7.2's scenario (conf/scenario/one_step.yaml): clean edge data unless corruptions are
 #: named, every device in the same order (the default scenario mixes corruptions per device)
-OneStep = functools.partial(ScenarioConfig, name="one_step", corruptions=(), per_device_domains=False)
+OneStep = functools.partial(scenario_named, "one_step")
 
 torch.set_num_threads(1)
 SMALL = DatasetConfig(proxy_samples=200, global_test_samples=100)
@@ -36,9 +38,9 @@ def test_build_is_cached_per_process():
 
 def test_parts_are_disjoint_and_devices_use_their_own(fleet):
     split = fleet.split
-    test, proxy, edge = (set(p.tolist()) for p in (split.test, split.proxy, split.edge))
-    assert not (test & proxy or test & edge or proxy & edge)
-    assert len(test | proxy | edge) == 1797
+    test, proxy, edge, tune = (set(p.tolist()) for p in (split.test, split.proxy, split.edge, split.tune))
+    assert not (test & proxy or test & edge or proxy & edge or tune & (test | proxy | edge))
+    assert len(test | proxy | edge | tune) == 1797
     for k in (0, 41, 99):
         plan, tests = fleet.device_plan(k, slot=3)
         assert set(fleet.pool_originals[plan.rows].tolist()) <= edge
@@ -47,8 +49,14 @@ def test_parts_are_disjoint_and_devices_use_their_own(fleet):
 
 def test_sizes_summary(fleet):
     sizes = fleet.sizes()
-    # 1797 originals: 20 % per class to test (359), 30 % of the rest to proxy (434)
-    assert sizes["originals"] == {"total": 1797, "test": 359, "proxy": 434, "edge": 1004}
+    # 1797 originals: 20 % per class to test (359), 30 % of the rest to proxy (434); of the other
+    # 1004, those in the tuning reserve (20 % of every class, a fixed seed) form the tuning part
+    originals = sizes["originals"]
+    assert {k: originals[k] for k in ("total", "test", "proxy")} == {"total": 1797, "test": 359, "proxy": 434}
+    assert originals["edge"] + originals["tune"] == 1004
+    labels = fleet.source.labels
+    whole_edge = split_originals(labels, 0.2, 0.3, seed=0, tune_fraction=0.0).edge
+    assert np.array_equal(fleet.split.tune, np.intersect1d(whole_edge, tuning_reserve(labels)))
     assert sizes["pool_rows"] == 100 * 150
     assert sizes["domains"] == ["gaussian_noise", "fog", "brightness"]
 

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from experiments.algorithms.cema import foundation_config
-from experiments.config import from_dict
+from experiments.config import from_dict, scenario_named
 from experiments.data import build_federated_data, to_tensor
 from experiments.data.imagenet_c import (
     LAYOUT,
@@ -33,7 +33,7 @@ from models.tv_resnet import IMAGENET_MEAN, IMAGENET_STD, load_checkpoint
 
 #: ECLM 7.2's scenario (conf/scenario/one_step.yaml): clean edge data unless corruptions are
 #: named, every device in the same order (the default scenario mixes corruptions per device)
-OneStep = functools.partial(ScenarioConfig, name="one_step", corruptions=(), per_device_domains=False)
+OneStep = functools.partial(scenario_named, "one_step")
 
 CORRUPTIONS = ("gaussian_noise", "fog")
 SEVERITY = 5
@@ -73,9 +73,9 @@ def _dataset(root, **kw) -> DatasetConfig:
 
 
 def _scenario(**kw) -> ScenarioConfig:
-    values = {"name": "online", "corruptions": CORRUPTIONS, "severity": SEVERITY,
-              "stream_batch": 2, "batches_per_domain": 2, **kw}
-    return OneStep(**values)
+    values = {"corruptions": CORRUPTIONS, "severity": SEVERITY, "stream_batch": 2, "batches_per_domain": 2,
+              "per_device_domains": False, **kw}
+    return scenario_named(values.pop("name", "online"), **values)
 
 
 def _data(root, devices=3, seed=0, **scenario) -> ImageNetCData:
@@ -174,9 +174,9 @@ def test_build_path_gives_standard_224_batches_with_1000_classes(tree):
 @pytest.mark.parametrize(
     ("scenario", "message"),
     [
-        (OneStep(name="shifting", corruptions=CORRUPTIONS, severity=SEVERITY), "run with scenario=online"),
-        (OneStep(name="online", corruptions=()), "no clean folder"),
-        (OneStep(name="online", corruptions=CORRUPTIONS, severity=3), "gaussian_noise/3 is missing"),
+        (scenario_named("shifting", corruptions=CORRUPTIONS, severity=SEVERITY), "run with scenario=online"),
+        (scenario_named("online", corruptions=()), "no clean folder"),
+        (scenario_named("online", corruptions=CORRUPTIONS, severity=3), "gaussian_noise/3 is missing"),
     ],
 )
 def test_other_scenarios_and_missing_severity_fail_clearly(tree, scenario, message):

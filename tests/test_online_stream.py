@@ -8,14 +8,14 @@ import functools
 import numpy as np
 import pytest
 
-from experiments.config import from_dict
+from experiments.config import from_dict, scenario_named
 from experiments.data import CLEAN, FederatedData, StreamBatch
-from experiments.data.online import batch_domain, batch_rows, device_domains
-from experiments.schema import ConfigError, DatasetConfig, ScenarioConfig
+from experiments.data.online import TAG_BATCH, batch_domain, batch_originals, device_domains
+from experiments.schema import ConfigError, DatasetConfig
 
 #: ECLM 7.2's scenario (conf/scenario/one_step.yaml): clean edge data unless corruptions are
 #: named, every device in the same order (the default scenario mixes corruptions per device)
-OneStep = functools.partial(ScenarioConfig, name="one_step", corruptions=(), per_device_domains=False)
+OneStep = functools.partial(scenario_named, "one_step")
 
 SMALL = DatasetConfig(proxy_samples=200, global_test_samples=100)
 CORRUPTIONS = ("gaussian_noise", "fog", "brightness", "contrast")
@@ -60,10 +60,12 @@ def test_other_index_gives_other_samples(fleet):
     first, second = fleet.stream_batch(2, 0), fleet.stream_batch(2, 1)  # both gaussian_noise
     assert first.domain == second.domain
     assert not np.array_equal(first.x, second.x)
-    rows_0 = batch_rows(fleet.partitions[2], 16, 0, 2, 0)
-    rows_1 = batch_rows(fleet.partitions[2], 16, 0, 2, 1)
-    assert not np.array_equal(rows_0, rows_1)
-    assert len(np.unique(rows_0)) == 16  # the partition (>= 16 rows) gives distinct rows
+    originals = fleet.device_originals(2)
+    picks_0 = batch_originals(originals, 16, (0, TAG_BATCH, 2), 0)
+    picks_1 = batch_originals(originals, 16, (0, TAG_BATCH, 2), 1)
+    assert np.array_equal(picks_0, first.originals) and np.array_equal(picks_1, second.originals)
+    assert not set(picks_0.tolist()) & set(picks_1.tolist())  # a pair shares no original
+    assert len(np.unique(picks_0)) == 16  # half the device's originals (>= 16) gives distinct ones
 
 
 def test_domain_switches_exactly_every_batches_per_domain_batches(fleet):
@@ -110,10 +112,14 @@ def test_corruption_changes_pixels_not_samples():
     assert shifted.x.astype(float).std() < 0.5 * clean.x.astype(float).std()
 
 
-def test_batch_larger_than_the_partition_draws_with_replacement():
-    big = OneStep(stream_batch=400)  # a partition of 20 devices holds ~150 rows
-    batch = FederatedData(SMALL, big, 20, seed=0).stream_batch(0, 0)
-    assert batch.x.shape == (400, 32, 32, 3)
+def test_batch_larger_than_half_the_partition_repeats_its_half():
+    big = OneStep(stream_batch=400)  # a partition of 20 devices holds ~150 rows (~40 distinct originals)
+    data = FederatedData(SMALL, big, 20, seed=0)
+    first, second = data.stream_batch(0, 0), data.stream_batch(0, 1)
+    assert first.x.shape == (400, 32, 32, 3)
+    assert not set(first.originals.tolist()) & set(second.originals.tolist())
+    held = len(data.device_originals(0))
+    assert len(np.unique(first.originals)) + len(np.unique(second.originals)) == held  # the halves cover all
 
 
 def test_stream_settings_leave_slot_data_unchanged():

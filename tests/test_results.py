@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from experiments.config import scenario_named
 from experiments.results.progress import ProgressLine, format_bytes
 from experiments.results.summary import summarize
 from experiments.results.writer import ResultsWriter, load_results
@@ -88,7 +90,8 @@ def test_failed_write_leaves_previous_file_intact_and_no_temp_file(tmp_path, mon
 
 
 def test_run_config_dataclass_is_stored_as_plain_json(tmp_path):
-    ResultsWriter(tmp_path, RunConfig(seed=7))
+    cfg = dataclasses.replace(RunConfig(seed=7), scenario=scenario_named("corrupted"))
+    ResultsWriter(tmp_path, cfg)
     config = read_strict(tmp_path / "results.json")["config"]
     assert config["seed"] == 7
     assert config["algorithm"]["name"] == RunConfig().algorithm.name

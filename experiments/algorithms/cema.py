@@ -15,7 +15,7 @@ from typing import ClassVar
 from torch import nn
 
 from clients.cema import EDGE_BN_CHOICES, CEMAClient
-from experiments.algorithms.plugin import Algorithm
+from experiments.algorithms.plugin import ONLINE, SOURCE_BASELINE, Algorithm
 from experiments.data import to_tensor
 from experiments.data.reference_family import CIFAR, IMAGENET, reference_family
 from experiments.data.settings import IMAGENET_C
@@ -158,5 +158,7 @@ ALGORITHMS = (
         validate=validate,
         device_state=True,
         local_test=False,
+        default_scenario=ONLINE,
+        baseline=SOURCE_BASELINE,
     ),
 )

@@ -6,4 +6,7 @@ from clients.local import LocalTrainingClient
 from experiments.algorithms.plugin import Algorithm
 from strategies.fedavg import FedAvg
 
-ALGORITHMS = (Algorithm("fedavg", "FedAvg (McMahan et al. 2017)", FedAvg, LocalTrainingClient),)
+ALGORITHMS = (
+    # its baseline: doing nothing, the pre-trained model (NA, ECLM 7.1's lower bound)
+    Algorithm("fedavg", "FedAvg (McMahan et al. 2017)", FedAvg, LocalTrainingClient, baseline="algorithm=none"),
+)

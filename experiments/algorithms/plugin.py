@@ -23,6 +23,15 @@ from experiments.pretrain.cache import CloudTraining
 from experiments.schema import RunConfig
 from strategies.base import EdgeCloudStrategy
 
+#: The published settings ``scenario=auto`` resolves to (files of ``conf/scenario/``).
+CORRUPTED = "corrupted"  # ECLM's one adaptation step, the edge data under a mix of corruptions (the quick start)
+ONLINE = "online"  # CEMA and its TTA baselines: per-device online streams of corrupted batches (CEMA poster)
+EVOLVING = "evolving"  # ElasticDNN: a new target domain per round, an adaptation and a held-out batch (seed 003, IV)
+
+#: Baselines of the online methods: the un-adapted pre-trained model, and (for it) Tent.
+SOURCE_BASELINE = "algorithm=source"
+TENT_BASELINE = "algorithm=tent"
+
 
 def no_arguments(*_args: Any) -> dict[str, Any]:
     """The default of the argument hooks: nothing beyond the base arguments."""
@@ -55,6 +64,9 @@ class Algorithm:
         family share a block). ``cfg.algorithm.options`` holds the instance. None: no settings.
     default_model : str
         The network ``model.name=auto`` (the default) resolves to.
+    default_scenario : str
+        The scenario ``scenario=auto`` (the default) resolves to: the setting the algorithm was
+        published for (a file of ``conf/scenario/``).
     cloud_training : callable or None
         ``(cfg, model, proxy_x, proxy_y, data) -> None``: the cloud's own training on the proxy
         part; None means plain supervised pre-training.
@@ -73,6 +85,12 @@ class Algorithm:
     device_state : bool
         Whether its devices keep state between rounds in ``context.state`` (online stream
         position, adapter, filter): a resumed run then needs the state the devices saved.
+    baseline : str
+        The overrides of the run to compare against on the same devices, suggested when a run
+        ends (``algorithm=fedavg``; the online methods' is the un-adapted ``source``).
+    caveat : str
+        One line on where the algorithm's adaptation, with its defaults on its default scenario,
+        is known not to help (the zoo prints it beside a row whose accuracy fell); "" if none.
     local_test : bool
         Whether the round's ``accuracy`` is the devices' score on their local test sets; the
         round then also records the pre-trained model's score on those sets
@@ -85,6 +103,7 @@ class Algorithm:
     client: type[ClientHandler]
     options: type | None = None
     default_model: str = "cnn"
+    default_scenario: str = CORRUPTED
     cloud_training: Callable[..., None] | None = None
     training_key: Callable[[RunConfig], dict] = no_arguments
     strategy_args: Callable[..., dict] = no_arguments
@@ -93,6 +112,8 @@ class Algorithm:
     validate: Callable[[RunConfig], None] = nothing_to_check
     device_state: bool = False
     local_test: bool = True
+    baseline: str = "algorithm=fedavg"
+    caveat: str = ""
 
     @property
     def options_key(self) -> str | None:

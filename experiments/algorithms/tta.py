@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from clients.tta import TTAClient, adapter_for
-from experiments.algorithms.plugin import Algorithm
+from experiments.algorithms.plugin import ONLINE, SOURCE_BASELINE, TENT_BASELINE, Algorithm
 from experiments.data.reference_family import reference_family
 from experiments.schema import RunConfig
 from experiments.validation import require
@@ -177,10 +177,11 @@ def client_options(method: str):
     return options
 
 
-def _baseline(name: str, description: str, options: type | None = None) -> Algorithm:
+def _baseline(name: str, description: str, options: type | None = None, caveat: str = "") -> Algorithm:
     """A baseline run on each device (models/tta/), its cloud tallying online accuracy."""
     return Algorithm(name, description, OnlineTTA, TTAClient, options=options, client_options=client_options(name),
-                     validate=validate, device_state=True, local_test=False)
+                     validate=validate, device_state=True, local_test=False, default_scenario=ONLINE,
+                     baseline=SOURCE_BASELINE if name != "source" else TENT_BASELINE, caveat=caveat)
 
 
 ALGORITHMS = (
@@ -189,7 +190,9 @@ ALGORITHMS = (
               "Schneider et al. 2020)", BnAdaptOptions),
     _baseline("onda", "ONDA: BN running statistics updated online, before predicting (Mancini et al. 2018)",
               OndaOptions),
-    _baseline("lame", "LAME: Laplacian-adjusted outputs, no parameter update (Boudiaf et al. 2022)", LameOptions),
+    _baseline("lame", "LAME: Laplacian-adjusted outputs, no parameter update (Boudiaf et al. 2022)", LameOptions,
+              caveat="LAME only smooths the source model's outputs over a 5-NN graph of its features (official "
+                     "settings); on shuffled severity-5 batches most neighbours carry other labels, so it spreads errors"),
     _baseline("pl", "PL: pseudo-label training of BN affine parameters", PlOptions),
     _baseline("tent", "Tent: entropy minimisation of BN affine parameters (Wang et al. 2021)", TentOptions),
     _baseline("cotta", "CoTTA: mean teacher, augmentation-averaged pseudo labels, stochastic restore "

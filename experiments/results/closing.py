@@ -14,11 +14,8 @@ from experiments.results.plots import ACCURACY_PLOT_FILENAME, BYTES_PLOT_FILENAM
 from experiments.results.progress import format_bytes, format_duration
 from experiments.results.summary import finite_or_none
 
-#: Baseline to suggest beside each algorithm: FedAvg for the collaborative methods, doing
-#: nothing (NA, ECLM 7.1's lower bound) for FedAvg itself, the source model for online methods.
-BASELINE_FOR = {"fedavg": "none"}
-DEFAULT_BASELINE = "fedavg"
-ONLINE_BASELINE = "source"
+#: The comparison suggested when the run's plug-in names none.
+DEFAULT_BASELINE = "algorithm=fedavg"
 
 
 def _accuracy(value: Any) -> str:
@@ -50,19 +47,36 @@ def _rows(summary: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     return rows
 
 
-def next_commands(algorithm: str, online: bool) -> list[tuple[str, str]]:
-    """Two or three commands to try after a run of ``algorithm`` (command, what it shows)."""
-    baseline = ONLINE_BASELINE if online else BASELINE_FOR.get(algorithm, DEFAULT_BASELINE)
-    scenario = " scenario=online" if online else ""
+def next_commands(algorithm: str, baseline: str) -> list[tuple[str, str]]:
+    """Commands to try after a run of ``algorithm`` (command, what it shows).
+
+    ``baseline`` holds the overrides of the run to compare against (the plug-in's ``baseline``);
+    the seed sweep runs both, so the report can pair them seed by seed.
+    """
     return [
-        (f"python -m experiments.run algorithm={baseline}{scenario}", "a baseline on the same devices"),
-        (f"python -m experiments.run -m algorithm={algorithm},{baseline}{scenario} seed=0,1,2",
-         "a sweep: both methods, three seeds"),
+        (f"python -m experiments.run {baseline}", "a baseline on the same devices"),
+        (f"python -m experiments.run -m {sweep_of(algorithm, baseline)} seed=0,1,2", "a sweep: both, three seeds"),
         ("python -m experiments.report multirun/<date>/<time>", "the sweep's table and plot"),
     ]
 
 
-def closing_summary(results: Mapping[str, Any], run_dir: str | Path) -> str:
+def sweep_of(algorithm: str, baseline: str) -> str:
+    """Multirun overrides running ``algorithm`` and its ``baseline``.
+
+    ``algorithm=fedavg`` gives ``algorithm=<algorithm>,fedavg``; a baseline that is the same
+    algorithm with another ``method`` (``algorithm=x algorithm.x.method=tent``, whose own method
+    carries the algorithm's name) sweeps the method: ``algorithm=x algorithm.x.method=x,tent``.
+    Any other baseline is suggested as it is.
+    """
+    parts = baseline.split()
+    other = parts[0].removeprefix("algorithm=")
+    if len(parts) == 1:
+        return f"algorithm={algorithm},{other}"
+    key, value = parts[1].split("=", 1)
+    return f"algorithm={other} {key}={algorithm},{value}" if other == algorithm and key.endswith(".method") else baseline
+
+
+def closing_summary(results: Mapping[str, Any], run_dir: str | Path, baseline: str = DEFAULT_BASELINE) -> str:
     """The text printed when a run finishes (module docstring).
 
     Parameters
@@ -71,6 +85,8 @@ def closing_summary(results: Mapping[str, Any], run_dir: str | Path) -> str:
         The run's results.json (``config``, ``summary``, ``rounds``).
     run_dir : str or Path
         The run's folder.
+    baseline : str
+        The overrides of the run to compare against (the algorithm plug-in's ``baseline``).
     """
     config, summary = results.get("config") or {}, results.get("summary") or {}
     algorithm = (config.get("algorithm") or {}).get("name", "?")
@@ -88,6 +104,5 @@ def closing_summary(results: Mapping[str, Any], run_dir: str | Path) -> str:
         f"files in {run_dir}: results.json, {ACCURACY_PLOT_FILENAME}, {BYTES_PLOT_FILENAME}",
         "next:",
     ]
-    online = finite_or_none(summary.get("final_pretrained_accuracy")) is None and scenario.get("name") == "online"
-    lines += [f"  {command}    # {what}" for command, what in next_commands(algorithm, online)]
+    lines += [f"  {command}    # {what}" for command, what in next_commands(algorithm, baseline)]
     return "\n".join(lines)
