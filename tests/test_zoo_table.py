@@ -47,3 +47,11 @@ def test_rows_name_a_reason_only_where_accuracy_fell_and_say_so_when_none_is_kno
                              "one model for label-skewed devices |")
     assert lines[2].endswith("| adaptation hurt here; no reason is known |")
     assert lines[3].endswith("| run failed |")
+
+
+def test_the_zoo_counts_how_many_batches_the_most_sampled_online_device_saw():
+    from experiments.zoo.__main__ import most_batches_per_device
+
+    rounds = [{"cohort": [4, 7]}, {"cohort": [7, 9]}, {"cohort": [1, 7]}]
+    assert most_batches_per_device({"rounds": rounds}) == 3
+    assert most_batches_per_device({"rounds": []}) == 0

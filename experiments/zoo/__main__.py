@@ -41,7 +41,25 @@ def commit() -> str:
     return proc.stdout.strip() or "unknown"
 
 
-def document(rows_md: str, args: argparse.Namespace, minutes: float, load: float) -> str:
+def host(args: argparse.Namespace, load: float, minutes: float) -> str:
+    """How busy the host was while the runs ran (unknown when the table is written from finished runs)."""
+    if args.no_run:
+        return "written from finished runs (--no-run), so the host's load during them is not known here"
+    return (f"mean 1-minute load {load:.1f} while this command ran (above the core count, other jobs shared the "
+            f"host and wall times are inflated); the sweep took {minutes:.1f} min (runs reused from an earlier "
+            "sweep with the same configuration count as zero)")
+
+
+def most_batches_per_device(results: dict) -> int:
+    """How many rounds the most-sampled device of a run took part in (an online device's batches)."""
+    counts: dict[int, int] = {}
+    for record in results.get("rounds") or []:
+        for pid in record.get("cohort") or []:
+            counts[pid] = counts.get(pid, 0) + 1
+    return max(counts.values(), default=0)
+
+
+def document(rows_md: str, args: argparse.Namespace, minutes: float, load: float, batches: int) -> str:
     """The section: command, machine (and how busy it was), what the columns mean, the table."""
     names = " ".join(args.algorithms) if args.algorithms != list(ALGORITHMS) else ""
     command = f"python -m experiments.zoo {names}".strip()
@@ -49,17 +67,17 @@ def document(rows_md: str, args: argparse.Namespace, minutes: float, load: float
         f"Command: `{command}` at commit {commit()}, seed {args.seed}; each row is "
         "`python -m experiments.run algorithm=<name>` with nothing else set (the quick start's fleet, rounds and "
         "data; the algorithm's own scenario and network). Machine: "
-        f"{platform.machine()}, {platform.processor() or 'cpu'}, {os.cpu_count()} cores, mean 1-minute load "
-        f"{load:.1f} while this command ran (above the core count, other jobs shared the host and wall times are "
-        f"inflated); the sweep took {minutes:.1f} min (runs reused from an earlier sweep with the same "
-        "configuration count as zero).",
+        f"{platform.machine()}, {platform.processor() or 'cpu'}, {os.cpu_count()} cores; {host(args, load, minutes)}.",
         "",
         "Accuracy before and after adaptation is measured on the same data: the pre-trained model on the same "
         "devices' local tests (ECLM and its baselines, mean over rounds), the device's model before it adapts to "
         "a domain on the same held-out batch (ElasticDNN, mean over rounds), the `source` run's online accuracy on "
         "the same seeded stream batches (CEMA and the TTA baselines). Traffic is uplink plus downlink; virtual time "
         "is the simulated devices' time, wall time the host's time in rounds. One seed: a point or two either way "
-        "is noise.",
+        f"is noise. At this fleet an online device predicts at most {batches} stream batch(es) in the run "
+        "(the cohort changes every round), so the online methods differ only in what they do on a device's "
+        "first batches: Tent, PL, ETA and CEMA's edge model predict a first batch with its own BN statistics, "
+        "before any update lands.",
         "",
         rows_md,
     ])
@@ -81,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     runs, load = collect(list(dict.fromkeys([*args.algorithms, ONLINE_SOURCE])), args)
     rows = [zoo_row(name, runs[name], runs.get(ONLINE_SOURCE)) for name in args.algorithms]
     reasons = {name: ALGORITHMS[name].caveat for name in args.algorithms if ALGORITHMS[name].caveat}
-    body = document(markdown_table(rows, reasons), args, (time.time() - started) / 60, load)
+    batches = most_batches_per_device(runs[ONLINE_SOURCE])
+    body = document(markdown_table(rows, reasons), args, (time.time() - started) / 60, load, batches)
     write_section(args.doc, body, BEGIN, END, title=TITLE)
     print(body)
     return 0
