@@ -19,14 +19,13 @@ from experiments.claims.seeds import (
     add_seed_arguments,
     cell,
     command_line,
-    not_finished,
     per_seed,
     target_line,
     unfinished,
 )
 from experiments.results.intervals import mean_interval
 from experiments.resume import cached_run
-from experiments.resume.cached_run import composed_config, run_cached
+from experiments.resume.cached_run import composed_config, not_finished, run_cached
 
 SEEDS = [0, 1, 2]
 

@@ -13,7 +13,6 @@ The API a preset uses:
 - :func:`add_seed_arguments` -- ``--seeds S [S ...]`` (default :data:`DEFAULT_SEEDS`) and
   ``--no-run`` (write the tables from the runs that already finished, start none);
 - :func:`seed_dir` -- the run folder of one seed below a condition's folder;
-- :func:`not_finished` -- the record standing for a run that is not there (status :data:`MISSING`);
 - :func:`completed` -- whether a run record counts (status ``completed``);
 - :func:`per_seed` -- one value per seed of a condition's runs, NaN where it did not complete;
 - :func:`cell` -- ``"87.7 ± 1.2 (n=3)"`` for a table cell;
@@ -25,7 +24,7 @@ The API a preset uses:
   finished across several invocations, so one invocation's time says little).
 
 ``experiments.resume.cached_run.run_cached(run_dir, overrides, run=False)`` is the ``--no-run`` side:
-it returns a finished run with the configuration asked for, or :func:`not_finished`, and never
+it returns a finished run with the configuration asked for, or ``cached_run.not_finished()``, and never
 starts, moves or deletes anything.
 """
 
@@ -38,7 +37,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from experiments.results.intervals import METHOD_CAPTION, Interval, mean_interval, verdict
-from experiments.resume.cached_run import MISSING, not_finished  # noqa: F401  (part of this module's API)
+from experiments.resume.cached_run import MISSING
 
 #: Seeds every preset runs unless told otherwise: three fit a 2-core machine's budget for the claims
 #: tables, and the interval's t factor falls from 12.71 at two seeds to 4.30 at three.
